@@ -1,0 +1,157 @@
+"""`distill <command> [overrides]`: a thin layer that hands each command to Hydra.
+
+Hydra keeps its usual behaviour (composition, `-m` sweeps, `--cfg job`, `--help`, run folders,
+logging); this module only picks the primary config, and turns every error into one line on
+stderr and a non-zero exit. Set HYDRA_FULL_ERROR=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from functools import partial
+from pathlib import Path
+
+from .config import config_dir, register_configs, to_plain
+from .errors import DistillError, did_you_mean
+
+USAGE = """\
+usage: distill <command> [key=value ...] [-m] [hydra flags]
+
+commands:
+  train   train a teacher with cross-entropy            distill train teacher=cnn epochs=20
+  kd      distil a student from a teacher               distill kd student=mlp_tiny T=4 alpha=0.9
+  list    list the datasets, models and losses
+
+Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
+--cfg job (print the composed config), --help (groups and options of a command).
+"""
+
+COMMAND_NAMES = ("train", "kd", "list")
+
+
+def _task(command: str, cfg) -> dict:
+    """The Hydra job: validate the config, run the command, record a failed status on error."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from .checkpoint import write_json_atomic
+    from .report import log
+    from .tasks import COMMANDS
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        config = OmegaConf.to_object(cfg)
+        return COMMANDS[command](config, run_dir)
+    except Exception as error:
+        message = one_line(error)
+        log.error(f"distill {command} failed: {message}")
+        write_json_atomic(
+            {"command": command, "status": "failed", "error": message, "config": to_plain(cfg)},
+            run_dir / "summary.json",
+        )
+        raise
+
+
+def one_line(error: BaseException) -> str:
+    """A one-line message for any error, naming the config key where there is one."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, MissingConfigException) or "Available options in" in str(error):
+        return _missing_option(str(error))
+    # Hydra wraps OmegaConf errors (wrong type, unknown key) raised while merging overrides
+    cause = error
+    while cause is not None and not isinstance(cause, (OmegaConfBaseException, DistillError)):
+        cause = cause.__cause__
+    if isinstance(cause, DistillError):
+        return str(cause)
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
+        key = getattr(cause, "full_key", None)
+        text = _first_line(cause.msg)
+        return f"{key}: {text}" if key and key not in text else text
+    text = _first_line(str(error)) or type(error).__name__
+    if isinstance(error, DistillError):
+        return text
+    return f"{type(error).__name__}: {text} (set HYDRA_FULL_ERROR=1 for the traceback)"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _missing_option(text: str) -> str:
+    """'Could not find teacher/foo ... Available options in teacher: ...' as one line with suggestions."""
+    match = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    options = re.findall(r"^\t(\S+)", text, flags=re.MULTILINE)
+    if not match:
+        return _first_line(text)
+    group, name = match.groups()
+    return f"{group}={name}: no such {group} option; {did_you_mean(name, options)}"
+
+
+def _list() -> None:
+    """Print the registered datasets, models (config names) and losses."""
+    from rich.table import Table
+
+    from .data import DATASETS, load_dataset  # noqa: F401
+    from .data import digits  # noqa: F401
+    from .losses import LOSSES, build_loss  # noqa: F401
+    from .losses import hinton  # noqa: F401
+    from .models import MODELS, _register_all
+    from .report import CONSOLE
+
+    _register_all()
+    from omegaconf import OmegaConf
+
+    table = Table(title="distill: what a config can name")
+    table.add_column("group")
+    table.add_column("options")
+    models = {p.stem: OmegaConf.load(p).arch for p in sorted((config_dir() / "model").glob("*.yaml"))}
+    table.add_row("dataset", ", ".join(DATASETS.names()))
+    table.add_row("teacher / student", ", ".join(f"{name} ({arch})" for name, arch in models.items()))
+    table.add_row("architectures", ", ".join(MODELS.names()))
+    table.add_row("loss", ", ".join(LOSSES.names()))
+    for group in ("optimizer", "device"):
+        table.add_row(group, ", ".join(p.stem for p in sorted((config_dir() / group).glob("*.yaml"))))
+    CONSOLE.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `distill` console script and `python -m distill_cli`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMAND_NAMES:
+        print(f"distill: error: unknown command {command!r}: {did_you_mean(command, COMMAND_NAMES)}", file=sys.stderr)
+        return 2
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        if command == "list":
+            _list()
+            return 0
+        import hydra
+
+        register_configs()
+        # Hydra then lets errors through to us instead of printing a trace and exiting itself
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        sys.argv = [f"distill {command}", *rest]
+        hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)(partial(_task, command))()
+    except KeyboardInterrupt:
+        print(f"distill {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if show_traceback:
+            raise
+        print(f"distill {command}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    """Console-script wrapper: exit with `main`'s status."""
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Structured config schemas, registered with Hydra's ConfigStore.
+
+The YAML under `configs/` supplies values; these dataclasses supply the keys and types, so a typo
+or a wrong type fails at start-up naming the key, and the range checks in `__post_init__` run when
+a task converts its config with `to_object` (done first thing in every command).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+from .errors import DistillError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def config_dir() -> Path:
+    """The `configs/` folder: inside the package for a wheel install, at the repo top otherwise."""
+    packaged = PACKAGE_DIR / "configs"
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "configs"
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise DistillError(f"{key}: {message}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class DatasetConfig:
+    """Which dataset, where it lives and how it is split; see `distill_cli/data/`."""
+
+    name: str = "digits"
+    root: str = "data"
+    download: bool = True
+    # fraction of the training set held out for picking best.pt (never the test split)
+    val_split: float = 0.1
+    # fraction held out for testing, for datasets that ship no test split (digits)
+    test_split: float = 0.2
+    # the splits depend on this seed only, so every run (teacher and student) sees the same split
+    split_seed: int = 0
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.val_split < 1, "dataset.val_split", f"must be in [0, 1), got {self.val_split}")
+        _check(0 < self.test_split < 1, "dataset.test_split", f"must be in (0, 1), got {self.test_split}")
+
+
+@dataclass
+class ModelConfig:
+    """An architecture from the model registry and its keyword arguments."""
+
+    arch: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    # a checkpoint to load instead of training (or reusing a cached) teacher
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and its learning-rate schedule (stepped once per epoch)."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    # step schedule: epochs, as fractions of the run, at which the lr is multiplied by gamma
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("optimizer.name", self.name, ("sgd", "adam", "adamw"))
+        _choice("optimizer.schedule", self.schedule, ("cosine", "step", "constant"))
+        _check(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_epochs >= 0, "optimizer.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(all(0 < m < 1 for m in self.milestones), "optimizer.milestones", "must be fractions in (0, 1)")
+
+
+@dataclass
+class DeviceConfig:
+    """Where and in which precision to compute."""
+
+    # auto picks CUDA when present, else CPU; or name one: cpu, cuda, cuda:1, mps
+    type: str = "auto"
+    # auto = bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a GradScaler (CUDA only)
+    precision: str = "auto"
+    # torch.use_deterministic_algorithms; on CPU runs are reproducible either way
+    deterministic: bool = False
+    # CPU threads for torch; 0 keeps torch's default
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("device.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _check(self.threads >= 0, "device.threads", f"must be >= 0, got {self.threads}")
+
+
+@dataclass
+class LossConfig:
+    """The distillation loss, by name in the loss registry; T and alpha are top-level kd keys."""
+
+    name: str = "kd"
+
+
+@dataclass
+class RunConfig:
+    """Keys shared by every command."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    epochs: int = 30
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    seed: int = 0
+    # where trained teachers are kept, keyed by their recipe, for later kd runs to reuse
+    teacher_cache: str = "outputs/teacher_cache"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """`distill train`: train a teacher with cross-entropy."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
+class KDConfig(RunConfig):
+    """`distill kd`: distil a student from a teacher."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    T: float = 4.0
+    alpha: float = 0.9
+    # epochs for the teacher when kd has to train it (same optimizer, batch size and seed as the run)
+    teacher_epochs: int = 30
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.T > 0, "T", f"temperature must be > 0, got {self.T}")
+        _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
+        _check(self.teacher_epochs >= 1, "teacher_epochs", f"must be >= 1, got {self.teacher_epochs}")
+
+
+SCHEMAS = {"train": TrainConfig, "kd": KDConfig}
+
+
+def register_configs() -> None:
+    """Store the schemas and expose every `configs/model/*.yaml` as both a teacher and a student option.
+
+    `teacher=<arch>` and `student=<arch>` therefore accept exactly the same names, and adding a model
+    is one Python file (the registered module) plus one YAML in `configs/model/`.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for command, schema in SCHEMAS.items():
+        store.store(name=f"{command}_schema", node=schema)
+    for path in sorted((config_dir() / "model").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        for group in ("teacher", "student"):
+            store.store(group=group, name=path.stem, node=node)
+
+
+def to_plain(config: Any) -> Any:
+    """A JSON-ready dict of a config dataclass (or DictConfig)."""
+    if is_dataclass(config):
+        return asdict(config)
+    return OmegaConf.to_container(config, resolve=True)

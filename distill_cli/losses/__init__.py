@@ -1,0 +1,20 @@
+"""Distillation losses, one module per method, registered by name (`loss=<name>`).
+
+A loss is built as `factory(T=..., alpha=...)` and called as
+`loss(student_logits, teacher_logits, targets) -> dict` with the total under "loss" and each
+part (for logging) under its own name.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..registry import Registry
+
+LOSSES: Registry = Registry("loss")
+
+
+def build_loss(name: str, T: float, alpha: float) -> nn.Module:
+    from . import hinton  # noqa: F401  (registers)
+
+    return LOSSES.get(name)(T=T, alpha=alpha)

@@ -1,0 +1,40 @@
+"""Model zoo: each module registers factories called as `factory(info, **kwargs)`.
+
+`build_model` adapts every architecture to the dataset (input channels, image size, classes)
+so a config names only the architecture and its own hyperparameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from ..config import ModelConfig
+from ..data import DatasetInfo
+from ..errors import DistillError
+from ..registry import Registry
+
+MODELS: Registry = Registry("model")
+
+
+def _register_all() -> None:
+    from . import cnn, mlp  # noqa: F401
+
+
+def build_model(cfg: ModelConfig, info: DatasetInfo, key: str) -> nn.Module:
+    """Build `cfg.arch` for `info`'s data; `key` ('teacher' or 'student') names the config node in errors."""
+    _register_all()
+    factory = MODELS.get(cfg.arch)
+    accepted = inspect.signature(factory).parameters
+    for name in cfg.kwargs:
+        if name not in accepted or name == "info":
+            raise DistillError(
+                f"{key}.kwargs.{name}: not an argument of model {cfg.arch!r} "
+                f"(accepted: {', '.join(p for p in accepted if p != 'info')})"
+            )
+    return factory(info, **cfg.kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,111 @@
+"""Console output: one shared Rich console, per-epoch progress, and the final results table."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+# Hydra's job logging hands this console to its RichHandler (configs/hydra/job_logging/rich.yaml),
+# so log lines and progress bars share one console and do not tear each other.
+CONSOLE = Console()
+
+log = logging.getLogger("distill")
+
+
+def _interactive() -> bool:
+    return CONSOLE.is_terminal and not os.environ.get("CI")
+
+
+def console_handler() -> logging.Handler:
+    """Rich log lines on a terminal; plain unwrapped lines when piped or under CI (see job_logging)."""
+    if _interactive():
+        from rich.logging import RichHandler
+
+        return RichHandler(console=CONSOLE, show_time=False, show_path=False)
+    return logging.StreamHandler(sys.stdout)
+
+
+class EpochProgress:
+    """A bar over the batches of each epoch on a terminal; a plain line per epoch otherwise (or under CI)."""
+
+    def __init__(self, label: str, epochs: int, steps_per_epoch: int):
+        self.label = label
+        self.epochs = epochs
+        self.steps = steps_per_epoch
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> "EpochProgress":
+        if _interactive():
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=CONSOLE,
+                transient=True,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int) -> None:
+        if self._progress is not None:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(f"{self.label} epoch {epoch}/{self.epochs}", total=self.steps)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def end_epoch(self, metrics: dict, loss_names: list[str]) -> None:
+        """Log the epoch's metrics as one line (kept in the run's log file too)."""
+        losses = "  ".join(f"{name} {metrics[name]:.4f}" for name in loss_names)
+        val = f"  val {metrics['val_acc']:.2%}" if metrics.get("val_acc") is not None else ""
+        log.info(
+            f"{self.label} epoch {metrics['epoch']}/{self.epochs}  {losses}  train {metrics['train_acc']:.2%}"
+            f"{val}  lr {metrics['lr']:.3g}  {metrics['images_per_s']:.0f} img/s  {metrics['seconds']:.1f}s"
+        )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def results_table(summary: dict) -> Table:
+    """The end-of-run table: test accuracy, parameters and compression of teacher and student."""
+    table = Table(title=f"distill {summary['command']} results ({summary['dataset']}, test split)")
+    for column in ("model", "arch", "test acc (best)", "test acc (last)", "params", "compression"):
+        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    teacher, student = summary.get("teacher"), summary.get("student")
+    if teacher:
+        table.add_row(
+            # a kd run reports the one teacher checkpoint it used under "test_acc"
+            "teacher", teacher["arch"], _pct(teacher.get("test_acc", teacher.get("test_acc_best"))),
+            _pct(teacher.get("test_acc_last")),
+            _count(teacher["params"]), "1.0x",
+        )
+    if student:
+        compression = summary.get("compression")
+        table.add_row(
+            "student", student["arch"], _pct(student["test_acc_best"]), _pct(student["test_acc_last"]),
+            _count(student["params"]), "-" if compression is None else f"{compression:.1f}x",
+        )
+    return table
+
+
+def print_results(summary: dict) -> None:
+    CONSOLE.print(results_table(summary))

@@ -1,0 +1,247 @@
+"""The commands as plain functions: `run_train(cfg, run_dir)` and `run_kd(cfg, run_dir)`.
+
+They take validated config dataclasses and a run folder, so tests can call them without Hydra.
+Each writes metrics.jsonl, last.pt, best.pt and summary.json into its run folder and returns the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, model_checkpoint, write_json_atomic
+from .config import KDConfig, ModelConfig, RunConfig, TrainConfig, to_plain
+from .data import DataSplits, load_dataset
+from .data.loader import DeviceLoader
+from .engine import (
+    Compute,
+    build_optimizer,
+    build_scheduler,
+    cross_entropy_step,
+    distillation_step,
+    evaluate,
+    fit,
+    resolve_compute,
+    seed_everything,
+)
+from .errors import DistillError
+from .losses import build_loss
+from .models import build_model, count_parameters
+from .report import print_results
+from .teacher_cache import TeacherCache, teacher_recipe
+
+log = logging.getLogger("distill")
+
+
+@dataclass
+class Loaders:
+    train: DeviceLoader
+    val: DeviceLoader | None
+    test: DeviceLoader
+
+
+def _prepare(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
+    compute = resolve_compute(cfg.device)
+    data = load_dataset(cfg.dataset)
+    if cfg.batch_size > len(data.train):
+        raise DistillError(f"batch_size={cfg.batch_size} is larger than the training split ({len(data.train)} images)")
+
+    def eval_loader(split):
+        return DeviceLoader(split, data.info, cfg.eval_batch_size, compute.device)
+
+    loaders = Loaders(
+        train=DeviceLoader(
+            data.train, data.info, cfg.batch_size, compute.device, shuffle=True, drop_last=True, seed=cfg.seed
+        ),
+        val=eval_loader(data.val) if len(data.val) else None,
+        test=eval_loader(data.test),
+    )
+    return compute, data, loaders
+
+
+def _train_network(
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    step,
+    cfg: RunConfig,
+    epochs: int,
+    compute: Compute,
+    data: DataSplits,
+    loaders: Loaders,
+    run_dir: Path,
+    label: str,
+) -> dict:
+    """Fit `model`, then report test accuracy of its best and last checkpoints; leaves the best weights loaded."""
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
+    config = to_plain(cfg)
+
+    def make_checkpoint(state: dict) -> dict:
+        return model_checkpoint(
+            model, model_cfg.arch, model_cfg.kwargs, data.info.num_classes, dataset=data.info.name, config=config, **state
+        )
+
+    result = fit(
+        model,
+        step,
+        loaders.train,
+        loaders.val,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        compute=compute,
+        epochs=epochs,
+        num_classes=data.info.num_classes,
+        run_dir=run_dir,
+        make_checkpoint=make_checkpoint,
+        label=label,
+    )
+    last = evaluate(model, loaders.test, compute, data.info.num_classes)
+    model.load_state_dict(load_checkpoint(run_dir / "best.pt")["state_dict"])
+    best = evaluate(model, loaders.test, compute, data.info.num_classes)
+    return {
+        "arch": model_cfg.arch,
+        "kwargs": dict(model_cfg.kwargs),
+        "params": count_parameters(model),
+        "test_acc_best": best.overall,
+        "test_acc_last": last.overall,
+        "test_acc_per_class": dict(zip(data.info.class_names, best.per_class)),
+        "best_epoch": result.best_epoch,
+        "val_acc_best": result.best_val_acc,
+        "selection": result.selection,
+        "checkpoint": str(run_dir / "best.pt"),
+    }
+
+
+def _run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits, run_dir: Path) -> dict:
+    log.info(
+        f"distill {command}: {data.info.name} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)}) "
+        f"on {compute.device} {compute.precision} -> {run_dir}"
+    )
+    return {
+        "command": command,
+        "status": "completed",
+        "dataset": data.info.name,
+        "device": str(compute.device),
+        "precision": compute.precision,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "run_dir": str(run_dir),
+    }
+
+
+def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Train `cfg.teacher` with cross-entropy and publish it to the teacher cache."""
+    start = time.perf_counter()
+    if cfg.teacher.checkpoint is not None:
+        raise DistillError("teacher.checkpoint is for `distill kd`; `distill train` trains a teacher from scratch")
+    compute, data, loaders = _prepare(cfg)
+    summary = _run_header("train", cfg, compute, data, run_dir)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.teacher, data.info, "teacher").to(compute.device)
+    teacher = _train_network(
+        model, cfg.teacher, cross_entropy_step(model), cfg, cfg.epochs, compute, data, loaders, run_dir, "teacher"
+    )
+    cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / "best.pt")
+    summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
+    write_json_atomic(summary, run_dir / "summary.json")
+    print_results(summary)
+    return summary
+
+
+def teacher_training_config(cfg: KDConfig) -> TrainConfig:
+    """The `distill train` config that kd uses when it has to train its teacher."""
+    return TrainConfig(
+        dataset=cfg.dataset,
+        optimizer=cfg.optimizer,
+        device=cfg.device,
+        epochs=cfg.teacher_epochs,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        seed=cfg.seed,
+        teacher_cache=cfg.teacher_cache,
+        teacher=replace(cfg.teacher, checkpoint=None),
+    )
+
+
+def _obtain_teacher(cfg: KDConfig, run_dir: Path) -> tuple[Path, str]:
+    """The teacher checkpoint to use and where it came from: 'checkpoint', 'cache' or 'trained'."""
+    if cfg.teacher.checkpoint is not None:
+        return Path(cfg.teacher.checkpoint), "checkpoint"
+    train_cfg = teacher_training_config(cfg)
+    recipe = teacher_recipe(train_cfg)
+    cache = TeacherCache(cfg.teacher_cache)
+    with cache.lock(recipe):  # parallel sweep jobs wait here while one of them trains the teacher
+        cached = cache.lookup(recipe)
+        if cached is not None:
+            log.info(f"teacher: reusing cached {cached}")
+            return cached, "cache"
+        log.info(f"teacher: none cached for this recipe; training it into {run_dir / 'teacher'}")
+        run_train(train_cfg, run_dir / "teacher")
+        return cache.checkpoint_path(recipe), "trained"
+
+
+def _load_teacher(path: Path, cfg: KDConfig, data: DataSplits, compute: Compute) -> nn.Module:
+    """Rebuild the teacher from its checkpoint, checking it matches the run's architecture and classes."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint["arch"] != cfg.teacher.arch:
+        raise DistillError(
+            f"teacher checkpoint {path} holds a {checkpoint['arch']!r} model but teacher={cfg.teacher.arch}; "
+            f"pass teacher={checkpoint['arch']}"
+        )
+    if checkpoint["num_classes"] != data.info.num_classes:
+        raise DistillError(
+            f"teacher checkpoint {path} predicts {checkpoint['num_classes']} classes but dataset "
+            f"{data.info.name} has {data.info.num_classes}"
+        )
+    teacher_cfg = ModelConfig(arch=checkpoint["arch"], kwargs=checkpoint["kwargs"])
+    teacher = build_model(teacher_cfg, data.info, "teacher")
+    try:
+        teacher.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise DistillError(f"teacher checkpoint {path} does not fit teacher={cfg.teacher.arch}: {first}") from None
+    teacher.to(compute.device).eval().requires_grad_(False)
+    return teacher
+
+
+def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
+    """Distil `cfg.student` from a teacher (given, cached or trained once); alpha=0 trains it alone."""
+    start = time.perf_counter()
+    compute, data, loaders = _prepare(cfg)
+    summary = _run_header("kd", cfg, compute, data, run_dir)
+    summary.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name)
+    teacher = None
+    if cfg.alpha > 0:
+        teacher_path, source = _obtain_teacher(cfg, run_dir)
+        teacher = _load_teacher(teacher_path, cfg, data, compute)
+        teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)
+        summary["teacher"] = {
+            "arch": cfg.teacher.arch,
+            "params": count_parameters(teacher),
+            "test_acc": teacher_acc.overall,
+            "checkpoint": str(teacher_path.resolve()),
+            "source": source,
+        }
+    else:
+        summary["teacher"] = None  # alpha=0: the plain-student baseline builds no teacher
+    seed_everything(cfg.seed)
+    student = build_model(cfg.student, data.info, "student").to(compute.device)
+    step = distillation_step(student, teacher, build_loss(cfg.loss.name, cfg.T, cfg.alpha))
+    student_result = _train_network(
+        student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student"
+    )
+    summary["student"] = student_result
+    if teacher is not None:
+        summary["compression"] = summary["teacher"]["params"] / student_result["params"]
+    summary["wall_time_s"] = time.perf_counter() - start
+    write_json_atomic(summary, run_dir / "summary.json")
+    print_results(summary)
+    return summary
+
+
+COMMANDS = {"train": run_train, "kd": run_kd}
