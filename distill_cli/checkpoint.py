@@ -1,10 +1,7 @@
-"""Checkpoints and run files: atomic writes (temp file + rename) and safe loads (weights_only)."""
+"""Model checkpoints: written atomically, loaded with weights_only=True (no code runs on load)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,38 +9,13 @@ import torch
 from torch import nn
 
 from .errors import DistillError
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 
-# mkstemp creates files 0600; give finished files the mode an ordinary open() would (0666 - umask)
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via `write(file)` to a temp file beside `path`, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save `obj` to `path` atomically: a crash leaves the old file or the new one, never half."""
-    _atomic_write(Path(path), lambda file: torch.save(obj, file))
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-    _atomic_write(Path(path), lambda file: file.write(text.encode()))
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def model_checkpoint(model: nn.Module, arch: str, kwargs: dict, num_classes: int, **extra: Any) -> dict:

@@ -21,7 +21,7 @@ usage: distill <command> [key=value ...] [-m] [hydra flags]
 
 commands:
   train   train a teacher with cross-entropy            distill train teacher=cnn epochs=20
-  kd      distil a student from a teacher               distill kd student=mlp_tiny T=4 alpha=0.9
+  kd      distil a student from a teacher               distill kd student=mlp_small T=4 alpha=0.5
   list    list the datasets, models and losses
 
 Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
@@ -31,32 +31,47 @@ Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
 COMMAND_NAMES = ("train", "kd", "list")
 
 
-def _task(command: str, cfg) -> dict:
-    """The Hydra job: validate the config, run the command, record a failed status on error."""
+# (run folder, one-line error) of each job that failed in this process; reported by main()
+FAILED_JOBS: list[tuple[str, str]] = []
+
+
+def _task(command: str, cfg) -> dict | None:
+    """The Hydra job: validate the config, run the command; on error record a failed summary.
+
+    Errors are not raised into Hydra (which would print its own multi-line report); `main` prints
+    them as one line each once every job of a sweep has run.
+    """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from .checkpoint import write_json_atomic
+    from .files import write_json_atomic
+    from .config import validate_config
     from .report import log
-    from .tasks import COMMANDS
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        config = OmegaConf.to_object(cfg)
+        config = validate_config(command, cfg)
+        from .tasks import COMMANDS  # imports torch: only once the config is known to be valid
+
         return COMMANDS[command](config, run_dir)
     except Exception as error:
+        if os.environ.get("DISTILL_TRACEBACK") == "1":
+            raise
         message = one_line(error)
-        log.error(f"distill {command} failed: {message}")
+        FAILED_JOBS.append((str(run_dir), message))
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error(f"job {HydraConfig.get().job.num} failed: {message}")
         write_json_atomic(
             {"command": command, "status": "failed", "error": message, "config": to_plain(cfg)},
             run_dir / "summary.json",
         )
-        raise
+        return None
 
 
 def one_line(error: BaseException) -> str:
     """A one-line message for any error, naming the config key where there is one."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(error, MissingConfigException) or "Available options in" in str(error):
@@ -69,10 +84,14 @@ def one_line(error: BaseException) -> str:
         return str(cause)
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
         key = getattr(cause, "full_key", None)
-        text = _first_line(cause.msg)
-        return f"{key}: {text}" if key and key not in text else text
+        text = _first_line(cause.msg).replace("is not in struct", "is not a known key")
+        if key and key not in text:
+            text = f"{key}: {text}"
+        if key and ".kwargs." in key:
+            text += f" (a model argument missing from the model's YAML is added with +{key}=...)"
+        return text
     text = _first_line(str(error)) or type(error).__name__
-    if isinstance(error, DistillError):
+    if isinstance(error, (DistillError, HydraException)):
         return text
     return f"{type(error).__name__}: {text} (set HYDRA_FULL_ERROR=1 for the traceback)"
 
@@ -85,10 +104,11 @@ def _first_line(text: str) -> str:
 def _missing_option(text: str) -> str:
     """'Could not find teacher/foo ... Available options in teacher: ...' as one line with suggestions."""
     match = re.search(r"Could not find '([^/']+)/([^']+)'", text)
-    options = re.findall(r"^\t(\S+)", text, flags=re.MULTILINE)
     if not match:
         return _first_line(text)
     group, name = match.groups()
+    listing = text.split("Available options in", 1)[1].split("\n\n", 1)[0] if "Available options in" in text else ""
+    options = re.findall(r"^\t(\S+)\s*$", listing, flags=re.MULTILINE)
     return f"{group}={name}: no such {group} option; {did_you_mean(name, options)}"
 
 
@@ -130,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: error: unknown command {command!r}: {did_you_mean(command, COMMAND_NAMES)}", file=sys.stderr)
         return 2
     show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    if show_traceback:
+        os.environ["DISTILL_TRACEBACK"] = "1"
     try:
         if command == "list":
             _list()
@@ -141,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HYDRA_FULL_ERROR"] = "1"
         sys.argv = [f"distill {command}", *rest]
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)(partial(_task, command))()
+        for run_dir, message in FAILED_JOBS:
+            where = f" (job {run_dir})" if len(FAILED_JOBS) > 1 else ""
+            print(f"distill {command}: error{where}: {message}", file=sys.stderr)
+        if FAILED_JOBS:
+            return 1
     except KeyboardInterrupt:
         print(f"distill {command}: interrupted", file=sys.stderr)
         return 130

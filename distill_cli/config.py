@@ -152,7 +152,7 @@ class KDConfig(RunConfig):
     student: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     T: float = 4.0
-    alpha: float = 0.9
+    alpha: float = 0.5
     # epochs for the teacher when kd has to train it (same optimizer, batch size and seed as the run)
     teacher_epochs: int = 30
 
@@ -181,6 +181,28 @@ def register_configs() -> None:
         node = OmegaConf.load(path)
         for group in ("teacher", "student"):
             store.store(group=group, name=path.stem, node=node)
+
+
+def _unknown_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:
+    unknown = []
+    for key, value in values.items():
+        if key not in schema:
+            unknown.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(schema[key], dict) and key != "kwargs":
+            unknown += _unknown_keys(value, schema[key], f"{prefix}{key}.")
+    return unknown
+
+
+def validate_config(command: str, cfg: Any) -> RunConfig:
+    """The composed config as its schema dataclass: unknown keys (also ones added with `+key=`),
+    wrong types and out-of-range values raise, naming the key. Model `kwargs` stay open."""
+    schema = SCHEMAS[command]
+    unknown = _unknown_keys(
+        OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(OmegaConf.structured(schema))
+    )
+    if unknown:
+        raise DistillError(f"{unknown[0]}: not a key of the {command} config")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
 
 
 def to_plain(config: Any) -> Any:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, model_checkpoint, write_json_atomic
+from .checkpoint import load_checkpoint, model_checkpoint
+from .files import write_json_atomic
 from .config import KDConfig, ModelConfig, RunConfig, TrainConfig, to_plain
 from .data import DataSplits, load_dataset
 from .data.loader import DeviceLoader

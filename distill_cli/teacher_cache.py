@@ -15,7 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .checkpoint import write_json_atomic
+from .files import write_json_atomic
 from .config import TrainConfig
 
 

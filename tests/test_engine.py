@@ -1,0 +1,107 @@
+import pickle
+
+import pytest
+import torch
+
+from distill_cli.checkpoint import load_checkpoint, model_checkpoint, save_atomic
+from distill_cli.config import OptimizerConfig
+from distill_cli.data import DatasetInfo, Split
+from distill_cli.data.loader import DeviceLoader
+from distill_cli.engine import lr_factor
+from distill_cli.errors import DistillError
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = OptimizerConfig(schedule="cosine", warmup_epochs=2)
+    factors = [lr_factor(cfg, epoch, 10) for epoch in range(10)]
+    assert factors[0] < factors[1] < factors[2] == 1.0  # warm-up ramps to the full rate
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))  # then decays monotonically
+    assert factors[-1] < 0.05
+
+
+def test_step_schedule_drops_at_milestones():
+    cfg = OptimizerConfig(schedule="step", milestones=[0.5, 0.75], gamma=0.1)
+    factors = [lr_factor(cfg, epoch, 8) for epoch in range(8)]
+    assert factors == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def _split(n=10):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    return Split(images, torch.arange(n) % 3)
+
+
+INFO = DatasetInfo("toy", 3, 1, (2, 2), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
+
+
+def test_loader_shuffles_each_epoch_covering_every_sample_once():
+    loader = DeviceLoader(_split(10), INFO, 4, torch.device("cpu"), shuffle=True, seed=1)
+    assert len(loader) == 3
+    first = torch.cat([labels for _, labels in loader])
+    second = torch.cat([labels for _, labels in loader])
+    ids = lambda: torch.cat([((images[:, 0, 0, 0] * 0.25 + 0.5) * 255).round() for images, _ in loader])
+    assert sorted(ids().tolist()) == list(range(10))
+    assert len(first) == len(second) == 10
+
+
+def test_loader_order_depends_only_on_seed():
+    def order(seed):
+        loader = DeviceLoader(_split(10), INFO, 10, torch.device("cpu"), shuffle=True, seed=seed)
+        return [next(iter(loader))[0][:, 0, 0, 0].tolist() for _ in range(2)]
+
+    torch.manual_seed(123)  # the global RNG does not affect the data order
+    a = order(5)
+    torch.manual_seed(456)
+    assert order(5) == a
+    assert order(6) != a
+
+
+def test_loader_drop_last_and_normalisation():
+    loader = DeviceLoader(_split(10), INFO, 4, torch.device("cpu"), drop_last=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 2
+    images, _ = batches[0]
+    assert images.dtype == torch.float32
+    expected = (torch.tensor([0.0, 1, 2, 3]) / 255 - 0.5) / 0.25
+    assert torch.allclose(images[:, 0, 0, 0], expected)
+
+
+def test_atomic_save_roundtrip_leaves_no_temp_files(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "best.pt"
+    save_atomic(model_checkpoint(model, "linear", {}, 2, epoch=1), path)
+    save_atomic(model_checkpoint(model, "linear", {}, 2, epoch=2), path)  # replaces in place
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["epoch"] == 2 and checkpoint["format_version"] == 1
+    assert torch.equal(checkpoint["state_dict"]["weight"], model.weight.detach())
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"arch": "mlp", "state_dict": {}, "payload": _RunsCode()}, path)
+    with pytest.raises(DistillError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic(model_checkpoint(torch.nn.Linear(50, 50), "linear", {}, 50), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DistillError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(DistillError, match="not a distill model checkpoint"):
+        load_checkpoint(other)
+    with pytest.raises(DistillError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(DistillError):
+        load_checkpoint(plain)

@@ -1,0 +1,144 @@
+"""The commands called as plain functions (no Hydra): training, caching and teacher handling."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import distill_cli.tasks as tasks
+from distill_cli.checkpoint import load_checkpoint, save_atomic
+from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.errors import DistillError
+
+from conftest import read_jsonl, small_kd_config, small_train_config
+
+pytestmark = pytest.mark.usefixtures("quiet_results")
+
+TIMING_KEYS = {"images_per_s", "seconds"}
+
+
+def _metrics_without_timing(run_dir):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    cfg = small_train_config(tmp_path)
+    first = tasks.run_train(cfg, tmp_path / "a")
+    second = tasks.run_train(cfg, tmp_path / "b")
+    assert _metrics_without_timing(tmp_path / "a") == _metrics_without_timing(tmp_path / "b")
+    assert first["teacher"]["test_acc_best"] == second["teacher"]["test_acc_best"]
+    third = tasks.run_train(replace(cfg, seed=1), tmp_path / "c")
+    assert _metrics_without_timing(tmp_path / "c") != _metrics_without_timing(tmp_path / "a")
+    assert third["teacher"]["params"] == first["teacher"]["params"]
+
+
+def test_best_checkpoint_is_picked_on_validation_split(tmp_path):
+    summary = tasks.run_train(small_train_config(tmp_path, epochs=4), tmp_path / "run")
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    best_val = max(row["val_acc"] for row in rows)
+    assert summary["teacher"]["val_acc_best"] == best_val
+    assert summary["teacher"]["selection"] == "val"
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == summary["teacher"]["best_epoch"]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 4
+
+
+def test_without_validation_split_best_is_last(tmp_path):
+    cfg = small_train_config(tmp_path)
+    cfg = replace(cfg, dataset=replace(cfg.dataset, val_split=0.0))
+    summary = tasks.run_train(cfg, tmp_path / "run")
+    assert summary["teacher"]["selection"] == "last"
+    assert summary["teacher"]["best_epoch"] == cfg.epochs
+    assert summary["teacher"]["test_acc_best"] == summary["teacher"]["test_acc_last"]
+
+
+def test_alpha_zero_builds_no_teacher(tmp_path, monkeypatch):
+    built = []
+    real_build = tasks.build_model
+    monkeypatch.setattr(tasks, "build_model", lambda cfg, info, key: built.append(key) or real_build(cfg, info, key))
+    monkeypatch.setattr(tasks, "_obtain_teacher", lambda *a: pytest.fail("alpha=0 must not look for a teacher"))
+    summary = tasks.run_kd(small_kd_config(tmp_path, alpha=0.0), tmp_path / "run")
+    assert built == ["student"]
+    assert summary["teacher"] is None and "compression" not in summary
+    assert not (tmp_path / "cache").exists()
+
+
+def test_kd_trains_teacher_once_then_reuses_the_cache(tmp_path):
+    cfg = small_kd_config(tmp_path)
+    first = tasks.run_kd(cfg, tmp_path / "one")
+    assert first["teacher"]["source"] == "trained"
+    assert (tmp_path / "one" / "teacher" / "best.pt").is_file()  # the teacher's own run folder
+    second = tasks.run_kd(replace(cfg, T=2.0, alpha=0.9), tmp_path / "two")
+    assert second["teacher"]["source"] == "cache"
+    assert second["teacher"]["checkpoint"] == first["teacher"]["checkpoint"]
+    assert not (tmp_path / "two" / "teacher").exists()
+    # a different teacher recipe is a different cache entry
+    third = tasks.run_kd(replace(cfg, teacher_epochs=3), tmp_path / "three")
+    assert third["teacher"]["source"] == "trained"
+    assert third["teacher"]["checkpoint"] != first["teacher"]["checkpoint"]
+
+
+def test_train_publishes_to_the_cache_kd_uses(tmp_path):
+    train = tasks.run_train(small_train_config(tmp_path), tmp_path / "train")
+    kd = tasks.run_kd(small_kd_config(tmp_path), tmp_path / "kd")
+    assert kd["teacher"]["source"] == "cache"
+    assert kd["teacher"]["test_acc"] == pytest.approx(train["teacher"]["test_acc_best"])
+
+
+def test_kd_summary_records_what_was_used(tmp_path):
+    summary = tasks.run_kd(small_kd_config(tmp_path, T=3.0, alpha=0.7), tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert (on_disk["T"], on_disk["alpha"], on_disk["status"]) == (3.0, 0.7, "completed")
+    assert on_disk["compression"] == pytest.approx(on_disk["teacher"]["params"] / on_disk["student"]["params"])
+    assert on_disk["compression"] > 1
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert {"loss", "ce", "kd", "train_acc", "val_acc", "lr", "images_per_s", "seconds"} <= set(rows[0])
+
+
+def test_teacher_checkpoint_is_loaded_and_checked(tmp_path):
+    tasks.run_train(small_train_config(tmp_path), tmp_path / "teacher")
+    path = tmp_path / "teacher" / "best.pt"
+    cfg = small_kd_config(tmp_path, teacher=TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}, checkpoint=str(path)))
+    summary = tasks.run_kd(cfg, tmp_path / "kd")
+    assert summary["teacher"]["source"] == "checkpoint" and summary["teacher"]["checkpoint"] == str(path.resolve())
+
+    wrong_arch = replace(cfg, teacher=TeacherConfig(arch="mlp", checkpoint=str(path)))
+    with pytest.raises(DistillError, match="holds a 'cnn' model but teacher=mlp"):
+        tasks.run_kd(wrong_arch, tmp_path / "kd2")
+
+    checkpoint = load_checkpoint(path)
+    checkpoint["num_classes"] = 100
+    save_atomic(checkpoint, tmp_path / "hundred.pt")
+    wrong_classes = replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(tmp_path / "hundred.pt")))
+    with pytest.raises(DistillError, match="predicts 100 classes but dataset digits has 10"):
+        tasks.run_kd(wrong_classes, tmp_path / "kd3")
+
+    with pytest.raises(DistillError, match="checkpoint not found"):
+        tasks.run_kd(replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(tmp_path / "nope.pt"))), tmp_path / "kd4")
+
+
+def test_unknown_model_argument_and_arch_are_named(tmp_path):
+    with pytest.raises(DistillError, match=r"student.kwargs.depth: not an argument of model 'mlp'"):
+        tasks.run_kd(small_kd_config(tmp_path, alpha=0.0, student=ModelConfig("mlp", {"depth": 3})), tmp_path / "a")
+    with pytest.raises(DistillError, match=r"unknown model 'mpl': did you mean 'mlp'"):
+        tasks.run_kd(small_kd_config(tmp_path, alpha=0.0, student=ModelConfig("mpl")), tmp_path / "b")
+
+
+def test_batch_larger_than_training_set_is_refused(tmp_path):
+    with pytest.raises(DistillError, match="larger than the training split"):
+        tasks.run_train(small_train_config(tmp_path, batch_size=100_000), tmp_path / "run")
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    cfg = small_train_config(tmp_path)
+    cfg = replace(cfg, device=replace(cfg.device, type="cpu", precision="fp16"))
+    with pytest.raises(DistillError, match="fp16 needs CUDA"):
+        tasks.run_train(cfg, tmp_path / "run")
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    cfg = small_train_config(tmp_path)
+    cfg = replace(cfg, device=replace(cfg.device, type="cpu", precision="bf16"))
+    summary = tasks.run_train(cfg, tmp_path / "run")
+    assert summary["precision"] == "bf16" and summary["teacher"]["test_acc_best"] > 0.5  # chance is 0.1
