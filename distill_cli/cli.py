@@ -113,27 +113,23 @@ def _missing_option(text: str) -> str:
 
 
 def _list() -> None:
-    """Print the registered datasets, models (config names) and losses."""
+    """Print the registered datasets, model configs, architectures, losses and other groups."""
+    from omegaconf import OmegaConf
     from rich.table import Table
 
-    from .data import DATASETS, load_dataset  # noqa: F401
-    from .data import digits  # noqa: F401
-    from .losses import LOSSES, build_loss  # noqa: F401
-    from .losses import hinton  # noqa: F401
-    from .models import MODELS, _register_all
+    from .data import dataset_names
+    from .losses import loss_names
+    from .models import model_names
     from .report import CONSOLE
-
-    _register_all()
-    from omegaconf import OmegaConf
 
     table = Table(title="distill: what a config can name")
     table.add_column("group")
     table.add_column("options")
     models = {p.stem: OmegaConf.load(p).arch for p in sorted((config_dir() / "model").glob("*.yaml"))}
-    table.add_row("dataset", ", ".join(DATASETS.names()))
-    table.add_row("teacher / student", ", ".join(f"{name} ({arch})" for name, arch in models.items()))
-    table.add_row("architectures", ", ".join(MODELS.names()))
-    table.add_row("loss", ", ".join(LOSSES.names()))
+    table.add_row("dataset", ", ".join(dataset_names()))
+    table.add_row("teacher / student", ", ".join(f"{name} ({arch})" if name != arch else name for name, arch in models.items()))
+    table.add_row("architectures", ", ".join(model_names()))
+    table.add_row("loss", ", ".join(loss_names()))
     for group in ("optimizer", "device"):
         table.add_row(group, ", ".join(p.stem for p in sorted((config_dir() / group).glob("*.yaml"))))
     CONSOLE.print(table)

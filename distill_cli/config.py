@@ -35,22 +35,38 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class DatasetConfig:
-    """Which dataset, where it lives and how it is split; see `distill_cli/data/`."""
+    """Which dataset, where it lives, how it is split and augmented; see `distill_cli/data/`."""
 
     name: str = "digits"
+    # where torchvision datasets are (or are downloaded to); for imagefolder the tree's top folder
     root: str = "data"
     download: bool = True
-    # fraction of the training set held out for picking best.pt (never the test split)
+    # fraction of the training set held out for picking best.pt (never the test split); 0 = use the last epoch
     val_split: float = 0.1
-    # fraction held out for testing, for datasets that ship no test split (digits)
+    # fraction held out for testing, for datasets that ship no test split (digits, test-less image folders)
     test_split: float = 0.2
     # the splits depend on this seed only, so every run (teacher and student) sees the same split
     split_seed: int = 0
+    # the dataset's augmentation preset (crop with padding / jitter, flip), applied on the device
     augment: bool = False
+    # classes dropped from the training (transfer) set only; validation and test keep them
+    exclude_classes: list[int] = field(default_factory=list)
+    # imagefolder: resize to this square size (null: keep the files' size); synthetic: the image size
+    image_size: Optional[int] = None
+    # imagefolder: decoded uint8 tensors are cached here, keyed by source folder, split and size
+    cache_dir: str = "data/cache"
+    # synthetic only: the generated data's shape
+    num_classes: int = 10
+    channels: int = 3
+    train_size: int = 5000
+    test_size: int = 1000
 
     def __post_init__(self) -> None:
         _check(0 <= self.val_split < 1, "dataset.val_split", f"must be in [0, 1), got {self.val_split}")
         _check(0 < self.test_split < 1, "dataset.test_split", f"must be in (0, 1), got {self.test_split}")
+        _check(self.image_size is None or self.image_size >= 1, "dataset.image_size", "must be >= 1")
+        for key in ("num_classes", "channels", "train_size", "test_size"):
+            _check(getattr(self, key) >= 1, f"dataset.{key}", f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -130,6 +146,8 @@ class RunConfig:
     seed: int = 0
     # where trained teachers are kept, keyed by their recipe, for later kd runs to reuse
     teacher_cache: str = "outputs/teacher_cache"
+    # print test accuracy per class (always on when dataset.exclude_classes is set)
+    per_class: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

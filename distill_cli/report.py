@@ -107,5 +107,23 @@ def results_table(summary: dict) -> Table:
     return table
 
 
-def print_results(summary: dict) -> None:
+def per_class_table(summary: dict) -> Table:
+    """Test accuracy per class for teacher and student; classes left out of the transfer set are marked."""
+    excluded = set(summary.get("exclude_classes") or [])
+    models = [(role, summary[role]) for role in ("teacher", "student") if summary.get(role)]
+    table = Table(title="test accuracy per class")
+    table.add_column("class")
+    for role, _ in models:
+        table.add_column(role, justify="right")
+    class_names = list(models[0][1]["test_acc_per_class"])
+    for index, name in enumerate(class_names):
+        label = f"{name} (not in transfer set)" if index in excluded else name
+        table.add_row(label, *(_pct(model["test_acc_per_class"][name]) for _, model in models))
+    return table
+
+
+def print_results(summary: dict, per_class: bool = False) -> None:
+    """The results table, and the per-class table when asked or when classes were excluded."""
     CONSOLE.print(results_table(summary))
+    if per_class or summary.get("exclude_classes"):
+        CONSOLE.print(per_class_table(summary))

@@ -57,7 +57,14 @@ def _prepare(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
 
     loaders = Loaders(
         train=DeviceLoader(
-            data.train, data.info, cfg.batch_size, compute.device, shuffle=True, drop_last=True, seed=cfg.seed
+            data.train,
+            data.info,
+            cfg.batch_size,
+            compute.device,
+            shuffle=True,
+            drop_last=True,
+            seed=cfg.seed,
+            augment=data.info.augment if cfg.dataset.augment else None,
         ),
         val=eval_loader(data.val) if len(data.val) else None,
         test=eval_loader(data.test),
@@ -131,6 +138,7 @@ def _run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits
         "precision": compute.precision,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
+        "exclude_classes": list(cfg.dataset.exclude_classes),
         "run_dir": str(run_dir),
     }
 
@@ -150,14 +158,13 @@ def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
     cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / "best.pt")
     summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
     write_json_atomic(summary, run_dir / "summary.json")
-    print_results(summary)
+    print_results(summary, per_class=cfg.per_class)
     return summary
 
 
 def teacher_training_config(cfg: KDConfig) -> TrainConfig:
     """The `distill train` config that kd uses when it has to train its teacher."""
     return TrainConfig(
-        dataset=cfg.dataset,
         optimizer=cfg.optimizer,
         device=cfg.device,
         epochs=cfg.teacher_epochs,
@@ -166,6 +173,8 @@ def teacher_training_config(cfg: KDConfig) -> TrainConfig:
         seed=cfg.seed,
         teacher_cache=cfg.teacher_cache,
         teacher=replace(cfg.teacher, checkpoint=None),
+        # the teacher learns from the full training set; exclusions apply to the transfer set only
+        dataset=replace(cfg.dataset, exclude_classes=[]),
     )
 
 
@@ -225,6 +234,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
             "arch": cfg.teacher.arch,
             "params": count_parameters(teacher),
             "test_acc": teacher_acc.overall,
+            "test_acc_per_class": dict(zip(data.info.class_names, teacher_acc.per_class)),
             "checkpoint": str(teacher_path.resolve()),
             "source": source,
         }
@@ -241,7 +251,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         summary["compression"] = summary["teacher"]["params"] / student_result["params"]
     summary["wall_time_s"] = time.perf_counter() - start
     write_json_atomic(summary, run_dir / "summary.json")
-    print_results(summary)
+    print_results(summary, per_class=cfg.per_class)
     return summary
 
 

@@ -53,4 +53,4 @@ def quiet_results(monkeypatch):
     """Skip printing the rich results table in in-process task tests."""
     import distill_cli.tasks
 
-    monkeypatch.setattr(distill_cli.tasks, "print_results", lambda summary: None)
+    monkeypatch.setattr(distill_cli.tasks, "print_results", lambda summary, per_class=False: None)

@@ -102,3 +102,19 @@ def test_cli_cfg_job_prints_config_without_running(tmp_path):
     result = run_distill("kd", "T=2", "--cfg", "job", cwd=tmp_path)
     assert "T: 2" in result.stdout and "alpha:" in result.stdout
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
+
+
+def test_every_dataset_has_a_config_and_every_config_a_dataset():
+    from distill_cli.data import dataset_names
+
+    yamls = sorted(p.stem for p in (config_dir() / "dataset").glob("*.yaml"))
+    assert yamls == dataset_names()
+    for name in yamls:
+        overrides = [f"dataset={name}"] + (["dataset.root=/tmp/x"] if name == "imagefolder" else [])
+        assert validate_config("train", compose_config("train", overrides)).dataset.name == name
+
+
+def test_distill_list_names_datasets_models_and_losses(tmp_path):
+    out = run_distill("list", cwd=tmp_path).stdout
+    for name in ("digits", "cifar100", "imagefolder", "synthetic", "mlp_small", "kd", "sgd"):
+        assert name in out

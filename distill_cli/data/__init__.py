@@ -1,7 +1,8 @@
-"""Datasets: each module registers a loader returning uint8 image tensors and labels.
+"""Datasets: each module registers a loader returning uint8 image tensors, labels and metadata.
 
 `load_dataset(cfg)` turns that into seeded train/val/test splits with the dataset's metadata
-(classes, channels, image size, normalisation), so models adapt to the data without being told.
+(classes, channels, image size, normalisation, augmentation preset), so models and loaders adapt
+to the data without being told.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from ..errors import DistillError
 from ..registry import Registry
 
 
+@dataclass(frozen=True)
+class Augment:
+    """An augmentation preset: random crop after zero-padding by `pad` pixels (a +-pad jitter), optional flip."""
+
+    pad: int = 0
+    flip: bool = False
+
+
 @dataclass
 class DatasetInfo:
     """What a model and the loaders need to know about a dataset."""
@@ -26,6 +35,7 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    augment: Augment = Augment()  # the preset `dataset.augment=true` applies
 
 
 @dataclass
@@ -44,7 +54,7 @@ class Split:
 
 @dataclass
 class DataSplits:
-    train: Split
+    train: Split  # the training (for kd: transfer) set, without any excluded classes
     val: Split  # empty when dataset.val_split == 0
     test: Split
     info: DatasetInfo
@@ -62,6 +72,15 @@ class RawDataset:
 DATASETS: Registry = Registry("dataset")
 
 
+def _register_all() -> None:
+    from . import digits, imagefolder, synthetic, torchvision_sets  # noqa: F401
+
+
+def dataset_names() -> list[str]:
+    _register_all()
+    return DATASETS.names()
+
+
 def _holdout(split: Split, fraction: float, generator: torch.Generator) -> tuple[Split, Split]:
     """Split off a seeded random `fraction` of `split`; returns (rest, held_out)."""
     order = torch.randperm(len(split), generator=generator)
@@ -69,22 +88,42 @@ def _holdout(split: Split, fraction: float, generator: torch.Generator) -> tuple
     return split.subset(order[n_held:]), split.subset(order[:n_held])
 
 
-def load_dataset(cfg: DatasetConfig) -> DataSplits:
-    """Load `cfg.name` and carve test (if the dataset has none) and validation splits, seeded."""
-    from . import digits  # noqa: F401  (registers)
+def _drop_classes(split: Split, classes: list[int], info: DatasetInfo) -> Split:
+    for label in classes:
+        if not 0 <= label < info.num_classes:
+            raise DistillError(
+                f"dataset.exclude_classes: class {label} does not exist ({info.name} has classes 0..{info.num_classes - 1})"
+            )
+    keep = ~torch.isin(split.labels, torch.tensor(classes, dtype=split.labels.dtype))
+    return split.subset(keep.nonzero().squeeze(1))
 
+
+def load_dataset(cfg: DatasetConfig) -> DataSplits:
+    """Load `cfg.name`; carve test (if the dataset has none) and validation splits, seeded; drop excluded classes."""
+    _register_all()
     raw = DATASETS.get(cfg.name)(cfg)
     generator = torch.Generator().manual_seed(cfg.split_seed)
     train, test = raw.train, raw.test
     if test is None:
         train, test = _holdout(train, cfg.test_split, generator)
     train, val = _holdout(train, cfg.val_split, generator)
+    if cfg.exclude_classes:
+        train = _drop_classes(train, list(cfg.exclude_classes), raw.info)
     if len(train) == 0:
-        raise DistillError(f"dataset.val_split={cfg.val_split} leaves no training data")
+        raise DistillError(f"dataset {cfg.name}: no training images left after the validation split and excluded classes")
     return DataSplits(train=train, val=val, test=test, info=raw.info)
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images on the [0, 1] scale."""
-    x = images.float().div_(255).transpose(0, 1).flatten(1)
-    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the [0, 1] scale, in bounded memory."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].to(torch.float64).div_(255).transpose(0, 1).reshape(channels, -1)
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    count = images.numel() // channels
+    mean = total / count
+    std = (squares / count - mean.square()).clamp(min=0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())

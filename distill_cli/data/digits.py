@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DatasetConfig
-from . import DATASETS, DatasetInfo, RawDataset, Split, channel_stats
+from . import DATASETS, Augment, DatasetInfo, RawDataset, Split, channel_stats
 
 
 @DATASETS.register("digits")
@@ -25,5 +25,6 @@ def load_digits(cfg: DatasetConfig) -> RawDataset:
         mean=mean,
         std=std,
         class_names=tuple(str(d) for d in range(10)),
+        augment=Augment(pad=1),  # +-1 pixel jitter, only when asked (dataset.augment=true)
     )
     return RawDataset(train=Split(images, torch.as_tensor(bunch.target, dtype=torch.int64)), test=None, info=info)

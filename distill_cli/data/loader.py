@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from . import DatasetInfo, Split
+from . import Augment, DatasetInfo, Split
+from .augment import apply
 
 
 class DeviceLoader:
     """Iterates (images, labels) batches of a split that lives on `device`.
 
-    Images stay uint8 until a batch is drawn, then are normalised with the dataset's statistics.
-    Training order comes from an on-device permutation drawn from this loader's own seeded
-    generator, so the data order is reproducible and independent of model initialisation.
+    Images stay uint8 until a batch is drawn, are augmented as a batch (when `augment` is given)
+    and then normalised with the dataset's statistics. The order (an on-device permutation) and the
+    augmentation draw from this loader's own seeded generator, so the data a run sees is
+    reproducible and independent of model initialisation.
     """
 
     def __init__(
@@ -25,6 +27,7 @@ class DeviceLoader:
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
+        augment: Augment | None = None,
     ):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -34,7 +37,8 @@ class DeviceLoader:
         shape = (1, info.channels, 1, 1)
         self.mean = torch.tensor(info.mean, device=device).view(shape)
         self.std = torch.tensor(info.std, device=device).view(shape)
-        self.generator = torch.Generator(device=device).manual_seed(seed) if shuffle else None
+        self.augment = augment if augment is not None and (augment.pad or augment.flip) else None
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -57,4 +61,6 @@ class DeviceLoader:
             else:
                 index = order[start:stop]
                 images, labels = self.images[index], self.labels[index]
+            if self.augment is not None:
+                images = apply(images, self.augment, self.generator)
             yield self.normalise(images), labels

@@ -14,7 +14,15 @@ from ..registry import Registry
 LOSSES: Registry = Registry("loss")
 
 
-def build_loss(name: str, T: float, alpha: float) -> nn.Module:
-    from . import hinton  # noqa: F401  (registers)
+def _register_all() -> None:
+    from . import hinton  # noqa: F401
 
+
+def loss_names() -> list[str]:
+    _register_all()
+    return LOSSES.names()
+
+
+def build_loss(name: str, T: float, alpha: float) -> nn.Module:
+    _register_all()
     return LOSSES.get(name)(T=T, alpha=alpha)

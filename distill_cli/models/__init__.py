@@ -22,6 +22,11 @@ def _register_all() -> None:
     from . import cnn, mlp  # noqa: F401
 
 
+def model_names() -> list[str]:
+    _register_all()
+    return MODELS.names()
+
+
 def build_model(cfg: ModelConfig, info: DatasetInfo, key: str) -> nn.Module:
     """Build `cfg.arch` for `info`'s data; `key` ('teacher' or 'student') names the config node in errors."""
     _register_all()

@@ -1,0 +1,225 @@
+"""Datasets, splits, the image-folder tensor cache and on-device augmentation."""
+
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from distill_cli.config import DatasetConfig
+from distill_cli.data import Augment, load_dataset
+from distill_cli.data import imagefolder as imagefolder_module
+from distill_cli.data.augment import random_crop, random_flip
+from distill_cli.data.loader import DeviceLoader
+from distill_cli.errors import DistillError
+
+from conftest import run_distill
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def _dot_images(n: int, size: int = 8) -> torch.Tensor:
+    """Images with a single bright pixel at the centre, to read crop offsets back."""
+    images = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    images[:, :, size // 2, size // 2] = 255
+    return images
+
+
+def test_random_crop_keeps_shape_dtype_and_shifts_uniformly_within_pad():
+    pad, n = 2, 5000
+    out = random_crop(_dot_images(n), pad, torch.Generator().manual_seed(0))
+    assert out.shape == (n, 1, 8, 8) and out.dtype == torch.uint8
+    assert set(out.unique().tolist()) <= {0, 255}
+    # where did the dot land? the shift is uniform over -pad..pad in each axis
+    flat = out.view(n, -1).argmax(1)
+    rows, cols = flat // 8 - 4, flat % 8 - 4
+    for shifts in (rows, cols):
+        counts = torch.bincount(shifts + pad, minlength=2 * pad + 1).float() / n
+        assert len(counts) == 2 * pad + 1
+        assert torch.allclose(counts, torch.full_like(counts, 1 / (2 * pad + 1)), atol=0.03)
+
+
+def test_random_crop_matches_pad_then_slice():
+    """The batched crop equals torchvision's RandomCrop(padding=pad): zero-pad, then a window."""
+    images = torch.randint(0, 256, (16, 3, 6, 6), dtype=torch.uint8)
+    pad = 3
+    out = random_crop(images, pad, torch.Generator().manual_seed(7))
+    offsets = torch.randint(0, 2 * pad + 1, (2, 16), generator=torch.Generator().manual_seed(7))
+    padded = torch.nn.functional.pad(images, (pad,) * 4)
+    for i in range(16):
+        top, left = offsets[0, i], offsets[1, i]
+        assert torch.equal(out[i], padded[i, :, top : top + 6, left : left + 6])
+
+
+def test_random_flip_flips_about_half_and_exactly_mirrors():
+    images = torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4).repeat(4000, 1, 1, 1)
+    out = random_flip(images, torch.Generator().manual_seed(0))
+    flipped = (out[:, 0, 0, 0] == 3)
+    assert 0.45 < flipped.float().mean() < 0.55
+    assert torch.equal(out[flipped][0, 0, 0], torch.tensor([3, 2, 1, 0], dtype=torch.uint8))
+    assert torch.equal(out[~flipped][0, 0, 0], torch.tensor([0, 1, 2, 3], dtype=torch.uint8))
+
+
+def test_loader_augments_training_batches_reproducibly():
+    data = load_dataset(DatasetConfig(name="digits"))
+    def batches(seed):
+        loader = DeviceLoader(data.train, data.info, 64, torch.device("cpu"), shuffle=True, seed=seed, augment=Augment(pad=1))
+        return next(iter(loader))[0]
+    plain = DeviceLoader(data.train, data.info, 64, torch.device("cpu"), shuffle=True, seed=0)
+    assert torch.equal(batches(0), batches(0))
+    assert not torch.equal(batches(0), next(iter(plain))[0])  # augmentation changed the images
+    assert batches(0).shape == (64, 1, 8, 8)
+
+
+# ---------------------------------------------------------------- splits and classes
+
+
+def test_digits_splits_are_disjoint_seeded_and_complete():
+    data = load_dataset(DatasetConfig(name="digits"))
+    assert (len(data.train), len(data.val), len(data.test)) == (1294, 144, 359)
+    assert data.info.num_classes == 10 and data.info.channels == 1 and data.info.image_size == (8, 8)
+    again = load_dataset(DatasetConfig(name="digits"))
+    assert torch.equal(data.test.images, again.test.images)
+    other = load_dataset(DatasetConfig(name="digits", split_seed=1))
+    assert not torch.equal(data.test.images, other.test.images)
+    no_val = load_dataset(DatasetConfig(name="digits", val_split=0.0))
+    assert len(no_val.val) == 0 and len(no_val.train) == 1294 + 144
+
+
+def test_exclude_classes_drops_them_from_training_only():
+    data = load_dataset(DatasetConfig(name="digits", exclude_classes=[3, 7]))
+    assert not torch.isin(data.train.labels, torch.tensor([3, 7])).any()
+    assert (data.test.labels == 3).sum() > 0 and (data.val.labels == 7).sum() > 0
+    full = load_dataset(DatasetConfig(name="digits"))
+    assert torch.equal(full.test.labels, data.test.labels)
+
+
+def test_exclude_classes_rejects_unknown_class():
+    with pytest.raises(DistillError, match="dataset.exclude_classes: class 12 does not exist"):
+        load_dataset(DatasetConfig(name="digits", exclude_classes=[12]))
+
+
+def test_synthetic_has_the_configured_shape():
+    data = load_dataset(DatasetConfig(name="synthetic", num_classes=7, channels=2, image_size=12, train_size=300, test_size=50))
+    assert data.train.images.shape[1:] == (2, 12, 12) and data.train.images.dtype == torch.uint8
+    assert data.info.num_classes == 7 and int(data.train.labels.max()) <= 6
+    assert len(data.test) == 50 and len(data.train) + len(data.val) == 300
+
+
+def test_unknown_dataset_suggests_names():
+    with pytest.raises(DistillError, match="unknown dataset 'cifar': did you mean"):
+        load_dataset(DatasetConfig(name="cifar"))
+
+
+# ---------------------------------------------------------------- torchvision datasets
+
+
+def _write_idx(path: Path, array: torch.Tensor, magic: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.numpy().tobytes())
+
+
+def _fake_mnist(root: Path, folder: str, n_train=120, n_test=40) -> None:
+    """Files in MNIST's own (idx) format, the layout torchvision reads: root/<folder>/raw/."""
+    generator = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        _write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", images, 0x0803)
+        _write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", labels, 0x0801)
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_like_datasets_load_through_torchvision(tmp_path, name, folder):
+    _fake_mnist(tmp_path, folder)
+    data = load_dataset(DatasetConfig(name=name, root=str(tmp_path), download=False))
+    assert data.info.channels == 1 and data.info.image_size == (28, 28) and data.info.num_classes == 10
+    assert len(data.test) == 40 and len(data.train) + len(data.val) == 120
+    assert data.train.images.shape[1:] == (1, 28, 28)
+    assert data.info.augment == Augment(pad=2)  # +-2 pixel jitter
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "svhn"])
+def test_missing_files_without_download_say_where_and_how(tmp_path, name):
+    with pytest.raises(DistillError, match=rf"dataset {name}: files not found under {tmp_path}/ .*dataset.download=true"):
+        load_dataset(DatasetConfig(name=name, root=str(tmp_path), download=False))
+
+
+def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    with pytest.raises(DistillError, match="could not download into .*no network"):
+        load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path), download=True))
+    assert tv_utils  # the real module stays importable
+
+
+def test_cli_reports_missing_dataset_in_one_line(tmp_path):
+    result = run_distill("train", "dataset=cifar10", f"dataset.root={tmp_path / 'none'}", "dataset.download=false", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "files not found under" in line
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _write_png(image: torch.Tensor, path: Path) -> None:
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def _image_tree(root: Path, split: str, per_class: int, size: int = 10, classes=("cat", "dog", "eel")) -> None:
+    generator = torch.Generator().manual_seed(hash(split) % 1000)
+    for label, name in enumerate(classes):
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
+            image[label] = 255  # a class-coloured channel
+            _write_png(image, folder / f"{i}.png")
+
+
+def test_imagefolder_loads_tree_and_caches_decoded_tensors(tmp_path, monkeypatch):
+    _image_tree(tmp_path / "tree", "train", 20)
+    _image_tree(tmp_path / "tree", "test", 5)
+    cfg = DatasetConfig(name="imagefolder", root=str(tmp_path / "tree"), cache_dir=str(tmp_path / "cache"))
+    data = load_dataset(cfg)
+    assert data.info.class_names == ("cat", "dog", "eel") and data.info.num_classes == 3
+    assert data.info.image_size == (10, 10) and data.info.channels == 3
+    assert len(data.test) == 15 and len(data.train) + len(data.val) == 60
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test
+
+    # the second load reads the cache: decoding is not called again
+    monkeypatch.setattr(imagefolder_module, "_decode_all", lambda *a: pytest.fail("decoded again"))
+    cached = load_dataset(cfg)
+    assert torch.equal(cached.train.images, data.train.images)
+    monkeypatch.undo()
+
+    # changing the source rebuilds: a new image in train
+    _write_png(torch.zeros(3, 10, 10, dtype=torch.uint8), tmp_path / "tree" / "train" / "cat" / "new.png")
+    rebuilt = load_dataset(cfg)
+    assert len(rebuilt.train) + len(rebuilt.val) == 61
+
+
+def test_imagefolder_resizes_and_carves_a_test_split(tmp_path):
+    _image_tree(tmp_path / "tree", "train", 20, size=12)
+    cfg = DatasetConfig(name="imagefolder", root=str(tmp_path / "tree"), image_size=8, cache_dir=str(tmp_path / "c"))
+    data = load_dataset(cfg)
+    assert data.train.images.shape[1:] == (3, 8, 8)
+    assert len(data.test) == 12  # 20% of 60
+
+
+def test_imagefolder_errors_name_the_expected_layout(tmp_path):
+    with pytest.raises(DistillError, match=r"expected .*/train/<class>/<image>"):
+        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "c")))
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DistillError, match="no images under"):
+        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "c")))
