@@ -23,7 +23,8 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
     cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # (B, W)
     index = torch.arange(batch, device=images.device)[:, None, None]
     # advanced indexing over (batch, row, col) picks each image's window: (B, H, W, C)
-    return padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    windows = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]
+    return windows.permute(0, 3, 1, 2).contiguous()
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
