@@ -1,5 +1,5 @@
 """The model zoo: published parameter counts, every configs/model YAML on CIFAR- and MNIST-shaped
-data, and the torchvision adapter."""
+data, the torchvision adapter, and feature taps by layer name."""
 
 from functools import cache
 
@@ -12,6 +12,7 @@ from distill_cli.config import ModelConfig, config_dir
 from distill_cli.data import DatasetInfo
 from distill_cli.errors import DistillError
 from distill_cli.models import build_model, count_parameters
+from distill_cli.models.features import FeatureTaps, default_feature_layers
 
 
 def _info(name: str, classes: int, channels: int, size: int) -> DatasetInfo:
@@ -108,3 +109,87 @@ def test_torchvision_models_adapt_to_channels_and_classes():
 def test_unknown_torchvision_model_suggests_close_names():
     with pytest.raises(DistillError, match="did you mean 'resnet18'"):
         build_model(ModelConfig(arch="torchvision", kwargs={"name": "resnet81"}), CIFAR, "teacher")
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_feature_taps_return_named_features_and_leave_no_hooks():
+    model = build("resnet8", CIFAR)
+    x = torch.randn(2, 3, 32, 32)
+    taps = FeatureTaps(model, ["stages.2", "stages.0", "stages.1.0.body"])
+    with torch.no_grad():
+        logits, features = taps(x)
+        expected = model(x)
+    torch.testing.assert_close(logits, expected)
+    assert {name: tuple(f.shape) for name, f in features.items()} == {
+        "stages.2": (2, 64, 8, 8),
+        "stages.0": (2, 16, 32, 32),
+        "stages.1.0.body": (2, 32, 16, 16),
+    }
+    assert list(features) == ["stages.2", "stages.0", "stages.1.0.body"]
+    assert _hooks(model) == 0
+    with pytest.raises(RuntimeError):  # a failing forward pass leaves no hooks either
+        taps(torch.randn(2, 1, 32, 32))
+    assert _hooks(model) == 0
+
+
+def test_feature_taps_keep_gradients():
+    model = build("wrn_16_1", CIFAR).train()
+    logits, features = FeatureTaps(model, ["stages.1"])(torch.randn(2, 3, 32, 32))
+    features["stages.1"].pow(2).mean().backward()
+    assert model.stem.weight.grad is not None and model.head.fc.weight.grad is None
+
+
+def test_feature_taps_refuse_unknown_layers():
+    with pytest.raises(DistillError, match="unknown layer 'stage.1'.*did you mean 'stages.1'"):
+        FeatureTaps(build("resnet8", CIFAR), ["stage.1"])
+
+
+def test_feature_taps_refuse_outputs_overwritten_in_place():
+    model = build_model(ModelConfig(arch="torchvision", kwargs={"name": "resnet18"}), CIFAR, "teacher").eval()
+    with pytest.raises(DistillError, match="'bn1'.*overwritten in place"):
+        FeatureTaps(model, ["bn1"])(torch.randn(2, 3, 32, 32))
+    assert _hooks(model) == 0
+
+
+@pytest.mark.parametrize(
+    "name, info, layers",
+    [
+        ("resnet8", CIFAR, {"stages.0": (16, 32, 32), "stages.1": (32, 16, 16), "stages.2": (64, 8, 8)}),
+        ("wrn_40_2", CIFAR, {"stages.0": (32, 32, 32), "stages.1": (64, 16, 16), "stages.2": (128, 8, 8)}),
+        (
+            "vgg8",
+            CIFAR,
+            {"stages.0": (128, 16, 16), "stages.1": (256, 8, 8), "stages.2": (512, 4, 4), "stages.3": (512, 4, 4)},
+        ),
+        (
+            "mobilenetv2",
+            CIFAR,
+            {"stages.0": (12, 16, 16), "stages.1": (16, 8, 8), "stages.2": (48, 4, 4), "stages.3": (160, 2, 2)},
+        ),
+        ("shufflenetv2", CIFAR, {"stages.0": (116, 16, 16), "stages.1": (232, 8, 8), "stages.2": (464, 4, 4)}),
+        # models without a `stages` container: by spatial size (torchvision), by hidden layer (MLPs)
+        (
+            "torchvision",
+            CIFAR,
+            {
+                "relu": (64, 16, 16),
+                "layer1": (64, 8, 8),
+                "layer2": (128, 4, 4),
+                "layer3": (256, 2, 2),
+                "layer4": (512, 1, 1),
+            },
+        ),
+        ("cnn", DIGITS, {"5": (32, 8, 8), "12": (64, 4, 4)}),
+        ("hinton_mlp_1200", MNIST, {"3": (1200,), "6": (1200,)}),
+        ("hinton_mlp_800", MNIST, {"2": (800,), "4": (800,)}),
+    ],
+)
+def test_default_feature_layers(name, info, layers):
+    model = build(name, info).train()
+    assert default_feature_layers(model, info) == list(layers)
+    assert model.training and _hooks(model) == 0
+    _, features = FeatureTaps(model.eval(), layers)(torch.randn(2, info.channels, *info.image_size))
+    assert {name: tuple(f.shape[1:]) for name, f in features.items()} == layers
