@@ -19,7 +19,7 @@ MODELS: Registry = Registry("model")
 
 
 def _register_all() -> None:
-    from . import cnn, mlp  # noqa: F401
+    from . import cnn, mlp, mobilenet, resnet, shufflenet, torchvision_adapter, vgg, wrn  # noqa: F401
 
 
 def model_names() -> list[str]:
@@ -42,4 +42,5 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, key: str) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (weights and biases; BatchNorm running statistics are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters())
