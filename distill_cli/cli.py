@@ -22,13 +22,14 @@ usage: distill <command> [key=value ...] [-m] [hydra flags]
 commands:
   train   train a teacher with cross-entropy            distill train teacher=cnn epochs=20
   kd      distil a student from a teacher               distill kd student=mlp_small T=4 alpha=0.5
+  bench   images/s of train and kd steps vs a plain reference loop   distill bench dataset=cifar10
   list    list the datasets, models and losses
 
 Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
 --cfg job (print the composed config), --help (groups and options of a command).
 """
 
-COMMAND_NAMES = ("train", "kd", "list")
+COMMAND_NAMES = ("train", "kd", "bench", "list")
 
 
 # (run folder, one-line error) of each job that failed in this process; reported by main()
@@ -52,9 +53,7 @@ def _task(command: str, cfg) -> dict | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = validate_config(command, cfg)
-        from .tasks import COMMANDS  # imports torch: only once the config is known to be valid
-
-        return COMMANDS[command](config, run_dir)
+        return _runner(command)(config, run_dir)
     except Exception as error:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
             raise
@@ -67,6 +66,17 @@ def _task(command: str, cfg) -> dict | None:
             run_dir / "summary.json",
         )
         return None
+
+
+def _runner(command: str):
+    """The function behind a command (imported only once its config is valid: it imports torch)."""
+    if command == "bench":
+        from .bench import run_bench
+
+        return run_bench
+    from .tasks import COMMANDS
+
+    return COMMANDS[command]
 
 
 def one_line(error: BaseException) -> str:

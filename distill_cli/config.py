@@ -181,7 +181,25 @@ class KDConfig(RunConfig):
         _check(self.teacher_epochs >= 1, "teacher_epochs", f"must be >= 1, got {self.teacher_epochs}")
 
 
-SCHEMAS = {"train": TrainConfig, "kd": KDConfig}
+@dataclass
+class BenchConfig(KDConfig):
+    """`distill bench`: images/s of the train and kd steps, against a plain per-sample reference loop."""
+
+    warmup_steps: int = 5
+    steps: int = 30
+    repeats: int = 5
+    # DataLoader workers of the reference loop (the usual tutorial setting)
+    reference_workers: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("steps", "repeats"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.reference_workers >= 0, "reference_workers", f"must be >= 0, got {self.reference_workers}")
+
+
+SCHEMAS = {"train": TrainConfig, "kd": KDConfig, "bench": BenchConfig}
 
 
 def register_configs() -> None:

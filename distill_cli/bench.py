@@ -1,0 +1,198 @@
+"""`distill bench`: images/s of our train and kd steps against a plain reference loop, in one run.
+
+The reference is the loop the usual tutorials write: a torchvision DataLoader over PIL images with
+per-sample transforms (the same crop/flip augmentation), fp32, batches copied to the device each
+step, and `.item()` on the loss every step. Both loops use the same models, batch size and data;
+each is warmed up, then timed over several repeats, and the median is reported.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from .config import BenchConfig
+from .data import DataSplits
+from .engine import (
+    Compute,
+    _train_epoch,
+    build_optimizer,
+    cross_entropy_step,
+    distillation_step,
+    seed_everything,
+)
+from .files import write_json_atomic
+from .losses import build_loss
+from .models import build_model, count_parameters
+from .report import CONSOLE
+from .tasks import _prepare
+
+log = logging.getLogger("distill")
+
+
+class _NoProgress:
+    def advance(self) -> None:
+        pass
+
+
+def _synchronise(compute: Compute) -> None:
+    if compute.device.type == "cuda":
+        torch.cuda.synchronize(compute.device)
+
+
+def _median_rate(run: Callable[[int], int], cfg: BenchConfig, compute: Compute) -> tuple[float, list[float]]:
+    """Warm up, then time `run(steps)` (which returns images processed) `repeats` times; median images/s."""
+    run(cfg.warmup_steps)
+    _synchronise(compute)
+    rates = []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        images = run(cfg.steps)
+        _synchronise(compute)
+        rates.append(images / (time.perf_counter() - start))
+    return statistics.median(rates), rates
+
+
+def _cycle(loader, steps: int):
+    """`steps` batches from `loader`, starting new epochs as needed."""
+    return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+
+
+def _fast_runner(model: nn.Module, step, loader, cfg: BenchConfig, compute: Compute) -> Callable[[int], int]:
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scaler = compute.grad_scaler()
+
+    def run(steps: int) -> int:
+        return _train_epoch(model, step, _cycle(loader, steps), optimizer, scaler, compute, _NoProgress())[2]
+
+    return run
+
+
+def _reference_loader(cfg: BenchConfig, data: DataSplits):
+    """A per-sample torchvision pipeline over the same training images: PIL, transforms, workers."""
+    from PIL import Image
+    from torchvision import transforms
+
+    info = data.info
+    steps: list = []
+    if cfg.dataset.augment and info.augment.pad:
+        steps.append(transforms.RandomCrop(info.image_size, padding=info.augment.pad))
+    if cfg.dataset.augment and info.augment.flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
+    transform = transforms.Compose(steps)
+    images = data.train.images.permute(0, 2, 3, 1).numpy()
+    mode = "L" if info.channels == 1 else "RGB"
+
+    class PILDataset(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(images)
+
+        def __getitem__(self, index: int):
+            pixels = images[index][..., 0] if mode == "L" else images[index]
+            return transform(Image.fromarray(pixels, mode=mode)), int(data.train.labels[index])
+
+    return torch.utils.data.DataLoader(
+        PILDataset(), batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.reference_workers
+    )
+
+
+def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: BenchConfig, device) -> Callable[[int], int]:
+    """The tutorial loop: fp32, per-step host copies and `.item()` syncs."""
+    loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha) if teacher is not None else None
+    optimizer = build_optimizer(model, cfg.optimizer)
+    model.train()
+
+    def run(steps: int) -> int:
+        seen = 0
+        for images, labels in _cycle(loader, steps):
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            if teacher is None:
+                loss = nn.functional.cross_entropy(logits, labels)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+                loss = loss_fn(logits, teacher_logits, labels)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+            (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+        return seen
+
+    return run
+
+
+def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
+    """Time a train step (teacher, CE) and a kd step (student from a frozen teacher), fast vs reference."""
+    compute, data, loaders = _prepare(cfg)
+    seed_everything(cfg.seed)
+    teacher = build_model(cfg.teacher, data.info, "teacher").to(compute.device)
+    student = build_model(cfg.student, data.info, "student").to(compute.device)
+    frozen = build_model(cfg.teacher, data.info, "teacher").to(compute.device).eval().requires_grad_(False)
+    loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha)
+    cases = {
+        "train": (teacher, cross_entropy_step(teacher), None),
+        "kd": (student, distillation_step(student, frozen, loss_fn), frozen),
+    }
+    reference = _reference_loader(cfg, data)
+    fp32 = Compute(compute.device, "fp32")
+    rows = {}
+    for name, (model, step, reference_teacher) in cases.items():
+        fast, fast_all = _median_rate(_fast_runner(model, step, loaders.train, cfg, compute), cfg, compute)
+        slow, slow_all = _median_rate(
+            _reference_runner(model, reference_teacher, reference, cfg, compute.device), cfg, fp32
+        )
+        rows[name] = {
+            "distill_images_per_s": fast,
+            "reference_images_per_s": slow,
+            "speedup": fast / slow,
+            "distill_repeats": fast_all,
+            "reference_repeats": slow_all,
+        }
+    device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else platform.processor() or platform.machine()
+    result = {
+        "command": "bench",
+        "status": "completed",
+        "dataset": data.info.name,
+        "teacher": {"arch": cfg.teacher.arch, "params": count_parameters(teacher)},
+        "student": {"arch": cfg.student.arch, "params": count_parameters(student)},
+        "batch_size": cfg.batch_size,
+        "augment": cfg.dataset.augment,
+        "device": str(compute.device),
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "precision": compute.precision,
+        "reference_workers": cfg.reference_workers,
+        "steps": cfg.steps,
+        "repeats": cfg.repeats,
+        "results": rows,
+    }
+    write_json_atomic(result, run_dir / "bench.json")
+    CONSOLE.print(bench_table(result))
+    return result
+
+
+def bench_table(result: dict) -> Table:
+    table = Table(
+        title=f"distill bench: {result['dataset']}, batch {result['batch_size']}, {result['device']} "
+        f"({result['device_name']}, {result['threads']} threads), median of {result['repeats']}"
+    )
+    for column in ("step", "distill img/s", "reference img/s", "speed-up"):
+        table.add_column(column, justify="left" if column == "step" else "right")
+    for name, row in result["results"].items():
+        table.add_row(
+            name, f"{row['distill_images_per_s']:,.0f}", f"{row['reference_images_per_s']:,.0f}", f"{row['speedup']:.2f}x"
+        )
+    return table

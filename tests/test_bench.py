@@ -1,0 +1,24 @@
+import json
+
+import pytest
+
+from conftest import run_distill
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_on_synthetic_prints_ratios_and_writes_json(tmp_path):
+    result = run_distill(
+        "bench", "dataset.train_size=600", "dataset.test_size=100", "dataset.image_size=16",
+        "teacher.kwargs.width=8", "student=mlp", "student.kwargs.hidden=[16]", "batch_size=32",
+        "warmup_steps=1", "steps=3", "repeats=2", "reference_workers=0", cwd=tmp_path,
+    )
+    (path,) = (tmp_path / "outputs").glob("*/*_bench/bench.json")
+    bench = json.loads(path.read_text())
+    assert set(bench["results"]) == {"train", "kd"}
+    for row in bench["results"].values():
+        assert len(row["distill_repeats"]) == len(row["reference_repeats"]) == 2
+        assert row["distill_images_per_s"] > 0 and row["reference_images_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["distill_images_per_s"] / row["reference_images_per_s"])
+        assert f"{row['speedup']:.2f}x" in result.stdout
+    assert bench["device_name"] and bench["threads"] >= 1
