@@ -130,6 +130,8 @@ class RunConfig:
     seed: int = 0
     # where trained teachers are kept, keyed by their recipe, for later kd runs to reuse
     teacher_cache: str = "outputs/teacher_cache"
+    # continue the run in hydra.run.dir from its last checkpoint (set by `distill resume <run dir>`)
+    resume: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
