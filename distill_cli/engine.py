@@ -209,8 +209,9 @@ class EpochTotals:
         """The totals as Python numbers, and whether `model`'s weights are all finite: one host sync."""
         weights_finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
         tensors = [self.correct, self.finite_images, self.bad_steps, self.first_bad, weights_finite, *self.sums.values()]
+        # float32 holds every total exactly as kept (counts far below 2**24), and works on MPS
         correct, finite_images, bad_steps, first_bad, weights_finite, *sums = torch.stack(
-            [t.double() for t in tensors]
+            [t.float() for t in tensors]
         ).tolist()
         return {
             "losses": {name: total / finite_images if finite_images else math.nan for name, total in zip(self.sums, sums)},
