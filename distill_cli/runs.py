@@ -6,6 +6,7 @@ No torch here: the CLI reads run folders before it imports anything heavy.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,12 @@ def _key(override: str) -> str:
 
 
 def _quoted(path: Path) -> str:
-    """`path` as a quoted Hydra override value (spaces, commas and brackets stay literal)."""
-    text = str(path).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
+    """`path` as a quoted Hydra override value (spaces, commas and brackets stay literal).
+
+    Hydra keeps backslashes as they are, except before a quote: those are doubled, then the quote escaped.
+    """
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(path))
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text) + "'"
 
 
 def resumption(run_dir: Path) -> Resumption:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import BEST, DAMAGED, LAST, PREVIOUS, load_checkpoint, load_resume_checkpoint, model_checkpoint, save_atomic, save_last
@@ -29,7 +30,7 @@ from distill_cli.data import DatasetInfo, Split
 from distill_cli.data.loader import DeviceLoader
 from distill_cli.engine import check_finite, rng_state, set_rng_state
 from distill_cli.errors import DistillError, Interrupted
-from distill_cli.runs import run_status
+from distill_cli.runs import resumption, run_status
 
 from conftest import compose_config, metrics_without_timing, run_distill, small_train_config, start_distill
 
@@ -156,6 +157,26 @@ def test_every_torch_load_is_weights_only():
             if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "pickle.load", "pickle.loads"):
                 calls.append(f"{path.name}: {ast.unparse(node)}")
     assert calls and all("torch.load(" in call and "weights_only=True" in call for call in calls), calls
+
+
+def _run_folder(run: Path, command: str, overrides: list[str], hydra_overrides: list[str] = ()) -> None:
+    """The `.hydra/` record Hydra leaves in a run folder, as much of it as `distill resume` reads."""
+    hydra = {"job": {"config_name": command}, "overrides": {"hydra": list(hydra_overrides)}, "runtime": {"cwd": str(run.parent)}}
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "hydra.yaml").write_text(json.dumps({"hydra": hydra}))  # JSON is YAML
+    (run / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+
+
+def test_resumption_replays_the_overrides_into_the_same_folder(tmp_path):
+    run = tmp_path / "it's a [run], x"
+    _run_folder(run, "kd", ["T=2", "student.kwargs.hidden=[8]", "resume=true"], ["hydra.mode=MULTIRUN", "hydra.verbose=true"])
+    plan = resumption(run)
+    assert (plan.command, plan.cwd) == ("kd", tmp_path)
+    assert plan.arguments[:3] == ["T=2", "student.kwargs.hidden=[8]", "hydra.verbose=true"]  # no resume=, no hydra.mode
+    overrides = OverridesParser.create().parse_overrides(plan.arguments[3:])
+    assert {o.key_or_group: o.value() for o in overrides} == {
+        "resume": True, "hydra.run.dir": str(run.resolve()), "hydra.output_subdir": None
+    }
 
 
 # --- in-process: an interrupt mid-epoch, a diverging loss ----------------------------------------
@@ -377,23 +398,15 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
 ]
 
 
-def _damaged_run_folder(run: Path) -> None:
-    """A stopped `distill train teacher=mlp_small` run folder whose checkpoints are both damaged."""
-    hydra = {"job": {"config_name": "train"}, "overrides": {"hydra": []}, "runtime": {"cwd": str(run.parent)}}
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "hydra.yaml").write_text(json.dumps({"hydra": hydra}))  # JSON is YAML
-    (run / ".hydra" / "overrides.yaml").write_text('["teacher=mlp_small"]')
-    for name in (LAST, PREVIOUS):
-        (run / name).write_bytes(b"PK\x03\x04 damaged")
-
-
 @pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path):
     """Each case through the real console script; they run side by side (each is mostly start-up)."""
     tmp = tmp_path.resolve()
     (tmp / "sweep").mkdir()
     (tmp / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
-    _damaged_run_folder(tmp / "damaged")
+    _run_folder(tmp / "damaged", "train", ["teacher=mlp_small"])
+    for name in (LAST, PREVIOUS):
+        (tmp / "damaged" / name).write_bytes(b"PK\x03\x04 damaged")
     for name, classes in (("cnn.pt", 10), ("hundred.pt", 100)):  # teachers of the wrong kinds
         save_atomic(model_checkpoint(torch.nn.Linear(2, 2), "cnn", {"width": 8}, classes), tmp / name)
     processes = [start_distill(*(arg.format(tmp=tmp) for arg in args), cwd=tmp) for args, _ in BAD_INPUT]
