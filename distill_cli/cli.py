@@ -9,27 +9,31 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from functools import partial
 from pathlib import Path
 
 from .config import config_dir, register_configs, to_plain
-from .errors import DistillError, did_you_mean
+from .errors import DistillError, Interrupted, did_you_mean
+from .runs import resume_command, resumption, run_status
 
 USAGE = """\
 usage: distill <command> [key=value ...] [-m] [hydra flags]
+       distill resume <run dir>
 
 commands:
   train   train a teacher with cross-entropy            distill train teacher=cnn epochs=20
   kd      distil a student from a teacher               distill kd student=mlp_small T=4 alpha=0.5
-  bench   images/s of train and kd steps vs a plain reference loop   distill bench dataset=cifar10
+  bench   images/s of train/kd steps vs a reference loop distill bench dataset=cifar10
+  resume  continue a crashed or interrupted run         distill resume outputs/2025-01-01/12-00-00.000000_kd
   list    list the datasets, models and losses
 
 Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
 --cfg job (print the composed config), --help (groups and options of a command).
 """
 
-COMMAND_NAMES = ("train", "kd", "bench", "list")
+COMMAND_NAMES = ("train", "kd", "bench", "resume", "list")
 
 
 # (run folder, one-line error) of each job that failed in this process; reported by main()
@@ -40,7 +44,8 @@ def _task(command: str, cfg) -> dict | None:
     """The Hydra job: validate the config, run the command; on error record a failed summary.
 
     Errors are not raised into Hydra (which would print its own multi-line report); `main` prints
-    them as one line each once every job of a sweep has run.
+    them as one line each once every job of a sweep has run. An interrupt (Ctrl-C, SIGTERM) is
+    recorded as an interrupted summary and raised on, which stops a sweep too.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -54,6 +59,12 @@ def _task(command: str, cfg) -> dict | None:
     try:
         config = validate_config(command, cfg)
         return _runner(command)(config, run_dir)
+    except KeyboardInterrupt as interrupt:
+        stopped = Interrupted.wrap(interrupt)
+        stopped.run_dir = run_dir
+        summary = {"status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)}
+        write_json_atomic({"command": command, **summary, "config": to_plain(cfg)}, run_dir / "summary.json")
+        raise stopped from None
     except Exception as error:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
             raise
@@ -61,10 +72,8 @@ def _task(command: str, cfg) -> dict | None:
         FAILED_JOBS.append((str(run_dir), message))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error(f"job {HydraConfig.get().job.num} failed: {message}")
-        write_json_atomic(
-            {"command": command, "status": "failed", "error": message, "config": to_plain(cfg)},
-            run_dir / "summary.json",
-        )
+        summary = {"status": "failed", "error": message}
+        write_json_atomic({"command": command, **summary, "config": to_plain(cfg)}, run_dir / "summary.json")
         return None
 
 
@@ -100,6 +109,8 @@ def one_line(error: BaseException) -> str:
         if key and ".kwargs." in key:
             text += f" (a model argument missing from the model's YAML is added with +{key}=...)"
         return text
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"cannot use {error.filename}: {error.strerror}"
     text = _first_line(str(error)) or type(error).__name__
     if isinstance(error, (DistillError, HydraException)):
         return text
@@ -155,9 +166,42 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMAND_NAMES:
         print(f"distill: error: unknown command {command!r}: {did_you_mean(command, COMMAND_NAMES)}", file=sys.stderr)
         return 2
+    if command == "resume":
+        return _resume(rest)
+    return _run_command(command, rest)
+
+
+def _resume(args: list[str]) -> int:
+    """`distill resume <run dir>`: run the folder's command again in it, continuing from its checkpoint."""
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: distill resume <run dir>", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    try:
+        plan = resumption(run_dir)
+    except DistillError as error:
+        print(f"distill resume: error: {error}", file=sys.stderr)
+        return 1
+    if run_status(run_dir) == "completed":
+        print(f"distill resume: {run_dir} already completed; nothing to do")
+        return 0
+    os.chdir(plan.cwd)
+    return _run_command(plan.command, plan.arguments)
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _run_command(command: str, rest: list[str]) -> int:
+    """Run `distill <command> <rest>` through Hydra; errors and interrupts become one line on stderr."""
     show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     if show_traceback:
         os.environ["DISTILL_TRACEBACK"] = "1"
+    # SIGTERM (a scheduler or `kill`) stops a run the way Ctrl-C does
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    if previous_sigterm is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         if command == "list":
             _list()
@@ -174,14 +218,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill {command}: error{where}: {message}", file=sys.stderr)
         if FAILED_JOBS:
             return 1
-    except KeyboardInterrupt:
-        print(f"distill {command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        stopped = Interrupted.wrap(interrupt)
+        resume = f"; resume with: {resume_command(stopped.run_dir)}" if stopped.run_dir else ""
+        print(f"distill {command}: {stopped.describe()}{resume}", file=sys.stderr)
+        return 128 + stopped.signum
     except Exception as error:
         if show_traceback:
             raise
         print(f"distill {command}: error: {one_line(error)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 

@@ -148,6 +148,8 @@ class RunConfig:
     teacher_cache: str = "outputs/teacher_cache"
     # print test accuracy per class (always on when dataset.exclude_classes is set)
     per_class: bool = False
+    # continue the run in hydra.run.dir from its last checkpoint (set by `distill resume <run dir>`)
+    resume: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

@@ -3,6 +3,7 @@
 A training step is any callable `step(images, labels) -> (loss_parts, logits)`; `fit` runs it
 under autocast, accumulates losses and accuracy on the device (one host sync per epoch), evaluates
 on the validation split, appends `metrics.jsonl` and writes `last.pt` / `best.pt` atomically.
+`last.pt` carries everything needed to continue the run exactly (see `fit`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -20,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import save_atomic
+from .checkpoint import BEST, save_atomic, save_last
 from .config import DeviceConfig, OptimizerConfig
-from .errors import DistillError
-from .report import EpochProgress
+from .errors import DistillError, Interrupted
+from .files import atomic_write
+from .report import EpochProgress, log
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
@@ -77,6 +81,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The state of every global random number generator, as tensors and primitives (weights_only-safe)."""
+    numpy = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": numpy["state"]["pos"],
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`."""
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -137,6 +176,108 @@ class FitResult:
     selection: str  # "val" (best on the validation split) or "last" (no validation split)
 
 
+class EpochTotals:
+    """A training epoch's running sums, kept on the device so the loop never waits for the host.
+
+    Loss means count only steps with a finite loss (fp16 steps the GradScaler skipped); the
+    non-finite ones are counted, with the index of the first, for `check_finite`.
+    """
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), device=device)
+        self.finite_images = torch.zeros((), device=device)
+        self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.steps = 0  # batches done (host counters need no sync)
+        self.images = 0
+        self.seconds = 0.0
+
+    def add(self, parts: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> None:
+        batch = len(labels)
+        finite = torch.isfinite(parts["loss"].detach())
+        for name, value in parts.items():
+            self.sums[name] = self.sums.get(name, 0) + torch.where(finite, value.detach().float() * batch, 0.0)
+        self.finite_images += finite * batch
+        self.bad_steps += ~finite
+        self.first_bad = torch.where(~finite & (self.first_bad < 0), self.steps, self.first_bad)
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.steps += 1
+        self.images += batch
+
+    def read(self, model: nn.Module) -> dict:
+        """The totals as Python numbers, and whether `model`'s weights are all finite: one host sync."""
+        weights_finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        tensors = [self.correct, self.finite_images, self.bad_steps, self.first_bad, weights_finite, *self.sums.values()]
+        # float32 holds every total exactly as kept (counts far below 2**24), and works on MPS
+        correct, finite_images, bad_steps, first_bad, weights_finite, *sums = torch.stack(
+            [t.float() for t in tensors]
+        ).tolist()
+        return {
+            "losses": {name: total / finite_images if finite_images else math.nan for name, total in zip(self.sums, sums)},
+            "train_acc": correct / self.images,
+            "bad_steps": int(bad_steps),
+            "first_bad": int(first_bad),
+            "weights_finite": bool(weights_finite),
+        }
+
+    def state_dict(self) -> dict:
+        tensors = {name: getattr(self, name).cpu() for name in ("correct", "finite_images", "bad_steps", "first_bad")}
+        sums = {name: value.cpu() for name, value in self.sums.items()}
+        return {**tensors, "sums": sums, "steps": self.steps, "images": self.images, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> "EpochTotals":
+        totals = cls(device)
+        for name in ("correct", "finite_images", "bad_steps", "first_bad"):
+            setattr(totals, name, state[name].to(device))
+        totals.sums = {name: value.to(device) for name, value in state["sums"].items()}
+        totals.steps, totals.images, totals.seconds = state["steps"], state["images"], state["seconds"]
+        return totals
+
+
+def check_finite(read: dict, steps: int, tolerate_bad_steps: bool, where: str, saved: str) -> None:
+    """Stop a diverged run: NaN/Inf weights, or a NaN/Inf loss (with fp16 loss scaling, which skips
+    such steps, only when every step of the epoch had one). `saved` says what the last checkpoint holds."""
+    bad = read["bad_steps"]
+    if read["weights_finite"] and (bad == 0 or (tolerate_bad_steps and bad < steps)):
+        return
+    if bad:
+        what = f"loss NaN/Inf at step {read['first_bad'] + 1} ({bad} of {steps} steps)"
+    else:
+        what = f"weights NaN/Inf after step {steps}"
+    raise DistillError(
+        f"{where}: training diverged, {what}; stopped without saving this epoch, {saved} (a lower optimizer.lr may help)"
+    )
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `signum`: training stops at the next step boundary
+    and saves a checkpoint. A second signal interrupts at once. Only the main thread can catch signals."""
+
+    def __enter__(self) -> "StopSignals":
+        self.signum: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of a background job
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum, "a second signal: stopped without saving")
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, lambda file: file.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
+
+
 def fit(
     model: nn.Module,
     step: Step,
@@ -151,54 +292,96 @@ def fit(
     run_dir: Path,
     make_checkpoint: Callable[[dict], dict],
     label: str,
+    resume_from: dict | None = None,
 ) -> FitResult:
     """Train for `epochs`, writing metrics.jsonl, last.pt and best.pt (best val accuracy) into `run_dir`.
 
-    `make_checkpoint(state)` wraps the training state into a model checkpoint dict.
+    `make_checkpoint(state)` wraps the training state into a model checkpoint dict. last.pt's
+    "training" holds optimizer, scheduler, GradScaler, best-so-far, every RNG state, the data order,
+    the metrics so far and, mid-epoch, the epoch's partial sums; `resume_from` (such a checkpoint)
+    continues the run as if it had never stopped. SIGINT/SIGTERM save last.pt at the next step
+    boundary and raise Interrupted. A diverged epoch (see `check_finite`) raises before it is saved.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     scaler = compute.grad_scaler()
     best = FitResult(best_epoch=0, best_val_acc=None, selection="val" if val_loader is not None else "last")
-    with EpochProgress(label, epochs, len(train_loader)) as progress:
-        for epoch in range(1, epochs + 1):
-            progress.start_epoch(epoch)
+    history: list[dict] = []
+    done, partial, saved = 0, None, "no checkpoint was written"
+    if resume_from is not None:
+        training = resume_from["training"]
+        model.load_state_dict(resume_from["state_dict"])
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        scaler.load_state_dict(training["scaler"])
+        train_loader.load_state_dict(training["loader"])
+        set_rng_state(training["rng"])
+        best.best_epoch, best.best_val_acc = training["best_epoch"], training["best_val_acc"]
+        history, done = training["history"], resume_from["epoch"]
+        if training["partial"] is not None:
+            partial = EpochTotals.from_state(training["partial"], compute.device)
+        position = f"epoch {done}" + (f" and {partial.steps} steps of epoch {done + 1}" if partial else "")
+        saved = f"last.pt holds {position}"
+        log.info(f"{label}: resuming after {position}")
+    _write_metrics(metrics_path, history)  # lines beyond the checkpoint (if any) would be repeated
+
+    def save(epoch: int, val_acc: float | None, unfinished: EpochTotals | None, improved: bool) -> None:
+        training = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "loader": train_loader.state_dict(),
+            "rng": rng_state(),
+            "best_epoch": best.best_epoch,
+            "best_val_acc": best.best_val_acc,
+            "history": history,
+            "partial": None if unfinished is None else unfinished.state_dict(),
+        }
+        checkpoint = make_checkpoint({"epoch": epoch, "val_acc": val_acc})
+        if improved:
+            save_atomic(checkpoint, run_dir / BEST)
+        save_last({**checkpoint, "training": training}, run_dir)
+
+    with EpochProgress(label, epochs, len(train_loader)) as progress, StopSignals() as stop:
+        for epoch in range(done + 1, epochs + 1):
+            totals, partial = partial or EpochTotals(compute.device), None
+            progress.start_epoch(epoch, done=totals.steps)
             lr = optimizer.param_groups[0]["lr"]
-            start = time.perf_counter()
-            losses, train_acc, seen = _train_epoch(model, step, train_loader, optimizer, scaler, compute, progress)
-            seconds = time.perf_counter() - start
-            bad = [name for name, value in losses.items() if not math.isfinite(value)]
-            if bad:
-                raise DistillError(f"{label}: non-finite {', '.join(bad)} in epoch {epoch}; stopping (last.pt holds epoch {epoch - 1})")
+            _train_epoch(model, step, train_loader, optimizer, scaler, compute, progress, totals, stop)
+            read = totals.read(model)
+            check_finite(read, totals.steps, scaler.is_enabled(), f"{label} epoch {epoch}", saved)
+            if stop.signum is not None and totals.steps < len(train_loader):  # save the epoch to continue later
+                save(epoch - 1, None, totals, improved=False)
+                raise Interrupted(stop.signum, f"{label} epoch {epoch} step {totals.steps}/{len(train_loader)}, saved to last.pt")
             scheduler.step()
             val_acc = evaluate(model, val_loader, compute, num_classes).overall if val_loader is not None else None
             metrics = {
                 "epoch": epoch,
-                **losses,
-                "train_acc": train_acc,
+                **read["losses"],
+                "train_acc": read["train_acc"],
                 "val_acc": val_acc,
                 "lr": lr,
-                "images_per_s": seen / seconds,
-                "seconds": seconds,
+                "images_per_s": totals.images / totals.seconds,
+                "seconds": totals.seconds,
             }
+            history.append(metrics)
             with metrics_path.open("a") as file:
                 file.write(json.dumps(metrics) + "\n")
-            progress.end_epoch(metrics, list(losses))
-            state = {"epoch": epoch, "val_acc": val_acc, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            checkpoint = make_checkpoint(state)
-            save_atomic(checkpoint, run_dir / "last.pt")
-            if val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc:
+            progress.end_epoch(metrics, list(read["losses"]))
+            improved = val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc
+            if improved:
                 best.best_epoch, best.best_val_acc = epoch, val_acc
-                save_atomic(checkpoint, run_dir / "best.pt")
+            save(epoch, val_acc, None, improved)
+            saved = f"last.pt holds epoch {epoch}"
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, f"after {label} epoch {epoch}, saved to last.pt")
     return best
 
 
-def _train_epoch(model, step: Step, loader, optimizer, scaler, compute: Compute, progress) -> tuple[dict, float, int]:
-    """One pass over `loader`; returns mean loss parts, train accuracy and images seen (one host sync)."""
+def _train_epoch(model, step: Step, loader, optimizer, scaler, compute: Compute, progress, totals: EpochTotals, stop) -> None:
+    """Train on `loader`'s (remaining) batches, adding to `totals`; stops early once `stop.signum` is set."""
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    correct = torch.zeros((), device=compute.device)
-    seen = 0
+    start = time.perf_counter()
     for images, labels in loader:
         with compute.autocast():
             parts, logits = step(images, labels)
@@ -206,14 +389,11 @@ def _train_epoch(model, step: Step, loader, optimizer, scaler, compute: Compute,
         scaler.scale(parts["loss"]).backward()
         scaler.step(optimizer)
         scaler.update()
-        batch = len(labels)
-        for name, value in parts.items():
-            sums[name] = sums.get(name, 0) + value.detach().float() * batch
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += batch
+        totals.add(parts, logits, labels)
         progress.advance()
-    means = {name: (total / seen).item() for name, total in sums.items()}
-    return means, correct.item() / seen, seen
+        if stop.signum is not None:
+            break
+    totals.seconds += time.perf_counter() - start
 
 
 def cross_entropy_step(model: nn.Module) -> Step:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import signal
 from collections.abc import Iterable
 
 
@@ -17,3 +18,24 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     if close:
         return f"did you mean {' or '.join(repr(c) for c in close)}?"
     return f"choose from: {', '.join(choices)}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run; `where` says how far training got (its checkpoint is saved).
+
+    A KeyboardInterrupt, so it stops a Hydra sweep as Ctrl-C does instead of failing one job.
+    """
+
+    def __init__(self, signum: int, where: str = ""):
+        super().__init__(signum, where)
+        self.signum = signum
+        self.where = where
+        self.run_dir = None  # the run folder it stopped, once known
+
+    @classmethod
+    def wrap(cls, interrupt: KeyboardInterrupt) -> "Interrupted":
+        """`interrupt` as an Interrupted: a plain KeyboardInterrupt is Ctrl-C (SIGINT) outside training."""
+        return interrupt if isinstance(interrupt, cls) else cls(signal.SIGINT)
+
+    def describe(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}" + (f" ({self.where})" if self.where else "")

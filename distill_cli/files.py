@@ -14,8 +14,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write via `write(file)` to a temp file beside `path`, fsync, then rename over `path`."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], backup: Path | None = None) -> None:
+    """Write via `write(file)` to a temp file beside `path`, fsync, then rename over `path`.
+
+    With `backup`, the file being replaced is first renamed to `backup` (a crash between the two
+    renames leaves `backup` and no `path`; readers fall back to `backup`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -25,6 +29,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
+        if backup is not None and path.exists():
+            os.replace(path, backup)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -57,11 +57,14 @@ class EpochProgress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, done: int = 0) -> None:
+        """Start the bar of `epoch`, with `done` steps already behind it (a resumed epoch)."""
         if self._progress is not None:
             if self._task is not None:
                 self._progress.remove_task(self._task)
-            self._task = self._progress.add_task(f"{self.label} epoch {epoch}/{self.epochs}", total=self.steps)
+            self._task = self._progress.add_task(
+                f"{self.label} epoch {epoch}/{self.epochs}", total=self.steps, completed=done
+            )
 
     def advance(self) -> None:
         if self._progress is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, model_checkpoint
+from .checkpoint import BEST, load_checkpoint, load_resume_checkpoint, model_checkpoint
 from .files import write_json_atomic
 from .config import KDConfig, ModelConfig, RunConfig, TrainConfig, to_plain
 from .data import DataSplits, load_dataset
@@ -34,6 +34,7 @@ from .errors import DistillError
 from .losses import build_loss
 from .models import build_model, count_parameters
 from .report import print_results
+from .runs import run_status
 from .teacher_cache import TeacherCache, teacher_recipe
 
 log = logging.getLogger("distill")
@@ -84,10 +85,12 @@ def _train_network(
     run_dir: Path,
     label: str,
 ) -> dict:
-    """Fit `model`, then report test accuracy of its best and last checkpoints; leaves the best weights loaded."""
+    """Fit `model` (with `cfg.resume`: from the run's last checkpoint), then report test accuracy of
+    its best and last checkpoints; leaves the best weights loaded."""
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
     config = to_plain(cfg)
+    resume_from = load_resume_checkpoint(run_dir, config) if cfg.resume else None
 
     def make_checkpoint(state: dict) -> dict:
         return model_checkpoint(
@@ -107,9 +110,10 @@ def _train_network(
         run_dir=run_dir,
         make_checkpoint=make_checkpoint,
         label=label,
+        resume_from=resume_from,
     )
     last = evaluate(model, loaders.test, compute, data.info.num_classes)
-    model.load_state_dict(load_checkpoint(run_dir / "best.pt")["state_dict"])
+    model.load_state_dict(load_checkpoint(run_dir / BEST)["state_dict"])
     best = evaluate(model, loaders.test, compute, data.info.num_classes)
     return {
         "arch": model_cfg.arch,
@@ -121,7 +125,7 @@ def _train_network(
         "best_epoch": result.best_epoch,
         "val_acc_best": result.best_val_acc,
         "selection": result.selection,
-        "checkpoint": str(run_dir / "best.pt"),
+        "checkpoint": str(run_dir / BEST),
     }
 
 
@@ -155,7 +159,7 @@ def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
     teacher = _train_network(
         model, cfg.teacher, cross_entropy_step(model), cfg, cfg.epochs, compute, data, loaders, run_dir, "teacher"
     )
-    cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / "best.pt")
+    cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / BEST)
     summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
     write_json_atomic(summary, run_dir / "summary.json")
     print_results(summary, per_class=cfg.per_class)
@@ -175,6 +179,7 @@ def teacher_training_config(cfg: KDConfig) -> TrainConfig:
         teacher=replace(cfg.teacher, checkpoint=None),
         # the teacher learns from the full training set; exclusions apply to the transfer set only
         dataset=replace(cfg.dataset, exclude_classes=[]),
+        resume=cfg.resume,
     )
 
 
@@ -185,13 +190,21 @@ def _obtain_teacher(cfg: KDConfig, run_dir: Path) -> tuple[Path, str]:
     train_cfg = teacher_training_config(cfg)
     recipe = teacher_recipe(train_cfg)
     cache = TeacherCache(cfg.teacher_cache)
+    teacher_dir = run_dir / "teacher"
+    # a resumed kd that had started training its teacher finishes that training (as the run would
+    # have), even if another run has cached a teacher for the recipe meanwhile
+    started_here = cfg.resume and teacher_dir.is_dir()
+    unfinished_here = started_here and run_status(teacher_dir) != "completed"
     with cache.lock(recipe):  # parallel sweep jobs wait here while one of them trains the teacher
         cached = cache.lookup(recipe)
-        if cached is not None:
+        if cached is not None and not unfinished_here:
             log.info(f"teacher: reusing cached {cached}")
-            return cached, "cache"
-        log.info(f"teacher: none cached for this recipe; training it into {run_dir / 'teacher'}")
-        run_train(train_cfg, run_dir / "teacher")
+            return cached, "trained" if started_here else "cache"
+        if unfinished_here:
+            log.info(f"teacher: resuming its training in {teacher_dir}")
+        else:
+            log.info(f"teacher: none cached for this recipe; training it into {teacher_dir}")
+        run_train(train_cfg, teacher_dir)
         return cache.checkpoint_path(recipe), "trained"
 
 

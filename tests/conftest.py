@@ -6,25 +6,54 @@ from pathlib import Path
 
 import pytest
 
-from distill_cli.config import KDConfig, ModelConfig, TeacherConfig, TrainConfig
+from distill_cli.config import KDConfig, ModelConfig, TeacherConfig, TrainConfig, config_dir, register_configs
 
 DISTILL = Path(sys.executable).with_name("distill")  # the installed console script
 
 
-def run_distill(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real `distill` console script in `cwd` (non-interactive, as under CI)."""
+def _distill_env() -> dict:
+    """The environment of a non-interactive user, as under CI."""
     env = {**os.environ, "CI": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_distill(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `distill` console script in `cwd` (non-interactive, as under CI)."""
     result = subprocess.run(
-        [str(DISTILL), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [str(DISTILL), *args], cwd=cwd, env=_distill_env(), capture_output=True, text=True, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(f"distill {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
 
 
+def start_distill(*args: str, cwd: Path) -> subprocess.Popen:
+    """Start the real `distill` console script in `cwd` without waiting for it (to signal it)."""
+    return subprocess.Popen(
+        [str(DISTILL), *args], cwd=cwd, env=_distill_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+TIMING_KEYS = {"images_per_s", "seconds"}
+
+
+def metrics_without_timing(run_dir: Path) -> list[dict]:
+    """metrics.jsonl of a run without the fields that vary between identical runs."""
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def compose_config(command: str, overrides: list[str]):
+    """The config `distill <command> <overrides>` composes (Hydra's compose API: no run folder)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=command, overrides=overrides)
 
 
 def small_train_config(tmp_path: Path, **overrides) -> TrainConfig:

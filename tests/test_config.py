@@ -1,16 +1,9 @@
 import pytest
-from hydra import compose, initialize_config_dir
 
-from distill_cli.config import KDConfig, TrainConfig, config_dir, register_configs, validate_config
+from distill_cli.config import KDConfig, TrainConfig, config_dir, validate_config
 from distill_cli.errors import DistillError
 
-from conftest import run_distill
-
-
-def compose_config(command: str, overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name=command, overrides=overrides)
+from conftest import compose_config, run_distill
 
 
 def test_kd_composes_with_top_level_T_and_alpha():

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from distill_cli.checkpoint import load_checkpoint, model_checkpoint, save_atomic
+from distill_cli.checkpoint import FORMAT_VERSION, load_checkpoint, model_checkpoint, save_atomic
 from distill_cli.config import OptimizerConfig
 from distill_cli.data import DatasetInfo, Split
 from distill_cli.data.loader import DeviceLoader
@@ -72,7 +72,7 @@ def test_atomic_save_roundtrip_leaves_no_temp_files(tmp_path):
     save_atomic(model_checkpoint(model, "linear", {}, 2, epoch=2), path)  # replaces in place
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
     checkpoint = load_checkpoint(path)
-    assert checkpoint["epoch"] == 2 and checkpoint["format_version"] == 1
+    assert checkpoint["epoch"] == 2 and checkpoint["format_version"] == FORMAT_VERSION
     assert torch.equal(checkpoint["state_dict"]["weight"], model.weight.detach())
 
 

@@ -11,25 +11,19 @@ from distill_cli.checkpoint import load_checkpoint, save_atomic
 from distill_cli.config import ModelConfig, TeacherConfig
 from distill_cli.errors import DistillError
 
-from conftest import read_jsonl, small_kd_config, small_train_config
+from conftest import metrics_without_timing, read_jsonl, small_kd_config, small_train_config
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
-
-TIMING_KEYS = {"images_per_s", "seconds"}
-
-
-def _metrics_without_timing(run_dir):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):
     cfg = small_train_config(tmp_path)
     first = tasks.run_train(cfg, tmp_path / "a")
     second = tasks.run_train(cfg, tmp_path / "b")
-    assert _metrics_without_timing(tmp_path / "a") == _metrics_without_timing(tmp_path / "b")
+    assert metrics_without_timing(tmp_path / "a") == metrics_without_timing(tmp_path / "b")
     assert first["teacher"]["test_acc_best"] == second["teacher"]["test_acc_best"]
     third = tasks.run_train(replace(cfg, seed=1), tmp_path / "c")
-    assert _metrics_without_timing(tmp_path / "c") != _metrics_without_timing(tmp_path / "a")
+    assert metrics_without_timing(tmp_path / "c") != metrics_without_timing(tmp_path / "a")
     assert third["teacher"]["params"] == first["teacher"]["params"]
 
 

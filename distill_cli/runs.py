@@ -1,0 +1,88 @@
+"""Run folders: how a run ended, and how `distill resume <run dir>` continues one.
+
+No torch here: the CLI reads run folders before it imports anything heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import DistillError
+
+COMMANDS = ("train", "kd")
+# Hydra overrides that place a run folder or pick the mode; a resume sets its own
+_PLACEMENT = {"hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode", "hydra.output_subdir"}
+
+
+def run_status(run_dir: Path) -> str | None:
+    """`status` in `run_dir/summary.json` (completed, failed, interrupted); None while it has none."""
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resume_command(run_dir: Path) -> str:
+    """The shell command that continues the run in `run_dir`."""
+    return f"distill resume {shlex.quote(str(run_dir))}"
+
+
+@dataclass
+class Resumption:
+    """What `distill resume` runs: `distill <command> <arguments>` in the directory `cwd`."""
+
+    command: str
+    arguments: list[str]
+    cwd: Path
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _quoted(path: Path) -> str:
+    """`path` as a quoted Hydra override value (spaces, commas and brackets stay literal).
+
+    Hydra keeps backslashes as they are, except before a quote: those are doubled, then the quote escaped.
+    """
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(path))
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text) + "'"
+
+
+def resumption(run_dir: Path) -> Resumption:
+    """How to continue the run in `run_dir` (a single run or one job folder of a sweep).
+
+    The command and overrides come from the folder's `.hydra/` (as Hydra recorded them), plus
+    `resume=true`, `hydra.run.dir=<run_dir>` and `hydra.output_subdir=null` (the record of the
+    original invocation stays as it was). It runs in the directory the run was started from, so
+    relative paths in its config (teacher cache, dataset root) mean what they meant.
+    """
+    run_dir = Path(run_dir)
+    hydra_file, overrides_file = run_dir / ".hydra" / "hydra.yaml", run_dir / ".hydra" / "overrides.yaml"
+    if not run_dir.is_dir():
+        raise DistillError(f"{run_dir} is not a folder")
+    if not hydra_file.is_file() or not overrides_file.is_file():
+        hint = ": it is a sweep folder; resume its job folders (0/, 1/, ...)" if (run_dir / "multirun.yaml").is_file() else ""
+        raise DistillError(f"{run_dir} is not a distill run folder (no .hydra/hydra.yaml and .hydra/overrides.yaml){hint}")
+    try:
+        hydra = yaml.safe_load(hydra_file.read_text())["hydra"]
+        command = hydra["job"]["config_name"]
+        hydra_overrides = hydra["overrides"]["hydra"] or []
+        cwd = Path(hydra["runtime"]["cwd"])
+        overrides = yaml.safe_load(overrides_file.read_text()) or []
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        raise DistillError(f"{run_dir}: cannot read its .hydra/ record ({type(error).__name__}: {error})") from None
+    if command not in COMMANDS:
+        raise DistillError(f"{run_dir} is a run of {command!r}; distill resume continues {' and '.join(COMMANDS)} runs")
+    if not cwd.is_dir():
+        raise DistillError(f"{run_dir} was started in {cwd}, which no longer exists")
+    arguments = [o for o in overrides if _key(o) != "resume"]
+    arguments += [o for o in hydra_overrides if _key(o) not in _PLACEMENT]
+    arguments += ["resume=true", f"hydra.run.dir={_quoted(run_dir.resolve())}", "hydra.output_subdir=null"]
+    return Resumption(command, arguments, cwd)

@@ -1,0 +1,417 @@
+"""Faults, for real: kills, interrupts, damaged checkpoints, diverging losses and bad input.
+
+The in-process tests call the task functions; the `slow` ones run the real console script in a
+temporary directory, signal it once its first epoch has landed, resume it with `distill resume`
+and compare with an uninterrupted run of the same recipe (metrics without timings, test accuracies).
+"""
+
+import ast
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+import distill_cli.tasks as tasks
+from distill_cli.checkpoint import BEST, DAMAGED, LAST, PREVIOUS, load_checkpoint, load_resume_checkpoint, model_checkpoint, save_atomic, save_last
+from distill_cli.config import TeacherConfig, validate_config
+from distill_cli.data import DatasetInfo, Split
+from distill_cli.data.loader import DeviceLoader
+from distill_cli.engine import check_finite, rng_state, set_rng_state
+from distill_cli.errors import DistillError, Interrupted
+from distill_cli.runs import resumption, run_status
+
+from conftest import compose_config, metrics_without_timing, run_distill, small_train_config, start_distill
+
+PACKAGE = Path(__file__).resolve().parents[1] / "distill_cli"
+
+
+def _roundtrip(obj):
+    """`obj` after torch.save and torch.load(weights_only=True), as a checkpoint carries it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# --- the data order and the random number generators -------------------------------------------
+
+INFO = DatasetInfo("toy", 3, 1, (2, 2), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
+
+
+def _loader() -> DeviceLoader:
+    n = 23
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    return DeviceLoader(Split(images, torch.arange(n) % 3), INFO, 4, torch.device("cpu"), shuffle=True, seed=3)
+
+
+def _draw(loader: DeviceLoader, batches: int | None = None) -> list:
+    """Batches as (images, a number drawn from the loader's generator after each, as augmentation does)."""
+    return [
+        (images[:, 0, 0, 0].tolist(), torch.rand(1, generator=loader.generator).item())
+        for images, _ in itertools.islice(loader, batches)
+    ]
+
+
+@pytest.mark.parametrize("stop_after", [2, 5])  # mid-epoch, and at the end of the epoch (5 batches of 4)
+def test_loader_state_continues_the_data_order_exactly(stop_after):
+    reference = _loader()
+    expected = _draw(reference) + _draw(reference)  # two epochs, uninterrupted
+
+    first = _loader()
+    done = _draw(first, stop_after)
+    state = _roundtrip(first.state_dict())
+    second = _loader()
+    second.load_state_dict(state)
+    rest_of_epoch = _draw(second) if stop_after < len(first) else []
+    assert done + rest_of_epoch + _draw(second) == expected
+    assert (state["order"] is None) == (stop_after == len(first))
+
+
+def test_rng_state_restores_every_generator():
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), random.random()
+
+    state = _roundtrip(rng_state())
+    first = draws()
+    set_rng_state(state)
+    assert draws() == first
+
+
+# --- checkpoint files: rotation, verification, fallback ------------------------------------------
+
+
+def _checkpoint(epoch: int, config: dict | None = None) -> dict:
+    model = torch.nn.Linear(30, 30)
+    return model_checkpoint(model, "linear", {}, 30, epoch=epoch, config=config or {"seed": 0}, training={"step": epoch})
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_last_checkpoint_rotates_and_damage_is_detected(tmp_path):
+    save_last(_checkpoint(1), tmp_path)
+    save_last(_checkpoint(2), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PREVIOUS, LAST]
+    assert load_checkpoint(tmp_path / PREVIOUS)["epoch"] == 1 and load_checkpoint(tmp_path / LAST)["epoch"] == 2
+    _flip_byte(tmp_path / LAST)  # torch.load alone would load this silently
+    with pytest.raises(DistillError, match=r"cannot load checkpoint .*last.pt: damaged file \(CRC mismatch"):
+        load_checkpoint(tmp_path / LAST)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
+    assert load_resume_checkpoint(tmp_path, {"seed": 0}) is None  # nothing saved yet: start from scratch
+    save_last(_checkpoint(1), tmp_path)
+    save_last(_checkpoint(2), tmp_path)
+    assert load_resume_checkpoint(tmp_path, {"seed": 0, "resume": True})["epoch"] == 2
+    (tmp_path / LAST).write_bytes((tmp_path / LAST).read_bytes()[:500])  # truncated
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        assert load_resume_checkpoint(tmp_path, {"seed": 0})["epoch"] == 1
+    assert "resuming from" in caplog.text and PREVIOUS in caplog.text
+    save_last(_checkpoint(2), tmp_path)  # the damaged last.pt was set aside: it does not become last.prev.pt
+    assert load_checkpoint(tmp_path / PREVIOUS)["epoch"] == 1 and (tmp_path / DAMAGED).is_file()
+    (tmp_path / LAST).write_bytes(b"")
+    _flip_byte(tmp_path / PREVIOUS)
+    with pytest.raises(DistillError, match=r"^cannot resume .*last.pt: .*last.prev.pt: damaged file \(CRC mismatch"):
+        load_resume_checkpoint(tmp_path, {"seed": 0})
+
+
+def test_resume_refuses_a_changed_config_a_newer_format_and_code(tmp_path):
+    save_last(_checkpoint(1, {"seed": 0, "optimizer": {"lr": 0.1}}), tmp_path)
+    with pytest.raises(DistillError, match=r"config changed .*\(optimizer.lr: 0.1 then, 0.2 now\)"):
+        load_resume_checkpoint(tmp_path, {"seed": 0, "optimizer": {"lr": 0.2}})
+    save_atomic({**_checkpoint(2), "format_version": 99}, tmp_path / LAST)
+    with pytest.raises(DistillError, match="format 99; this distill reads formats 1 to"):
+        load_checkpoint(tmp_path / LAST)
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({**_checkpoint(3), "payload": RunsCode()}, tmp_path / PREVIOUS)
+    (tmp_path / LAST).unlink()
+    with pytest.raises(DistillError, match="cannot resume .*cannot load checkpoint .*last.prev.pt"):
+        load_resume_checkpoint(tmp_path, {"seed": 0})
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_every_torch_load_is_weights_only():
+    """No load path can run a pickle's code: every torch.load in the package passes weights_only=True."""
+    calls = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "pickle.load", "pickle.loads"):
+                calls.append(f"{path.name}: {ast.unparse(node)}")
+    assert calls and all("torch.load(" in call and "weights_only=True" in call for call in calls), calls
+
+
+def _run_folder(run: Path, command: str, overrides: list[str], hydra_overrides: list[str] = ()) -> None:
+    """The `.hydra/` record Hydra leaves in a run folder, as much of it as `distill resume` reads."""
+    hydra = {"job": {"config_name": command}, "overrides": {"hydra": list(hydra_overrides)}, "runtime": {"cwd": str(run.parent)}}
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "hydra.yaml").write_text(json.dumps({"hydra": hydra}))  # JSON is YAML
+    (run / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+
+
+def test_resumption_replays_the_overrides_into_the_same_folder(tmp_path):
+    run = tmp_path / "it's a [run], x"
+    _run_folder(run, "kd", ["T=2", "student.kwargs.hidden=[8]", "resume=true"], ["hydra.mode=MULTIRUN", "hydra.verbose=true"])
+    plan = resumption(run)
+    assert (plan.command, plan.cwd) == ("kd", tmp_path)
+    assert plan.arguments[:3] == ["T=2", "student.kwargs.hidden=[8]", "hydra.verbose=true"]  # no resume=, no hydra.mode
+    overrides = OverridesParser.create().parse_overrides(plan.arguments[3:])
+    assert {o.key_or_group: o.value() for o in overrides} == {
+        "resume": True, "hydra.run.dir": str(run.resolve()), "hydra.output_subdir": None
+    }
+
+
+# --- in-process: an interrupt mid-epoch, a diverging loss ----------------------------------------
+
+
+def _dropout_train_config(tmp_path):
+    """A quick recipe whose model draws from torch's RNG every step (dropout)."""
+    teacher = TeacherConfig(arch="mlp", kwargs={"hidden": [32], "dropout": 0.2})
+    return small_train_config(tmp_path, teacher=teacher, epochs=3)
+
+
+def _on_step(monkeypatch, call: int, action):
+    """Make the `call`-th training step (counted from 1, over all epochs) run `action(parts) -> parts`."""
+    real = tasks.cross_entropy_step
+    counter = itertools.count(1)
+
+    def patched(model):
+        step = real(model)
+
+        def counted(images, labels):
+            parts, logits = step(images, labels)
+            return (action(parts) if next(counter) == call else parts), logits
+
+        return counted
+
+    monkeypatch.setattr(tasks, "cross_entropy_step", patched)
+
+
+def _results(summary: dict) -> dict:
+    """What two identical runs share in their summaries (not paths or timings)."""
+    return {role: {k: v for k, v in summary[role].items() if k != "checkpoint"} for role in ("teacher", "student") if summary.get(role)}
+
+
+@pytest.mark.usefixtures("quiet_results")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, signum):
+    cfg = _dropout_train_config(tmp_path)
+    reference = tasks.run_train(cfg, tmp_path / "reference")
+
+    def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
+        os.kill(os.getpid(), signum)
+        return parts
+
+    _on_step(monkeypatch, 25, interrupt)
+    with pytest.raises(Interrupted) as stopped:
+        tasks.run_train(cfg, tmp_path / "run")
+    assert stopped.value.signum == signum
+    assert stopped.value.where == "teacher epoch 2 step 5/20, saved to last.pt"
+    last = load_checkpoint(tmp_path / "run" / LAST)
+    assert last["epoch"] == 1 and last["training"]["partial"]["steps"] == 5
+    assert [row["epoch"] for row in metrics_without_timing(tmp_path / "run")] == [1]
+
+    monkeypatch.undo()
+    resumed = tasks.run_train(replace(cfg, resume=True), tmp_path / "run")
+    assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "reference")
+    assert _results(resumed) == _results(reference)
+
+
+@pytest.mark.usefixtures("quiet_results")
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _on_step(monkeypatch, 23, lambda parts: {name: value * float("nan") for name, value in parts.items()})
+    with pytest.raises(DistillError) as error:
+        tasks.run_train(_dropout_train_config(tmp_path), tmp_path / "run")
+    # NaN weights after step 3 of epoch 2 make every later loss NaN too: 18 of the 20 steps
+    assert str(error.value).startswith("teacher epoch 2: training diverged, loss NaN/Inf at step 3 (18 of 20 steps)")
+    assert "last.pt holds epoch 1" in str(error.value)
+    for name in (LAST, BEST):
+        checkpoint = load_checkpoint(tmp_path / "run" / name)
+        assert checkpoint["epoch"] == 1
+        assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values())
+    assert [row["epoch"] for row in metrics_without_timing(tmp_path / "run")] == [1]
+
+
+def test_loss_scaling_tolerates_skipped_steps_but_not_a_whole_bad_epoch():
+    read = {"bad_steps": 3, "first_bad": 4, "weights_finite": True}
+    check_finite(read, 20, tolerate_bad_steps=True, where="e", saved="s")  # fp16: GradScaler skipped them
+    with pytest.raises(DistillError, match=r"^e: training diverged, loss NaN/Inf at step 5 \(3 of 20 steps\)"):
+        check_finite(read, 20, tolerate_bad_steps=False, where="e", saved="s")
+    with pytest.raises(DistillError, match="20 of 20 steps"):
+        check_finite({**read, "bad_steps": 20}, 20, tolerate_bad_steps=True, where="e", saved="s")
+    with pytest.raises(DistillError, match="weights NaN/Inf"):
+        check_finite({**read, "bad_steps": 0, "weights_finite": False}, 20, tolerate_bad_steps=True, where="e", saved="s")
+
+
+# --- the real console script: kill, interrupt, resume ---------------------------------------------
+
+# small, but with dropout in teacher and student so the RNG state matters, and enough epochs that a
+# run signalled after its first epoch cannot have finished
+TRAIN = ["teacher=mlp", "teacher.kwargs.hidden=[32]", "epochs=12", "device=cpu"]
+KD = ["teacher=mlp", "teacher.kwargs.hidden=[32]", "teacher_epochs=10", "student=mlp", "student.kwargs.hidden=[8]", "epochs=12", "device=cpu"]
+
+
+def _reference(tmp_path_factory, command: str, overrides: list[str]) -> Path:
+    """An uninterrupted run of the config `distill <command> <overrides>` composes, run in-process."""
+    run_dir = tmp_path_factory.mktemp(f"{command}_reference")
+    cfg = validate_config(command, compose_config(command, overrides))
+    tasks.COMMANDS[command](replace(cfg, teacher_cache=str(run_dir / "cache")), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def train_reference(tmp_path_factory) -> Path:
+    return _reference(tmp_path_factory, "train", TRAIN)
+
+
+@pytest.fixture(scope="module")
+def kd_reference(tmp_path_factory) -> Path:
+    return _reference(tmp_path_factory, "kd", KD)
+
+
+def _signal_when(process: subprocess.Popen, cwd: Path, pattern: str, signum: int) -> None:
+    """Poll until a file matching `pattern` (a glob under `cwd`) has content, then send `process` the signal."""
+    while not any(path.stat().st_size for path in cwd.glob(pattern)):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    process.send_signal(signum)
+
+
+def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _one_line(result: subprocess.CompletedProcess, code: int | None = None) -> str:
+    """The one line a failed or interrupted command printed on stderr (no traceback anywhere)."""
+    assert result.returncode != 0 if code is None else result.returncode == code, result
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def _assert_same_run(run: Path, reference: Path) -> dict:
+    assert metrics_without_timing(run) == metrics_without_timing(reference)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert _results(summary) == _results(json.loads((reference / "summary.json").read_text()))
+    return summary
+
+
+@pytest.mark.slow
+def test_train_killed_with_a_damaged_last_checkpoint_resumes_exactly(tmp_path, train_reference):
+    run = tmp_path / "run"
+    process = start_distill("train", *TRAIN, "hydra.run.dir=run", cwd=tmp_path)
+    _signal_when(process, tmp_path, "run/last.prev.pt", signal.SIGKILL)  # two epochs saved
+    process.communicate()
+    assert run_status(run) is None  # it died before it could finish
+    (run / LAST).write_bytes(b"PK\x03\x04 damaged")
+    resumed = run_distill("resume", str(run), cwd=tmp_path)
+    assert f"resuming from {run.resolve() / PREVIOUS} instead" in resumed.stdout
+    _assert_same_run(run, train_reference)
+    assert (run / DAMAGED).read_bytes() == b"PK\x03\x04 damaged"  # kept aside, not rotated into last.prev.pt
+
+    before = (run / LAST).stat().st_mtime_ns
+    done = run_distill("resume", str(run), cwd=tmp_path)  # a finished run: nothing to do
+    assert "already completed" in done.stdout and (run / LAST).stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_kd_killed_while_training_its_teacher_resumes_both(tmp_path, kd_reference):
+    """The teacher cache's file lock died with the process; the resumed run finishes the teacher, then the student."""
+    run = tmp_path / "run"
+    process = start_distill("kd", *KD, "hydra.run.dir=run", cwd=tmp_path)
+    _signal_when(process, tmp_path, "run/teacher/metrics.jsonl", signal.SIGKILL)
+    process.communicate()
+    assert run_status(run / "teacher") is None
+    run_distill("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
+    assert metrics_without_timing(run / "teacher") == metrics_without_timing(kd_reference / "teacher")
+    summary = _assert_same_run(run, kd_reference)
+    assert summary["teacher"]["source"] == "trained"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference):
+    process = start_distill("kd", "-m", "alpha=0.5,0.9", *KD, cwd=tmp_path)
+    _signal_when(process, tmp_path, "outputs/multirun/*/*/0/metrics.jsonl", signal.SIGINT)
+    line = _one_line(_finish(process), 128 + signal.SIGINT)
+    (job,) = tmp_path.glob("outputs/multirun/*/*/0")
+    assert line.startswith("distill kd: interrupted by SIGINT (") and "saved to last.pt" in line
+    command = line.split("; resume with: ")[1]
+    assert command == f"distill resume {job.resolve()}"
+    assert not list(tmp_path.glob("outputs/multirun/*/*/1"))  # the sweep stopped
+    assert run_status(job) == "interrupted"
+    run_distill(*command.split(" ", 2)[1:], cwd=tmp_path)
+    _assert_same_run(job, kd_reference)  # job 0 is alpha=0.5, the reference's alpha
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_with_a_resumable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    process = start_distill("train", *TRAIN, "hydra.run.dir=run", cwd=tmp_path)
+    _signal_when(process, tmp_path, "run/metrics.jsonl", signal.SIGTERM)
+    line = _one_line(_finish(process), 128 + signal.SIGTERM)
+    assert line.startswith("distill train: interrupted by SIGTERM (")
+    assert line.endswith(f"saved to last.pt); resume with: distill resume {run.resolve()}")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["resume"] == f"distill resume {run.resolve()}"
+    assert "training" in load_checkpoint(run / LAST)
+
+
+# --- bad input: one line, non-zero exit ------------------------------------------------------------
+
+BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's directory
+    (["resume", "{tmp}/nowhere"], "distill resume: error: {tmp}/nowhere is not a folder"),
+    (["resume", "{tmp}"], "is not a distill run folder"),
+    (["resume", "{tmp}/sweep"], "it is a sweep folder; resume its job folders"),
+    (["resume", "{tmp}/damaged"], "distill train: error: cannot resume {tmp}/damaged: cannot load checkpoint {tmp}/damaged/last.pt"),
+    (["kd", "alpha=0", "hydra.run.dir=/proc/forbidden"], "cannot use /proc/forbidden"),
+    (["kd", "alpha=0", "hydra.run.dir={tmp}/cnn.pt/run"], "cannot use {tmp}/cnn.pt/run: Not a directory"),
+    (["kd", "alpha=0", "student.arch=mpl"], "unknown model 'mpl': did you mean 'mlp'?"),
+    (["kd", "alpha=0", "loss.name=hintn"], "unknown loss 'hintn'"),
+    (["kd", "teacher.checkpoint={tmp}/missing.pt"], "checkpoint not found: {tmp}/missing.pt"),
+    (["kd", "teacher=mlp", "teacher.checkpoint={tmp}/cnn.pt"], "holds a 'cnn' model but teacher=mlp"),
+    (["kd", "teacher.checkpoint={tmp}/hundred.pt"], "predicts 100 classes but dataset digits has 10"),
+    (["kd", "alpha=0", "batch_size=5000"], "batch_size=5000 is larger than the training split"),
+    (["train", "device=cpu", "device.precision=fp16"], "device.precision: fp16 needs CUDA"),
+    (["train", "teacher=mlp_small", "epochs=2", "optimizer.lr=1e30", "hydra.run.dir={tmp}/nan"],
+     "teacher epoch 1: training diverged, loss NaN/Inf at step"),
+]
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line(tmp_path):
+    """Each case through the real console script; they run side by side (each is mostly start-up)."""
+    tmp = tmp_path.resolve()
+    (tmp / "sweep").mkdir()
+    (tmp / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
+    _run_folder(tmp / "damaged", "train", ["teacher=mlp_small"])
+    for name in (LAST, PREVIOUS):
+        (tmp / "damaged" / name).write_bytes(b"PK\x03\x04 damaged")
+    for name, classes in (("cnn.pt", 10), ("hundred.pt", 100)):  # teachers of the wrong kinds
+        save_atomic(model_checkpoint(torch.nn.Linear(2, 2), "cnn", {"width": 8}, classes), tmp / name)
+    processes = [start_distill(*(arg.format(tmp=tmp) for arg in args), cwd=tmp) for args, _ in BAD_INPUT]
+    for process, (args, expected) in zip(processes, BAD_INPUT):
+        assert expected.format(tmp=tmp) in _one_line(_finish(process)), args
+    summary = json.loads((tmp / "nan" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "diverged" in summary["error"]
+    assert not (tmp / "nan" / LAST).exists()  # nothing of the diverged epoch was saved
