@@ -183,9 +183,11 @@ def test_resumption_replays_the_overrides_into_the_same_folder(tmp_path):
 
 
 def _dropout_train_config(tmp_path):
-    """A quick recipe whose model draws from torch's RNG every step (dropout)."""
+    """A quick recipe that draws randomness every step: dropout (torch's RNG) and on-device
+    augmentation (the loader's generator)."""
     teacher = TeacherConfig(arch="mlp", kwargs={"hidden": [32], "dropout": 0.2})
-    return small_train_config(tmp_path, teacher=teacher, epochs=3)
+    cfg = small_train_config(tmp_path, teacher=teacher, epochs=3)
+    return replace(cfg, dataset=replace(cfg.dataset, augment=True))
 
 
 def _on_step(monkeypatch, call: int, action):
