@@ -49,10 +49,9 @@ def _task(command: str, cfg) -> dict | None:
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
 
-    from .files import write_json_atomic
     from .config import validate_config
+    from .files import write_json_atomic
     from .report import log
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .checkpoint import BEST, load_checkpoint, load_resume_checkpoint, model_checkpoint

@@ -4,7 +4,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import load_checkpoint, save_atomic

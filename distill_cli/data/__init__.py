@@ -73,7 +73,7 @@ DATASETS: Registry = Registry("dataset")
 
 
 def _register_all() -> None:
-    from . import digits, imagefolder, synthetic, torchvision_sets  # noqa: F401
+    from . import digits, imagefolder, synthetic, torchvision_sets  # noqa: F401  (they register)
 
 
 def dataset_names() -> list[str]:
