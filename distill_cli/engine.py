@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import signal
 import threading
 import time
@@ -167,6 +168,23 @@ def evaluate(model: nn.Module, loader, compute: Compute, num_classes: int) -> Ac
     correct, total = correct.cpu(), total.cpu()
     per_class = (correct / total.clamp(min=1)).tolist()
     return Accuracy(overall=(correct.sum() / total.sum().clamp(min=1)).item(), per_class=per_class)
+
+
+@torch.no_grad()
+def inference_rate(model: nn.Module, loader, compute: Compute, repeats: int = 3) -> float:
+    """Median images/s of forward passes over `loader` (eval mode, autocast), after one warm-up pass."""
+    model.eval()
+    rates = []
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        predictions = []
+        for images, _ in loader:
+            with compute.autocast():
+                predictions.append(model(images).argmax(1))
+        torch.cat(predictions).cpu()  # waits for the device
+        if repeat:
+            rates.append(len(loader.labels) / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 @dataclass

@@ -12,7 +12,8 @@ from rich.table import Table
 
 # Hydra's job logging hands this console to its RichHandler (configs/hydra/job_logging/rich.yaml),
 # so log lines and progress bars share one console and do not tear each other.
-CONSOLE = Console()
+# piped output (logs, CI) gets a fixed width wide enough for the results table
+CONSOLE = Console(width=None if sys.stdout.isatty() else 120)
 
 log = logging.getLogger("distill")
 
@@ -89,24 +90,33 @@ def _count(value: int | None) -> str:
 
 
 def results_table(summary: dict) -> Table:
-    """The end-of-run table: test accuracy, parameters and compression of teacher and student."""
+    """The end-of-run table: test accuracy, parameters, compression and inference speed-up."""
     table = Table(title=f"distill {summary['command']} results ({summary['dataset']}, test split)")
-    for column in ("model", "arch", "test acc (best)", "test acc (last)", "params", "compression"):
+    columns = ["model", "arch", "test acc (best)", "test acc (last)", "params", "compression"]
+    speed = summary.get("speedup") is not None
+    if speed:
+        columns += ["infer img/s", "speed-up"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "arch") else "right")
     teacher, student = summary.get("teacher"), summary.get("student")
     if teacher:
-        table.add_row(
+        row = [
             # a kd run reports the one teacher checkpoint it used under "test_acc"
             "teacher", teacher["arch"], _pct(teacher.get("test_acc", teacher.get("test_acc_best"))),
-            _pct(teacher.get("test_acc_last")),
-            _count(teacher["params"]), "1.0x",
-        )
+            _pct(teacher.get("test_acc_last")), _count(teacher["params"]), "1.0x",
+        ]
+        if speed:
+            row += [f"{teacher['inference_images_per_s']:,.0f}", "1.0x"]
+        table.add_row(*row)
     if student:
         compression = summary.get("compression")
-        table.add_row(
+        row = [
             "student", student["arch"], _pct(student["test_acc_best"]), _pct(student["test_acc_last"]),
             _count(student["params"]), "-" if compression is None else f"{compression:.1f}x",
-        )
+        ]
+        if speed:
+            row += [f"{student['inference_images_per_s']:,.0f}", f"{summary['speedup']:.1f}x"]
+        table.add_row(*row)
     return table
 
 

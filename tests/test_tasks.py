@@ -85,6 +85,8 @@ def test_kd_summary_records_what_was_used(tmp_path):
     assert (on_disk["T"], on_disk["alpha"], on_disk["status"]) == (3.0, 0.7, "completed")
     assert on_disk["compression"] == pytest.approx(on_disk["teacher"]["params"] / on_disk["student"]["params"])
     assert on_disk["compression"] > 1
+    rates = (on_disk["teacher"]["inference_images_per_s"], on_disk["student"]["inference_images_per_s"])
+    assert min(rates) > 0 and on_disk["speedup"] == pytest.approx(rates[1] / rates[0])
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert {"loss", "ce", "kd", "train_acc", "val_acc", "lr", "images_per_s", "seconds"} <= set(rows[0])
 
