@@ -175,6 +175,8 @@ class KDConfig(RunConfig):
     alpha: float = 0.5
     # epochs for the teacher when kd has to train it (same optimizer, batch size and seed as the run)
     teacher_epochs: int = 30
+    # also train (once per recipe, cached) the same student alone and report what KD bought over it
+    baseline: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -117,6 +117,11 @@ def results_table(summary: dict) -> Table:
         if speed:
             row += [f"{student['inference_images_per_s']:,.0f}", f"{summary['speedup']:.1f}x"]
         table.add_row(*row)
+    baseline = summary.get("baseline")
+    if baseline:
+        row = ["student alone", baseline["arch"], _pct(baseline["test_acc_best"]), "-", _count(student["params"]), "-"]
+        table.add_row(*row, *(["-", "-"] if speed else []))
+        table.caption = f"KD gain over the same student trained alone: {100 * summary['kd_gain']:+.2f} points (best.pt)"
     return table
 
 

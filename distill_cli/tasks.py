@@ -15,7 +15,7 @@ from torch import nn
 
 from .checkpoint import BEST, load_checkpoint, load_resume_checkpoint, model_checkpoint
 from .files import write_json_atomic
-from .config import KDConfig, ModelConfig, RunConfig, TrainConfig, to_plain
+from .config import KDConfig, ModelConfig, RunConfig, TeacherConfig, TrainConfig, to_plain
 from .data import DataSplits, load_dataset
 from .data.loader import DeviceLoader
 from .engine import (
@@ -183,53 +183,70 @@ def teacher_training_config(cfg: KDConfig) -> TrainConfig:
     )
 
 
+def _trained_once(cfg: KDConfig, train_cfg: TrainConfig, folder: Path, label: str) -> tuple[Path, str]:
+    """A model trained by `run_train(train_cfg)`: from the recipe cache, or trained into `folder` once.
+
+    Returns the checkpoint and where it came from ('cache' or 'trained'). Parallel sweep jobs wait on
+    the recipe's lock while one of them trains; a resumed kd that had started training the model in
+    `folder` finishes that training (as the run would have), even if another run cached one meanwhile.
+    """
+    recipe = teacher_recipe(train_cfg)
+    cache = TeacherCache(cfg.teacher_cache)
+    started_here = cfg.resume and folder.is_dir()
+    unfinished_here = started_here and run_status(folder) != "completed"
+    with cache.lock(recipe):
+        cached = cache.lookup(recipe)
+        if cached is not None and not unfinished_here:
+            log.info(f"{label}: reusing cached {cached}")
+            return cached, "trained" if started_here else "cache"
+        if unfinished_here:
+            log.info(f"{label}: resuming its training in {folder}")
+        else:
+            log.info(f"{label}: none cached for this recipe; training it into {folder}")
+        run_train(train_cfg, folder)
+        return cache.checkpoint_path(recipe), "trained"
+
+
 def _obtain_teacher(cfg: KDConfig, run_dir: Path) -> tuple[Path, str]:
     """The teacher checkpoint to use and where it came from: 'checkpoint', 'cache' or 'trained'."""
     if cfg.teacher.checkpoint is not None:
         return Path(cfg.teacher.checkpoint), "checkpoint"
-    train_cfg = teacher_training_config(cfg)
-    recipe = teacher_recipe(train_cfg)
-    cache = TeacherCache(cfg.teacher_cache)
-    teacher_dir = run_dir / "teacher"
-    # a resumed kd that had started training its teacher finishes that training (as the run would
-    # have), even if another run has cached a teacher for the recipe meanwhile
-    started_here = cfg.resume and teacher_dir.is_dir()
-    unfinished_here = started_here and run_status(teacher_dir) != "completed"
-    with cache.lock(recipe):  # parallel sweep jobs wait here while one of them trains the teacher
-        cached = cache.lookup(recipe)
-        if cached is not None and not unfinished_here:
-            log.info(f"teacher: reusing cached {cached}")
-            return cached, "trained" if started_here else "cache"
-        if unfinished_here:
-            log.info(f"teacher: resuming its training in {teacher_dir}")
-        else:
-            log.info(f"teacher: none cached for this recipe; training it into {teacher_dir}")
-        run_train(train_cfg, teacher_dir)
-        return cache.checkpoint_path(recipe), "trained"
+    return _trained_once(cfg, teacher_training_config(cfg), run_dir / "teacher", "teacher")
 
 
-def _load_teacher(path: Path, cfg: KDConfig, data: DataSplits, compute: Compute) -> nn.Module:
-    """Rebuild the teacher from its checkpoint, checking it matches the run's architecture and classes."""
+def baseline_training_config(cfg: KDConfig) -> TrainConfig:
+    """The same student trained alone: cross-entropy on the same transfer set with the same recipe.
+
+    That is exactly `distill train teacher=<student>` (and `distill kd alpha=0`), so it shares their cache.
+    """
+    return replace(
+        teacher_training_config(cfg),
+        epochs=cfg.epochs,
+        dataset=cfg.dataset,
+        teacher=TeacherConfig(arch=cfg.student.arch, kwargs=dict(cfg.student.kwargs)),
+    )
+
+
+def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, compute: Compute) -> nn.Module:
+    """Rebuild a frozen model from its checkpoint, checking it matches `key`'s architecture and the classes."""
     checkpoint = load_checkpoint(path)
-    if checkpoint["arch"] != cfg.teacher.arch:
+    if checkpoint["arch"] != expected.arch:
         raise DistillError(
-            f"teacher checkpoint {path} holds a {checkpoint['arch']!r} model but teacher={cfg.teacher.arch}; "
-            f"pass teacher={checkpoint['arch']}"
+            f"{key} checkpoint {path} holds a {checkpoint['arch']!r} model but {key}={expected.arch}; "
+            f"pass {key}={checkpoint['arch']}"
         )
     if checkpoint["num_classes"] != data.info.num_classes:
         raise DistillError(
-            f"teacher checkpoint {path} predicts {checkpoint['num_classes']} classes but dataset "
+            f"{key} checkpoint {path} predicts {checkpoint['num_classes']} classes but dataset "
             f"{data.info.name} has {data.info.num_classes}"
         )
-    teacher_cfg = ModelConfig(arch=checkpoint["arch"], kwargs=checkpoint["kwargs"])
-    teacher = build_model(teacher_cfg, data.info, "teacher")
+    model = build_model(ModelConfig(arch=checkpoint["arch"], kwargs=checkpoint["kwargs"]), data.info, key)
     try:
-        teacher.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
-        raise DistillError(f"teacher checkpoint {path} does not fit teacher={cfg.teacher.arch}: {first}") from None
-    teacher.to(compute.device).eval().requires_grad_(False)
-    return teacher
+        raise DistillError(f"{key} checkpoint {path} does not fit {key}={expected.arch}: {first}") from None
+    return model.to(compute.device).eval().requires_grad_(False)
 
 
 def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
@@ -241,7 +258,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     teacher = None
     if cfg.alpha > 0:
         teacher_path, source = _obtain_teacher(cfg, run_dir)
-        teacher = _load_teacher(teacher_path, cfg, data, compute)
+        teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute)
         teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)
         summary["teacher"] = {
             "arch": cfg.teacher.arch,
@@ -253,6 +270,15 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         }
     else:
         summary["teacher"] = None  # alpha=0: the plain-student baseline builds no teacher
+    if cfg.alpha > 0 and cfg.baseline:
+        baseline_path, source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
+        baseline = _load_model(baseline_path, cfg.student, "student", data, compute)
+        summary["baseline"] = {
+            "arch": cfg.student.arch,
+            "test_acc_best": evaluate(baseline, loaders.test, compute, data.info.num_classes).overall,
+            "checkpoint": str(baseline_path.resolve()),
+            "source": source,
+        }
     seed_everything(cfg.seed)
     student = build_model(cfg.student, data.info, "student").to(compute.device)
     step = distillation_step(student, teacher, build_loss(cfg.loss.name, cfg.T, cfg.alpha))
@@ -260,6 +286,9 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student"
     )
     summary["student"] = student_result
+    if summary.get("baseline"):
+        # what KD bought: the distilled student against the same student trained alone
+        summary["kd_gain"] = student_result["test_acc_best"] - summary["baseline"]["test_acc_best"]
     if teacher is not None:
         summary["compression"] = summary["teacher"]["params"] / student_result["params"]
         # how much faster the product is: forward images/s on the test split, same device and precision

@@ -67,6 +67,9 @@ def test_train_then_kd_with_no_arguments(tmp_path):
     assert {"loss", "ce", "kd"} <= set(read_jsonl(kd_dir / "metrics.jsonl")[0])
     assert "compression" in kd.stdout and "student" in kd.stdout
     assert Path(summary["teacher"]["checkpoint"]).is_file()
+    assert summary["baseline"]["source"] == "trained"  # the same student alone, trained once and cached
+    assert summary["kd_gain"] == pytest.approx(student["test_acc_best"] - summary["baseline"]["test_acc_best"])
+    assert "KD gain over the same student trained alone" in kd.stdout
 
 
 def test_multirun_sweep_trains_the_teacher_once(tmp_path):
@@ -76,6 +79,7 @@ def test_multirun_sweep_trains_the_teacher_once(tmp_path):
     assert sorted((s["T"], s["alpha"]) for s in summaries) == [(2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.9)]
     assert sorted(s["teacher"]["source"] for s in summaries) == ["cache", "cache", "cache", "trained"]
     assert len({s["teacher"]["checkpoint"] for s in summaries}) == 1
+    assert sorted(s["baseline"]["source"] for s in summaries) == ["cache", "cache", "cache", "trained"]
 
 
 def test_parallel_jobs_wait_for_one_teacher(tmp_path):

@@ -209,7 +209,12 @@ def _on_step(monkeypatch, call: int, action):
 
 def _results(summary: dict) -> dict:
     """What two identical runs share in their summaries (not paths or timings)."""
-    return {role: {k: v for k, v in summary[role].items() if k != "checkpoint"} for role in ("teacher", "student") if summary.get(role)}
+    varying = {"checkpoint", "inference_images_per_s"}  # paths and timings
+    return {
+        role: {k: v for k, v in summary[role].items() if k not in varying}
+        for role in ("teacher", "student", "baseline")
+        if summary.get(role)
+    }
 
 
 @pytest.mark.usefixtures("quiet_results")

@@ -137,3 +137,19 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     cfg = replace(cfg, device=replace(cfg.device, type="cpu", precision="bf16"))
     summary = tasks.run_train(cfg, tmp_path / "run")
     assert summary["precision"] == "bf16" and summary["teacher"]["test_acc_best"] > 0.5  # chance is 0.1
+
+
+def test_kd_reports_its_gain_over_the_same_student_trained_alone(tmp_path):
+    cfg = small_kd_config(tmp_path)
+    first = tasks.run_kd(cfg, tmp_path / "one")
+    baseline = first["baseline"]
+    assert baseline["source"] == "trained" and baseline["arch"] == cfg.student.arch
+    assert first["kd_gain"] == pytest.approx(first["student"]["test_acc_best"] - baseline["test_acc_best"])
+    # the baseline is `distill kd alpha=0` of the same recipe: same accuracy, computed independently
+    alone = tasks.run_kd(replace(cfg, alpha=0.0), tmp_path / "alone")
+    assert alone["student"]["test_acc_best"] == pytest.approx(baseline["test_acc_best"])
+    assert "baseline" not in alone and "kd_gain" not in alone
+    # another T/alpha reuses the cached baseline; baseline=false skips it
+    second = tasks.run_kd(replace(cfg, T=2.0), tmp_path / "two")
+    assert second["baseline"]["source"] == "cache" and second["baseline"]["checkpoint"] == baseline["checkpoint"]
+    assert "baseline" not in tasks.run_kd(replace(cfg, baseline=False), tmp_path / "three")
