@@ -35,7 +35,7 @@ from .files import write_json_atomic
 from .losses import build_loss
 from .models import build_model, count_parameters
 from .report import CONSOLE
-from .tasks import _prepare
+from .tasks import prepare_run
 
 log = logging.getLogger("distill")
 
@@ -144,7 +144,7 @@ def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: 
 
 def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     """Time a train step (teacher, CE) and a kd step (student from a frozen teacher), fast vs reference."""
-    compute, data, loaders = _prepare(cfg)
+    compute, data, loaders = prepare_run(cfg)
     seed_everything(cfg.seed)
     teacher = build_model(cfg.teacher, data.info, "teacher").to(compute.device)
     student = build_model(cfg.student, data.info, "student").to(compute.device)

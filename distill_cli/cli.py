@@ -137,19 +137,19 @@ def _list() -> None:
     from omegaconf import OmegaConf
     from rich.table import Table
 
-    from .data import dataset_names
-    from .losses import loss_names
-    from .models import model_names
+    from .data import DATASETS
+    from .losses import LOSSES
+    from .models import MODELS
     from .report import CONSOLE
 
     table = Table(title="distill: what a config can name")
     table.add_column("group")
     table.add_column("options")
     models = {p.stem: OmegaConf.load(p).arch for p in sorted((config_dir() / "model").glob("*.yaml"))}
-    table.add_row("dataset", ", ".join(dataset_names()))
+    table.add_row("dataset", ", ".join(DATASETS.names()))
     table.add_row("teacher / student", ", ".join(f"{name} ({arch})" if name != arch else name for name, arch in models.items()))
-    table.add_row("architectures", ", ".join(model_names()))
-    table.add_row("loss", ", ".join(loss_names()))
+    table.add_row("architectures", ", ".join(MODELS.names()))
+    table.add_row("loss", ", ".join(LOSSES.names()))
     for group in ("optimizer", "device"):
         table.add_row(group, ", ".join(p.stem for p in sorted((config_dir() / group).glob("*.yaml"))))
     CONSOLE.print(table)

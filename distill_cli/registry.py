@@ -13,9 +13,17 @@ F = TypeVar("F", bound=Callable)
 class Registry(Generic[F]):
     """A named table of factories; unknown names fail with the closest valid names suggested."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, populate: Callable[[], None] | None = None):
+        """`populate` imports the modules that register entries; it runs on the first look-up."""
         self.kind = kind
         self._entries: dict[str, F] = {}
+        self._populate = populate
+
+    def _loaded(self) -> dict[str, F]:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate()
+        return self._entries
 
     def register(self, name: str) -> Callable[[F], F]:
         def add(fn: F) -> F:
@@ -27,13 +35,14 @@ class Registry(Generic[F]):
         return add
 
     def get(self, name: str) -> F:
+        entries = self._loaded()
         try:
-            return self._entries[name]
+            return entries[name]
         except KeyError:
-            raise DistillError(f"unknown {self.kind} {name!r}: {did_you_mean(name, self._entries)}") from None
+            raise DistillError(f"unknown {self.kind} {name!r}: {did_you_mean(name, entries)}") from None
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._loaded())
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._loaded()

@@ -47,7 +47,8 @@ class Loaders:
     test: DeviceLoader
 
 
-def _prepare(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
+def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
+    """Resolve device and precision, load the data and build the train/val/test loaders of a run."""
     compute = resolve_compute(cfg.device)
     data = load_dataset(cfg.dataset)
     if cfg.batch_size > len(data.train):
@@ -152,7 +153,7 @@ def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     if cfg.teacher.checkpoint is not None:
         raise DistillError("teacher.checkpoint is for `distill kd`; `distill train` trains a teacher from scratch")
-    compute, data, loaders = _prepare(cfg)
+    compute, data, loaders = prepare_run(cfg)
     summary = _run_header("train", cfg, compute, data, run_dir)
     seed_everything(cfg.seed)
     model = build_model(cfg.teacher, data.info, "teacher").to(compute.device)
@@ -252,7 +253,7 @@ def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, c
 def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     """Distil `cfg.student` from a teacher (given, cached or trained once); alpha=0 trains it alone."""
     start = time.perf_counter()
-    compute, data, loaders = _prepare(cfg)
+    compute, data, loaders = prepare_run(cfg)
     summary = _run_header("kd", cfg, compute, data, run_dir)
     summary.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name)
     teacher = None

@@ -98,10 +98,10 @@ def test_cli_cfg_job_prints_config_without_running(tmp_path):
 
 
 def test_every_dataset_has_a_config_and_every_config_a_dataset():
-    from distill_cli.data import dataset_names
+    from distill_cli.data import DATASETS
 
     yamls = sorted(p.stem for p in (config_dir() / "dataset").glob("*.yaml"))
-    assert yamls == dataset_names()
+    assert yamls == DATASETS.names()
     for name in yamls:
         overrides = [f"dataset={name}"] + (["dataset.root=/tmp/x"] if name == "imagefolder" else [])
         assert validate_config("train", compose_config("train", overrides)).dataset.name == name

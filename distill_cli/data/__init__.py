@@ -69,16 +69,12 @@ class RawDataset:
     info: DatasetInfo
 
 
-DATASETS: Registry = Registry("dataset")
-
 
 def _register_all() -> None:
     from . import digits, imagefolder, synthetic, torchvision_sets  # noqa: F401  (they register)
 
 
-def dataset_names() -> list[str]:
-    _register_all()
-    return DATASETS.names()
+DATASETS: Registry = Registry("dataset", _register_all)
 
 
 def _holdout(split: Split, fraction: float, generator: torch.Generator) -> tuple[Split, Split]:
@@ -100,7 +96,6 @@ def _drop_classes(split: Split, classes: list[int], info: DatasetInfo) -> Split:
 
 def load_dataset(cfg: DatasetConfig) -> DataSplits:
     """Load `cfg.name`; carve test (if the dataset has none) and validation splits, seeded; drop excluded classes."""
-    _register_all()
     raw = DATASETS.get(cfg.name)(cfg)
     generator = torch.Generator().manual_seed(cfg.split_seed)
     train, test = raw.train, raw.test

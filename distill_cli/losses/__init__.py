@@ -11,18 +11,13 @@ from torch import nn
 
 from ..registry import Registry
 
-LOSSES: Registry = Registry("loss")
-
 
 def _register_all() -> None:
     from . import hinton  # noqa: F401
 
 
-def loss_names() -> list[str]:
-    _register_all()
-    return LOSSES.names()
+LOSSES: Registry = Registry("loss", _register_all)
 
 
 def build_loss(name: str, T: float, alpha: float) -> nn.Module:
-    _register_all()
     return LOSSES.get(name)(T=T, alpha=alpha)

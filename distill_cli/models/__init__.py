@@ -15,21 +15,16 @@ from ..data import DatasetInfo
 from ..errors import DistillError
 from ..registry import Registry
 
-MODELS: Registry = Registry("model")
-
 
 def _register_all() -> None:
     from . import cnn, mlp, mobilenet, resnet, shufflenet, torchvision_adapter, vgg, wrn  # noqa: F401
 
 
-def model_names() -> list[str]:
-    _register_all()
-    return MODELS.names()
+MODELS: Registry = Registry("model", _register_all)
 
 
 def build_model(cfg: ModelConfig, info: DatasetInfo, key: str) -> nn.Module:
     """Build `cfg.arch` for `info`'s data; `key` ('teacher' or 'student') names the config node in errors."""
-    _register_all()
     factory = MODELS.get(cfg.arch)
     accepted = inspect.signature(factory).parameters
     for name in cfg.kwargs:
