@@ -14,6 +14,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,12 +31,13 @@ from .engine import (
     cross_entropy_step,
     distillation_step,
     seed_everything,
+    teacher_logits,
 )
 from .files import write_json_atomic
 from .losses import build_loss
 from .models import build_model, count_parameters
 from .report import CONSOLE
-from .tasks import prepare_run
+from .tasks import prepare_run, use_cached_teacher_logits
 
 log = logging.getLogger("distill")
 
@@ -73,7 +75,7 @@ def _cycle(loader, steps: int):
 
 
 def _fast_runner(model: nn.Module, step, loader, cfg: BenchConfig, compute: Compute) -> Callable[[int], int]:
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, compute.device)
     scaler = compute.grad_scaler()
 
     def run(steps: int) -> int:
@@ -98,16 +100,16 @@ def _reference_loader(cfg: BenchConfig, data: DataSplits):
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     transform = transforms.Compose(steps)
-    images = data.train.images.permute(0, 2, 3, 1).numpy()
-    mode = "L" if info.channels == 1 else "RGB"
+    split = data.train
 
     class PILDataset(torch.utils.data.Dataset):
         def __len__(self) -> int:
-            return len(images)
+            return len(split)
 
         def __getitem__(self, index: int):
-            pixels = images[index][..., 0] if mode == "L" else images[index]
-            return transform(Image.fromarray(pixels, mode=mode)), int(data.train.labels[index])
+            pixels = split.image(index).permute(1, 2, 0).numpy()
+            image = Image.fromarray(pixels[..., 0] if info.channels == 1 else pixels)
+            return transform(image), int(split.labels[index])
 
     return torch.utils.data.DataLoader(
         PILDataset(), batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.reference_workers
@@ -117,7 +119,8 @@ def _reference_loader(cfg: BenchConfig, data: DataSplits):
 def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: BenchConfig, device) -> Callable[[int], int]:
     """The tutorial loop: fp32, per-step host copies and `.item()` syncs."""
     loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha) if teacher is not None else None
-    optimizer = build_optimizer(model, cfg.optimizer)
+    torch_default = "foreach" if device.type == "cuda" else "loop"
+    optimizer = build_optimizer(model, replace(cfg.optimizer, impl=torch_default), device)
     model.train()
 
     def run(steps: int) -> int:
@@ -143,24 +146,41 @@ def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: 
 
 
 def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
-    """Time a train step (teacher, CE) and a kd step (student from a frozen teacher), fast vs reference."""
+    """Time a train step (teacher, CE) and a kd step (student from a frozen teacher), fast vs reference.
+
+    Each loop gets its own freshly built models: ours placed as a run places them (channels_last,
+    compiled with device.compile), the reference's as a tutorial would (plain fp32 NCHW modules).
+    """
     compute, data, loaders = prepare_run(cfg)
-    seed_everything(cfg.seed)
-    teacher = build_model(cfg.teacher, data.info, "teacher").to(compute.device)
-    student = build_model(cfg.student, data.info, "student").to(compute.device)
-    frozen = build_model(cfg.teacher, data.info, "teacher").to(compute.device).eval().requires_grad_(False)
     loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha)
+
+    def build(key: str, model_cfg, place) -> nn.Module:
+        seed_everything(cfg.seed)
+        return place(build_model(model_cfg, data.info, key))
+
+    teacher = build("teacher", cfg.teacher, compute.place)
+    student = build("student", cfg.student, compute.place)
+    frozen = build("teacher", cfg.teacher, compute.place).eval().requires_grad_(False)
+    cached_logits = None
+    if use_cached_teacher_logits(cfg, loaders):
+        cached_logits = teacher_logits(frozen, loaders.eval_loader(data.train), compute, data.info.num_classes)
+    teacher_forward = None if cached_logits is not None else compute.forward(frozen)
     cases = {
-        "train": (teacher, cross_entropy_step(teacher), None),
-        "kd": (student, distillation_step(student, frozen, loss_fn), frozen),
+        "train": (teacher, cross_entropy_step(compute.forward(teacher)), "teacher", cfg.teacher),
+        "kd": (student, distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits), "student", cfg.student),
     }
     reference = _reference_loader(cfg, data)
     fp32 = Compute(compute.device, "fp32")
+    plain = lambda model: model.to(compute.device)  # noqa: E731
+    reference_teacher = build("teacher", cfg.teacher, plain).eval().requires_grad_(False)
     rows = {}
-    for name, (model, step, reference_teacher) in cases.items():
+    for name, (model, step, key, model_cfg) in cases.items():
         fast, fast_all = _median_rate(_fast_runner(model, step, loaders.train, cfg, compute), cfg, compute)
+        reference_model = build(key, model_cfg, plain)
         slow, slow_all = _median_rate(
-            _reference_runner(model, reference_teacher, reference, cfg, compute.device), cfg, fp32
+            _reference_runner(reference_model, reference_teacher if name == "kd" else None, reference, cfg, compute.device),
+            cfg,
+            fp32,
         )
         rows[name] = {
             "distill_images_per_s": fast,
@@ -182,6 +202,11 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "device_name": device_name,
         "threads": torch.get_num_threads(),
         "precision": compute.precision,
+        "pipeline": loaders.pipeline,
+        "channels_last": compute.channels_last,
+        "compile": compute.compile,
+        "optimizer_impl": cfg.optimizer.impl,
+        "teacher_logits_cached": cached_logits is not None,
         "reference_workers": cfg.reference_workers,
         "steps": cfg.steps,
         "repeats": cfg.repeats,
@@ -195,11 +220,16 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
 def bench_table(result: dict) -> Table:
     table = Table(
         title=f"distill bench: {result['dataset']}, batch {result['batch_size']}, {result['device']} "
-        f"({result['device_name']}, {result['threads']} threads), median of {result['repeats']}"
+        f"({result['device_name']}, {result['threads']} threads), median of {result['repeats']}",
+        caption=f"distill: {result['precision']}, {result['pipeline']} pipeline, "
+        f"channels_last {'on' if result['channels_last'] else 'off'}, compile {'on' if result['compile'] else 'off'}, "
+        f"optimizer {result['optimizer_impl']}; reference: fp32, DataLoader with {result['reference_workers']} workers",
     )
     for column in ("step", "distill img/s", "reference img/s", "speed-up"):
         table.add_column(column, justify="left" if column == "step" else "right")
     for name, row in result["results"].items():
+        if name == "kd" and result["teacher_logits_cached"]:
+            name = "kd (teacher logits cached)"
         table.add_row(
             name, f"{row['distill_images_per_s']:,.0f}", f"{row['reference_images_per_s']:,.0f}", f"{row['speedup']:.2f}x"
         )

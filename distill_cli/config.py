@@ -60,8 +60,18 @@ class DatasetConfig:
     channels: int = 3
     train_size: int = 5000
     test_size: int = 1000
+    # how batches reach the model: device = the whole split as uint8 on the compute device, augmented
+    # there in batches; stream = DataLoader workers read (image folders: decode) and augment each
+    # sample, pinned non-blocking copies; auto = device when the decoded splits fit in device_max_gb
+    pipeline: str = "auto"
+    device_max_gb: float = 8.0
+    # DataLoader worker processes of the stream pipeline; null = min(8, CPU count)
+    workers: Optional[int] = None
 
     def __post_init__(self) -> None:
+        _choice("dataset.pipeline", self.pipeline, ("auto", "device", "stream"))
+        _check(self.device_max_gb > 0, "dataset.device_max_gb", f"must be > 0, got {self.device_max_gb}")
+        _check(self.workers is None or self.workers >= 0, "dataset.workers", f"must be >= 0, got {self.workers}")
         _check(0 <= self.val_split < 1, "dataset.val_split", f"must be in [0, 1), got {self.val_split}")
         _check(0 < self.test_split < 1, "dataset.test_split", f"must be in (0, 1), got {self.test_split}")
         _check(self.image_size is None or self.image_size >= 1, "dataset.image_size", "must be >= 1")
@@ -98,9 +108,13 @@ class OptimizerConfig:
     # step schedule: epochs, as fractions of the run, at which the lr is multiplied by gamma
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
+    # update kernel: fused (one kernel for all parameters), foreach (batched ops), loop (per parameter);
+    # auto = fused on CUDA and CPU, torch's default elsewhere
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("optimizer.name", self.name, ("sgd", "adam", "adamw"))
+        _choice("optimizer.impl", self.impl, ("auto", "fused", "foreach", "loop"))
         _choice("optimizer.schedule", self.schedule, ("cosine", "step", "constant"))
         _check(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -120,6 +134,10 @@ class DeviceConfig:
     deterministic: bool = False
     # CPU threads for torch; 0 keeps torch's default
     threads: int = 0
+    # conv nets and their input batches in channels_last (NHWC) memory; null = on, except on MPS
+    channels_last: Optional[bool] = None
+    # torch.compile the models' training and teacher forward passes (first steps pay the compile time)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _choice("device.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
@@ -177,9 +195,15 @@ class KDConfig(RunConfig):
     teacher_epochs: int = 30
     # also train (once per recipe, cached) the same student alone and report what KD bought over it
     baseline: bool = True
+    # compute the teacher's logits once for the whole transfer set and skip its forward pass in every
+    # step: auto = when that is exact (dataset.augment=false: every epoch shows the same images);
+    # true insists (an error with augmentation on), false always runs the teacher
+    cache_teacher: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.cache_teacher = str(self.cache_teacher).lower()
+        _choice("cache_teacher", self.cache_teacher, ("auto", "true", "false"))
         _check(self.T > 0, "T", f"temperature must be > 0, got {self.T}")
         _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
         _check(self.teacher_epochs >= 1, "teacher_epochs", f"must be >= 1, got {self.teacher_epochs}")

@@ -1,6 +1,6 @@
 """The training engine: device and precision set-up, optimiser and schedule, the epoch loop.
 
-A training step is any callable `step(images, labels) -> (loss_parts, logits)`; `fit` runs it
+A training step is any callable `step(batch) -> (loss_parts, logits)`; `fit` runs it
 under autocast, accumulates losses and accuracy on the device (one host sync per epoch), evaluates
 on the validation split, appends `metrics.jsonl` and writes `last.pt` / `best.pt` atomically.
 `last.pt` carries everything needed to continue the run exactly (see `fit`).
@@ -26,21 +26,41 @@ from torch import nn
 
 from .checkpoint import BEST, save_atomic, save_last
 from .config import DeviceConfig, OptimizerConfig
+from .data.loader import Batch
 from .errors import DistillError, Interrupted
 from .files import atomic_write
 from .report import EpochProgress, log
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
+Step = Callable[[Batch], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class Compute:
-    """Where and how to compute: the resolved device and precision of a run."""
+    """Where and how to compute: the resolved device, precision and kernel choices of a run."""
 
     device: torch.device
     precision: str  # bf16 | fp16 | fp32
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype loaders normalise batches into: the autocast dtype, or float32."""
+        return _AUTOCAST_DTYPES.get(self.precision, torch.float32)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move `model` to the device, in channels_last memory when that is on and it has convolutions."""
+        model = model.to(self.device)
+        if self.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def forward(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The callable steps use for `model`'s forward pass: torch.compile'd with `device.compile=true`.
+        The module itself stays uncompiled, so its state_dict and evaluation are unaffected."""
+        return torch.compile(model) if self.compile else model
 
     def autocast(self):
         if self.precision == "fp32":
@@ -74,7 +94,8 @@ def resolve_compute(cfg: DeviceConfig) -> Compute:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
-    return Compute(device, precision)
+    channels_last = device.type != "mps" if cfg.channels_last is None else cfg.channels_last
+    return Compute(device, precision, channels_last=channels_last, compile=cfg.compile)
 
 
 def seed_everything(seed: int) -> None:
@@ -119,15 +140,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW; weight decay is not applied to biases and normalisation parameters."""
+def _optimizer_kernel(impl: str, device: torch.device) -> dict:
+    """The fused/foreach keyword for `optimizer.impl` (auto: fused where torch has it, on CUDA and CPU)."""
+    if impl == "auto":
+        impl = "fused" if device.type in ("cuda", "cpu") else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}.get(impl, {})
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW with the `optimizer.impl` kernel; no weight decay on biases and norm parameters."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    optimizer_class = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return optimizer_class(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    kernel = _optimizer_kernel(cfg.impl, device)
+    try:
+        if cfg.name == "sgd":
+            nesterov = cfg.nesterov and cfg.momentum > 0
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, **kernel)
+        optimizer_class = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        return optimizer_class(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kernel)
+    except RuntimeError as error:  # e.g. no fused kernel for this device
+        raise DistillError(f"optimizer.impl={cfg.impl}: {str(error).strip().splitlines()[0]}") from None
 
 
 def lr_factor(cfg: OptimizerConfig, epoch: int, epochs: int) -> float:
@@ -159,12 +192,12 @@ def evaluate(model: nn.Module, loader, compute: Compute, num_classes: int) -> Ac
     model.eval()
     correct = torch.zeros(num_classes, device=compute.device)
     total = torch.zeros(num_classes, device=compute.device)
-    for images, labels in loader:
+    for batch in loader:
         with compute.autocast():
-            logits = model(images)
-        hits = (logits.argmax(1) == labels).float()
-        correct.index_add_(0, labels, hits)
-        total.index_add_(0, labels, torch.ones_like(hits))
+            logits = model(batch.images)
+        hits = (logits.argmax(1) == batch.labels).float()
+        correct.index_add_(0, batch.labels, hits)
+        total.index_add_(0, batch.labels, torch.ones_like(hits))
     correct, total = correct.cpu(), total.cpu()
     per_class = (correct / total.clamp(min=1)).tolist()
     return Accuracy(overall=(correct.sum() / total.sum().clamp(min=1)).item(), per_class=per_class)
@@ -178,13 +211,28 @@ def inference_rate(model: nn.Module, loader, compute: Compute, repeats: int = 3)
     for repeat in range(repeats + 1):
         start = time.perf_counter()
         predictions = []
-        for images, _ in loader:
+        for batch in loader:
             with compute.autocast():
-                predictions.append(model(images).argmax(1))
+                predictions.append(model(batch.images).argmax(1))
         torch.cat(predictions).cpu()  # waits for the device
         if repeat:
-            rates.append(len(loader.labels) / (time.perf_counter() - start))
+            rates.append(loader.num_images / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, loader, compute: Compute, num_classes: int) -> torch.Tensor:
+    """The frozen teacher's float32 logits for every image `loader` holds, indexed by position (N, classes).
+
+    With an unaugmented loader these are exactly what the teacher computes in a training step
+    (eval mode, same autocast), so a kd step may look them up instead of running the teacher.
+    """
+    teacher.eval()
+    table = torch.empty(loader.num_images, num_classes, device=compute.device)
+    for batch in loader:
+        with compute.autocast():
+            table[batch.index] = teacher(batch.images).float()
+    return table
 
 
 @dataclass
@@ -400,40 +448,48 @@ def _train_epoch(model, step: Step, loader, optimizer, scaler, compute: Compute,
     """Train on `loader`'s (remaining) batches, adding to `totals`; stops early once `stop.signum` is set."""
     model.train()
     start = time.perf_counter()
-    for images, labels in loader:
+    for batch in loader:
         with compute.autocast():
-            parts, logits = step(images, labels)
+            parts, logits = step(batch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(parts["loss"]).backward()
         scaler.step(optimizer)
         scaler.update()
-        totals.add(parts, logits, labels)
+        totals.add(parts, logits, batch.labels)
         progress.advance()
         if stop.signum is not None:
             break
     totals.seconds += time.perf_counter() - start
 
 
-def cross_entropy_step(model: nn.Module) -> Step:
-    """Plain supervised training (teachers, and the reference for students)."""
+def cross_entropy_step(forward: Callable[[torch.Tensor], torch.Tensor]) -> Step:
+    """Plain supervised training (teachers, and the student trained alone)."""
 
-    def step(images: torch.Tensor, labels: torch.Tensor):
-        logits = model(images)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+    def step(batch: Batch):
+        logits = forward(batch.images)
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
         return {"loss": loss}, logits
 
     return step
 
 
-def distillation_step(student: nn.Module, teacher: nn.Module | None, loss_fn: nn.Module) -> Step:
-    """Student step with a frozen teacher (eval mode, no grad); `teacher=None` when alpha == 0."""
+def distillation_step(
+    student: Callable[[torch.Tensor], torch.Tensor],
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None,
+    loss_fn: nn.Module,
+    cached_teacher_logits: torch.Tensor | None = None,
+) -> Step:
+    """Student step against a frozen teacher (eval mode, no grad): its forward pass, or its logits
+    looked up by image position in `cached_teacher_logits`; `teacher=None` when alpha == 0."""
 
-    def step(images: torch.Tensor, labels: torch.Tensor):
+    def step(batch: Batch):
         teacher_logits = None
-        if teacher is not None:
+        if cached_teacher_logits is not None:
+            teacher_logits = cached_teacher_logits[batch.index]
+        elif teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(images)
-        logits = student(images)
-        return loss_fn(logits, teacher_logits, labels), logits
+                teacher_logits = teacher(batch.images)
+        logits = student(batch.images)
+        return loss_fn(logits, teacher_logits, batch.labels), logits
 
     return step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .checkpoint import BEST, load_checkpoint, load_resume_checkpoint, model_che
 from .files import write_json_atomic
 from .config import KDConfig, ModelConfig, RunConfig, TeacherConfig, TrainConfig, to_plain
 from .data import DataSplits, load_dataset
-from .data.loader import DeviceLoader
+from .data.loader import Loader, build_loader, choose_pipeline
 from .engine import (
     Compute,
     build_optimizer,
@@ -29,6 +30,7 @@ from .engine import (
     inference_rate,
     resolve_compute,
     seed_everything,
+    teacher_logits,
 )
 from .errors import DistillError
 from .losses import build_loss
@@ -42,36 +44,39 @@ log = logging.getLogger("distill")
 
 @dataclass
 class Loaders:
-    train: DeviceLoader
-    val: DeviceLoader | None
-    test: DeviceLoader
+    train: Loader
+    val: Loader | None
+    test: Loader
+    eval_loader: Callable[[object], Loader]  # an unshuffled, unaugmented loader over any split of the run
+    pipeline: str  # device | stream
 
 
 def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
-    """Resolve device and precision, load the data and build the train/val/test loaders of a run."""
+    """Resolve device, precision and kernels, load the data and build the run's loaders (device or stream pipeline)."""
     compute = resolve_compute(cfg.device)
     data = load_dataset(cfg.dataset)
     if cfg.batch_size > len(data.train):
         raise DistillError(f"batch_size={cfg.batch_size} is larger than the training split ({len(data.train)} images)")
+    pipeline = choose_pipeline(cfg.dataset, [data.train, data.val, data.test])
+    options = {"workers": cfg.dataset.workers, "dtype": compute.input_dtype, "channels_last": compute.channels_last}
 
-    def eval_loader(split):
-        return DeviceLoader(split, data.info, cfg.eval_batch_size, compute.device)
+    def eval_loader(split) -> Loader:
+        return build_loader(pipeline, split, data.info, cfg.eval_batch_size, compute.device, **options)
 
-    loaders = Loaders(
-        train=DeviceLoader(
-            data.train,
-            data.info,
-            cfg.batch_size,
-            compute.device,
-            shuffle=True,
-            drop_last=True,
-            seed=cfg.seed,
-            augment=data.info.augment if cfg.dataset.augment else None,
-        ),
-        val=eval_loader(data.val) if len(data.val) else None,
-        test=eval_loader(data.test),
+    train = build_loader(
+        pipeline,
+        data.train,
+        data.info,
+        cfg.batch_size,
+        compute.device,
+        shuffle=True,
+        drop_last=True,
+        seed=cfg.seed,
+        augment=data.info.augment if cfg.dataset.augment else None,
+        **options,
     )
-    return compute, data, loaders
+    val = eval_loader(data.val) if len(data.val) else None
+    return compute, data, Loaders(train, val, eval_loader(data.test), eval_loader, pipeline)
 
 
 def _train_network(
@@ -88,7 +93,7 @@ def _train_network(
 ) -> dict:
     """Fit `model` (with `cfg.resume`: from the run's last checkpoint), then report test accuracy of
     its best and last checkpoints; leaves the best weights loaded."""
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, compute.device)
     scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
     config = to_plain(cfg)
     resume_from = load_resume_checkpoint(run_dir, config) if cfg.resume else None
@@ -130,10 +135,10 @@ def _train_network(
     }
 
 
-def _run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits, run_dir: Path) -> dict:
+def _run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits, loaders: Loaders, run_dir: Path) -> dict:
     log.info(
         f"distill {command}: {data.info.name} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)}) "
-        f"on {compute.device} {compute.precision} -> {run_dir}"
+        f"on {compute.device} {compute.precision}, {loaders.pipeline} pipeline -> {run_dir}"
     )
     return {
         "command": command,
@@ -141,6 +146,7 @@ def _run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits
         "dataset": data.info.name,
         "device": str(compute.device),
         "precision": compute.precision,
+        "pipeline": loaders.pipeline,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "exclude_classes": list(cfg.dataset.exclude_classes),
@@ -154,12 +160,11 @@ def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
     if cfg.teacher.checkpoint is not None:
         raise DistillError("teacher.checkpoint is for `distill kd`; `distill train` trains a teacher from scratch")
     compute, data, loaders = prepare_run(cfg)
-    summary = _run_header("train", cfg, compute, data, run_dir)
+    summary = _run_header("train", cfg, compute, data, loaders, run_dir)
     seed_everything(cfg.seed)
-    model = build_model(cfg.teacher, data.info, "teacher").to(compute.device)
-    teacher = _train_network(
-        model, cfg.teacher, cross_entropy_step(model), cfg, cfg.epochs, compute, data, loaders, run_dir, "teacher"
-    )
+    model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
+    step = cross_entropy_step(compute.forward(model))
+    teacher = _train_network(model, cfg.teacher, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "teacher")
     cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / BEST)
     summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
     write_json_atomic(summary, run_dir / "summary.json")
@@ -247,14 +252,26 @@ def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, c
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
         raise DistillError(f"{key} checkpoint {path} does not fit {key}={expected.arch}: {first}") from None
-    return model.to(compute.device).eval().requires_grad_(False)
+    return compute.place(model).eval().requires_grad_(False)
+
+
+def use_cached_teacher_logits(cfg: KDConfig, loaders: Loaders) -> bool:
+    """Whether kd looks the teacher's logits up instead of running it (`cache_teacher`): exact only
+    when the transfer set is not augmented, since then every epoch shows the teacher the same images."""
+    exact = loaders.train.augment is None
+    if cfg.cache_teacher == "true" and not exact:
+        raise DistillError(
+            "cache_teacher=true: with dataset.augment=true each epoch shows new views, and one cached logit per "
+            "image is not what the teacher says about them; use dataset.augment=false or cache_teacher=auto"
+        )
+    return exact and cfg.cache_teacher != "false"
 
 
 def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     """Distil `cfg.student` from a teacher (given, cached or trained once); alpha=0 trains it alone."""
     start = time.perf_counter()
     compute, data, loaders = prepare_run(cfg)
-    summary = _run_header("kd", cfg, compute, data, run_dir)
+    summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
     summary.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name)
     teacher = None
     if cfg.alpha > 0:
@@ -280,9 +297,16 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
             "checkpoint": str(baseline_path.resolve()),
             "source": source,
         }
+    cached_logits = None
+    if teacher is not None and use_cached_teacher_logits(cfg, loaders):
+        cached_logits = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
+        log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
+    summary["teacher_logits_cached"] = cached_logits is not None
     seed_everything(cfg.seed)
-    student = build_model(cfg.student, data.info, "student").to(compute.device)
-    step = distillation_step(student, teacher, build_loss(cfg.loss.name, cfg.T, cfg.alpha))
+    student = compute.place(build_model(cfg.student, data.info, "student"))
+    teacher_forward = None if teacher is None or cached_logits is not None else compute.forward(teacher)
+    loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha)
+    step = distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits)
     student_result = _train_network(
         student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student"
     )

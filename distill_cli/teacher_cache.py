@@ -20,15 +20,18 @@ from .config import TrainConfig
 
 
 def teacher_recipe(cfg: TrainConfig) -> dict:
-    """Everything that determines the trained teacher (not where files live or which device runs it)."""
+    """Everything that determines the trained teacher, not where files live or how it is computed
+    (device, data pipeline, optimizer kernel): those change rounding and random draws, not the recipe."""
     dataset = asdict(cfg.dataset)
-    for location_only in ("root", "download"):
-        dataset.pop(location_only)
+    for execution_only in ("root", "download", "cache_dir", "pipeline", "device_max_gb", "workers"):
+        dataset.pop(execution_only)
+    optimizer = asdict(cfg.optimizer)
+    optimizer.pop("impl")
     return {
         "dataset": dataset,
         "arch": cfg.teacher.arch,
         "kwargs": dict(cfg.teacher.kwargs),
-        "optimizer": asdict(cfg.optimizer),
+        "optimizer": optimizer,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,

@@ -36,9 +36,9 @@ INFO = DatasetInfo("toy", 3, 1, (2, 2), mean=(0.5,), std=(0.25,), class_names=("
 def test_loader_shuffles_each_epoch_covering_every_sample_once():
     loader = DeviceLoader(_split(10), INFO, 4, torch.device("cpu"), shuffle=True, seed=1)
     assert len(loader) == 3
-    first = torch.cat([labels for _, labels in loader])
-    second = torch.cat([labels for _, labels in loader])
-    ids = lambda: torch.cat([((images[:, 0, 0, 0] * 0.25 + 0.5) * 255).round() for images, _ in loader])
+    first = torch.cat([batch.labels for batch in loader])
+    second = torch.cat([batch.labels for batch in loader])
+    ids = lambda: torch.cat([((batch.images[:, 0, 0, 0] * 0.25 + 0.5) * 255).round() for batch in loader])
     assert sorted(ids().tolist()) == list(range(10))
     assert len(first) == len(second) == 10
 
@@ -59,7 +59,7 @@ def test_loader_drop_last_and_normalisation():
     loader = DeviceLoader(_split(10), INFO, 4, torch.device("cpu"), drop_last=True)
     batches = list(loader)
     assert len(loader) == len(batches) == 2
-    images, _ = batches[0]
+    images = batches[0].images
     assert images.dtype == torch.float32
     expected = (torch.tensor([0.0, 1, 2, 3]) / 255 - 0.5) / 0.25
     assert torch.allclose(images[:, 0, 0, 0], expected)

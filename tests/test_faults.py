@@ -26,8 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import BEST, DAMAGED, LAST, PREVIOUS, load_checkpoint, load_resume_checkpoint, model_checkpoint, save_atomic, save_last
 from distill_cli.config import TeacherConfig, validate_config
-from distill_cli.data import DatasetInfo, Split
-from distill_cli.data.loader import DeviceLoader
+from distill_cli.data import Augment, DatasetInfo, Split
+from distill_cli.data.loader import DeviceLoader, StreamLoader
 from distill_cli.engine import check_finite, rng_state, set_rng_state
 from distill_cli.errors import DistillError, Interrupted
 from distill_cli.runs import resumption, run_status
@@ -50,29 +50,41 @@ def _roundtrip(obj):
 INFO = DatasetInfo("toy", 3, 1, (2, 2), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
 
 
-def _loader() -> DeviceLoader:
+LOADERS = {
+    "device": lambda split: DeviceLoader(split, INFO, 4, torch.device("cpu"), shuffle=True, seed=3),
+    "device+augment": lambda split: DeviceLoader(
+        split, INFO, 4, torch.device("cpu"), shuffle=True, seed=3, augment=Augment(pad=1, flip=True)
+    ),
+    "stream+augment": lambda split: StreamLoader(
+        split, INFO, 4, torch.device("cpu"), shuffle=True, seed=3, augment=Augment(pad=1, flip=True), workers=0
+    ),
+}
+
+
+def _loader(kind: str = "device"):
     n = 23
-    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
-    return DeviceLoader(Split(images, torch.arange(n) % 3), INFO, 4, torch.device("cpu"), shuffle=True, seed=3)
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1) * torch.tensor([[[[1, 2], [3, 4]]]], dtype=torch.uint8)
+    return LOADERS[kind](Split(images, torch.arange(n) % 3))
 
 
-def _draw(loader: DeviceLoader, batches: int | None = None) -> list:
+def _draw(loader, batches: int | None = None) -> list:
     """Batches as (images, a number drawn from the loader's generator after each, as augmentation does)."""
     return [
-        (images[:, 0, 0, 0].tolist(), torch.rand(1, generator=loader.generator).item())
-        for images, _ in itertools.islice(loader, batches)
+        (batch.images.flatten(1).tolist(), batch.index.tolist(), torch.rand(1, generator=loader.generator).item())
+        for batch in itertools.islice(loader, batches)
     ]
 
 
+@pytest.mark.parametrize("kind", list(LOADERS))
 @pytest.mark.parametrize("stop_after", [2, 5])  # mid-epoch, and at the end of the epoch (5 batches of 4)
-def test_loader_state_continues_the_data_order_exactly(stop_after):
-    reference = _loader()
+def test_loader_state_continues_the_data_order_exactly(stop_after, kind):
+    reference = _loader(kind)
     expected = _draw(reference) + _draw(reference)  # two epochs, uninterrupted
 
-    first = _loader()
+    first = _loader(kind)
     done = _draw(first, stop_after)
     state = _roundtrip(first.state_dict())
-    second = _loader()
+    second = _loader(kind)
     second.load_state_dict(state)
     rest_of_epoch = _draw(second) if stop_after < len(first) else []
     assert done + rest_of_epoch + _draw(second) == expected
@@ -198,8 +210,8 @@ def _on_step(monkeypatch, call: int, action):
     def patched(model):
         step = real(model)
 
-        def counted(images, labels):
-            parts, logits = step(images, labels)
+        def counted(batch):
+            parts, logits = step(batch)
             return (action(parts) if next(counter) == call else parts), logits
 
         return counted

@@ -51,9 +51,15 @@ class Split:
     def subset(self, index: torch.Tensor) -> "Split":
         return Split(self.images[index], self.labels[index])
 
+    def image(self, position: int) -> torch.Tensor:
+        """One image (C, H, W), as the stream pipeline reads it."""
+        return self.images[position]
+
 
 @dataclass
 class DataSplits:
+    """The run's splits: in-memory `Split`s, or for a streamed image folder, `FileSplit`s read per image."""
+
     train: Split  # the training (for kd: transfer) set, without any excluded classes
     val: Split  # empty when dataset.val_split == 0
     test: Split
@@ -67,7 +73,6 @@ class RawDataset:
     train: Split
     test: Split | None
     info: DatasetInfo
-
 
 
 def _register_all() -> None:

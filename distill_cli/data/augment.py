@@ -3,7 +3,9 @@
 `random_crop(pad)` equals `RandomCrop(size, padding=pad)` (zero padding, then a uniformly random
 crop of the original size), which for MNIST-style data is a +-pad pixel jitter; `random_flip`
 equals `RandomHorizontalFlip(0.5)`. Both work on uint8 batches before normalisation, and draw from
-the caller's generator so the augmented views are reproducible.
+the caller's generator so the augmented views are reproducible. `augment_one` is the per-sample
+form the stream pipeline's workers apply, written the way torchvision's transforms do it (pad,
+slice one window, maybe mirror), so the two pipelines can be checked against each other.
 """
 
 from __future__ import annotations
@@ -40,3 +42,14 @@ def apply(images: torch.Tensor, augment: Augment, generator: torch.Generator) ->
     if augment.flip:
         images = random_flip(images, generator)
     return images
+
+
+def augment_one(image: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Apply a dataset's augmentation preset to one uint8 image (C, H, W)."""
+    if augment.pad:
+        _, height, width = image.shape
+        top, left = torch.randint(0, 2 * augment.pad + 1, (2,), generator=generator).tolist()
+        image = F.pad(image, (augment.pad,) * 4)[:, top : top + height, left : left + width]
+    if augment.flip and torch.rand((), generator=generator) < 0.5:
+        image = image.flip(2)
+    return image

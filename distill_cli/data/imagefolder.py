@@ -1,8 +1,11 @@
 """Any image folder tree: `root/train/<class>/*` and optionally `root/test/<class>/*`.
 
-Images are decoded once (Pillow, in parallel threads) into a uint8
+For the device pipeline, images are decoded once (Pillow, in parallel threads) into a uint8
 tensor cache under `dataset.cache_dir`, keyed by the folder, split and image size, and by a
 fingerprint of the files (names, sizes, modification times): changing the tree rebuilds the cache.
+For the stream pipeline (`dataset.pipeline=stream`, or `auto` when the decoded tree would exceed
+`dataset.device_max_gb`) nothing is decoded up front: a `FileSplit` decodes each image when a
+DataLoader worker asks for it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ from . import DATASETS, Augment, DatasetInfo, RawDataset, Split, channel_stats
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CACHE_VERSION = 1
+STATS_SAMPLE = 2000  # images of a streamed tree that its normalisation statistics are computed from
 
 
 def _list_tree(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
@@ -41,8 +46,8 @@ def _fingerprint(files: list[tuple[Path, int]], folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _decode(path: Path, size: int | None) -> torch.Tensor:
-    """One image as uint8 RGB (3, H, W), resized (bilinear, antialiased) to size x size if given."""
+def _decode(path: Path, size: tuple[int, int] | None) -> torch.Tensor:
+    """One image as uint8 RGB (3, H, W), resized (bilinear, antialiased) to size = (H, W) if given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -50,12 +55,12 @@ def _decode(path: Path, size: int | None) -> torch.Tensor:
             image = file.convert("RGB")
     except (OSError, UnidentifiedImageError) as error:
         raise DistillError(f"cannot decode image {path}: {error}") from None
-    if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def _decode_all(files: list[tuple[Path, int]], size: int | None) -> Split:
+def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int] | None) -> Split:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         images = list(pool.map(lambda item: _decode(item[0], size), files))
     shapes = {tuple(image.shape) for image in images}
@@ -64,11 +69,8 @@ def _decode_all(files: list[tuple[Path, int]], size: int | None) -> Split:
     return Split(torch.stack(images), torch.tensor([label for _, label in files], dtype=torch.int64))
 
 
-def _cached_split(folder: Path, classes: list[str], cfg: DatasetConfig) -> Split:
+def _cached_split(folder: Path, files: list[tuple[Path, int]], cfg: DatasetConfig) -> Split:
     """The decoded split, from the tensor cache when its fingerprint still matches the files."""
-    files = _list_tree(folder, classes)
-    if not files:
-        raise DistillError(f"dataset.root: no images under {folder}/<class>/ (expected e.g. {folder}/{classes[0]}/x.jpg)")
     key_text = f"v{CACHE_VERSION}|{folder.resolve()}|{cfg.image_size}|{_fingerprint(files, folder)}"
     key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
     cache = Path(cfg.cache_dir) / f"imagefolder-{folder.name}-{key}.pt"
@@ -78,9 +80,46 @@ def _cached_split(folder: Path, classes: list[str], cfg: DatasetConfig) -> Split
             return Split(stored["images"], stored["labels"])
         except Exception:  # unreadable cache: rebuild it
             pass
-    split = _decode_all(files, cfg.image_size)
+    size = None if cfg.image_size is None else (cfg.image_size, cfg.image_size)
+    split = _decode_all(files, size)
     save_atomic({"images": split.images, "labels": split.labels, "source": str(folder.resolve())}, cache)
     return split
+
+
+@dataclass
+class FileSplit:
+    """An image-folder split read lazily: `image(i)` decodes file i, resized to `size` (H, W)."""
+
+    paths: list[Path]
+    labels: torch.Tensor
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "FileSplit":
+        return FileSplit([self.paths[i] for i in index.tolist()], self.labels[index], self.size)
+
+    def image(self, position: int) -> torch.Tensor:
+        return _decode(self.paths[position], self.size)
+
+
+def _file_split(files: list[tuple[Path, int]], size: tuple[int, int]) -> FileSplit:
+    return FileSplit([path for path, _ in files], torch.tensor([label for _, label in files], dtype=torch.int64), size)
+
+
+def _list_split(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    files = _list_tree(folder, classes)
+    if not files:
+        raise DistillError(f"dataset.root: no images under {folder}/<class>/ (expected e.g. {folder}/{classes[0]}/x.jpg)")
+    return files
+
+
+def _stream_size(files: list[tuple[Path, int]], cfg: DatasetConfig) -> tuple[int, int]:
+    """(H, W) every image is resized to when streaming: dataset.image_size, else the first image's size."""
+    if cfg.image_size is not None:
+        return cfg.image_size, cfg.image_size
+    return tuple(_decode(files[0][0], None).shape[1:])
 
 
 @DATASETS.register("imagefolder")
@@ -95,19 +134,29 @@ def load_imagefolder(cfg: DatasetConfig) -> RawDataset:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise DistillError(f"dataset.root={root}: {train_dir} has no class folders")
-    train = _cached_split(train_dir, classes, cfg)
-    test = None
+    folders = {"train": train_dir}
     if test_dir.is_dir():
         extra = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(classes))
         if extra:
             raise DistillError(f"dataset.root={root}: test classes {extra} do not appear in train/")
-        test = _cached_split(test_dir, classes, cfg)
-    height, width = train.images.shape[-2:]
-    mean, std = channel_stats(train.images)
+        folders["test"] = test_dir
+    files = {name: _list_split(folder, classes) for name, folder in folders.items()}
+    size = _stream_size(files["train"], cfg)
+    decoded_bytes = sum(len(listed) for listed in files.values()) * 3 * size[0] * size[1]
+    stream = cfg.pipeline == "stream" or (cfg.pipeline == "auto" and decoded_bytes > cfg.device_max_gb * 2**30)
+    if stream:
+        splits = {name: _file_split(listed, size) for name, listed in files.items()}
+        sample = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(cfg.split_seed))
+        mean, std = channel_stats(torch.stack([splits["train"].image(i) for i in sample[:STATS_SAMPLE].tolist()]))
+    else:
+        splits = {name: _cached_split(folders[name], listed, cfg) for name, listed in files.items()}
+        mean, std = channel_stats(splits["train"].images)
+    train, test = splits["train"], splits.get("test")
+    height, width = train.image(0).shape[-2:]
     info = DatasetInfo(
         name="imagefolder",
         num_classes=len(classes),
-        channels=train.images.shape[1],
+        channels=3,
         image_size=(height, width),
         mean=mean,
         std=std,

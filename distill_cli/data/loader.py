@@ -1,28 +1,45 @@
-"""Batches drawn from tensors kept on the compute device: no workers, no per-sample Python."""
+"""The two data pipelines. Both hand out `Batch(images, labels, index)` on the compute device.
+
+- `DeviceLoader`: the split lives on the device as uint8; an on-device permutation orders it and the
+  augmentation runs batched on the device. No workers and no per-sample Python: for data that fits.
+- `StreamLoader`: a torch DataLoader whose workers read (for image folders: decode) and augment each
+  sample on its own, with pinned memory and non-blocking copies: for data that does not fit.
+
+Both normalise on the device, into the compute dtype and memory format, and share the resumable
+epoch bookkeeping (`state_dict` / `load_state_dict`). `build_loader` picks one (`choose_pipeline`).
+"""
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
 
-from . import Augment, DatasetInfo, Split
-from .augment import apply
+from ..config import DatasetConfig
+from ..errors import DistillError
+from . import Augment, DatasetInfo
+from .augment import apply, augment_one
 
 
-class DeviceLoader:
-    """Iterates (images, labels) batches of a split that lives on `device`.
+class Batch(NamedTuple):
+    images: torch.Tensor  # normalised, in the compute dtype and memory format
+    labels: torch.Tensor
+    index: torch.Tensor  # the images' positions in their split (for per-sample tables)
 
-    Images stay uint8 until a batch is drawn, are augmented as a batch (when `augment` is given)
-    and then normalised with the dataset's statistics. The order (an on-device permutation) and the
-    augmentation draw from this loader's own seeded generator, so the data a run sees is
-    reproducible and independent of model initialisation.
-    `state_dict()` / `load_state_dict()` save and restore that generator (everything drawn from it)
-    and, mid-epoch, the epoch's order and how many batches were handed out, so a resumed run
-    continues with exactly the batches an uninterrupted one would have drawn.
+
+class Loader:
+    """Batching arithmetic, normalisation and the resumable epoch order shared by both pipelines.
+
+    The order (a permutation per epoch) and the augmentation draw from the loader's own seeded
+    generator, so the data a run sees is reproducible and independent of model initialisation.
+    `state_dict()` saves that generator and, mid-epoch, the epoch's order and how many batches were
+    handed out, so a resumed run continues with exactly the batches an uninterrupted one would draw.
     """
 
     def __init__(
         self,
-        split: Split,
+        split,
         info: DatasetInfo,
         batch_size: int,
         device: torch.device,
@@ -31,27 +48,40 @@ class DeviceLoader:
         drop_last: bool = False,
         seed: int = 0,
         augment: Augment | None = None,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        generator_device: torch.device | None = None,
     ):
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
+        self.num_images = len(split)
+        self.device = device
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         shape = (1, info.channels, 1, 1)
         self.mean = torch.tensor(info.mean, device=device).view(shape)
         self.std = torch.tensor(info.std, device=device).view(shape)
         self.augment = augment if augment is not None and (augment.pad or augment.flip) else None
-        self.generator = torch.Generator(device=device).manual_seed(seed) if shuffle or self.augment else None
+        self.generator = None
+        if shuffle or self.augment:
+            self.generator = torch.Generator(device=generator_device or device).manual_seed(seed)
         self._order: torch.Tensor | None = None  # the current epoch's order (None: unshuffled)
         self._drawn = 0  # batches of the current epoch handed out so far
-        self._resume_at: tuple[torch.Tensor | None, int] | None = None  # set by load_state_dict
+        self._resume_at: dict | None = None  # set by load_state_dict
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self.num_images
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float().div_(255) - self.mean).div_(self.std)
+        """uint8 (B, C, H, W) on the device -> normalised, in the compute dtype and memory format."""
+        normalised = (images.float().div_(255) - self.mean).div_(self.std)
+        return normalised.to(dtype=self.dtype, memory_format=self.memory_format)
+
+    def _epoch_state(self) -> dict:
+        """What, besides the generator and the order, a subclass needs to replay this epoch."""
+        return {}
 
     def state_dict(self) -> dict:
         """The generator's state and, mid-epoch, this epoch's order and the batches handed out."""
@@ -60,35 +90,153 @@ class DeviceLoader:
             "generator": None if self.generator is None else self.generator.get_state(),
             "order": self._order.cpu() if mid_epoch and self._order is not None else None,
             "drawn": self._drawn if mid_epoch else 0,
+            **(self._epoch_state() if mid_epoch else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`: the next iteration continues that epoch, or starts the next one."""
         if self.generator is not None:
             self.generator.set_state(state["generator"])
-        order = None if state["order"] is None else state["order"].to(self.labels.device)
-        self._resume_at = (order, state["drawn"]) if state["drawn"] else None
+        self._resume_at = state if state["drawn"] else None
+
+    def _begin_epoch(self) -> tuple[dict | None, int]:
+        """Set this epoch's order; returns the saved epoch state when resuming and the first batch."""
+        resumed, self._resume_at = self._resume_at, None
+        if resumed is not None:
+            order = resumed["order"]
+            self._order = None if order is None else order.to(self.generator.device)
+            return resumed, resumed["drawn"]
+        self._order = None
+        if self.shuffle:
+            self._order = torch.randperm(self.num_images, generator=self.generator, device=self.generator.device)
+        return None, 0
+
+    def _batch_positions(self, first: int):
+        """(batch number, positions in the split) for the batches of this epoch from `first` on."""
+        for batch in range(first, len(self)):
+            start = batch * self.batch_size
+            stop = min(start + self.batch_size, self.num_images)
+            yield batch, (slice(start, stop) if self._order is None else self._order[start:stop])
+
+
+class DeviceLoader(Loader):
+    """Batches of a split kept on the compute device as uint8, augmented there as a batch."""
+
+    def __init__(self, split, info: DatasetInfo, batch_size: int, device: torch.device, **options):
+        super().__init__(split, info, batch_size, device, **options)
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.positions = torch.arange(self.num_images, device=device)
 
     def __iter__(self):
-        n = len(self.labels)
-        if self._resume_at is not None:
-            order, first = self._resume_at
-            self._resume_at = None
-        elif self.shuffle:
-            order, first = torch.randperm(n, generator=self.generator, device=self.labels.device), 0
-        else:
-            order, first = None, 0
-        self._order = order
-        for batch in range(first, len(self)):
+        _, first = self._begin_epoch()
+        for batch, where in self._batch_positions(first):
             self._drawn = batch + 1
-            start = batch * self.batch_size
-            stop = min(start + self.batch_size, n)
-            if order is None:
-                images, labels = self.images[start:stop], self.labels[start:stop]
-            else:
-                index = order[start:stop]
-                images, labels = self.images[index], self.labels[index]
+            images = self.images[where]
             if self.augment is not None:
                 images = apply(images, self.augment, self.generator)
-            yield self.normalise(images), labels
+            yield Batch(self.normalise(images), self.labels[where], self.positions[where])
         self._order, self._drawn = None, 0
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Per-sample access for DataLoader workers: key (position, seed) -> (uint8 image, label, position).
+
+    The augmentation of each sample draws from a generator seeded with its own seed, so the views do
+    not depend on which worker loads the sample, and a resumed epoch replays them exactly.
+    """
+
+    def __init__(self, split, augment: Augment | None):
+        self.split = split
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int]):
+        position, seed = key
+        image = self.split.image(position)
+        if self.augment is not None:
+            image = augment_one(image, self.augment, torch.Generator().manual_seed(seed))
+        return image, self.split.labels[position], position
+
+
+class _EpochBatches:
+    """A batch sampler whose batches the loader sets at the start of every epoch."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+class StreamLoader(Loader):
+    """Batches read sample by sample by DataLoader workers, copied to the device without blocking."""
+
+    def __init__(self, split, info: DatasetInfo, batch_size: int, device: torch.device, *, workers: int | None = None, **options):
+        super().__init__(split, info, batch_size, device, generator_device=torch.device("cpu"), **options)
+        self._epoch_seed = 0
+        self._sampler = _EpochBatches()
+        workers = default_workers() if workers is None else workers
+        self._loader = torch.utils.data.DataLoader(
+            _Samples(split, self.augment),
+            batch_sampler=self._sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def _epoch_state(self) -> dict:
+        return {"epoch_seed": self._epoch_seed}
+
+    def __iter__(self):
+        resumed, first = self._begin_epoch()
+        if resumed is not None:
+            self._epoch_seed = resumed["epoch_seed"]
+        elif self.augment is not None:
+            self._epoch_seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        every_position = torch.arange(self.num_images)
+        self._sampler.batches = [
+            [(position, self._epoch_seed + position) for position in every_position[where].tolist()]
+            for _, where in self._batch_positions(first)
+        ]
+        try:
+            for batch, (images, labels, positions) in enumerate(self._loader, start=first):
+                self._drawn = batch + 1
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                yield Batch(self.normalise(images), labels, positions.to(self.device, non_blocking=True))
+        except DistillError as error:  # raised in a worker: keep the original one-line message
+            raise DistillError(str(error).strip().splitlines()[-1].split("DistillError: ", 1)[-1]) from None
+        self._order, self._drawn = None, 0
+
+
+def split_bytes(*splits) -> int:
+    """Bytes of the decoded uint8 images of in-memory splits."""
+    return sum(split.images.nbytes for split in splits)
+
+
+def choose_pipeline(cfg: DatasetConfig, splits: list) -> str:
+    """'device' or 'stream' for these splits: stream when a split is not in memory (a streamed image
+    folder) or, with `pipeline=auto`, when the decoded images exceed `dataset.device_max_gb`."""
+    if any(not hasattr(split, "images") for split in splits):
+        return "stream"
+    if cfg.pipeline != "auto":
+        return cfg.pipeline
+    return "device" if split_bytes(*splits) <= cfg.device_max_gb * 2**30 else "stream"
+
+
+def build_loader(pipeline: str, split, info: DatasetInfo, batch_size: int, device: torch.device, *, workers=None, **options) -> Loader:
+    """A `DeviceLoader` or a `StreamLoader` (with `workers`) over `split`; `options` as for `Loader`."""
+    if pipeline == "device":
+        return DeviceLoader(split, info, batch_size, device, **options)
+    return StreamLoader(split, info, batch_size, device, workers=workers, **options)
