@@ -273,6 +273,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     compute, data, loaders = prepare_run(cfg)
     summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
     summary.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name)
+    cache_logits = cfg.alpha > 0 and use_cached_teacher_logits(cfg, loaders)
     teacher = None
     if cfg.alpha > 0:
         teacher_path, source = _obtain_teacher(cfg, run_dir)
@@ -298,7 +299,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
             "source": source,
         }
     cached_logits = None
-    if teacher is not None and use_cached_teacher_logits(cfg, loaders):
+    if cache_logits:
         cached_logits = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
         log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
     summary["teacher_logits_cached"] = cached_logits is not None

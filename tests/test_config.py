@@ -39,6 +39,24 @@ def test_default_kd_teacher_recipe_matches_default_train():
     assert teacher_recipe(teacher_training_config(kd)) == teacher_recipe(train)
 
 
+@pytest.mark.parametrize("value, expected", [("true", "true"), ("True", "true"), ("false", "false"), ("auto", "auto")])
+def test_cache_teacher_takes_yaml_booleans_and_auto(value, expected):
+    assert validate_config("kd", compose_config("kd", [f"cache_teacher={value}"])).cache_teacher == expected
+
+
+def test_execution_settings_do_not_change_the_teacher_recipe():
+    """Pipeline, workers and the optimizer kernel change how a teacher is computed, not which one."""
+    from distill_cli.teacher_cache import teacher_recipe
+
+    base = validate_config("train", compose_config("train", []))
+    other = validate_config(
+        "train",
+        compose_config("train", ["dataset.pipeline=stream", "dataset.workers=3", "optimizer.impl=loop", "dataset.cache_dir=x"]),
+    )
+    assert teacher_recipe(other) == teacher_recipe(base)
+    assert teacher_recipe(validate_config("train", compose_config("train", ["dataset.augment=true"]))) != teacher_recipe(base)
+
+
 def test_model_kwargs_can_be_overridden_and_added():
     cfg = validate_config("kd", compose_config("kd", ["student.kwargs.dropout=0.1", "+teacher.kwargs.extra=1"]))
     assert cfg.student.kwargs["dropout"] == 0.1
@@ -57,6 +75,11 @@ def test_model_kwargs_can_be_overridden_and_added():
         ("optimizer.lr=0", "optimizer.lr"),
         ("dataset.val_split=1.0", "dataset.val_split"),
         ("device.precision=fp8", "device.precision"),
+        ("dataset.pipeline=gpu", "dataset.pipeline"),
+        ("dataset.device_max_gb=0", "dataset.device_max_gb"),
+        ("dataset.workers=-1", "dataset.workers"),
+        ("optimizer.impl=cuda", "optimizer.impl"),
+        ("cache_teacher=maybe", "cache_teacher"),
     ],
 )
 def test_range_checks_name_the_key(override, key):

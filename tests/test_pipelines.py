@@ -1,0 +1,233 @@
+"""The device and stream pipelines, cached teacher logits and the kernel switches."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_cli import tasks
+from distill_cli.config import DatasetConfig, DeviceConfig, OptimizerConfig, TeacherConfig
+from distill_cli.data import Augment, DatasetInfo, Split, load_dataset
+from distill_cli.data.augment import augment_one
+from distill_cli.data.imagefolder import FileSplit
+from distill_cli.data.loader import DeviceLoader, StreamLoader, choose_pipeline
+from distill_cli.engine import Compute, build_optimizer
+from distill_cli.errors import DistillError
+from distill_cli.models import build_model
+from distill_cli.models.cnn import cnn
+
+from conftest import metrics_without_timing, run_distill, small_kd_config, small_train_config
+from test_data import _dot_images, _image_tree
+
+CPU = torch.device("cpu")
+INFO = DatasetInfo("toy", 3, 1, (8, 8), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
+
+
+def _numbered(n: int = 50) -> Split:
+    """Images whose pixels spell out their own number (and a gradient, so flips and crops show)."""
+    ramp = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8)
+    images = (torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1) + ramp) % 251
+    return Split(images, torch.arange(n) % 3)
+
+
+def _batches(loader) -> list[tuple]:
+    return [(b.images.clone(), b.labels.clone(), b.index.clone()) for b in loader]
+
+
+def _same_batches(a: list[tuple], b: list[tuple]) -> bool:
+    return len(a) == len(b) and all(all(torch.equal(x, y) for x, y in zip(p, q)) for p, q in zip(a, b))
+
+
+# ---------------------------------------------------------------- per-sample augmentation
+
+
+def test_per_sample_augmentation_is_pad_then_slice_and_flip():
+    image = torch.randint(0, 256, (3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(image, (2,) * 4)
+    windows = {tuple(padded[:, r : r + 6, c : c + 6].flatten().tolist()) for r in range(5) for c in range(5)}
+    mirrored = {tuple(torch.tensor(w).view(3, 6, 6).flip(2).flatten().tolist()) for w in windows}
+    outputs = [augment_one(image, Augment(pad=2, flip=True), torch.Generator().manual_seed(s)) for s in range(400)]
+    seen = {tuple(o.flatten().tolist()) for o in outputs}
+    assert all(o.shape == image.shape and o.dtype == torch.uint8 for o in outputs)
+    assert seen <= windows | mirrored  # every view is a padded window, maybe mirrored
+    assert len(seen) > 40  # and they vary (25 windows x 2 flips)
+
+
+def test_per_sample_augmentation_has_the_batched_statistics():
+    """Crop offsets uniform over -pad..pad in each axis, and a flip rate of 1/2, as the batched form."""
+    pad, n = 2, 4000
+    out = torch.stack([augment_one(im, Augment(pad=pad), torch.Generator().manual_seed(i)) for i, im in enumerate(_dot_images(n))])
+    where = out.view(n, -1).argmax(1)
+    for shifts in (where // 8 - 4, where % 8 - 4):
+        counts = torch.bincount(shifts + pad, minlength=2 * pad + 1).float() / n
+        assert len(counts) == 2 * pad + 1
+        assert torch.allclose(counts, torch.full_like(counts, 1 / (2 * pad + 1)), atol=0.03)
+    ramp = torch.arange(4, dtype=torch.uint8).view(1, 1, 4)
+    flipped = [augment_one(ramp, Augment(flip=True), torch.Generator().manual_seed(i))[0, 0, 0] == 3 for i in range(n)]
+    assert 0.45 < sum(flipped) / n < 0.55
+
+
+# ---------------------------------------------------------------- stream loader
+
+
+def test_stream_loader_hands_out_the_device_loaders_batches_without_augmentation():
+    """Same seed, no augmentation: the same order and normalisation, batch for batch."""
+    split = _numbered()
+    for shuffle in (False, True):
+        device = DeviceLoader(split, INFO, 8, CPU, shuffle=shuffle, seed=4)
+        stream = StreamLoader(split, INFO, 8, CPU, shuffle=shuffle, seed=4, workers=0)
+        assert len(device) == len(stream) == 7
+        assert _same_batches(_batches(device), _batches(stream))
+        assert _same_batches(_batches(device), _batches(stream))  # the second epoch too
+
+
+def test_stream_views_do_not_depend_on_the_worker_count():
+    split = _numbered()
+    options = dict(shuffle=True, seed=2, augment=Augment(pad=2, flip=True))
+    inline = StreamLoader(split, INFO, 8, CPU, workers=0, **options)
+    workers = StreamLoader(split, INFO, 8, CPU, workers=2, **options)
+    first, second = _batches(inline), _batches(workers)
+    assert _same_batches(first, second)
+    plain = _batches(StreamLoader(split, INFO, 8, CPU, shuffle=True, seed=2, workers=0))
+    assert not _same_batches(first, plain)  # augmentation changed the images
+    assert _same_batches(_batches(inline), _batches(workers))  # the next epoch's views agree too
+    assert not _same_batches(_batches(inline), first)  # and differ from the first epoch's
+
+
+@pytest.mark.parametrize("loader_class", [DeviceLoader, StreamLoader])
+def test_loaders_normalise_into_the_compute_dtype_and_memory_format(loader_class):
+    options = {"workers": 0} if loader_class is StreamLoader else {}
+    loader = loader_class(_numbered(), INFO, 8, CPU, dtype=torch.bfloat16, channels_last=True, **options)
+    batch = next(iter(loader))
+    assert batch.images.dtype == torch.bfloat16
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    expected = ((torch.arange(8.0) + 0) / 255 - 0.5) / 0.25  # image 0's first row
+    assert torch.allclose(batch.images[0, 0, 0].float(), expected, atol=1e-2)
+
+
+# ---------------------------------------------------------------- choosing a pipeline
+
+
+def test_auto_pipeline_keeps_what_fits_on_the_device_and_streams_the_rest():
+    data = load_dataset(DatasetConfig(name="digits"))
+    splits = [data.train, data.val, data.test]
+    assert choose_pipeline(DatasetConfig(), splits) == "device"
+    assert choose_pipeline(DatasetConfig(device_max_gb=1e-5), splits) == "stream"  # 115 KB > 10 KB
+    assert choose_pipeline(DatasetConfig(pipeline="stream"), splits) == "stream"
+    assert choose_pipeline(DatasetConfig(pipeline="device", device_max_gb=1e-5), splits) == "device"
+
+
+def test_a_streamed_image_folder_decodes_lazily_the_same_images(tmp_path):
+    _image_tree(tmp_path / "tree", "train", 12)
+    _image_tree(tmp_path / "tree", "test", 4)
+    base = DatasetConfig(name="imagefolder", root=str(tmp_path / "tree"), cache_dir=str(tmp_path / "cache"))
+    streamed = load_dataset(replace(base, device_max_gb=1e-6))  # auto: 48 images x 300 B do not fit in 1 KB
+    assert isinstance(streamed.train, FileSplit) and isinstance(streamed.test, FileSplit)
+    assert not (tmp_path / "cache").exists()  # nothing decoded up front
+    assert choose_pipeline(base, [streamed.train, streamed.val, streamed.test]) == "stream"
+    resident = load_dataset(replace(base, pipeline="device"))
+    for lazy, decoded in ((streamed.train, resident.train), (streamed.val, resident.val), (streamed.test, resident.test)):
+        assert torch.equal(lazy.labels, decoded.labels)
+        assert all(torch.equal(lazy.image(i), decoded.images[i]) for i in range(len(lazy)))
+    assert streamed.info.mean == pytest.approx(resident.info.mean, abs=1e-6)  # all 36 train/ images sampled
+
+
+def test_an_undecodable_file_in_a_worker_is_one_clear_error(tmp_path):
+    _image_tree(tmp_path / "tree", "train", 2)
+    broken = tmp_path / "tree" / "train" / "cat" / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths = sorted((tmp_path / "tree" / "train").glob("*/*.png"))
+    split = FileSplit(paths, torch.zeros(len(paths), dtype=torch.int64), (10, 10))
+    info = replace(INFO, channels=3, image_size=(10, 10), mean=(0.5,) * 3, std=(0.25,) * 3)
+    loader = StreamLoader(split, info, 4, CPU, workers=1)
+    with pytest.raises(DistillError) as error:
+        list(loader)
+    message = str(error.value)
+    assert message.startswith("cannot decode image") and "broken.png" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- training on both pipelines
+
+
+def test_training_is_identical_on_both_pipelines_without_augmentation(tmp_path, quiet_results):
+    """No augmentation, same seed, CPU fp32: the stream pipeline feeds exactly the device pipeline's batches."""
+    summaries = {}
+    for pipeline in ("device", "stream"):
+        cfg = small_train_config(tmp_path, teacher_cache=str(tmp_path / pipeline / "cache"))
+        cfg = replace(cfg, dataset=replace(cfg.dataset, pipeline=pipeline, workers=1))
+        summaries[pipeline] = tasks.run_train(cfg, tmp_path / pipeline)
+    assert summaries["stream"]["pipeline"] == "stream" and summaries["device"]["pipeline"] == "device"
+    assert metrics_without_timing(tmp_path / "device") == metrics_without_timing(tmp_path / "stream")
+    assert summaries["device"]["teacher"]["test_acc_best"] == summaries["stream"]["teacher"]["test_acc_best"] > 0.5
+
+
+# ---------------------------------------------------------------- cached teacher logits
+
+
+def test_cached_teacher_logits_train_the_same_student(tmp_path, quiet_results):
+    runs = {}
+    for cache in ("true", "false"):
+        cfg = small_kd_config(tmp_path, cache_teacher=cache, baseline=False)
+        runs[cache] = tasks.run_kd(cfg, tmp_path / cache)
+    assert runs["true"]["teacher_logits_cached"] and not runs["false"]["teacher_logits_cached"]
+    cached, computed = (metrics_without_timing(tmp_path / cache) for cache in ("true", "false"))
+    for a, b in zip(cached, computed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["val_acc"] == pytest.approx(b["val_acc"], abs=0.01)
+    assert runs["true"]["student"]["test_acc_best"] == pytest.approx(runs["false"]["student"]["test_acc_best"], abs=0.01)
+
+
+def test_auto_caches_teacher_logits_only_without_augmentation(tmp_path, quiet_results):
+    cfg = small_kd_config(tmp_path, baseline=False, epochs=1)
+    augmented = replace(cfg, dataset=replace(cfg.dataset, augment=True))
+    assert tasks.run_kd(cfg, tmp_path / "plain")["teacher_logits_cached"]
+    assert not tasks.run_kd(augmented, tmp_path / "augmented")["teacher_logits_cached"]
+
+
+def test_insisting_on_cached_logits_with_augmentation_is_refused_at_start(tmp_path):
+    result = run_distill("kd", "dataset.augment=true", "cache_teacher=true", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("distill kd: error: cache_teacher=true: with dataset.augment=true")
+    assert not (tmp_path / "outputs" / "teacher_cache").exists()  # refused before any training
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def test_channels_last_applies_to_conv_nets_only():
+    compute = Compute(CPU, "fp32", channels_last=True)
+    conv = compute.place(cnn(INFO, width=4))
+    assert conv[3].weight.is_contiguous(memory_format=torch.channels_last)  # the 4 -> 4 channel conv
+    mlp = compute.place(build_model(TeacherConfig(arch="mlp", kwargs={"hidden": [8]}), INFO, "student"))
+    assert all(p.is_contiguous() for p in mlp.parameters())
+    plain = Compute(CPU, "fp32").place(cnn(INFO, width=4))
+    assert not plain[3].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_kernels_take_the_same_steps(name):
+    results = {}
+    for impl in ("fused", "foreach", "loop"):
+        torch.manual_seed(0)
+        model = cnn(INFO, width=4)
+        optimizer = build_optimizer(model, OptimizerConfig(name=name, impl=impl, lr=0.1), CPU)
+        for step in range(3):
+            torch.manual_seed(step)
+            model(torch.randn(4, 1, 8, 8)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(results["fused"], results["loop"], atol=1e-5)
+    assert torch.allclose(results["foreach"], results["loop"], atol=1e-5)
+    assert not torch.allclose(results["loop"], torch.cat([p.flatten() for p in cnn(INFO, width=4).parameters()]))
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights(tmp_path, quiet_results):
+    cfg = small_train_config(tmp_path, teacher=TeacherConfig(arch="mlp", kwargs={"hidden": [16]}), epochs=1)
+    cfg = replace(cfg, device=DeviceConfig(type="cpu", compile=True))
+    summary = tasks.run_train(cfg, tmp_path / "run")
+    assert summary["teacher"]["test_acc_best"] > 0.3
+    weights = torch.load(Path(summary["teacher"]["checkpoint"]), weights_only=True)["state_dict"]
+    assert weights and not any(key.startswith("_orig_mod") for key in weights)
