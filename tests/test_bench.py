@@ -7,9 +7,10 @@ from conftest import run_distill
 pytestmark = pytest.mark.slow
 
 
-def test_bench_on_synthetic_prints_ratios_and_writes_json(tmp_path):
+@pytest.mark.parametrize("augment", [True, False])
+def test_bench_on_synthetic_prints_ratios_and_writes_json(tmp_path, augment):
     result = run_distill(
-        "bench", "dataset.train_size=600", "dataset.test_size=100", "dataset.image_size=16",
+        "bench", f"dataset.augment={augment}", "dataset.train_size=600", "dataset.test_size=100", "dataset.image_size=16",
         "teacher.kwargs.width=8", "student=mlp", "student.kwargs.hidden=[16]", "batch_size=32",
         "warmup_steps=1", "steps=3", "repeats=2", "reference_workers=0", cwd=tmp_path,
     )
@@ -22,3 +23,7 @@ def test_bench_on_synthetic_prints_ratios_and_writes_json(tmp_path):
         assert row["speedup"] == pytest.approx(row["distill_images_per_s"] / row["reference_images_per_s"])
         assert f"{row['speedup']:.2f}x" in result.stdout
     assert bench["device_name"] and bench["threads"] >= 1
+    # without augmentation kd looks the teacher's logits up, as a kd run would
+    assert bench["pipeline"] == "device" and bench["teacher_logits_cached"] is not augment
+    assert ("kd (teacher logits cached)" in result.stdout) is not augment
+    assert "reference: fp32, DataLoader with 0 workers" in result.stdout and "machine: cpu" in result.stdout
