@@ -63,6 +63,7 @@ class DatasetConfig:
     # how batches reach the model: device = the whole split as uint8 on the compute device, augmented
     # there in batches; stream = DataLoader workers read (image folders: decode) and augment each
     # sample, pinned non-blocking copies; auto = device when the decoded splits fit in device_max_gb
+    # (on a GPU, also in a quarter of its memory)
     pipeline: str = "auto"
     device_max_gb: float = 8.0
     # DataLoader worker processes of the stream pipeline; null = min(8, CPU count)

@@ -57,7 +57,7 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
     data = load_dataset(cfg.dataset)
     if cfg.batch_size > len(data.train):
         raise DistillError(f"batch_size={cfg.batch_size} is larger than the training split ({len(data.train)} images)")
-    pipeline = choose_pipeline(cfg.dataset, [data.train, data.val, data.test])
+    pipeline = choose_pipeline(cfg.dataset, [data.train, data.val, data.test], compute.device)
     options = {"workers": cfg.dataset.workers, "dtype": compute.input_dtype, "channels_last": compute.channels_last}
 
     def eval_loader(split) -> Loader:

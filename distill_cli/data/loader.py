@@ -225,14 +225,18 @@ def split_bytes(*splits) -> int:
     return sum(split.images.nbytes for split in splits)
 
 
-def choose_pipeline(cfg: DatasetConfig, splits: list) -> str:
+def choose_pipeline(cfg: DatasetConfig, splits: list, device: torch.device | None = None) -> str:
     """'device' or 'stream' for these splits: stream when a split is not in memory (a streamed image
-    folder) or, with `pipeline=auto`, when the decoded images exceed `dataset.device_max_gb`."""
+    folder) or, with `pipeline=auto`, when the decoded images exceed `dataset.device_max_gb` (on a GPU,
+    also a quarter of its memory, leaving the rest to the models)."""
     if any(not hasattr(split, "images") for split in splits):
         return "stream"
     if cfg.pipeline != "auto":
         return cfg.pipeline
-    return "device" if split_bytes(*splits) <= cfg.device_max_gb * 2**30 else "stream"
+    budget = cfg.device_max_gb * 2**30
+    if device is not None and device.type == "cuda":
+        budget = min(budget, torch.cuda.get_device_properties(device).total_memory / 4)
+    return "device" if split_bytes(*splits) <= budget else "stream"
 
 
 def build_loader(pipeline: str, split, info: DatasetInfo, batch_size: int, device: torch.device, *, workers=None, **options) -> Loader:
