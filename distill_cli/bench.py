@@ -2,8 +2,9 @@
 
 The reference is the loop the usual tutorials write: a torchvision DataLoader over PIL images with
 per-sample transforms (the same crop/flip augmentation), fp32, batches copied to the device each
-step, and `.item()` on the loss every step. Both loops use the same models, batch size and data;
-each is warmed up, then timed over several repeats, and the median is reported.
+step, and `.item()` on the loss every step. Both loops use the same architectures, batch size and
+data; each is warmed up, then the two are timed in turns (distill, reference, distill, ...) so that
+both see the same machine, and the medians over the repeats are reported.
 """
 
 from __future__ import annotations
@@ -58,17 +59,19 @@ def _synchronise(compute: Compute) -> None:
         torch.cuda.synchronize(compute.device)
 
 
-def _median_rate(run: Callable[[int], int], cfg: BenchConfig, compute: Compute) -> tuple[float, list[float]]:
-    """Warm up, then time `run(steps)` (which returns images processed) `repeats` times; median images/s."""
-    run(cfg.warmup_steps)
-    _synchronise(compute)
-    rates = []
+def _timed_in_turns(runs: dict[str, Callable[[int], int]], cfg: BenchConfig, compute: Compute) -> dict[str, list[float]]:
+    """Warm each `run(steps) -> images` up, then time them in turns, `repeats` rounds; images/s of each."""
+    for run in runs.values():
+        run(cfg.warmup_steps)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(cfg.repeats):
-        start = time.perf_counter()
-        images = run(cfg.steps)
-        _synchronise(compute)
-        rates.append(images / (time.perf_counter() - start))
-    return statistics.median(rates), rates
+        for name, run in runs.items():
+            _synchronise(compute)
+            start = time.perf_counter()
+            images = run(cfg.steps)
+            _synchronise(compute)
+            rates[name].append(images / (time.perf_counter() - start))
+    return rates
 
 
 def _cycle(loader, steps: int):
@@ -113,8 +116,9 @@ def _reference_loader(cfg: BenchConfig, data: DataSplits):
             image = Image.fromarray(pixels[..., 0] if info.channels == 1 else pixels)
             return transform(image), int(split.labels[index])
 
+    workers = cfg.reference_workers
     return torch.utils.data.DataLoader(
-        PILDataset(), batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.reference_workers
+        PILDataset(), batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0
     )
 
 
@@ -125,9 +129,11 @@ def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: 
     optimizer = build_optimizer(model, replace(cfg.optimizer, impl=torch_default), device)
     model.train()
 
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # one stream: epochs restart inside it
+
     def run(steps: int) -> int:
         seen = 0
-        for images, labels in _cycle(loader, steps):
+        for images, labels in itertools.islice(batches, steps):
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
             if teacher is None:
@@ -172,24 +178,25 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "kd": (student, distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits), "student", cfg.student),
     }
     reference = _reference_loader(cfg, data)
-    fp32 = Compute(compute.device, "fp32")
     plain = lambda model: model.to(compute.device)  # noqa: E731
     reference_teacher = build("teacher", cfg.teacher, plain).eval().requires_grad_(False)
     rows = {}
     for name, (model, step, key, model_cfg) in cases.items():
-        fast, fast_all = _median_rate(_fast_runner(model, step, loaders.train, cfg, compute), cfg, compute)
         reference_model = build(key, model_cfg, plain)
-        slow, slow_all = _median_rate(
-            _reference_runner(reference_model, reference_teacher if name == "kd" else None, reference, cfg, compute.device),
-            cfg,
-            fp32,
-        )
+        runs = {
+            "distill": _fast_runner(model, step, loaders.train, cfg, compute),
+            "reference": _reference_runner(
+                reference_model, reference_teacher if name == "kd" else None, reference, cfg, compute.device
+            ),
+        }
+        rates = _timed_in_turns(runs, cfg, compute)
+        fast, slow = statistics.median(rates["distill"]), statistics.median(rates["reference"])
         rows[name] = {
             "distill_images_per_s": fast,
             "reference_images_per_s": slow,
             "speedup": fast / slow,
-            "distill_repeats": fast_all,
-            "reference_repeats": slow_all,
+            "distill_repeats": rates["distill"],
+            "reference_repeats": rates["reference"],
         }
     device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else platform.processor() or platform.machine()
     result = {
@@ -205,7 +212,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "threads": torch.get_num_threads(),
         "precision": compute.precision,
         "pipeline": loaders.pipeline,
-        "channels_last": compute.channels_last,
+        "channels_last": {"teacher": compute.uses_channels_last(teacher), "student": compute.uses_channels_last(student)},
         "compile": compute.compile,
         "optimizer_impl": cfg.optimizer.impl,
         "teacher_logits_cached": cached_logits is not None,
@@ -233,7 +240,8 @@ def bench_table(result: dict) -> Group:
     on_off = lambda flag: "on" if flag else "off"  # noqa: E731
     notes = [
         f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads)",
-        f"distill: {result['precision']}, {result['pipeline']} pipeline, channels_last {on_off(result['channels_last'])}, "
+        f"distill: {result['precision']}, {result['pipeline']} pipeline, channels_last teacher "
+        f"{on_off(result['channels_last']['teacher'])} / student {on_off(result['channels_last']['student'])}, "
         f"compile {on_off(result['compile'])}, optimizer {result['optimizer_impl']}",
         f"reference: fp32, DataLoader with {result['reference_workers']} workers, PIL transforms, .item() every step",
     ]

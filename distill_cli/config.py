@@ -135,7 +135,8 @@ class DeviceConfig:
     deterministic: bool = False
     # CPU threads for torch; 0 keeps torch's default
     threads: int = 0
-    # conv nets and their input batches in channels_last (NHWC) memory; null = on, except on MPS
+    # conv nets and their input batches in channels_last (NHWC) memory; null = auto: conv nets with
+    # convolutions of >= 8 output channels on median (narrower ones are slower so), not on MPS
     channels_last: Optional[bool] = None
     # torch.compile the models' training and teacher forward passes (first steps pay the compile time)
     compile: bool = False

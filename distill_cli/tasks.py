@@ -58,7 +58,8 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
     if cfg.batch_size > len(data.train):
         raise DistillError(f"batch_size={cfg.batch_size} is larger than the training split ({len(data.train)} images)")
     pipeline = choose_pipeline(cfg.dataset, [data.train, data.val, data.test], compute.device)
-    options = {"workers": cfg.dataset.workers, "dtype": compute.input_dtype, "channels_last": compute.channels_last}
+    # batches come in channels_last unless it is off: most conv nets use it (see Compute.uses_channels_last)
+    options = {"workers": cfg.dataset.workers, "dtype": compute.input_dtype, "channels_last": compute.channels_last is not False}
 
     def eval_loader(split) -> Loader:
         return build_loader(pipeline, split, data.info, cfg.eval_batch_size, compute.device, **options)

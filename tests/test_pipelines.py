@@ -203,6 +203,22 @@ def test_channels_last_applies_to_conv_nets_only():
     assert all(p.is_contiguous() for p in mlp.parameters())
     plain = Compute(CPU, "fp32").place(cnn(INFO, width=4))
     assert not plain[3].weight.is_contiguous(memory_format=torch.channels_last)
+    auto = Compute(CPU, "fp32", channels_last=None)  # only conv nets wide enough to gain
+    assert not auto.uses_channels_last(cnn(INFO, width=4)) and auto.uses_channels_last(cnn(INFO, width=8))
+
+
+def test_forward_hands_each_model_its_memory_format():
+    """A channels_last batch reaches a wide conv net as it is and a narrow one as NCHW."""
+    rgb = replace(INFO, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    compute = Compute(CPU, "fp32", channels_last=None)
+    reached = {}
+    for width in (4, 16):
+        model = compute.place(cnn(rgb, width=width))
+        model[0].register_forward_pre_hook(
+            lambda module, args, width=width: reached.update({width: args[0].is_contiguous(memory_format=torch.channels_last)})
+        )
+        compute.forward(model)(torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert reached == {4: False, 16: True}
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
