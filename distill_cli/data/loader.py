@@ -174,7 +174,7 @@ class _EpochBatches:
         return len(self.batches)
 
 
-def default_workers() -> int:
+def _default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
@@ -185,7 +185,7 @@ class StreamLoader(Loader):
         super().__init__(split, info, batch_size, device, generator_device=torch.device("cpu"), **options)
         self._epoch_seed = 0
         self._sampler = _EpochBatches()
-        workers = default_workers() if workers is None else workers
+        workers = _default_workers() if workers is None else workers
         self._loader = torch.utils.data.DataLoader(
             _Samples(split, self.augment),
             batch_sampler=self._sampler,
