@@ -92,34 +92,48 @@ def _fast_runner(model: nn.Module, step, loader, cfg: BenchConfig, compute: Comp
     return run
 
 
-def _reference_loader(cfg: BenchConfig, data: DataSplits):
-    """A per-sample torchvision pipeline over the same training images: PIL, transforms, workers."""
+def _reference_loader(cfg: BenchConfig, data: DataSplits) -> tuple[torch.utils.data.DataLoader, str]:
+    """The per-sample pipeline a tutorial writes for this dataset, and a line saying what it reads.
+
+    An image folder is read the way torchvision's `ImageFolder` reads it: every sample opens and
+    decodes its file (Pillow), every epoch. Other datasets come as PIL images made from the decoded
+    arrays in memory, the way torchvision's CIFAR/MNIST/SVHN datasets hand them out.
+    """
     from PIL import Image
-    from torchvision import transforms
+    from torchvision import datasets, transforms
 
     info = data.info
     steps: list = []
+    if cfg.dataset.name == "imagefolder" and cfg.dataset.image_size is not None:
+        steps.append(transforms.Resize((cfg.dataset.image_size, cfg.dataset.image_size)))
     if cfg.dataset.augment and info.augment.pad:
         steps.append(transforms.RandomCrop(info.image_size, padding=info.augment.pad))
     if cfg.dataset.augment and info.augment.flip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     transform = transforms.Compose(steps)
-    split = data.train
 
-    class PILDataset(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(split)
+    if cfg.dataset.name == "imagefolder":
+        dataset = datasets.ImageFolder(str(Path(cfg.dataset.root) / "train"), transform=transform)
+        source = f"torchvision ImageFolder, {len(dataset):,} files decoded per sample"
+    else:
+        split = data.train
 
-        def __getitem__(self, index: int):
-            pixels = split.image(index).permute(1, 2, 0).numpy()
-            image = Image.fromarray(pixels[..., 0] if info.channels == 1 else pixels)
-            return transform(image), int(split.labels[index])
+        class PILImages(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return len(split)
 
+            def __getitem__(self, index: int):
+                pixels = split.image(index).permute(1, 2, 0).numpy()
+                return transform(Image.fromarray(pixels[..., 0] if info.channels == 1 else pixels)), int(split.labels[index])
+
+        dataset = PILImages()
+        source = "PIL images from decoded arrays in memory"
     workers = cfg.reference_workers
-    return torch.utils.data.DataLoader(
-        PILDataset(), batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0
     )
+    return loader, source
 
 
 def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: BenchConfig, device) -> Callable[[int], int]:
@@ -177,7 +191,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "train": (teacher, cross_entropy_step(compute.forward(teacher)), "teacher", cfg.teacher),
         "kd": (student, distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits), "student", cfg.student),
     }
-    reference = _reference_loader(cfg, data)
+    reference, reference_source = _reference_loader(cfg, data)
     plain = lambda model: model.to(compute.device)  # noqa: E731
     reference_teacher = build("teacher", cfg.teacher, plain).eval().requires_grad_(False)
     rows = {}
@@ -217,6 +231,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "optimizer_impl": cfg.optimizer.impl,
         "teacher_logits_cached": cached_logits is not None,
         "reference_workers": cfg.reference_workers,
+        "reference_data": reference_source,
         "steps": cfg.steps,
         "repeats": cfg.repeats,
         "results": rows,
@@ -243,6 +258,7 @@ def bench_table(result: dict) -> Group:
         f"distill: {result['precision']}, {result['pipeline']} pipeline, channels_last teacher "
         f"{on_off(result['channels_last']['teacher'])} / student {on_off(result['channels_last']['student'])}, "
         f"compile {on_off(result['compile'])}, optimizer {result['optimizer_impl']}",
-        f"reference: fp32, DataLoader with {result['reference_workers']} workers, PIL transforms, .item() every step",
+        f"reference: fp32, DataLoader with {result['reference_workers']} workers, PIL transforms, .item() every step; "
+        f"reads {result['reference_data']}",
     ]
     return Group(table, *(Text(note) for note in notes))

@@ -2,9 +2,12 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from distill_cli.config import KDConfig, ModelConfig, TeacherConfig, TrainConfig, config_dir, register_configs
 
@@ -45,6 +48,23 @@ TIMING_KEYS = {"images_per_s", "seconds"}
 def metrics_without_timing(run_dir: Path) -> list[dict]:
     """metrics.jsonl of a run without the fields that vary between identical runs."""
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def write_png(image: torch.Tensor, path: Path) -> None:
+    """Save a uint8 (3, H, W) tensor as a PNG."""
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def write_image_tree(root: Path, split: str, per_class: int, size: int = 10, classes=("cat", "dog", "eel")) -> None:
+    """`root/split/<class>/<i>.png`: random images with a class-coloured channel, seeded by the split name."""
+    generator = torch.Generator().manual_seed(zlib.crc32(split.encode()))
+    for label, name in enumerate(classes):
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
+            image[label] = 255  # a class-coloured channel
+            write_png(image, folder / f"{i}.png")
 
 
 def compose_config(command: str, overrides: list[str]):

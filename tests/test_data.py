@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from distill_cli.config import DatasetConfig
 from distill_cli.data import Augment, load_dataset
@@ -14,7 +13,7 @@ from distill_cli.data.augment import random_crop, random_flip
 from distill_cli.data.loader import DeviceLoader
 from distill_cli.errors import DistillError
 
-from conftest import run_distill
+from conftest import run_distill, write_image_tree, write_png
 
 
 # ---------------------------------------------------------------- augmentation
@@ -169,24 +168,9 @@ def test_cli_reports_missing_dataset_in_one_line(tmp_path):
 # ---------------------------------------------------------------- image folders
 
 
-def _write_png(image: torch.Tensor, path: Path) -> None:
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
-
-
-def _image_tree(root: Path, split: str, per_class: int, size: int = 10, classes=("cat", "dog", "eel")) -> None:
-    generator = torch.Generator().manual_seed(hash(split) % 1000)
-    for label, name in enumerate(classes):
-        folder = root / split / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
-            image[label] = 255  # a class-coloured channel
-            _write_png(image, folder / f"{i}.png")
-
-
 def test_imagefolder_loads_tree_and_caches_decoded_tensors(tmp_path, monkeypatch):
-    _image_tree(tmp_path / "tree", "train", 20)
-    _image_tree(tmp_path / "tree", "test", 5)
+    write_image_tree(tmp_path / "tree", "train", 20)
+    write_image_tree(tmp_path / "tree", "test", 5)
     cfg = DatasetConfig(name="imagefolder", root=str(tmp_path / "tree"), cache_dir=str(tmp_path / "cache"))
     data = load_dataset(cfg)
     assert data.info.class_names == ("cat", "dog", "eel") and data.info.num_classes == 3
@@ -201,13 +185,13 @@ def test_imagefolder_loads_tree_and_caches_decoded_tensors(tmp_path, monkeypatch
     monkeypatch.undo()
 
     # changing the source rebuilds: a new image in train
-    _write_png(torch.zeros(3, 10, 10, dtype=torch.uint8), tmp_path / "tree" / "train" / "cat" / "new.png")
+    write_png(torch.zeros(3, 10, 10, dtype=torch.uint8), tmp_path / "tree" / "train" / "cat" / "new.png")
     rebuilt = load_dataset(cfg)
     assert len(rebuilt.train) + len(rebuilt.val) == 61
 
 
 def test_imagefolder_resizes_and_carves_a_test_split(tmp_path):
-    _image_tree(tmp_path / "tree", "train", 20, size=12)
+    write_image_tree(tmp_path / "tree", "train", 20, size=12)
     cfg = DatasetConfig(name="imagefolder", root=str(tmp_path / "tree"), image_size=8, cache_dir=str(tmp_path / "c"))
     data = load_dataset(cfg)
     assert data.train.images.shape[1:] == (3, 8, 8)

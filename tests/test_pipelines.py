@@ -17,8 +17,8 @@ from distill_cli.errors import DistillError
 from distill_cli.models import build_model
 from distill_cli.models.cnn import cnn
 
-from conftest import metrics_without_timing, run_distill, small_kd_config, small_train_config
-from test_data import _dot_images, _image_tree
+from conftest import metrics_without_timing, run_distill, small_kd_config, small_train_config, write_image_tree
+from test_data import _dot_images
 
 CPU = torch.device("cpu")
 INFO = DatasetInfo("toy", 3, 1, (8, 8), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
@@ -119,8 +119,8 @@ def test_auto_pipeline_keeps_what_fits_on_the_device_and_streams_the_rest():
 
 
 def test_a_streamed_image_folder_decodes_lazily_the_same_images(tmp_path):
-    _image_tree(tmp_path / "tree", "train", 12)
-    _image_tree(tmp_path / "tree", "test", 4)
+    write_image_tree(tmp_path / "tree", "train", 12)
+    write_image_tree(tmp_path / "tree", "test", 4)
     base = DatasetConfig(name="imagefolder", root=str(tmp_path / "tree"), cache_dir=str(tmp_path / "cache"))
     streamed = load_dataset(replace(base, device_max_gb=1e-6))  # auto: 48 images x 300 B do not fit in 1 KB
     assert isinstance(streamed.train, FileSplit) and isinstance(streamed.test, FileSplit)
@@ -134,7 +134,7 @@ def test_a_streamed_image_folder_decodes_lazily_the_same_images(tmp_path):
 
 
 def test_an_undecodable_file_in_a_worker_is_one_clear_error(tmp_path):
-    _image_tree(tmp_path / "tree", "train", 2)
+    write_image_tree(tmp_path / "tree", "train", 2)
     broken = tmp_path / "tree" / "train" / "cat" / "broken.png"
     broken.write_bytes(b"not an image")
     paths = sorted((tmp_path / "tree" / "train").glob("*/*.png"))
