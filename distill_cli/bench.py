@@ -186,7 +186,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     cached_logits = None
     if use_cached_teacher_logits(cfg, loaders):
         cached_logits = teacher_logits(frozen, loaders.eval_loader(data.train), compute, data.info.num_classes)
-    teacher_forward = None if cached_logits is not None else compute.forward(frozen)
+    teacher_forward = None if cached_logits is not None else compute.frozen_forward(frozen)
     cases = {
         "train": (teacher, cross_entropy_step(compute.forward(teacher)), "teacher", cfg.teacher),
         "kd": (student, distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits), "student", cfg.student),

@@ -27,6 +27,7 @@ from torch import nn
 from .checkpoint import BEST, save_atomic, save_last
 from .config import DeviceConfig, OptimizerConfig
 from .data.loader import Batch
+from .models.fold import fold_batch_norm
 from .errors import DistillError, Interrupted
 from .files import atomic_write
 from .report import EpochProgress, log
@@ -75,6 +76,12 @@ class Compute:
             return run(images.contiguous(memory_format=memory_format))
 
         return forward
+
+    def frozen_forward(self, model: nn.Module, compile: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward pass of a frozen `model` as kd steps run it: no grad, eval mode, BatchNorm folded
+        into the layers before it (`fold_batch_norm`), otherwise as `forward`. `model` itself is unchanged."""
+        folded = self.place(fold_batch_norm(model)).requires_grad_(False)
+        return torch.no_grad()(self.forward(folded, compile))
 
     def autocast(self):
         if self.precision == "fp32":
@@ -240,11 +247,10 @@ def inference_rate(model: nn.Module, loader, compute: Compute, repeats: int = 3)
 def teacher_logits(teacher: nn.Module, loader, compute: Compute, num_classes: int) -> torch.Tensor:
     """The frozen teacher's float32 logits for every image `loader` holds, indexed by position (N, classes).
 
-    With an unaugmented loader these are exactly what the teacher computes in a training step
-    (eval mode, same autocast), so a kd step may look them up instead of running the teacher.
+    With an unaugmented loader these are what the teacher computes in a training step (the same
+    frozen forward and autocast), so a kd step may look them up instead of running the teacher.
     """
-    teacher.eval()
-    forward = compute.forward(teacher, compile=False)
+    forward = compute.frozen_forward(teacher, compile=False)  # one pass: not worth compiling
     table = torch.empty(loader.num_images, num_classes, device=compute.device)
     for batch in loader:
         with compute.autocast():
@@ -496,7 +502,7 @@ def distillation_step(
     loss_fn: nn.Module,
     cached_teacher_logits: torch.Tensor | None = None,
 ) -> Step:
-    """Student step against a frozen teacher (eval mode, no grad): its forward pass, or its logits
+    """Student step against a frozen teacher: its forward pass (`Compute.frozen_forward`), or its logits
     looked up by image position in `cached_teacher_logits`; `teacher=None` when alpha == 0."""
 
     def step(batch: Batch):
@@ -504,8 +510,7 @@ def distillation_step(
         if cached_teacher_logits is not None:
             teacher_logits = cached_teacher_logits[batch.index]
         elif teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(batch.images)
+            teacher_logits = teacher(batch.images)
         logits = student(batch.images)
         return loss_fn(logits, teacher_logits, batch.labels), logits
 

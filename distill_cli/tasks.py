@@ -306,7 +306,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     summary["teacher_logits_cached"] = cached_logits is not None
     seed_everything(cfg.seed)
     student = compute.place(build_model(cfg.student, data.info, "student"))
-    teacher_forward = None if teacher is None or cached_logits is not None else compute.forward(teacher)
+    teacher_forward = None if teacher is None or cached_logits is not None else compute.frozen_forward(teacher)
     loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha)
     step = distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits)
     student_result = _train_network(

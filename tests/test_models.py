@@ -13,6 +13,7 @@ from distill_cli.data import DatasetInfo
 from distill_cli.errors import DistillError
 from distill_cli.models import build_model, count_parameters
 from distill_cli.models.features import FeatureTaps, default_feature_layers
+from distill_cli.models.fold import fold_batch_norm
 
 
 def _info(name: str, classes: int, channels: int, size: int) -> DatasetInfo:
@@ -193,3 +194,42 @@ def test_default_feature_layers(name, info, layers):
     assert model.training and _hooks(model) == 0
     _, features = FeatureTaps(model.eval(), layers)(torch.randn(2, info.channels, *info.image_size))
     assert {name: tuple(f.shape[1:]) for name, f in features.items()} == layers
+
+
+# ---------------------------------------------------------------- BatchNorm folding for frozen teachers
+
+
+def _trained_statistics(model: nn.Module, info: DatasetInfo) -> nn.Module:
+    """`model` in eval mode with BatchNorm running statistics from a few training-mode batches (not 0/1)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, info.channels, *info.image_size) * 2 + 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if not n.startswith(("mlp", "hinton"))])
+def test_folding_batch_norm_keeps_the_outputs(name):
+    norms = lambda m: sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())  # noqa: E731
+    model = _trained_statistics(build(name, CIFAR), CIFAR)
+    before = norms(model)
+    folded = fold_batch_norm(model)
+    images = torch.randn(4, 3, 32, 32) * 2 + 1
+    with torch.no_grad():
+        expected, got = model(images), folded(images)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert norms(folded) < before  # every zoo CNN has a conv -> BN pair to fold
+    assert norms(model) == before and not model.training  # the model itself is untouched
+
+
+def test_folding_leaves_untraceable_models_as_they_are():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.norm(self.conv(x)) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
+
+    model = Branchy().eval()
+    assert fold_batch_norm(model) is model

@@ -221,6 +221,26 @@ def test_forward_hands_each_model_its_memory_format():
     assert reached == {4: False, 16: True}
 
 
+def test_frozen_forward_runs_a_folded_copy_without_gradients():
+    """kd steps run the teacher with its BatchNorm folded away: same logits, no autograd graph, model untouched."""
+    rgb = replace(INFO, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = cnn(rgb, width=8)
+    model.train()
+    model(torch.randn(16, 3, 8, 8))  # running statistics that are not 0 / 1
+    model.eval()
+    ran = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_hook(lambda *args: ran.append(1))
+    compute = Compute(CPU, "fp32", channels_last=None)
+    images = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    logits = compute.frozen_forward(model)(images)
+    assert not ran and not logits.requires_grad  # no BatchNorm module ran
+    with torch.no_grad():
+        assert torch.allclose(logits, model(images), atol=1e-5)
+    assert ran and all(p.requires_grad for p in model.parameters())
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_optimizer_kernels_take_the_same_steps(name):
     results = {}
