@@ -96,15 +96,17 @@ def _reference_loader(cfg: BenchConfig, data: DataSplits) -> tuple[torch.utils.d
     """The per-sample pipeline a tutorial writes for this dataset, and a line saying what it reads.
 
     An image folder is read the way torchvision's `ImageFolder` reads it: every sample opens and
-    decodes its file (Pillow), every epoch. Other datasets come as PIL images made from the decoded
-    arrays in memory, the way torchvision's CIFAR/MNIST/SVHN datasets hand them out.
+    decodes its file (Pillow), every epoch (`reference_from_files=false`: from memory instead). Other
+    datasets come as PIL images made from the decoded arrays in memory, the way torchvision's
+    CIFAR/MNIST/SVHN datasets hand them out.
     """
     from PIL import Image
     from torchvision import datasets, transforms
 
     info = data.info
+    from_files = cfg.dataset.name == "imagefolder" and cfg.reference_from_files
     steps: list = []
-    if cfg.dataset.name == "imagefolder" and cfg.dataset.image_size is not None:
+    if from_files and cfg.dataset.image_size is not None:
         steps.append(transforms.Resize((cfg.dataset.image_size, cfg.dataset.image_size)))
     if cfg.dataset.augment and info.augment.pad:
         steps.append(transforms.RandomCrop(info.image_size, padding=info.augment.pad))
@@ -113,7 +115,7 @@ def _reference_loader(cfg: BenchConfig, data: DataSplits) -> tuple[torch.utils.d
     steps += [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     transform = transforms.Compose(steps)
 
-    if cfg.dataset.name == "imagefolder":
+    if from_files:
         dataset = datasets.ImageFolder(str(Path(cfg.dataset.root) / "train"), transform=transform)
         source = f"torchvision ImageFolder, {len(dataset):,} files decoded per sample"
     else:

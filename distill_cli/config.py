@@ -220,6 +220,9 @@ class BenchConfig(KDConfig):
     repeats: int = 5
     # DataLoader workers of the reference loop (the usual tutorial setting)
     reference_workers: int = 2
+    # image folders: the reference decodes every file per sample, as torchvision's ImageFolder does;
+    # false: it makes its PIL images from the decoded images in memory, as torchvision's CIFAR10 does
+    reference_from_files: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

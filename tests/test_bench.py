@@ -30,18 +30,23 @@ def test_bench_on_synthetic_prints_ratios_and_writes_json(tmp_path, augment):
     assert bench["reference_data"] == "PIL images from decoded arrays in memory"
 
 
-def test_bench_reference_reads_an_image_folder_file_by_file(tmp_path):
+@pytest.mark.parametrize(
+    "from_files, reads",
+    [(True, "torchvision ImageFolder, 60 files decoded per sample"), (False, "PIL images from decoded arrays in memory")],
+)
+def test_bench_reference_reads_an_image_folder_file_by_file(tmp_path, from_files, reads):
     """On an image folder the reference loop decodes every file per sample, as torchvision's ImageFolder does
-    (here also resizing, 10 -> 8 pixels, as the run's `dataset.image_size` asks)."""
+    (here also resizing, 10 -> 8 pixels, as the run's `dataset.image_size` asks), unless told to read memory."""
     write_image_tree(tmp_path / "tree", "train", 20)
     write_image_tree(tmp_path / "tree", "test", 4)
     result = run_distill(
         "bench", "dataset=imagefolder", f"dataset.root={tmp_path / 'tree'}", "dataset.image_size=8",
         f"dataset.cache_dir={tmp_path / 'cache'}", "teacher.kwargs.width=4", "student=mlp", "student.kwargs.hidden=[8]",
-        "batch_size=8", "warmup_steps=1", "steps=2", "repeats=1", "reference_workers=0", cwd=tmp_path,
+        "batch_size=8", "warmup_steps=1", "steps=2", "repeats=1", "reference_workers=0",
+        f"reference_from_files={from_files}", cwd=tmp_path,
     )
     (path,) = (tmp_path / "outputs").glob("*/*_bench/bench.json")
     bench = json.loads(path.read_text())
-    assert bench["reference_data"] == "torchvision ImageFolder, 60 files decoded per sample"
-    assert "reads torchvision ImageFolder, 60 files decoded per sample" in " ".join(result.stdout.split())
+    assert bench["reference_data"] == reads
+    assert f"reads {reads}" in " ".join(result.stdout.split())
     assert all(row["reference_images_per_s"] > 0 for row in bench["results"].values())
