@@ -222,7 +222,7 @@ def test_folding_batch_norm_keeps_the_outputs(name):
     assert norms(model) == before and not model.training  # the model itself is untouched
 
 
-def test_folding_leaves_untraceable_models_as_they_are():
+def test_folding_gives_untraceable_models_unfolded():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -231,5 +231,6 @@ def test_folding_leaves_untraceable_models_as_they_are():
         def forward(self, x):
             return self.norm(self.conv(x)) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
 
-    model = Branchy().eval()
-    assert fold_batch_norm(model) is model
+    model = Branchy()
+    copy = fold_batch_norm(model)
+    assert isinstance(copy, Branchy) and copy is not model and not copy.training and model.training

@@ -8,6 +8,7 @@ on every batch, use the folded copy; evaluation and checkpoints use the model it
 
 from __future__ import annotations
 
+import copy
 import logging
 
 from torch import fx, nn
@@ -18,9 +19,10 @@ log = logging.getLogger("distill")
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with each BatchNorm that alone consumes a conv/linear output folded
-    into it. A model torch.fx cannot trace (data-dependent control flow) is returned unchanged."""
+    into that layer. For a model torch.fx cannot trace (data-dependent control flow), a plain eval-mode copy."""
+    frozen = copy.deepcopy(model).eval()
     try:
-        return fuse(model.eval(), inplace=False)
+        return fuse(frozen, inplace=True)
     except (fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError) as error:
         log.debug(f"BatchNorm folding skipped ({type(model).__name__} is not traceable: {error})")
-        return model
+        return frozen
