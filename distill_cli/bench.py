@@ -59,6 +59,16 @@ def _synchronise(compute: Compute) -> None:
         torch.cuda.synchronize(compute.device)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux) or architecture, and the vector extensions torch uses on it."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        name = models[0] if models else name
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _timed_in_turns(runs: dict[str, Callable[[int], int]], cfg: BenchConfig, compute: Compute) -> dict[str, list[float]]:
     """Warm each `run(steps) -> images` up, then time them in turns, `repeats` rounds; images/s of each."""
     for run in runs.values():
@@ -214,7 +224,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
             "distill_repeats": rates["distill"],
             "reference_repeats": rates["reference"],
         }
-    device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else _cpu_name()
     result = {
         "command": "bench",
         "status": "completed",
