@@ -1,8 +1,8 @@
 """`distill bench`: images/s of our train and kd steps against a plain reference loop, in one run.
 
 The reference is the loop the usual tutorials write: a torchvision DataLoader over PIL images with
-per-sample transforms (the same crop/flip augmentation), fp32, batches copied to the device each
-step, and `.item()` on the loss every step. Both loops use the same architectures, batch size and
+per-sample transforms (the same crop, flip and colour-jitter augmentation), fp32, batches copied to
+the device each step, and `.item()` on the loss every step. Both loops use the same architectures, batch size and
 data; each is warmed up, then the two are timed in turns (distill, reference, distill, ...) so that
 both see the same machine, and the medians over the repeats are reported.
 """
@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from rich.text import Text
 from torch import nn
 
 from .config import BenchConfig
-from .data import DataSplits
+from .data import Augment, DataSplits, training_augment
 from .engine import (
     Compute,
     EpochTotals,
@@ -118,10 +118,14 @@ def _reference_loader(cfg: BenchConfig, data: DataSplits) -> tuple[torch.utils.d
     steps: list = []
     if from_files and cfg.dataset.image_size is not None:
         steps.append(transforms.Resize((cfg.dataset.image_size, cfg.dataset.image_size)))
-    if cfg.dataset.augment and info.augment.pad:
-        steps.append(transforms.RandomCrop(info.image_size, padding=info.augment.pad))
-    if cfg.dataset.augment and info.augment.flip:
+    augment = training_augment(cfg.dataset, info) or Augment()
+    if augment.pad:
+        steps.append(transforms.RandomCrop(info.image_size, padding=augment.pad))
+    if augment.flip:
         steps.append(transforms.RandomHorizontalFlip())
+    if augment.color_jitter:
+        strength = augment.color_jitter
+        steps.append(transforms.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
     steps += [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     transform = transforms.Compose(steps)
 
@@ -225,6 +229,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
             "reference_repeats": rates["reference"],
         }
     device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else _cpu_name()
+    augment = training_augment(cfg.dataset, data.info)
     result = {
         "command": "bench",
         "status": "completed",
@@ -232,7 +237,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "teacher": {"arch": cfg.teacher.arch, "params": count_parameters(teacher)},
         "student": {"arch": cfg.student.arch, "params": count_parameters(student)},
         "batch_size": cfg.batch_size,
-        "augment": cfg.dataset.augment,
+        "augment": asdict(augment) if augment else None,
         "device": str(compute.device),
         "device_name": device_name,
         "threads": torch.get_num_threads(),
@@ -272,5 +277,14 @@ def bench_table(result: dict) -> Group:
         f"compile {on_off(result['compile'])}, optimizer {result['optimizer_impl']}",
         f"reference: fp32, DataLoader with {result['reference_workers']} workers, PIL transforms, .item() every step; "
         f"reads {result['reference_data']}",
+        f"augmentation (both): {_describe_augment(result['augment'])}",
     ]
     return Group(table, *(Text(note) for note in notes))
+
+
+def _describe_augment(augment: dict | None) -> str:
+    if augment is None:
+        return "off"
+    parts = [f"crop with padding {augment['pad']}" if augment["pad"] else "", "flip" if augment["flip"] else ""]
+    parts.append(f"colour jitter {augment['color_jitter']:g}" if augment["color_jitter"] else "")
+    return ", ".join(part for part in parts if part)

@@ -49,6 +49,9 @@ class DatasetConfig:
     split_seed: int = 0
     # the dataset's augmentation preset (crop with padding / jitter, flip), applied on the device
     augment: bool = False
+    # with augment=true: also jitter brightness, contrast and saturation by factors in [1 - s, 1 + s]
+    # (torchvision's ColorJitter(s, s, s)); 0 = off
+    color_jitter: float = 0.0
     # classes dropped from the training (transfer) set only; validation and test keep them
     exclude_classes: list[int] = field(default_factory=list)
     # imagefolder: resize to this square size (null: keep the files' size); synthetic: the image size
@@ -73,6 +76,12 @@ class DatasetConfig:
         _choice("dataset.pipeline", self.pipeline, ("auto", "device", "stream"))
         _check(self.device_max_gb > 0, "dataset.device_max_gb", f"must be > 0, got {self.device_max_gb}")
         _check(self.workers is None or self.workers >= 0, "dataset.workers", f"must be >= 0, got {self.workers}")
+        _check(0 <= self.color_jitter <= 1, "dataset.color_jitter", f"must be in [0, 1], got {self.color_jitter}")
+        _check(
+            self.augment or not self.color_jitter,
+            "dataset.color_jitter",
+            "is part of the augmentation; set dataset.augment=true as well",
+        )
         _check(0 <= self.val_split < 1, "dataset.val_split", f"must be in [0, 1), got {self.val_split}")
         _check(0 < self.test_split < 1, "dataset.test_split", f"must be in (0, 1), got {self.test_split}")
         _check(self.image_size is None or self.image_size >= 1, "dataset.image_size", "must be >= 1")

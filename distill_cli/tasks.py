@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint import BEST, load_checkpoint, load_resume_checkpoint, model_checkpoint
 from .files import write_json_atomic
 from .config import KDConfig, ModelConfig, RunConfig, TeacherConfig, TrainConfig, to_plain
-from .data import DataSplits, load_dataset
+from .data import DataSplits, load_dataset, training_augment
 from .data.loader import Loader, build_loader, choose_pipeline
 from .engine import (
     Compute,
@@ -73,7 +73,7 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
         shuffle=True,
         drop_last=True,
         seed=cfg.seed,
-        augment=data.info.augment if cfg.dataset.augment else None,
+        augment=training_augment(cfg.dataset, data.info),
         **options,
     )
     val = eval_loader(data.val) if len(data.val) else None

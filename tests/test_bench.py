@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("augment", [True, False])
 def test_bench_on_synthetic_prints_ratios_and_writes_json(tmp_path, augment):
     result = run_distill(
-        "bench", f"dataset.augment={augment}", "dataset.train_size=600", "dataset.test_size=100", "dataset.image_size=16",
+        "bench", f"dataset.augment={augment}", f"dataset.color_jitter={0.3 if augment else 0}", "dataset.train_size=600", "dataset.test_size=100", "dataset.image_size=16",
         "teacher.kwargs.width=8", "student=mlp", "student.kwargs.hidden=[16]", "batch_size=32",
         "warmup_steps=1", "steps=3", "repeats=2", "reference_workers=0", cwd=tmp_path,
     )
@@ -28,6 +28,8 @@ def test_bench_on_synthetic_prints_ratios_and_writes_json(tmp_path, augment):
     assert ("kd (teacher logits cached)" in result.stdout) is not augment
     assert "reference: fp32, DataLoader with 0 workers" in result.stdout and "machine: cpu" in result.stdout
     assert bench["reference_data"] == "PIL images from decoded arrays in memory"
+    expected = "crop with padding 2, flip, colour jitter 0.3" if augment else "off"
+    assert f"augmentation (both): {expected}" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,8 @@ def test_model_kwargs_can_be_overridden_and_added():
         ("dataset.workers=-1", "dataset.workers"),
         ("optimizer.impl=cuda", "optimizer.impl"),
         ("cache_teacher=maybe", "cache_teacher"),
+        ("dataset.color_jitter=1.5", "dataset.color_jitter"),
+        ("dataset.color_jitter=0.4", "dataset.color_jitter"),  # digits: augment is off
     ],
 )
 def test_range_checks_name_the_key(override, key):

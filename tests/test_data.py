@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from distill_cli.config import DatasetConfig
-from distill_cli.data import Augment, load_dataset
+from distill_cli.data import Augment, load_dataset, training_augment
 from distill_cli.data import imagefolder as imagefolder_module
-from distill_cli.data.augment import random_crop, random_flip
+from distill_cli.data.augment import random_color_jitter, random_crop, random_flip
 from distill_cli.data.loader import DeviceLoader
 from distill_cli.errors import DistillError
 
@@ -59,6 +59,44 @@ def test_random_flip_flips_about_half_and_exactly_mirrors():
     assert 0.45 < flipped.float().mean() < 0.55
     assert torch.equal(out[flipped][0, 0, 0], torch.tensor([3, 2, 1, 0], dtype=torch.uint8))
     assert torch.equal(out[~flipped][0, 0, 0], torch.tensor([0, 1, 2, 3], dtype=torch.uint8))
+
+
+def test_color_jitter_scales_grey_images_by_factors_spread_over_the_range():
+    """On a flat grey image contrast and saturation change nothing, so each output is 100 x its brightness
+    factor, which is uniform over [1 - s, 1 + s]."""
+    n, strength = 4000, 0.4
+    images = torch.full((n, 3, 5, 5), 100, dtype=torch.uint8)
+    out = random_color_jitter(images, strength, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    values = out.view(n, -1)
+    assert torch.equal(values.min(1).values, values.max(1).values)  # each image stays flat
+    levels = values[:, 0].float()
+    assert levels.min() >= 60 and levels.max() <= 140
+    quartiles = torch.quantile(levels, torch.tensor([0.25, 0.5, 0.75]))
+    assert torch.allclose(quartiles, torch.tensor([80.0, 100.0, 120.0]), atol=2.5)
+
+
+def test_color_jitter_is_torchvisions_brightness_contrast_saturation():
+    """With the factors the generator draws, the batch equals torchvision's adjust_brightness, then
+    adjust_contrast, then adjust_saturation (float maths), up to uint8 rounding."""
+    from torchvision.transforms import functional as TF
+
+    images = torch.randint(0, 256, (12, 3, 7, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    out = random_color_jitter(images, 0.5, torch.Generator().manual_seed(5))
+    factors = torch.rand((3, 12), generator=torch.Generator().manual_seed(5)) + 0.5  # [0.5, 1.5)
+    for image, got, (brightness, contrast, saturation) in zip(images, out, factors.T.tolist()):
+        expected = TF.adjust_brightness(image.float() / 255, brightness)
+        expected = TF.adjust_saturation(TF.adjust_contrast(expected, contrast), saturation)
+        assert (got.float() - expected * 255).abs().max() <= 1.0
+    grey = images[:, :1]
+    assert torch.equal(random_color_jitter(grey, 0.0, torch.Generator()), grey)  # strength 0: unchanged
+
+
+def test_training_augment_adds_color_jitter_to_the_preset_only_when_augmenting():
+    info = load_dataset(DatasetConfig(name="digits")).info
+    assert training_augment(DatasetConfig(name="digits"), info) is None
+    on = DatasetConfig(name="digits", augment=True, color_jitter=0.2)
+    assert training_augment(on, info) == Augment(pad=1, color_jitter=0.2)
 
 
 def test_loader_augments_training_batches_reproducibly():

@@ -66,6 +66,9 @@ def test_per_sample_augmentation_has_the_batched_statistics():
     ramp = torch.arange(4, dtype=torch.uint8).view(1, 1, 4)
     flipped = [augment_one(ramp, Augment(flip=True), torch.Generator().manual_seed(i))[0, 0, 0] == 3 for i in range(n)]
     assert 0.45 < sum(flipped) / n < 0.55
+    grey = torch.full((3, 4, 4), 100, dtype=torch.uint8)
+    levels = torch.tensor([augment_one(grey, Augment(color_jitter=0.4), torch.Generator().manual_seed(i))[0, 0, 0].item() for i in range(n)])
+    assert levels.min() >= 60 and levels.max() <= 140 and abs(levels.float().median() - 100) < 2.5
 
 
 # ---------------------------------------------------------------- stream loader

@@ -7,7 +7,7 @@ to the data without being told.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,10 +18,16 @@ from ..registry import Registry
 
 @dataclass(frozen=True)
 class Augment:
-    """An augmentation preset: random crop after zero-padding by `pad` pixels (a +-pad jitter), optional flip."""
+    """Training augmentation: random crop after zero-padding by `pad` pixels (a +-pad pixel jitter),
+    optional horizontal flip, and colour jitter of brightness, contrast and saturation by +-`color_jitter`."""
 
     pad: int = 0
     flip: bool = False
+    color_jitter: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pad or self.flip or self.color_jitter)
 
 
 @dataclass
@@ -112,6 +118,14 @@ def load_dataset(cfg: DatasetConfig) -> DataSplits:
     if len(train) == 0:
         raise DistillError(f"dataset {cfg.name}: no training images left after the validation split and excluded classes")
     return DataSplits(train=train, val=val, test=test, info=raw.info)
+
+
+def training_augment(cfg: DatasetConfig, info: DatasetInfo) -> Augment | None:
+    """The augmentation the training set gets: the dataset's preset plus `color_jitter`, or None when off."""
+    if not cfg.augment:
+        return None
+    augment = replace(info.augment, color_jitter=cfg.color_jitter)
+    return augment if augment.active else None
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

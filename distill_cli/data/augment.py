@@ -2,8 +2,10 @@
 
 `random_crop(pad)` equals `RandomCrop(size, padding=pad)` (zero padding, then a uniformly random
 crop of the original size), which for MNIST-style data is a +-pad pixel jitter; `random_flip`
-equals `RandomHorizontalFlip(0.5)`. Both work on uint8 batches before normalisation, and draw from
-the caller's generator so the augmented views are reproducible. `augment_one` is the per-sample
+equals `RandomHorizontalFlip(0.5)`; `random_color_jitter(strength)` is torchvision's
+`ColorJitter(brightness=s, contrast=s, saturation=s)` with the three adjustments always in that order
+(torchvision shuffles the order per image). All work on uint8 batches before normalisation, and draw
+from the caller's generator so the augmented views are reproducible. `augment_one` is the per-sample
 form the stream pipeline's workers apply, written the way torchvision's transforms do it (pad,
 slice one window, maybe mirror), so the two pipelines can be checked against each other.
 """
@@ -35,12 +37,41 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
+def random_color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Scale each image's brightness, contrast and saturation by factors drawn from [1 - s, 1 + s].
+
+    Brightness multiplies the pixels; contrast blends each image with the mean of its grey image;
+    saturation blends each pixel with its grey value (a no-op for one channel). The arithmetic is in
+    float32, clamped to [0, 255] after each step and rounded to uint8 once at the end.
+    """
+    batch, channels = images.shape[:2]
+    low, high = max(0.0, 1.0 - strength), 1.0 + strength
+    factors = torch.rand((3, batch, 1, 1, 1), generator=generator, device=images.device) * (high - low) + low
+    brightness, contrast, saturation = factors
+    pixels = (images.float() * brightness).clamp_(0, 255)
+    grey_mean = _grey(pixels).mean(dim=(1, 2, 3), keepdim=True)
+    pixels = (contrast * pixels + (1 - contrast) * grey_mean).clamp_(0, 255)
+    if channels == 3:
+        pixels = (saturation * pixels + (1 - saturation) * _grey(pixels)).clamp_(0, 255)
+    return pixels.round_().to(torch.uint8)
+
+
+def _grey(pixels: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of an RGB batch (B, 1, H, W); a one-channel batch is its own grey image."""
+    if pixels.shape[1] == 1:
+        return pixels
+    weights = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
+    return (pixels * weights).sum(dim=1, keepdim=True)
+
+
 def apply(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
     """Apply a dataset's augmentation preset to a uint8 batch."""
     if augment.pad:
         images = random_crop(images, augment.pad, generator)
     if augment.flip:
         images = random_flip(images, generator)
+    if augment.color_jitter:
+        images = random_color_jitter(images, augment.color_jitter, generator)
     return images
 
 
@@ -52,4 +83,6 @@ def augment_one(image: torch.Tensor, augment: Augment, generator: torch.Generato
         image = F.pad(image, (augment.pad,) * 4)[:, top : top + height, left : left + width]
     if augment.flip and torch.rand((), generator=generator) < 0.5:
         image = image.flip(2)
+    if augment.color_jitter:
+        image = random_color_jitter(image[None], augment.color_jitter, generator)[0]
     return image

@@ -62,7 +62,7 @@ class Loader:
         shape = (1, info.channels, 1, 1)
         self.mean = torch.tensor(info.mean, device=device).view(shape)
         self.std = torch.tensor(info.std, device=device).view(shape)
-        self.augment = augment if augment is not None and (augment.pad or augment.flip) else None
+        self.augment = augment if augment is not None and augment.active else None
         self.generator = None
         if shuffle or self.augment:
             self.generator = torch.Generator(device=generator_device or device).manual_seed(seed)
