@@ -78,10 +78,19 @@ class Compute:
         return forward
 
     def frozen_forward(self, model: nn.Module, compile: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The forward pass of a frozen `model` as kd steps run it: no grad, eval mode, BatchNorm folded
-        into the layers before it (`fold_batch_norm`), otherwise as `forward`. `model` itself is unchanged."""
+        """The forward pass of a frozen `model` as kd steps run it: in inference mode, eval mode, BatchNorm
+        folded into the layers before it (`fold_batch_norm`), otherwise as `forward`. The logits come back
+        as an ordinary tensor without grad (a loss may save them for its backward pass, which inference
+        tensors refuse). `model` itself is unchanged."""
         folded = self.place(fold_batch_norm(model)).requires_grad_(False)
-        return torch.no_grad()(self.forward(folded, compile))
+        run = self.forward(folded, compile)
+
+        def frozen(images: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                logits = run(images)
+            return logits.clone()
+
+        return frozen
 
     def autocast(self):
         if self.precision == "fp32":
@@ -207,7 +216,7 @@ class Accuracy:
     per_class: list[float]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, loader, compute: Compute, num_classes: int) -> Accuracy:
     """Top-1 accuracy, overall and per class, of `model` on `loader`."""
     model.eval()
@@ -225,7 +234,7 @@ def evaluate(model: nn.Module, loader, compute: Compute, num_classes: int) -> Ac
     return Accuracy(overall=(correct.sum() / total.sum().clamp(min=1)).item(), per_class=per_class)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def inference_rate(model: nn.Module, loader, compute: Compute, repeats: int = 3) -> float:
     """Median images/s of forward passes over `loader` (eval mode, autocast), after one warm-up pass."""
     model.eval()

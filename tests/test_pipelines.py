@@ -225,7 +225,8 @@ def test_forward_hands_each_model_its_memory_format():
 
 
 def test_frozen_forward_runs_a_folded_copy_without_gradients():
-    """kd steps run the teacher with its BatchNorm folded away: same logits, no autograd graph, model untouched."""
+    """kd steps run the teacher in inference mode with its BatchNorm folded away: same logits, no autograd
+    graph, model untouched."""
     rgb = replace(INFO, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     model = cnn(rgb, width=8)
     model.train()
@@ -239,6 +240,9 @@ def test_frozen_forward_runs_a_folded_copy_without_gradients():
     images = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     logits = compute.frozen_forward(model)(images)
     assert not ran and not logits.requires_grad  # no BatchNorm module ran
+    assert not logits.is_inference()  # a loss may save it for backward, e.g. a logit-matching MSE:
+    student = torch.nn.Linear(3 * 8 * 8, 3)
+    torch.nn.functional.mse_loss(student(images.flatten(1)), logits).backward()
     with torch.no_grad():
         assert torch.allclose(logits, model(images), atol=1e-5)
     assert ran and all(p.requires_grad for p in model.parameters())
