@@ -2,8 +2,8 @@
 
 The reference is the loop the usual tutorials write: a torchvision DataLoader over PIL images with
 per-sample transforms (the same crop, flip and colour-jitter augmentation), fp32, batches copied to
-the device each step, and `.item()` on the loss every step. Both loops use the same architectures, batch size and
-data; each is warmed up, then the two are timed in turns (distill, reference, distill, ...) so that
+the device each step, and `.item()` on the loss every step. Both loops use the same architectures,
+batch size and data; each is warmed up, then the two are timed in turns (distill, reference, distill, ...) so that
 both see the same machine, and the medians over the repeats are reported.
 """
 
@@ -25,7 +25,7 @@ from rich.text import Text
 from torch import nn
 
 from .config import BenchConfig
-from .data import Augment, DataSplits, training_augment
+from .data import Augment, DataSplits
 from .engine import (
     Compute,
     EpochTotals,
@@ -102,8 +102,11 @@ def _fast_runner(model: nn.Module, step, loader, cfg: BenchConfig, compute: Comp
     return run
 
 
-def _reference_loader(cfg: BenchConfig, data: DataSplits) -> tuple[torch.utils.data.DataLoader, str]:
-    """The per-sample pipeline a tutorial writes for this dataset, and a line saying what it reads.
+def _reference_loader(
+    cfg: BenchConfig, data: DataSplits, augment: Augment | None
+) -> tuple[torch.utils.data.DataLoader, str]:
+    """The per-sample pipeline a tutorial writes for this dataset and `augment` (the run's training
+    augmentation, None: off), and a line saying what it reads.
 
     An image folder is read the way torchvision's `ImageFolder` reads it: every sample opens and
     decodes its file (Pillow), every epoch (`reference_from_files=false`: from memory instead). Other
@@ -118,7 +121,7 @@ def _reference_loader(cfg: BenchConfig, data: DataSplits) -> tuple[torch.utils.d
     steps: list = []
     if from_files and cfg.dataset.image_size is not None:
         steps.append(transforms.Resize((cfg.dataset.image_size, cfg.dataset.image_size)))
-    augment = training_augment(cfg.dataset, info) or Augment()
+    augment = augment or Augment()
     if augment.pad:
         steps.append(transforms.RandomCrop(info.image_size, padding=augment.pad))
     if augment.flip:
@@ -207,7 +210,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "train": (teacher, cross_entropy_step(compute.forward(teacher)), "teacher", cfg.teacher),
         "kd": (student, distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits), "student", cfg.student),
     }
-    reference, reference_source = _reference_loader(cfg, data)
+    reference, reference_source = _reference_loader(cfg, data, loaders.train.augment)
     plain = lambda model: model.to(compute.device)  # noqa: E731
     reference_teacher = build("teacher", cfg.teacher, plain).eval().requires_grad_(False)
     rows = {}
@@ -229,7 +232,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
             "reference_repeats": rates["reference"],
         }
     device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else _cpu_name()
-    augment = training_augment(cfg.dataset, data.info)
+    augment = loaders.train.augment
     result = {
         "command": "bench",
         "status": "completed",
@@ -285,6 +288,11 @@ def bench_table(result: dict) -> Group:
 def _describe_augment(augment: dict | None) -> str:
     if augment is None:
         return "off"
-    parts = [f"crop with padding {augment['pad']}" if augment["pad"] else "", "flip" if augment["flip"] else ""]
-    parts.append(f"colour jitter {augment['color_jitter']:g}" if augment["color_jitter"] else "")
-    return ", ".join(part for part in parts if part)
+    parts = []
+    if augment["pad"]:
+        parts.append(f"crop with padding {augment['pad']}")
+    if augment["flip"]:
+        parts.append("flip")
+    if augment["color_jitter"]:
+        parts.append(f"colour jitter {augment['color_jitter']:g}")
+    return ", ".join(parts)
