@@ -26,21 +26,21 @@ from torch import nn
 
 from .config import BenchConfig
 from .data import Augment, DataSplits
+from .data.loader import Batch
 from .engine import (
     Compute,
     EpochTotals,
     _train_epoch,
     build_optimizer,
     cross_entropy_step,
-    distillation_step,
     seed_everything,
     teacher_logits,
 )
 from .files import write_json_atomic
-from .losses import build_loss
+from .kd import build_objective, check_cache_teacher, kd_step
 from .models import build_model, count_parameters
 from .report import CONSOLE
-from .tasks import prepare_run, use_cached_teacher_logits
+from .tasks import prepare_run
 
 log = logging.getLogger("distill")
 
@@ -90,12 +90,13 @@ def _cycle(loader, steps: int):
 
 
 def _fast_runner(model: nn.Module, step, loader, cfg: BenchConfig, compute: Compute) -> Callable[[int], int]:
+    """distill's loop: `step` on the run's loader; `model` holds every trained weight (student and method)."""
     optimizer = build_optimizer(model, cfg.optimizer, compute.device)
     scaler = compute.grad_scaler()
 
     def run(steps: int) -> int:
         totals = EpochTotals(compute.device)
-        _train_epoch(model, step, _cycle(loader, steps), optimizer, scaler, compute, _NoProgress(), totals, _NoStop())
+        _train_epoch(model, step, 1, _cycle(loader, steps), optimizer, scaler, compute, _NoProgress(), totals, _NoStop())
         totals.read(model)  # the one host sync per epoch that training also pays
         return totals.images
 
@@ -155,9 +156,9 @@ def _reference_loader(
     return loader, source
 
 
-def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: BenchConfig, device) -> Callable[[int], int]:
-    """The tutorial loop: fp32, per-step host copies and `.item()` syncs."""
-    loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha) if teacher is not None else None
+def _reference_runner(model: nn.Module, step, loader, cfg: BenchConfig, device) -> Callable[[int], int]:
+    """The tutorial loop: fp32, per-step host copies and `.item()` syncs; `step` computes the loss with
+    plain modules (see `run_bench`)."""
     torch_default = "foreach" if device.type == "cuda" else "loop"
     optimizer = build_optimizer(model, replace(cfg.optimizer, impl=torch_default), device)
     model.train()
@@ -168,17 +169,12 @@ def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: 
         seen = 0
         for images, labels in itertools.islice(batches, steps):
             images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            if teacher is None:
-                loss = nn.functional.cross_entropy(logits, labels)
-            else:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
-                loss = loss_fn(logits, teacher_logits, labels)["loss"]
+            # the reference's loader hands out no sample positions; a method reading them (CRD) gets 0
+            parts, logits = step(Batch(images, labels, torch.zeros_like(labels)), 1)
             optimizer.zero_grad()
-            loss.backward()
+            parts["loss"].backward()
             optimizer.step()
-            loss.item()
+            parts["loss"].item()
             (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
         return seen
@@ -186,41 +182,51 @@ def _reference_runner(model: nn.Module, teacher: nn.Module | None, loader, cfg: 
     return run
 
 
+def _kd_case(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders) -> tuple[nn.Module, object, bool]:
+    """The kd step as `distill kd` builds it (`kd.build_objective`; cached teacher logits when exact, except
+    in the reference loop) with an untrained teacher: (student + method modules, step, logits cached)."""
+    seed_everything(cfg.seed)
+    student = compute.place(build_model(cfg.student, data.info, "student"))
+    teacher = compute.place(build_model(cfg.teacher, data.info, "teacher")).eval().requires_grad_(False)
+    objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
+    cached = None
+    if compute.fold_frozen and check_cache_teacher(cfg, objective, loaders.train.augment is not None):
+        cached = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
+    step = kd_step(student_forward, None if cached is not None else teacher_forward, objective, cached)
+    return nn.ModuleList([student, objective]), step, cached is not None
+
+
 def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
-    """Time a train step (teacher, CE) and a kd step (student from a frozen teacher), fast vs reference.
+    """Time a train step (teacher, CE) and a kd step (student from a frozen teacher, the method of
+    `cfg.loss`), fast vs reference.
 
     Each loop gets its own freshly built models: ours placed as a run places them (channels_last,
-    compiled with device.compile), the reference's as a tutorial would (plain fp32 NCHW modules).
+    compiled with device.compile, BatchNorm folded into the frozen teacher, cached teacher logits when
+    exact), the reference's as a tutorial would (plain fp32 NCHW modules, the teacher run as it is), with
+    the same loss computation.
     """
     compute, data, loaders = prepare_run(cfg)
-    loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha)
-
-    def build(key: str, model_cfg, place) -> nn.Module:
-        seed_everything(cfg.seed)
-        return place(build_model(model_cfg, data.info, key))
-
-    teacher = build("teacher", cfg.teacher, compute.place)
-    student = build("student", cfg.student, compute.place)
-    frozen = build("teacher", cfg.teacher, compute.place).eval().requires_grad_(False)
-    cached_logits = None
-    if use_cached_teacher_logits(cfg, loaders):
-        cached_logits = teacher_logits(frozen, loaders.eval_loader(data.train), compute, data.info.num_classes)
-    teacher_forward = None if cached_logits is not None else compute.frozen_forward(frozen)
-    cases = {
-        "train": (teacher, cross_entropy_step(compute.forward(teacher)), "teacher", cfg.teacher),
-        "kd": (student, distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits), "student", cfg.student),
-    }
+    plain = Compute(compute.device, "fp32", channels_last=False, fold_frozen=False)
+    seed_everything(cfg.seed)
+    teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
+    kd_modules, kd_fast_step, logits_cached = _kd_case(cfg, compute, data, loaders)
+    student = kd_modules[0]
+    seed_everything(cfg.seed)
+    reference_teacher = plain.place(build_model(cfg.teacher, data.info, "teacher"))
+    kd_reference_modules, kd_reference_step, _ = _kd_case(cfg, plain, data, loaders)
     reference, reference_source = _reference_loader(cfg, data, loaders.train.augment)
-    plain = lambda model: model.to(compute.device)  # noqa: E731
-    reference_teacher = build("teacher", cfg.teacher, plain).eval().requires_grad_(False)
+    cases = {
+        "train": (
+            (teacher, cross_entropy_step(compute.forward(teacher))),
+            (reference_teacher, cross_entropy_step(plain.forward(reference_teacher))),
+        ),
+        "kd": ((kd_modules, kd_fast_step), (kd_reference_modules, kd_reference_step)),
+    }
     rows = {}
-    for name, (model, step, key, model_cfg) in cases.items():
-        reference_model = build(key, model_cfg, plain)
+    for name, ((model, step), (reference_model, reference_step)) in cases.items():
         runs = {
             "distill": _fast_runner(model, step, loaders.train, cfg, compute),
-            "reference": _reference_runner(
-                reference_model, reference_teacher if name == "kd" else None, reference, cfg, compute.device
-            ),
+            "reference": _reference_runner(reference_model, reference_step, reference, cfg, compute.device),
         }
         rates = _timed_in_turns(runs, cfg, compute)
         fast, slow = statistics.median(rates["distill"]), statistics.median(rates["reference"])
@@ -239,6 +245,9 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "dataset": data.info.name,
         "teacher": {"arch": cfg.teacher.arch, "params": count_parameters(teacher)},
         "student": {"arch": cfg.student.arch, "params": count_parameters(student)},
+        "loss": dict(cfg.loss),
+        "T": cfg.T,
+        "alpha": cfg.alpha,
         "batch_size": cfg.batch_size,
         "augment": asdict(augment) if augment else None,
         "device": str(compute.device),
@@ -249,7 +258,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "channels_last": {"teacher": compute.uses_channels_last(teacher), "student": compute.uses_channels_last(student)},
         "compile": compute.compile,
         "optimizer_impl": cfg.optimizer.impl,
-        "teacher_logits_cached": cached_logits is not None,
+        "teacher_logits_cached": logits_cached,
         "reference_workers": cfg.reference_workers,
         "reference_data": reference_source,
         "steps": cfg.steps,

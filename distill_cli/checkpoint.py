@@ -18,8 +18,9 @@ from torch import nn
 from .errors import DistillError
 from .files import atomic_write
 
-# 1: weights and metadata; 2: adds "training" to last.pt (optimizer, RNG and data order: see engine.fit)
-FORMAT_VERSION = 2
+# 1: weights and metadata; 2: adds "training" to last.pt (optimizer, RNG and data order: see engine.fit);
+# 3: last.pt's "training" holds the KD method's trainable parts and buffers under "method"
+FORMAT_VERSION = 3
 LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
 DAMAGED = "last.damaged.pt"  # a last.pt that could not be resumed from, kept aside for a look
 

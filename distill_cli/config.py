@@ -7,6 +7,7 @@ a task converts its config with `to_object` (done first thing in every command).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -156,13 +157,6 @@ class DeviceConfig:
 
 
 @dataclass
-class LossConfig:
-    """The distillation loss, by name in the loss registry; T and alpha are top-level kd keys."""
-
-    name: str = "kd"
-
-
-@dataclass
 class RunConfig:
     """Keys shared by every command."""
 
@@ -199,7 +193,9 @@ class KDConfig(RunConfig):
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # the KD method: {"name": <registered method>, <its hyperparameters>}; checked against the method's
+    # constructor (`losses.base.build_method`), its published defaults in configs/loss/<name>.yaml
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "kd"})
     T: float = 4.0
     alpha: float = 0.5
     # epochs for the teacher when kd has to train it (same optimizer, batch size and seed as the run)
@@ -215,8 +211,9 @@ class KDConfig(RunConfig):
         super().__post_init__()
         self.cache_teacher = str(self.cache_teacher).lower()
         _choice("cache_teacher", self.cache_teacher, ("auto", "true", "false"))
-        _check(self.T > 0, "T", f"temperature must be > 0, got {self.T}")
+        _check(math.isfinite(self.T) and self.T > 0, "T", f"temperature must be a finite number > 0, got {self.T}")
         _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
+        _check(isinstance(self.loss.get("name"), str), "loss.name", "name the KD method (loss=<method>; see distill list)")
         _check(self.teacher_epochs >= 1, "teacher_epochs", f"must be >= 1, got {self.teacher_epochs}")
 
 
@@ -266,14 +263,15 @@ def _unknown_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:
     for key, value in values.items():
         if key not in schema:
             unknown.append(prefix + key)
-        elif isinstance(value, dict) and isinstance(schema[key], dict) and key != "kwargs":
+        elif isinstance(value, dict) and isinstance(schema[key], dict) and key not in ("kwargs", "loss"):
             unknown += _unknown_keys(value, schema[key], f"{prefix}{key}.")
     return unknown
 
 
 def validate_config(command: str, cfg: Any) -> RunConfig:
     """The composed config as its schema dataclass: unknown keys (also ones added with `+key=`),
-    wrong types and out-of-range values raise, naming the key. Model `kwargs` stay open."""
+    wrong types and out-of-range values raise, naming the key. Model `kwargs` and the method's `loss.*`
+    keys stay open here; they are checked against the model's and the method's arguments."""
     schema = SCHEMAS[command]
     unknown = _unknown_keys(
         OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(OmegaConf.structured(schema))

@@ -1,6 +1,6 @@
 """The training engine: device and precision set-up, optimiser and schedule, the epoch loop.
 
-A training step is any callable `step(batch) -> (loss_parts, logits)`; `fit` runs it
+A training step is any callable `step(batch, epoch) -> (loss_parts, logits)`; `fit` runs it
 under autocast, accumulates losses and accuracy on the device (one host sync per epoch), evaluates
 on the validation split, appends `metrics.jsonl` and writes `last.pt` / `best.pt` atomically.
 `last.pt` carries everything needed to continue the run exactly (see `fit`).
@@ -27,12 +27,15 @@ from torch import nn
 from .checkpoint import BEST, save_atomic, save_last
 from .config import DeviceConfig, OptimizerConfig
 from .data.loader import Batch
+from .losses.base import Outputs
+from .models.features import feature_extractor
 from .models.fold import fold_batch_norm
 from .errors import DistillError, Interrupted
 from .files import atomic_write
 from .report import EpochProgress, log
 
-Step = Callable[[Batch], tuple[dict[str, torch.Tensor], torch.Tensor]]
+# a training step: (batch, 1-based epoch) -> ({"loss": total, "loss/<term>": ...}, logits)
+Step = Callable[[Batch, int], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +48,7 @@ class Compute:
     precision: str  # bf16 | fp16 | fp32
     channels_last: bool | None = False  # None: for conv nets wide enough to gain (see `uses_channels_last`)
     compile: bool = False
+    fold_frozen: bool = True  # frozen models run with BatchNorm folded (see `frozen_forward`)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -77,18 +81,40 @@ class Compute:
 
         return forward
 
-    def frozen_forward(self, model: nn.Module, compile: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    def outputs(self, model: nn.Module, info, points: tuple[str, ...] = (), role: str = "model") -> Callable[[torch.Tensor], Outputs]:
+        """Like `forward`, but returning `Outputs`: the logits and the feature points `points` (a torch.fx
+        extractor sharing `model`'s parameters, see `models.features.feature_extractor`)."""
+        if not points:
+            forward = self.forward(model)
+            return lambda images: Outputs(forward(images))
+        # the extractor holds the same convolutions, so it gets the model's memory format
+        forward = self.forward(feature_extractor(model, info, points, role))
+
+        def outputs(images: torch.Tensor) -> Outputs:
+            features = forward(images)
+            return Outputs(features.pop("logits"), features)
+
+        return outputs
+
+    def frozen_forward(
+        self, model: nn.Module, compile: bool = True, points: tuple[str, ...] = (), info=None, role: str = "teacher"
+    ) -> Callable[[torch.Tensor], Outputs]:
         """The forward pass of a frozen `model` as kd steps run it: in inference mode, eval mode, BatchNorm
-        folded into the layers before it (`fold_batch_norm`), otherwise as `forward`. The logits come back
-        as an ordinary tensor without grad (a loss may save them for its backward pass, which inference
-        tensors refuse). `model` itself is unchanged."""
-        folded = self.place(fold_batch_norm(model)).requires_grad_(False)
+        folded into the layers before it (`fold_batch_norm`, after extracting the feature points `points`
+        with torch.fx: hooks would not fire in the folded graph), otherwise as `forward`. Logits and
+        features come back as ordinary tensors without grad (a loss or a trainable part may save them for
+        its backward pass, which inference tensors refuse). `model` itself is unchanged."""
+        source = feature_extractor(model.eval(), info, points, role) if points else model
+        folded = self.place(fold_batch_norm(source) if self.fold_frozen else source.eval()).requires_grad_(False)
         run = self.forward(folded, compile)
 
-        def frozen(images: torch.Tensor) -> torch.Tensor:
+        def frozen(images: torch.Tensor) -> Outputs:
             with torch.inference_mode():
-                logits = run(images)
-            return logits.clone()
+                result = run(images)
+            if not points:
+                return Outputs(result.clone())
+            features = {name: value.clone() for name, value in result.items()}
+            return Outputs(features.pop("logits"), features)
 
         return frozen
 
@@ -178,9 +204,11 @@ def _optimizer_kernel(impl: str, device: torch.device) -> dict:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW with the `optimizer.impl` kernel; no weight decay on biases and norm parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """SGD / Adam / AdamW over `model`'s trainable parameters with the `optimizer.impl` kernel; no weight
+    decay on biases and norm parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kernel = _optimizer_kernel(cfg.impl, device)
     try:
@@ -263,7 +291,7 @@ def teacher_logits(teacher: nn.Module, loader, compute: Compute, num_classes: in
     table = torch.empty(loader.num_images, num_classes, device=compute.device)
     for batch in loader:
         with compute.autocast():
-            table[batch.index] = forward(batch.images).float()
+            table[batch.index] = forward(batch.images).logits.float()
     return table
 
 
@@ -391,6 +419,7 @@ def fit(
     make_checkpoint: Callable[[dict], dict],
     label: str,
     resume_from: dict | None = None,
+    method: nn.Module | None = None,
 ) -> FitResult:
     """Train for `epochs`, writing metrics.jsonl, last.pt and best.pt (best val accuracy) into `run_dir`.
 
@@ -399,7 +428,11 @@ def fit(
     the metrics so far and, mid-epoch, the epoch's partial sums; `resume_from` (such a checkpoint)
     continues the run as if it had never stopped. SIGINT/SIGTERM save last.pt at the next step
     boundary and raise Interrupted. A diverged epoch (see `check_finite`) raises before it is saved.
+    `method` (a KD objective with trainable parts or buffers, trained by the same `optimizer`) is saved
+    in last.pt's training state and restored with it; best.pt holds `model` alone.
     """
+    method = method if method is not None else nn.Module()
+    trained = nn.ModuleList([model, method])  # every weight the optimizer changes
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     scaler = compute.grad_scaler()
@@ -409,6 +442,7 @@ def fit(
     if resume_from is not None:
         training = resume_from["training"]
         model.load_state_dict(resume_from["state_dict"])
+        method.load_state_dict(training.get("method", {}))  # format 2 (before methods had state): none
         optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         scaler.load_state_dict(training["scaler"])
@@ -434,6 +468,7 @@ def fit(
             "best_val_acc": best.best_val_acc,
             "history": history,
             "partial": None if unfinished is None else unfinished.state_dict(),
+            "method": {name: value.detach().cpu() for name, value in method.state_dict().items()},
         }
         checkpoint = make_checkpoint({"epoch": epoch, "val_acc": val_acc})
         if improved:
@@ -445,8 +480,9 @@ def fit(
             totals, partial = partial or EpochTotals(compute.device), None
             progress.start_epoch(epoch, done=totals.steps)
             lr = optimizer.param_groups[0]["lr"]
-            _train_epoch(model, step, train_loader, optimizer, scaler, compute, progress, totals, stop)
-            read = totals.read(model)
+            method.train()
+            _train_epoch(model, step, epoch, train_loader, optimizer, scaler, compute, progress, totals, stop)
+            read = totals.read(trained)
             check_finite(read, totals.steps, scaler.is_enabled(), f"{label} epoch {epoch}", saved)
             if stop.signum is not None and totals.steps < len(train_loader):  # save the epoch to continue later
                 save(epoch - 1, None, totals, improved=False)
@@ -476,13 +512,16 @@ def fit(
     return best
 
 
-def _train_epoch(model, step: Step, loader, optimizer, scaler, compute: Compute, progress, totals: EpochTotals, stop) -> None:
-    """Train on `loader`'s (remaining) batches, adding to `totals`; stops early once `stop.signum` is set."""
+def _train_epoch(
+    model, step: Step, epoch: int, loader, optimizer, scaler, compute: Compute, progress, totals: EpochTotals, stop
+) -> None:
+    """Train on `loader`'s (remaining) batches of 1-based `epoch`, adding to `totals`; stops early once
+    `stop.signum` is set."""
     model.train()
     start = time.perf_counter()
     for batch in loader:
         with compute.autocast():
-            parts, logits = step(batch)
+            parts, logits = step(batch, epoch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(parts["loss"]).backward()
         scaler.step(optimizer)
@@ -497,30 +536,9 @@ def _train_epoch(model, step: Step, loader, optimizer, scaler, compute: Compute,
 def cross_entropy_step(forward: Callable[[torch.Tensor], torch.Tensor]) -> Step:
     """Plain supervised training (teachers, and the student trained alone)."""
 
-    def step(batch: Batch):
+    def step(batch: Batch, epoch: int):
         logits = forward(batch.images)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
         return {"loss": loss}, logits
-
-    return step
-
-
-def distillation_step(
-    student: Callable[[torch.Tensor], torch.Tensor],
-    teacher: Callable[[torch.Tensor], torch.Tensor] | None,
-    loss_fn: nn.Module,
-    cached_teacher_logits: torch.Tensor | None = None,
-) -> Step:
-    """Student step against a frozen teacher: its forward pass (`Compute.frozen_forward`), or its logits
-    looked up by image position in `cached_teacher_logits`; `teacher=None` when alpha == 0."""
-
-    def step(batch: Batch):
-        teacher_logits = None
-        if cached_teacher_logits is not None:
-            teacher_logits = cached_teacher_logits[batch.index]
-        elif teacher is not None:
-            teacher_logits = teacher(batch.images)
-        logits = student(batch.images)
-        return loss_fn(logits, teacher_logits, batch.labels), logits
 
     return step

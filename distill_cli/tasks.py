@@ -24,7 +24,6 @@ from .engine import (
     build_optimizer,
     build_scheduler,
     cross_entropy_step,
-    distillation_step,
     evaluate,
     fit,
     inference_rate,
@@ -33,7 +32,7 @@ from .engine import (
     teacher_logits,
 )
 from .errors import DistillError
-from .losses import build_loss
+from .kd import build_objective, check_cache_teacher, kd_step
 from .models import build_model, count_parameters
 from .report import print_results
 from .runs import run_status
@@ -91,10 +90,13 @@ def _train_network(
     loaders: Loaders,
     run_dir: Path,
     label: str,
+    method: nn.Module | None = None,
 ) -> dict:
-    """Fit `model` (with `cfg.resume`: from the run's last checkpoint), then report test accuracy of
-    its best and last checkpoints; leaves the best weights loaded."""
-    optimizer = build_optimizer(model, cfg.optimizer, compute.device)
+    """Fit `model` (and `method`'s trainable parts, with the same optimizer; with `cfg.resume`: from the
+    run's last checkpoint), then report test accuracy of its best and last checkpoints; leaves the best
+    weights loaded."""
+    trained = model if method is None else nn.ModuleList([model, method])
+    optimizer = build_optimizer(trained, cfg.optimizer, compute.device)
     scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
     config = to_plain(cfg)
     resume_from = load_resume_checkpoint(run_dir, config) if cfg.resume else None
@@ -118,6 +120,7 @@ def _train_network(
         make_checkpoint=make_checkpoint,
         label=label,
         resume_from=resume_from,
+        method=method,
     )
     last = evaluate(model, loaders.test, compute, data.info.num_classes)
     model.load_state_dict(load_checkpoint(run_dir / BEST)["state_dict"])
@@ -155,8 +158,9 @@ def _run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits
     }
 
 
-def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Train `cfg.teacher` with cross-entropy and publish it to the teacher cache."""
+def run_train(cfg: TrainConfig, run_dir: Path, label: str = "teacher") -> dict:
+    """Train `cfg.teacher` with cross-entropy and publish it to the teacher cache; `label` names the
+    network in progress lines (kd trains its student-alone baseline through here as "baseline")."""
     start = time.perf_counter()
     if cfg.teacher.checkpoint is not None:
         raise DistillError("teacher.checkpoint is for `distill kd`; `distill train` trains a teacher from scratch")
@@ -165,7 +169,7 @@ def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed)
     model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
     step = cross_entropy_step(compute.forward(model))
-    teacher = _train_network(model, cfg.teacher, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "teacher")
+    teacher = _train_network(model, cfg.teacher, step, cfg, cfg.epochs, compute, data, loaders, run_dir, label)
     cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / BEST)
     summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
     write_json_atomic(summary, run_dir / "summary.json")
@@ -210,7 +214,7 @@ def _trained_once(cfg: KDConfig, train_cfg: TrainConfig, folder: Path, label: st
             log.info(f"{label}: resuming its training in {folder}")
         else:
             log.info(f"{label}: none cached for this recipe; training it into {folder}")
-        run_train(train_cfg, folder)
+        run_train(train_cfg, folder, label)
         return cache.checkpoint_path(recipe), "trained"
 
 
@@ -234,20 +238,31 @@ def baseline_training_config(cfg: KDConfig) -> TrainConfig:
     )
 
 
-def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, compute: Compute) -> nn.Module:
-    """Rebuild a frozen model from its checkpoint, checking it matches `key`'s architecture and the classes."""
+def _checked_checkpoint(path: Path, expected: ModelConfig, key: str, data: DataSplits) -> dict:
+    """The checkpoint at `path`, refused unless it holds `key`'s architecture with the same arguments and
+    the dataset's class count."""
     checkpoint = load_checkpoint(path)
-    if checkpoint["arch"] != expected.arch:
+    if checkpoint["arch"] != expected.arch or dict(checkpoint["kwargs"]) != dict(expected.kwargs):
         raise DistillError(
-            f"{key} checkpoint {path} holds a {checkpoint['arch']!r} model but {key}={expected.arch}; "
-            f"pass {key}={checkpoint['arch']}"
+            f"{key}.checkpoint {path} holds {_describe(checkpoint['arch'], checkpoint['kwargs'])} but {key}= is "
+            f"{_describe(expected.arch, expected.kwargs)}; choose the {key} config the checkpoint was trained with"
         )
     if checkpoint["num_classes"] != data.info.num_classes:
         raise DistillError(
-            f"{key} checkpoint {path} predicts {checkpoint['num_classes']} classes but dataset "
+            f"{key}.checkpoint {path} predicts {checkpoint['num_classes']} classes but dataset "
             f"{data.info.name} has {data.info.num_classes}"
         )
-    model = build_model(ModelConfig(arch=checkpoint["arch"], kwargs=checkpoint["kwargs"]), data.info, key)
+    return checkpoint
+
+
+def _describe(arch: str, kwargs: dict) -> str:
+    return f"{arch}({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
+
+
+def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, compute: Compute) -> nn.Module:
+    """Rebuild a frozen model from its checkpoint, checking it matches `key`'s architecture and the classes."""
+    checkpoint = _checked_checkpoint(path, expected, key, data)
+    model = build_model(expected, data.info, key)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
@@ -256,27 +271,30 @@ def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, c
     return compute.place(model).eval().requires_grad_(False)
 
 
-def use_cached_teacher_logits(cfg: KDConfig, loaders: Loaders) -> bool:
-    """Whether kd looks the teacher's logits up instead of running it (`cache_teacher`): exact only
-    when the transfer set is not augmented, since then every epoch shows the teacher the same images."""
-    exact = loaders.train.augment is None
-    if cfg.cache_teacher == "true" and not exact:
-        raise DistillError(
-            "cache_teacher=true: with dataset.augment=true each epoch shows new views, and one cached logit per "
-            "image is not what the teacher says about them; use dataset.augment=false or cache_teacher=auto"
-        )
-    return exact and cfg.cache_teacher != "false"
+def _check_before_training(cfg: KDConfig, compute: Compute, data: DataSplits, loaders: Loaders) -> tuple[bool, bool]:
+    """Build every network and trainable part of the run once (untrained) so that a bad config fails
+    before anything trains: the student (also the baseline's architecture), the teacher (or the given
+    checkpoint's metadata) and the method with the feature points it reads. Returns whether the
+    objective needs a teacher and whether its logits are cached."""
+    student = compute.place(build_model(cfg.student, data.info, "student"))
+    teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
+    if cfg.teacher.checkpoint is not None:
+        _checked_checkpoint(Path(cfg.teacher.checkpoint), cfg.teacher, "teacher", data)
+    objective, _, _ = build_objective(cfg, data, compute, student, teacher)
+    return objective.needs_teacher, check_cache_teacher(cfg, objective, loaders.train.augment is not None)
 
 
 def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
-    """Distil `cfg.student` from a teacher (given, cached or trained once); alpha=0 trains it alone."""
+    """Distil `cfg.student` from a teacher (given, cached or trained once) with the method `cfg.loss`;
+    `loss=kd alpha=0` trains the student alone."""
     start = time.perf_counter()
     compute, data, loaders = prepare_run(cfg)
     summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
-    summary.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name)
-    cache_logits = cfg.alpha > 0 and use_cached_teacher_logits(cfg, loaders)
+    summary.update(T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
+    needs_teacher, cache_logits = _check_before_training(cfg, compute, data, loaders)
     teacher = None
-    if cfg.alpha > 0:
+    summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
+    if needs_teacher:
         teacher_path, source = _obtain_teacher(cfg, run_dir)
         teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute)
         teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)
@@ -288,17 +306,15 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
             "checkpoint": str(teacher_path.resolve()),
             "source": source,
         }
-    else:
-        summary["teacher"] = None  # alpha=0: the plain-student baseline builds no teacher
-    if cfg.alpha > 0 and cfg.baseline:
-        baseline_path, source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
-        baseline = _load_model(baseline_path, cfg.student, "student", data, compute)
-        summary["baseline"] = {
-            "arch": cfg.student.arch,
-            "test_acc_best": evaluate(baseline, loaders.test, compute, data.info.num_classes).overall,
-            "checkpoint": str(baseline_path.resolve()),
-            "source": source,
-        }
+        if cfg.baseline:
+            baseline_path, source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
+            baseline = _load_model(baseline_path, cfg.student, "student", data, compute)
+            summary["baseline"] = {
+                "arch": cfg.student.arch,
+                "test_acc_best": evaluate(baseline, loaders.test, compute, data.info.num_classes).overall,
+                "checkpoint": str(baseline_path.resolve()),
+                "source": source,
+            }
     cached_logits = None
     if cache_logits:
         cached_logits = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
@@ -306,12 +322,12 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     summary["teacher_logits_cached"] = cached_logits is not None
     seed_everything(cfg.seed)
     student = compute.place(build_model(cfg.student, data.info, "student"))
-    teacher_forward = None if teacher is None or cached_logits is not None else compute.frozen_forward(teacher)
-    loss_fn = build_loss(cfg.loss.name, cfg.T, cfg.alpha)
-    step = distillation_step(compute.forward(student), teacher_forward, loss_fn, cached_logits)
+    objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
+    step = kd_step(student_forward, None if cached_logits is not None else teacher_forward, objective, cached_logits)
     student_result = _train_network(
-        student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student"
+        student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student", method=objective
     )
+    student_result["method_params"] = count_parameters(objective)
     summary["student"] = student_result
     if summary.get("baseline"):
         # what KD bought: the distilled student against the same student trained alone

@@ -1,16 +1,29 @@
+"""The objective (cross-entropy + Hinton KD around any method) and the method interface."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_cli.losses import build_loss
-from distill_cli.losses.hinton import kd_loss
+from distill_cli.errors import DistillError
+from distill_cli.losses import LOSSES
+from distill_cli.losses.base import Objective, Outputs, build_method, kd_loss
+from distill_cli.data.loader import Batch
 
 
 def _softmax(values, T):
     exps = [math.exp(v / T) for v in values]
     return [e / sum(exps) for e in exps]
+
+
+def batch_of(labels: torch.Tensor) -> Batch:
+    """A batch carrying only labels and positions (what a loss reads besides the outputs)."""
+    return Batch(images=torch.empty(len(labels), 0), labels=labels, index=torch.arange(len(labels)))
+
+
+def hinton(T: float, alpha: float) -> Objective:
+    return Objective(build_method({"name": "kd"}), T, alpha)
 
 
 def test_kd_term_matches_hand_computation():
@@ -25,23 +38,27 @@ def test_kd_term_matches_hand_computation():
     assert kd_loss(student, teacher, T).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_total_loss_mixes_terms_by_alpha():
+def test_total_loss_mixes_weighted_terms_by_alpha_and_sums_them_exactly():
     torch.manual_seed(0)
     student, teacher = torch.randn(8, 5), torch.randn(8, 5)
     targets = torch.randint(0, 5, (8,))
-    parts = build_loss("kd", T=4.0, alpha=0.7)(student, teacher, targets)
+    parts = hinton(T=4.0, alpha=0.7)(Outputs(student), Outputs(teacher), batch_of(targets), epoch=1)
     ce = F.cross_entropy(student, targets)
-    assert parts["ce"].item() == pytest.approx(ce.item())
-    assert parts["loss"].item() == pytest.approx(0.7 * parts["kd"].item() + 0.3 * ce.item(), rel=1e-6)
+    assert parts["loss/ce"].item() == pytest.approx(0.3 * ce.item())
+    assert parts["loss/kd"].item() == pytest.approx(0.7 * kd_loss(student, teacher, 4.0).item())
+    assert set(parts) == {"loss", "loss/ce", "loss/kd"}
+    assert parts["loss"].item() == parts["loss/ce"].item() + parts["loss/kd"].item()
 
 
-def test_alpha_zero_is_cross_entropy_and_ignores_teacher():
+def test_alpha_zero_is_cross_entropy_and_needs_no_teacher():
     torch.manual_seed(0)
     student = torch.randn(8, 5)
     targets = torch.randint(0, 5, (8,))
-    parts = build_loss("kd", T=4.0, alpha=0.0)(student, None, targets)
+    objective = hinton(T=4.0, alpha=0.0)
+    assert not objective.needs_teacher
+    parts = objective(Outputs(student), None, batch_of(targets), epoch=1)
     assert parts["loss"].item() == pytest.approx(F.cross_entropy(student, targets).item())
-    assert "kd" not in parts
+    assert "loss/kd" not in parts
 
 
 def test_alpha_one_has_no_cross_entropy_term():
@@ -49,9 +66,9 @@ def test_alpha_one_has_no_cross_entropy_term():
     student = torch.randn(8, 5, requires_grad=True)
     teacher = torch.randn(8, 5)
     good, bad = torch.randint(0, 5, (8,)), torch.randint(0, 5, (8,))
-    loss_fn = build_loss("kd", T=3.0, alpha=1.0)
-    first = loss_fn(student, teacher, good)["loss"]
-    second = loss_fn(student, teacher, bad)["loss"]
+    objective = hinton(T=3.0, alpha=1.0)
+    first = objective(Outputs(student), Outputs(teacher), batch_of(good), 1)["loss"]
+    second = objective(Outputs(student), Outputs(teacher), batch_of(bad), 1)["loss"]
     assert first.item() == second.item()  # labels do not matter at all
     assert first.item() == pytest.approx(kd_loss(student, teacher, 3.0).item())
 
@@ -78,8 +95,48 @@ def test_t_squared_keeps_soft_gradient_magnitude_comparable_across_temperatures(
     assert unscaled[1.0] / unscaled[8.0] > 15
 
 
-def test_loss_works_in_low_precision_logits():
-    student = torch.randn(4, 10).to(torch.bfloat16)
-    teacher = torch.randn(4, 10).to(torch.bfloat16)
-    parts = build_loss("kd", T=4.0, alpha=0.5)(student, teacher, torch.tensor([0, 1, 2, 3]))
-    assert parts["loss"].dtype == torch.float32 and torch.isfinite(parts["loss"])
+def test_mse_logits_is_the_mean_squared_logit_difference():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 4), torch.randn(6, 4)
+    terms = build_method({"name": "mse_logits", "weight": 2.0})(Outputs(student), Outputs(teacher), None, 1)
+    expected = 2.0 * sum((s - t) ** 2 for s, t in zip(student.flatten().tolist(), teacher.flatten().tolist())) / 24
+    assert terms["mse_logits"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "loss, key",
+    [
+        ({"name": "fitnet", "nosuch": 1}, "loss.nosuch"),
+        ({"name": "fitnet", "weight": "heavy"}, "loss.weight"),
+        ({"name": "fitnet", "weight": -1.0}, "loss.weight"),
+        ({"name": "fitnet", "weight": float("nan")}, "loss.weight"),
+        ({"name": "fitnet", "hint": "pooled"}, "loss.hint"),
+        ({"name": "mse_logits", "weight": True}, "loss.weight"),
+    ],
+)
+def test_bad_hyperparameters_name_the_key(loss, key):
+    with pytest.raises(DistillError, match=f"^{key}:"):
+        build_method(loss)
+
+
+def test_unknown_method_suggests_names():
+    with pytest.raises(DistillError, match="did you mean"):
+        build_method({"name": "fitnets"})
+
+
+def test_every_method_has_a_yaml_with_its_defaults_and_a_docstring():
+    from omegaconf import OmegaConf
+
+    from distill_cli.config import config_dir
+    from distill_cli.losses.base import hyperparameters
+
+    yamls = {path.stem: path for path in (config_dir() / "loss").glob("*.yaml")}
+    assert set(yamls) == set(LOSSES.names())
+    for name, path in yamls.items():
+        config = OmegaConf.to_container(OmegaConf.load(path))
+        method = LOSSES.get(name)
+        assert config["loss"]["name"] == name
+        assert 0 <= config["alpha"] <= 1  # each method states its published CE/KD mix
+        assert set(config["loss"]) - {"name"} <= set(hyperparameters(method))
+        assert method.__doc__ and path.read_text().startswith("# @package _global_\n#")
+        build_method(config["loss"])  # the published defaults pass the method's own checks

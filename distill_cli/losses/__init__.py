@@ -1,23 +1,25 @@
-"""Distillation losses, one module per method, registered by name (`loss=<name>`).
+"""The KD method library: one module per method, registered by name (`loss=<name>`).
 
-A loss is built as `factory(T=..., alpha=...)` and called as
-`loss(student_logits, teacher_logits, targets) -> dict` with the total under "loss" and each
-part (for logging) under its own name.
+Every method is a `Method` (see `base.py`): it names the feature points of both networks it reads,
+builds its trainable parts once it knows their shapes, and returns its weighted loss terms. The
+Hinton soft-target term (top-level `T`, `alpha`) and cross-entropy are added around any method by
+`Objective`, so `loss=crd alpha=0.9` is CRD plus Hinton KD. Each method's published defaults live in
+`configs/loss/<name>.yaml`.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+import pkgutil
 
 from ..registry import Registry
 
 
 def _register_all() -> None:
-    from . import hinton  # noqa: F401
+    """Import every method module of this package (each registers itself): a new method is one file."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
 
 
 LOSSES: Registry = Registry("loss", _register_all)
-
-
-def build_loss(name: str, T: float, alpha: float) -> nn.Module:
-    return LOSSES.get(name)(T=T, alpha=alpha)

@@ -2,39 +2,22 @@
 
     loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)
 
-`alpha` weights the soft (teacher) term, as in the paper, RepDistiller and mdistiller;
-torchdistill's `alpha` weights the CE term instead. Both distributions come from log-softmax
-(no log of a softmax), the KL is averaged over the batch, and the T^2 factor keeps the soft
-term's gradient magnitude roughly independent of T.
+Both terms come from `Objective` (top-level `T` and `alpha`), which adds them around every method;
+`loss=kd` is that objective with no terms of its own. `alpha` weights the soft (teacher) term, as in
+the paper, RepDistiller and mdistiller; torchdistill's `alpha` weights the CE term instead.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from . import LOSSES
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean, in fp32."""
-    log_p_student = F.log_softmax(student_logits.float() / T, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / T, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (T * T)
+from .base import Method
 
 
 @LOSSES.register("kd")
-class HintonKD(nn.Module):
-    def __init__(self, T: float, alpha: float):
-        super().__init__()
-        self.T = T
-        self.alpha = alpha
+class HintonKD(Method):
+    """Hinton KD: soft targets at temperature T (top-level T, alpha); alpha=0 trains the student alone."""
 
-    def forward(self, student_logits, teacher_logits, targets) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(student_logits.float(), targets)
-        if self.alpha == 0:
-            return {"loss": ce, "ce": ce}
-        kd = kd_loss(student_logits, teacher_logits, self.T)
-        total = kd if self.alpha == 1 else self.alpha * kd + (1 - self.alpha) * ce
-        return {"loss": total, "ce": ce, "kd": kd}
+    needs_teacher = False  # only through alpha > 0
+
+    def forward(self, student, teacher, batch, epoch):
+        return {}

@@ -7,6 +7,7 @@ so a config names only the architecture and its own hyperparameters.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 from torch import nn
 
@@ -33,7 +34,25 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, key: str) -> nn.Module:
                 f"{key}.kwargs.{name}: not an argument of model {cfg.arch!r} "
                 f"(accepted: {', '.join(p for p in accepted if p != 'info')})"
             )
-    return factory(info, **cfg.kwargs)
+    try:
+        with warnings.catch_warnings():  # an empty layer is reported below, in one line
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            model = factory(info, **cfg.kwargs)
+    except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as error:
+        raise DistillError(f"{key}.kwargs {_arguments(cfg.kwargs)}: make no {cfg.arch} network ({_first_line(error)})") from None
+    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+    if empty or not any(True for _ in model.parameters()):
+        where = f"the layer {empty[0].rsplit('.', 1)[0]} is empty" if empty else "it has no parameters"
+        raise DistillError(f"{key}.kwargs {_arguments(cfg.kwargs)}: make no usable {cfg.arch} network ({where})")
+    return model
+
+
+def _arguments(kwargs: dict) -> str:
+    return ", ".join(f"{name}={value}" for name, value in kwargs.items()) or "(defaults)"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -71,9 +71,12 @@ class FeatureTaps:
 
 
 def _capture(captured: dict, name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
-    """Forward hook: keep `output` and its version counter (None where torch keeps none)."""
-    tracked = isinstance(output, Tensor) and not output.is_inference()
-    captured[name] = (output, output._version if tracked else None)
+    """Forward hook: keep `output` and its version counter. Inference tensors have no version counter,
+    so under inference mode a copy is kept instead: a later in-place op cannot change what was captured."""
+    if isinstance(output, Tensor) and output.is_inference():
+        captured[name] = (output.clone(), None)
+    else:
+        captured[name] = (output, output._version if isinstance(output, Tensor) else None)
 
 
 def default_feature_layers(model: nn.Module, info: DatasetInfo) -> list[str]:
@@ -123,3 +126,60 @@ def _trace(model: nn.Module, info: DatasetInfo) -> list[tuple[str, nn.Module, tu
         for handle in handles:
             handle.remove()
     return records
+
+
+def feature_points(model: nn.Module, info: DatasetInfo) -> dict[str, str]:
+    """The named feature points of `model` a KD method can ask for, mapped to torch.fx node names.
+
+    - `stem` (zoo CNNs): the stem's output.
+    - `stage1` ... `stageN` (CNNs): each stage's output, shallow to deep (`default_feature_layers`).
+    - `pooled`: the embedding the classifier reads (the input of the final Linear layer), (batch, dim).
+    - `logits`: the model's output.
+    MLPs have no feature maps, so only `pooled` and `logits`. A model torch.fx cannot trace has none
+    (only its logits, by a plain forward pass).
+    """
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    try:
+        _, nodes = get_graph_node_names(model)
+    except Exception:  # noqa: BLE001 - torch.fx raises many kinds of errors on untraceable code
+        return {}
+    points = {}
+    if isinstance(getattr(model, "stem", None), nn.Module):
+        points["stem"] = "stem"
+    if any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        for number, name in enumerate(default_feature_layers(model, info), start=1):
+            points[f"stage{number}"] = name
+    last = nodes[-1]
+    try:
+        is_linear = isinstance(model.get_submodule(last), nn.Linear)
+    except AttributeError:  # a function, not a module, makes the output
+        is_linear = False
+    if is_linear and len(nodes) > 1:
+        points["pooled"] = nodes[-2]
+    points["logits"] = last
+    return points
+
+
+def stage_points(points: Iterable[str]) -> list[str]:
+    """The `stageN` points among `points`, in order."""
+    return sorted((p for p in points if p.startswith("stage")), key=lambda p: int(p[len("stage"):]))
+
+
+def feature_extractor(model: nn.Module, info: DatasetInfo, points: Iterable[str], role: str) -> nn.Module:
+    """A torch.fx GraphModule that runs `model` and returns `{point: tensor}` for `points` plus "logits".
+
+    It shares `model`'s submodules and parameters (training it trains `model`). `role` (e.g.
+    "student=mlp_small") names the model in the error raised for a point `model` does not have.
+    """
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    available = feature_points(model, info)
+    nodes = {}
+    for point in (*points, "logits"):
+        if point not in available:
+            have = ", ".join(p for p in available if p != "logits") or "none (not traceable by torch.fx)"
+            raise DistillError(f"{role} has no feature point {point!r} (it has: {have})")
+        nodes[available[point]] = point
+    extractor = create_feature_extractor(model, return_nodes=nodes)
+    return extractor.train(model.training)

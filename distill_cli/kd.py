@@ -1,0 +1,114 @@
+"""The kd step's wiring, shared by `distill kd` and `distill bench`: the method and its objective, the
+feature points both networks hand it, and the teacher's outputs (run, or looked up when cached).
+
+`build_objective` checks everything a method needs (hyperparameters, feature points of both models,
+the dataset) on the networks as built, so a bad config fails before any network trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import KDConfig
+from .data import DataSplits
+from .engine import Compute, Step
+from .errors import DistillError
+from .losses.base import MethodContext, Objective, Outputs, build_method
+from .models.features import feature_points, stage_points
+
+
+def _expand(points: tuple[str, ...], model: nn.Module, data: DataSplits) -> tuple[str, ...]:
+    """`points` with "stages" replaced by the model's `stage1`..`stageN`."""
+    expanded: list[str] = []
+    for point in points:
+        expanded += stage_points(feature_points(model, data.info)) if point == "stages" else [point]
+    return tuple(expanded)
+
+
+@torch.no_grad()
+def _probe(forward, model: nn.Module, data: DataSplits, compute: Compute) -> dict[str, torch.Size]:
+    """The shapes (without the batch axis) of the feature points `forward` returns, from a dummy batch."""
+    info = data.info
+    training = model.training
+    model.eval()
+    try:
+        images = torch.zeros(2, info.channels, *info.image_size, device=compute.device, dtype=compute.input_dtype)
+        with compute.autocast():
+            outputs = forward(images)
+    finally:
+        model.train(training)
+    return {name: value.shape[1:] for name, value in outputs.features.items()}
+
+
+def build_objective(
+    cfg: KDConfig, data: DataSplits, compute: Compute, student: nn.Module, teacher: nn.Module | None
+) -> tuple[Objective, "callable", "callable | None"]:
+    """The objective of `cfg.loss`, with the student's forward pass returning the method's feature
+    points and, when the objective needs a teacher, the frozen teacher's (BatchNorm folded,
+    inference mode). Both networks are as placed on the device; `teacher` may be an untrained
+    network of the right architecture (to check a config before the teacher is trained).
+    """
+    objective = Objective(build_method(dict(cfg.loss)), cfg.T, cfg.alpha)
+    method = objective.method
+    if method.needs_teacher and teacher is None:
+        raise ValueError("build_objective: the method needs a teacher")
+    name = cfg.loss["name"]
+    student_points = _expand(method.student_points, student, data)
+    student_forward = compute.outputs(student, data.info, student_points, f"loss={name}: student={cfg.student.arch}")
+    teacher_forward = None
+    shapes = {}
+    if teacher is not None and objective.needs_teacher:
+        teacher_points = _expand(method.teacher_points, teacher, data)
+        teacher_forward = compute.frozen_forward(
+            teacher, points=teacher_points, info=data.info, role=f"loss={name}: teacher={cfg.teacher.arch}"
+        )
+        shapes = _probe(teacher_forward, teacher, data, compute)
+    context = MethodContext(
+        num_classes=data.info.num_classes,
+        num_train=len(data.train),
+        train_labels=data.train.labels.to(compute.device),
+        student=_probe(student_forward, student, data, compute),
+        teacher=shapes,
+        epochs=cfg.epochs,
+    )
+    method.student_points, method.teacher_points = student_points, tuple(shapes)
+    method.setup(context)
+    return objective.to(compute.device), student_forward, teacher_forward
+
+
+def kd_step(
+    student_forward, teacher_forward, objective: Objective, cached_teacher_logits: torch.Tensor | None = None
+) -> Step:
+    """A training step of the student: the teacher's outputs (run, or its logits looked up by image
+    position in `cached_teacher_logits`), the student's, and the objective's terms."""
+
+    def step(batch, epoch: int):
+        teacher = None
+        if cached_teacher_logits is not None:
+            teacher = Outputs(cached_teacher_logits[batch.index])
+        elif teacher_forward is not None:
+            teacher = teacher_forward(batch.images)
+        student = student_forward(batch.images)
+        return objective(student, teacher, batch, epoch), student.logits
+
+    return step
+
+
+def check_cache_teacher(cfg: KDConfig, objective: Objective, augmented: bool) -> bool:
+    """Whether kd looks the teacher's logits up instead of running it (`cache_teacher`): only when the
+    method reads the teacher's logits alone and the transfer set is not augmented (then every epoch shows
+    the teacher the same images, and the lookup is exact)."""
+    if cfg.cache_teacher == "true":
+        if objective.reads_teacher_features:
+            raise DistillError(
+                f"cache_teacher=true: loss={cfg.loss['name']} reads the teacher's features, not only its "
+                "logits; only logits are cached (use cache_teacher=auto)"
+            )
+        if augmented:
+            raise DistillError(
+                "cache_teacher=true: with dataset.augment=true each epoch shows new views, and one cached logit per "
+                "image is not what the teacher says about them; use dataset.augment=false or cache_teacher=auto"
+            )
+    exact = not augmented and not objective.reads_teacher_features
+    return objective.needs_teacher and exact and cfg.cache_teacher != "false"

@@ -1,0 +1,162 @@
+"""The interface every KD method implements, and the objective that adds cross-entropy and Hinton KD.
+
+    class MyMethod(Method):
+        def __init__(self, weight: float = 1.0):            # hyperparameters = `loss.*` keys
+            super().__init__()
+            self.student_points, self.teacher_points = ("pooled",), ("pooled",)
+        def setup(self, context: MethodContext) -> None:     # shapes known: build trainable parts
+            self.embed = nn.Linear(context.student["pooled"][0], context.teacher["pooled"][0])
+        def forward(self, student, teacher, batch, epoch):   # Outputs of both nets -> weighted terms
+            return {"mine": self.weight * ...}
+
+Feature points are named per network (`models.features.feature_points`): `stem`, `stage1`..`stageN`,
+`pooled`, and `stages` (every stage). A method's parameters are trained with the student (same
+optimizer), and its parameters and buffers are saved in last.pt and restored on resume; best.pt holds
+the student alone. Epochs are counted from 1, as the peers count them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DistillError
+
+
+@dataclass
+class Outputs:
+    """What one forward pass of a network hands a method: its logits and the feature points asked for."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MethodContext:
+    """What a method may need to build its parts: the data and the shapes (without the batch axis)
+    of the feature points it asked for, probed once on a dummy batch."""
+
+    num_classes: int
+    num_train: int  # size of the transfer set (CRD's memory banks)
+    train_labels: Tensor  # (num_train,) labels of the transfer set by position, on the device
+    student: dict[str, torch.Size]
+    teacher: dict[str, torch.Size]
+    epochs: int
+
+
+class Method(nn.Module):
+    """A KD method: weighted loss terms from the student's and teacher's `Outputs`.
+
+    Set `student_points` / `teacher_points` in `__init__` (feature points read; empty: logits only);
+    `needs_teacher` is False only for methods that use no teacher output at all.
+    """
+
+    needs_teacher: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student_points: tuple[str, ...] = ()
+        self.teacher_points: tuple[str, ...] = ()
+
+    def setup(self, context: MethodContext) -> None:
+        """Build the trainable parts and check the data, once the feature shapes are known."""
+
+    def forward(self, student: Outputs, teacher: Outputs | None, batch, epoch: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise a one-line DistillError naming `key` unless `ok`."""
+    if not ok:
+        raise DistillError(f"{key}: {message}")
+
+
+def positive(key: str, value: float) -> None:
+    require(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
+
+
+def non_negative(key: str, value: float) -> None:
+    require(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean, in fp32 from log-softmax."""
+    log_p_student = F.log_softmax(student_logits.float() / T, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / T, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (T * T)
+
+
+def hyperparameters(method: type[Method]) -> dict[str, inspect.Parameter]:
+    """The `loss.*` keys a method takes: its constructor's keyword arguments."""
+    return {name: p for name, p in inspect.signature(method.__init__).parameters.items() if name != "self"}
+
+
+def _coerce(key: str, value, annotation):
+    """`value` as the annotated type (int -> float allowed), or a one-line error naming `key`."""
+    kind = typing.get_origin(annotation) or annotation
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, bool, str) and type(value) is kind:
+        return value
+    if kind in (tuple, list) and isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise DistillError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def build_method(loss: dict) -> Method:
+    """The method `loss["name"]` with the other `loss.*` keys as its hyperparameters (checked: unknown
+    keys, types and ranges fail naming the key)."""
+    from . import LOSSES
+
+    name = loss.get("name")
+    method = LOSSES.get(name)
+    accepted = hyperparameters(method)
+    values = {}
+    for key, value in loss.items():
+        if key == "name":
+            continue
+        if key not in accepted:
+            raise DistillError(
+                f"loss.{key}: not a hyperparameter of loss={name} (accepted: {', '.join(accepted) or 'none'})"
+            )
+        annotation = typing.get_type_hints(method.__init__).get(key, type(accepted[key].default))
+        values[key] = _coerce(f"loss.{key}", value, annotation)
+    return method(**values)
+
+
+class Objective(nn.Module):
+    """The training loss of a kd step: (1 - alpha) CE + alpha Hinton KD at temperature T + the method's
+    terms. Every term is its weighted contribution, named `loss/<term>`, and "loss" is their exact sum."""
+
+    def __init__(self, method: Method, T: float, alpha: float):
+        super().__init__()
+        self.method = method
+        self.T = T
+        self.alpha = alpha
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.alpha > 0 or self.method.needs_teacher
+
+    @property
+    def reads_teacher_features(self) -> bool:
+        return bool(self.method.teacher_points)
+
+    def forward(self, student: Outputs, teacher: Outputs | None, batch, epoch: int) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        if self.alpha < 1:
+            terms["ce"] = (1 - self.alpha) * F.cross_entropy(student.logits.float(), batch.labels)
+        if self.alpha > 0:
+            terms["kd"] = self.alpha * kd_loss(student.logits, teacher.logits, self.T)
+        for name, value in self.method(student, teacher, batch, epoch).items():
+            if name in terms:
+                raise ValueError(f"loss term {name!r} of {type(self.method).__name__} collides with {name!r}")
+            terms[name] = value.float()
+        parts = {f"loss/{name}": value for name, value in terms.items()}
+        return {"loss": sum(parts.values()), **parts}
