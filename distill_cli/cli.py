@@ -153,6 +153,23 @@ def _list() -> None:
     for group in ("optimizer", "device"):
         table.add_row(group, ", ".join(p.stem for p in sorted((config_dir() / group).glob("*.yaml"))))
     CONSOLE.print(table)
+    CONSOLE.print(_methods_table())
+
+
+def _methods_table():
+    """The KD methods (`loss=`), what each computes and its published defaults."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .losses import method_catalogue
+
+    table = Table(title=escape("KD methods: distill kd loss=<name> [alpha=...] [loss.<key>=...]"))
+    for column in ("loss", "computes", "published defaults"):
+        table.add_column(column)
+    for row in method_catalogue():
+        table.add_row(*row)
+    table.caption = "alpha weights the Hinton KD term (T), 1 - alpha the cross-entropy; any method takes alpha > 0"
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +222,10 @@ def _run_command(command: str, rest: list[str]) -> int:
         if command == "list":
             _list()
             return 0
+        if command in ("kd", "bench") and ("--help" in rest or "-h" in rest):
+            from .report import CONSOLE
+
+            CONSOLE.print(_methods_table())
         import hydra
 
         register_configs()

@@ -41,6 +41,11 @@ def _probe(forward, model: nn.Module, data: DataSplits, compute: Compute) -> dic
     return {name: value.shape[1:] for name, value in outputs.features.items()}
 
 
+def needs_teacher(cfg: KDConfig) -> bool:
+    """Whether `cfg`'s objective reads a teacher: the Hinton term (alpha > 0) or the method itself."""
+    return Objective(build_method(dict(cfg.loss)), cfg.T, cfg.alpha).needs_teacher
+
+
 def build_objective(
     cfg: KDConfig, data: DataSplits, compute: Compute, student: nn.Module, teacher: nn.Module | None
 ) -> tuple[Objective, "callable", "callable | None"]:

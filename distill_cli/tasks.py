@@ -32,7 +32,7 @@ from .engine import (
     teacher_logits,
 )
 from .errors import DistillError
-from .kd import build_objective, check_cache_teacher, kd_step
+from .kd import build_objective, check_cache_teacher, kd_step, needs_teacher
 from .models import build_model, count_parameters
 from .report import print_results
 from .runs import run_status
@@ -277,11 +277,13 @@ def _check_before_training(cfg: KDConfig, compute: Compute, data: DataSplits, lo
     checkpoint's metadata) and the method with the feature points it reads. Returns whether the
     objective needs a teacher and whether its logits are cached."""
     student = compute.place(build_model(cfg.student, data.info, "student"))
-    teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
-    if cfg.teacher.checkpoint is not None:
-        _checked_checkpoint(Path(cfg.teacher.checkpoint), cfg.teacher, "teacher", data)
+    teacher = None
+    if needs_teacher(cfg):
+        teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
+        if cfg.teacher.checkpoint is not None:
+            _checked_checkpoint(Path(cfg.teacher.checkpoint), cfg.teacher, "teacher", data)
     objective, _, _ = build_objective(cfg, data, compute, student, teacher)
-    return objective.needs_teacher, check_cache_teacher(cfg, objective, loaders.train.augment is not None)
+    return teacher is not None, check_cache_teacher(cfg, objective, loaders.train.augment is not None)
 
 
 def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
@@ -291,10 +293,10 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     compute, data, loaders = prepare_run(cfg)
     summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
     summary.update(T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
-    needs_teacher, cache_logits = _check_before_training(cfg, compute, data, loaders)
+    with_teacher, cache_logits = _check_before_training(cfg, compute, data, loaders)
     teacher = None
     summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
-    if needs_teacher:
+    if with_teacher:
         teacher_path, source = _obtain_teacher(cfg, run_dir)
         teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute)
         teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)

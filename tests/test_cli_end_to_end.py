@@ -59,12 +59,12 @@ def test_train_then_kd_with_no_arguments(tmp_path):
     summary = _assert_run_folder(kd_dir, epochs=30)
     assert summary["teacher"]["source"] == "cache"  # the teacher `distill train` just made
     assert summary["teacher"]["test_acc"] == pytest.approx(teacher["test_acc_best"])
-    assert (summary["T"], summary["alpha"]) == (4.0, 0.5)
+    assert (summary["T"], summary["alpha"], summary["loss"]) == (4.0, 0.9, {"name": "kd"})  # configs/loss/kd.yaml
     student = summary["student"]
     assert student["params"] < teacher["params"] and summary["compression"] > 10
     assert {"test_acc_best", "test_acc_last", "best_epoch", "selection"} <= set(student)
     assert student["test_acc_best"] > 0.8
-    assert {"loss", "ce", "kd"} <= set(read_jsonl(kd_dir / "metrics.jsonl")[0])
+    assert {"loss", "loss/ce", "loss/kd"} <= set(read_jsonl(kd_dir / "metrics.jsonl")[0])
     assert "compression" in kd.stdout and "student" in kd.stdout
     assert Path(summary["teacher"]["checkpoint"]).is_file()
     assert summary["baseline"]["source"] == "trained"  # the same student alone, trained once and cached

@@ -2,6 +2,7 @@ import pytest
 
 from distill_cli.config import KDConfig, TrainConfig, config_dir, validate_config
 from distill_cli.errors import DistillError
+from distill_cli.teacher_cache import teacher_recipe
 
 from conftest import compose_config, run_distill
 
@@ -92,7 +93,8 @@ def test_range_checks_name_the_key(override, key):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["kd", "T=0"], "T: temperature must be > 0"),
+        (["kd", "T=0"], "T: temperature must be a finite number > 0"),
+        (["kd", "T=inf"], "T: temperature must be a finite number > 0"),
         (["kd", "alpha=2"], "alpha: must be in [0, 1]"),
         (["kd", "T=hot"], "T: Value 'hot'"),
         (["kd", "epochs=1.5"], "epochs: Value '1.5'"),
@@ -136,3 +138,26 @@ def test_distill_list_names_datasets_models_and_losses(tmp_path):
     out = run_distill("list", cwd=tmp_path).stdout
     for name in ("digits", "cifar100", "imagefolder", "synthetic", "mlp_small", "kd", "sgd"):
         assert name in out
+
+
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+# the presets `distill train` takes; each other preset is a kd preset named <teacher preset>_<student>
+TEACHER_PRESETS = ["cifar100_resnet32x4", "cifar100_resnet56", "cifar100_vgg13", "cifar100_wrn_40_2", "mnist_hinton"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_preset_composes_and_validates(name):
+    command = "train" if name in TEACHER_PRESETS else "kd"
+    validate_config(command, compose_config(command, [f"experiment={name}"]))
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in TEACHER_PRESETS])
+def test_kd_presets_reuse_the_teacher_their_train_preset_caches(name):
+    """`distill train experiment=<teacher preset>` then `distill kd experiment=<pair preset>` must hit the
+    teacher cache: the kd preset's teacher recipe is the train preset's."""
+    from distill_cli.tasks import teacher_training_config
+
+    kd = validate_config("kd", compose_config("kd", [f"experiment={name}"]))
+    teacher_preset = next(t for t in TEACHER_PRESETS if name.startswith(t + "_"))
+    train = validate_config("train", compose_config("train", [f"experiment={teacher_preset}"]))
+    assert teacher_recipe(teacher_training_config(kd)) == teacher_recipe(train)

@@ -210,8 +210,8 @@ def _on_step(monkeypatch, call: int, action):
     def patched(model):
         step = real(model)
 
-        def counted(batch):
-            parts, logits = step(batch)
+        def counted(batch, epoch):
+            parts, logits = step(batch, epoch)
             return (action(parts) if next(counter) == call else parts), logits
 
         return counted

@@ -238,7 +238,7 @@ def test_frozen_forward_runs_a_folded_copy_without_gradients():
             module.register_forward_hook(lambda *args: ran.append(1))
     compute = Compute(CPU, "fp32", channels_last=None)
     images = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
-    logits = compute.frozen_forward(model)(images)
+    logits = compute.frozen_forward(model)(images).logits
     assert not ran and not logits.requires_grad  # no BatchNorm module ran
     assert not logits.is_inference()  # a loss may save it for backward, e.g. a logit-matching MSE:
     student = torch.nn.Linear(3 * 8 * 8, 3)

@@ -23,3 +23,20 @@ def _register_all() -> None:
 
 
 LOSSES: Registry = Registry("loss", _register_all)
+
+
+def method_catalogue() -> list[tuple[str, str, str]]:
+    """(name, what it computes, its published defaults) of every method: the class docstring's first
+    line and `configs/loss/<name>.yaml` (alpha and the `loss.*` hyperparameters)."""
+    from omegaconf import OmegaConf
+
+    from ..config import config_dir
+
+    rows = []
+    for name in LOSSES.names():
+        config = OmegaConf.to_container(OmegaConf.load(config_dir() / "loss" / f"{name}.yaml"))
+        hyper = {key: value for key, value in config["loss"].items() if key != "name"}
+        defaults = ", ".join([f"alpha={config['alpha']}", *(f"loss.{key}={value}" for key, value in hyper.items())])
+        summary = (LOSSES.get(name).__doc__ or "").strip().splitlines()[0]
+        rows.append((name, summary, defaults))
+    return rows

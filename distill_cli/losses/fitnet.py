@@ -48,5 +48,5 @@ class FitNet(Method):
         self.connector = conv_connector(context.student[self.hint][0], context.teacher[self.hint][0])
 
     def forward(self, student, teacher, batch, epoch):
-        hint, guide = match_size(self.connector(student.features[self.hint]), teacher.features[self.hint])
+        hint, guide = match_size(self.connector(student.features[self.hint].float()), teacher.features[self.hint].float())
         return {"fitnet": self.weight * F.mse_loss(hint.float(), guide.float())}

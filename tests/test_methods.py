@@ -1,0 +1,144 @@
+"""Every KD method, through the wiring `distill kd` uses (`distill_cli.kd`): training steps on each model
+family, every trainable part reached by gradients, fp32 terms from low-precision outputs."""
+
+import copy
+
+import pytest
+import torch
+
+from distill_cli.config import DatasetConfig, KDConfig, ModelConfig, TeacherConfig
+from distill_cli.data import load_dataset
+from distill_cli.data.loader import Batch
+from distill_cli.engine import Compute, build_optimizer
+from distill_cli.errors import DistillError
+from distill_cli.kd import build_objective, check_cache_teacher, kd_step
+from distill_cli.losses import LOSSES
+from distill_cli.losses.base import Outputs, build_method
+from distill_cli.models import build_model
+
+CPU = Compute(torch.device("cpu"), "fp32", channels_last=None)
+METHODS = LOSSES.names()
+# teacher -> student pairs covering every zoo family, also across families (other stage counts and widths)
+PAIRS = {
+    "resnet": ("resnet_cifar", {"depth": 14}, "resnet_cifar", {"depth": 8}),
+    "wrn": ("wrn", {"depth": 16, "widen_factor": 2}, "wrn", {"depth": 16, "widen_factor": 1}),
+    "vgg": ("vgg", {"depth": 11}, "vgg", {"depth": 8}),
+    "mobilenetv2": ("resnet_cifar", {"depth": 8}, "mobilenetv2", {}),
+    "shufflenet": ("resnet_cifar", {"depth": 8}, "shufflenetv1", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    """A small synthetic 3x8x8, 10-class dataset."""
+    return load_dataset(DatasetConfig(name="synthetic", image_size=8, train_size=64, test_size=16, val_split=0.0))
+
+
+def _config(method: str, teacher=("resnet_cifar", {"depth": 8}), student=("resnet_cifar", {"depth": 8}), **overrides):
+    loss = {"name": method}
+    return KDConfig(
+        teacher=TeacherConfig(arch=teacher[0], kwargs=teacher[1]),
+        student=ModelConfig(arch=student[0], kwargs=student[1]),
+        loss=loss,
+        **overrides,
+    )
+
+
+def _wired(cfg: KDConfig, data, compute: Compute = CPU):
+    torch.manual_seed(0)
+    student = compute.place(build_model(cfg.student, data.info, "student"))
+    teacher = compute.place(build_model(cfg.teacher, data.info, "teacher")).eval().requires_grad_(False)
+    objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
+    return student, objective, kd_step(student_forward, teacher_forward, objective)
+
+
+def _batch(data, size: int = 8, start: int = 0) -> Batch:
+    index = torch.arange(start, start + size)
+    images = (data.train.images[index].float() / 255 - 0.5) / 0.25
+    return Batch(images.contiguous(memory_format=torch.channels_last), data.train.labels[index], index)
+
+
+@pytest.mark.parametrize("family", PAIRS)
+@pytest.mark.parametrize("method", METHODS)
+def test_two_training_steps_on_every_model_family(method, family, data):
+    """Finite terms that sum to the loss, and every trainable weight of student and method moved."""
+    teacher_arch, teacher_kwargs, student_arch, student_kwargs = PAIRS[family]
+    cfg = _config(method, (teacher_arch, teacher_kwargs), (student_arch, student_kwargs), alpha=0.5)
+    student, objective, step = _wired(cfg, data)
+    trained = torch.nn.ModuleList([student, objective])
+    before = copy.deepcopy(trained.state_dict())
+    optimizer = build_optimizer(trained, cfg.optimizer, CPU.device)
+    student.train()
+    for number, epoch in enumerate((1, 30)):  # epoch 30: past every warm-up
+        parts, logits = step(_batch(data, start=8 * number), epoch)
+        assert all(torch.isfinite(value) for value in parts.values()), parts
+        assert parts["loss"].item() == pytest.approx(sum(v.item() for k, v in parts.items() if k != "loss"), rel=1e-5)
+        assert logits.shape == (8, 10)
+        optimizer.zero_grad()
+        parts["loss"].backward()
+        optimizer.step()
+    assert method == "kd" or parts.keys() - {"loss", "loss/ce", "loss/kd"}, "the method adds a term of its own"
+    stuck = [
+        name
+        for name, p in trained.named_parameters()
+        if p.requires_grad and torch.equal(p.detach(), before[name])
+    ]
+    assert not stuck, f"not trained: {stuck}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_every_trainable_part_of_the_method(method, data):
+    _, objective, step = _wired(_config(method, alpha=0.0), data)
+    parts, _ = step(_batch(data), 30)
+    parts["loss"].backward()
+    parts_of_method = [(name, p) for name, p in objective.named_parameters() if p.requires_grad]
+    missing = [name for name, p in parts_of_method if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, f"{method}: no gradient for {missing}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_term_is_fp32_from_low_precision_outputs(method, dtype, data):
+    """Autocast hands a loss bf16/fp16 logits and features: every term must be computed in fp32 from
+    them, equal to the fp32 computation on the same (rounded) values."""
+    cfg = _config(method, alpha=0.5)
+    student, objective, _ = _wired(cfg, data)
+    batch = _batch(data)
+    with torch.no_grad():
+        forward = CPU.outputs(student, data.info, objective.method.student_points)
+        teacher_model = build_model(cfg.teacher, data.info, "teacher").eval()
+        teacher_forward = CPU.frozen_forward(teacher_model, points=objective.method.teacher_points, info=data.info)
+        s, t = forward(batch.images), teacher_forward(batch.images)
+
+    def rounded(outputs: Outputs, to) -> Outputs:
+        return Outputs(outputs.logits.to(dtype).to(to), {k: v.to(dtype).to(to) for k, v in outputs.features.items()})
+
+    low = copy.deepcopy(objective)(rounded(s, dtype), rounded(t, dtype), batch, 30)
+    reference = copy.deepcopy(objective)(rounded(s, torch.float32), rounded(t, torch.float32), batch, 30)
+    assert low.keys() == reference.keys()
+    for name, value in low.items():
+        assert value.dtype == torch.float32, name
+        assert value.item() == pytest.approx(reference[name].item(), rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("kd", "mse_logits", "dkd")])
+def test_feature_methods_refuse_a_student_without_feature_maps_naming_it(method, data):
+    cfg = _config(method, student=("mlp", {"hidden": [8]}))
+    with pytest.raises(DistillError, match=rf"^loss={method}: student=mlp has no feature point"):
+        _wired(cfg, data)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_teacher_logits_are_cached_only_for_methods_that_read_logits_alone(method, data):
+    _, objective, _ = _wired(_config(method), data)
+    logits_only = not objective.method.teacher_points
+    assert check_cache_teacher(_config(method), objective, augmented=False) == logits_only
+    assert not check_cache_teacher(_config(method), objective, augmented=True)
+    if not logits_only:
+        with pytest.raises(DistillError, match=f"cache_teacher=true: loss={method} reads the teacher's features"):
+            check_cache_teacher(_config(method, cache_teacher="true"), objective, augmented=False)
+
+
+def test_method_parts_sit_on_the_objective_and_build_with_published_defaults():
+    for method in METHODS:
+        assert build_method({"name": method}).needs_teacher == (method != "kd")
