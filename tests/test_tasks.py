@@ -99,7 +99,7 @@ def test_teacher_checkpoint_is_loaded_and_checked(tmp_path):
     assert summary["teacher"]["source"] == "checkpoint" and summary["teacher"]["checkpoint"] == str(path.resolve())
 
     wrong_arch = replace(cfg, teacher=TeacherConfig(arch="mlp", checkpoint=str(path)))
-    with pytest.raises(DistillError, match="holds a 'cnn' model but teacher=mlp"):
+    with pytest.raises(DistillError, match=r"holds cnn\(blocks=2, width=8\) but teacher= is mlp\(\)"):
         tasks.run_kd(wrong_arch, tmp_path / "kd2")
 
     checkpoint = load_checkpoint(path)
