@@ -76,6 +76,7 @@ def build_objective(
         student=_probe(student_forward, student, data, compute),
         teacher=shapes,
         epochs=cfg.epochs,
+        dataset=data.info.name,
     )
     method.student_points, method.teacher_points = student_points, tuple(shapes)
     method.setup(context)

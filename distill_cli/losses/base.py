@@ -48,6 +48,7 @@ class MethodContext:
     student: dict[str, torch.Size]
     teacher: dict[str, torch.Size]
     epochs: int
+    dataset: str = ""  # the dataset's name (`dataset=<name>`), for a method's messages about the data
 
 
 class Method(nn.Module):
