@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import distill_cli.tasks as tasks
-from distill_cli.config import DatasetConfig
+from distill_cli.config import DatasetConfig, ModelConfig, TeacherConfig
 from distill_cli.errors import DistillError
 from distill_cli.losses.base import MethodContext, Outputs, build_method, kd_loss
 
@@ -185,12 +185,14 @@ def test_sp_is_zero_for_identical_features_and_blind_to_their_scale():
 
 @pytest.mark.parametrize("name", ["at", "sp"])
 def test_stage_methods_refuse_a_network_without_feature_maps(tmp_path, name):
+    """Before anything trains, naming the method and the network (an MLP has no stages)."""
     cfg = small_kd_config(tmp_path, loss={"name": name}, alpha=0.0)  # student: an MLP, teacher: a CNN
-    with pytest.raises(DistillError, match=rf"^loss={name}: the student has no feature maps"):
+    with pytest.raises(DistillError, match=rf"^loss={name}: student=mlp has no feature point 'stage1'"):
         tasks.run_kd(cfg, tmp_path / "run")
-    shapes = {"stage1": torch.Size([3, 4, 4])}
-    with pytest.raises(DistillError, match=rf"^loss={name}: the teacher has no feature maps"):
-        build_method({"name": name}).setup(context(student=shapes, teacher={"pooled": torch.Size([8])}))
+    swapped = replace(cfg, teacher=TeacherConfig(arch="mlp", kwargs={"hidden": [8]}), student=ModelConfig("cnn", {"width": 4}))
+    with pytest.raises(DistillError, match=rf"^loss={name}: teacher=mlp has no feature point 'stage1'"):
+        tasks.run_kd(swapped, tmp_path / "run2")
+    assert not (tmp_path / "cache").exists()
 
 
 # --- PKT ---------------------------------------------------------------------------------------------

@@ -24,16 +24,6 @@ from .base import Method, MethodContext, non_negative, positive, require
 from .fitnet import match_size
 
 
-def require_stages(context: MethodContext, method: str) -> None:
-    """Refuse, naming `loss=<method>`, a student or teacher without stage feature maps (an MLP)."""
-    for role, shapes in (("student", context.student), ("teacher", context.teacher)):
-        require(
-            bool(stage_points(shapes)),
-            f"loss={method}",
-            f"the {role} has no feature maps (stages); this method reads the stage outputs of both networks",
-        )
-
-
 def stage_pairs(student_features: dict, teacher_features: dict) -> list[tuple]:
     """(student, teacher) stage features paired from the deepest stage back, as many as the shorter net has."""
     student = [student_features[point] for point in stage_points(student_features)]
@@ -57,9 +47,6 @@ class AttentionTransfer(Method):
         self.weight = weight
         self.p = p
         self.student_points = self.teacher_points = ("stages",)
-
-    def setup(self, context: MethodContext) -> None:
-        require_stages(context, "at")
 
     def forward(self, student, teacher, batch, epoch):
         total = 0.0

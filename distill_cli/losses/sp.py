@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from ..models.features import stage_points
 from . import LOSSES
-from .at import require_stages
 from .base import Method, MethodContext, non_negative
 
 
@@ -31,10 +30,7 @@ class SimilarityPreserving(Method):
         super().__init__()
         non_negative("loss.weight", weight)
         self.weight = weight
-        self.student_points = self.teacher_points = ("stages",)
-
-    def setup(self, context: MethodContext) -> None:
-        require_stages(context, "sp")
+        self.student_points = self.teacher_points = ("last_stage",)
 
     def forward(self, student, teacher, batch, epoch):
         student_last = student.features[stage_points(student.features)[-1]].float()
