@@ -1,4 +1,4 @@
-"""Feature-based KD methods (VID) against independent computations of their papers' formulas."""
+"""Feature-based KD methods (VID, ReviewKD) against independent computations of their papers' formulas."""
 
 import math
 
@@ -12,6 +12,7 @@ from distill_cli.checkpoint import LAST, load_checkpoint
 from distill_cli.config import ModelConfig, TeacherConfig
 from distill_cli.errors import DistillError
 from distill_cli.losses.base import MethodContext, Outputs, build_method
+from distill_cli.losses.reviewkd import hierarchical_context_loss
 
 from conftest import run_distill, small_kd_config
 from test_losses import batch_of
@@ -126,6 +127,91 @@ def test_vid_variances_are_trained_with_the_student_and_saved_in_last_pt(tmp_pat
         assert value.abs().sum() > 0 and not torch.allclose(value, torch.full_like(value, initial))
 
 
+# ---- ReviewKD ----
+
+
+def test_hierarchical_context_loss_weights_levels_below_the_map_size_and_normalises():
+    """A constant offset a plus a checkerboard of amplitude b: full-resolution MSE a^2 + b^2, every pooled
+    level a^2 (the checkerboard averages out), so HCL = a^2 + b^2 / (sum of the weights of the levels used)."""
+    a, b = 0.5, 2.0
+    weight_sums = {8: 1 + 1 / 2 + 1 / 4 + 1 / 8, 4: 1 + 1 / 2 + 1 / 4, 2: 1 + 1 / 2, 1: 1.0}
+    for size, weight_sum in weight_sums.items():
+        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        checkerboard = (1 - 2 * ((rows + cols) % 2)).float() if size > 1 else torch.zeros(1, 1)
+        teacher = torch.randn(2, 3, size, size)
+        student = teacher + a + b * checkerboard
+        expected = a**2 + (b**2 if size > 1 else 0) / weight_sum
+        assert hierarchical_context_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5), size
+
+
+def hcl_by_blocks(student: np.ndarray, teacher: np.ndarray) -> float:
+    """HCL with explicit block means: levels 4, 2, 1 below the map size, weights 1/2, 1/4, 1/8, normalised."""
+    size = student.shape[-1]
+    levels = [level for level in (4, 2, 1) if level < size]
+    weights = [1.0] + [0.5 ** (number + 1) for number in range(len(levels))]
+    errors = [np.mean((student - teacher) ** 2)]
+    errors += [np.mean((block_mean(student, level) - block_mean(teacher, level)) ** 2) for level in levels]
+    return sum(w * e for w, e in zip(weights, errors)) / sum(weights)
+
+
+def reviewkd_by_hand(method, student: Outputs, teacher: Outputs) -> float:
+    """The knowledge review of the paper, composed step by step from the method's layers: deepest level
+    (the pooled feature as a 1x1 map) first; each shallower level blends its reduced student map with the
+    deeper level's blend, upsampled by repetition, by sigmoid(1x1 conv) weights; HCL per level, summed."""
+    levels = [("pooled", "pooled"), *reversed(PAIRS)]
+    as_map = {2: lambda x: x[:, :, None, None], 4: lambda x: x}
+    total, deeper = 0.0, None
+    for (student_point, teacher_point), fusion in zip(levels, method.fusions, strict=True):
+        feature = student.features[student_point]
+        blend = fusion.reduce(as_map[feature.dim()](feature))
+        if deeper is None:
+            assert fusion.attention is None
+        else:
+            factor = blend.shape[-1] // deeper.shape[-1]
+            up = deeper.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+            conv = fusion.attention[0]
+            both = torch.cat([blend, up], dim=1)
+            logits = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], both) + conv.bias[None, :, None, None]
+            attention = 1 / (1 + torch.exp(-logits))
+            blend = blend * attention[:, 0:1] + up * attention[:, 1:2]
+        target = teacher.features[teacher_point]
+        output, target = to_same_size(numpy_of(fusion.project(blend)), numpy_of(as_map[target.dim()](target)))
+        total += hcl_by_blocks(output, target)
+        deeper = blend
+    return total
+
+
+def test_reviewkd_is_the_hcl_of_attention_fused_student_levels_to_the_teacher():
+    weight = 3.0
+    method = set_up({"name": "reviewkd", "weight": weight, "warmup_epochs": 20})
+    torch.manual_seed(4)
+    for parameter in method.parameters():  # BatchNorm scales and shifts too, away from 1 and 0
+        parameter.data = torch.randn_like(parameter)
+    student, teacher = outputs_of(STUDENT, seed=5), outputs_of(TEACHER, seed=6)
+    expected = weight * reviewkd_by_hand(method, student, teacher)
+    labels = torch.zeros(BATCH, dtype=torch.long)
+    assert method(student, teacher, batch_of(labels), 20)["reviewkd"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_reviewkd_shared_width_is_the_student_pooled_width_capped_at_512():
+    assert set_up({"name": "reviewkd"}).fusions[0].reduce[0].out_channels == STUDENT["pooled"][0]
+    wide = {**STUDENT, "pooled": (600,)}
+    assert set_up({"name": "reviewkd"}, student=wide).fusions[0].reduce[0].out_channels == 512
+
+
+def test_reviewkd_warms_up_linearly_over_warmup_epochs_counted_from_one():
+    student, teacher = outputs_of(STUDENT, seed=7), outputs_of(TEACHER, seed=8)
+    labels = batch_of(torch.zeros(BATCH, dtype=torch.long))
+    method = set_up({"name": "reviewkd", "warmup_epochs": 20}).eval()
+    full = method(student, teacher, labels, 20)["reviewkd"].item()
+    assert full > 0
+    for epoch, factor in [(1, 1 / 20), (10, 0.5), (40, 1.0)]:
+        assert method(student, teacher, labels, epoch)["reviewkd"].item() == pytest.approx(factor * full, rel=1e-6)
+    without = set_up({"name": "reviewkd", "warmup_epochs": 0}).eval()
+    without.load_state_dict(method.state_dict())
+    assert without(student, teacher, labels, 1)["reviewkd"].item() == pytest.approx(full, rel=1e-6)
+
+
 # ---- every method here ----
 
 
@@ -133,6 +219,7 @@ def test_vid_variances_are_trained_with_the_student_and_saved_in_last_pt(tmp_pat
     "name, trainable",
     [
         ("vid", 2 * (3 + 1)),  # per stage pair: three 1x1 convs and the per-channel variances
+        ("reviewkd", 3 * (1 + 2 + 1 + 2) + 2 * 2),  # per level: two convs + BNs; attention conv but deepest
     ],
 )
 def test_gradients_reach_every_trainable_part_and_the_student(name, trainable):
@@ -154,6 +241,8 @@ def test_gradients_reach_every_trainable_part_and_the_student(name, trainable):
         ({"name": "vid", "eps": 0.0}, "loss.eps"),
         ({"name": "vid", "init_variance": float("inf")}, "loss.init_variance"),
         ({"name": "vid", "init_variance": 1e-6}, "loss.init_variance"),  # below eps: no variance reaches it
+        ({"name": "reviewkd", "weight": float("nan")}, "loss.weight"),
+        ({"name": "reviewkd", "warmup_epochs": -1}, "loss.warmup_epochs"),
     ],
 )
 def test_bad_hyperparameters_name_the_key(loss, key):
@@ -161,7 +250,7 @@ def test_bad_hyperparameters_name_the_key(loss, key):
         build_method(loss)
 
 
-@pytest.mark.parametrize("name", ["vid"])
+@pytest.mark.parametrize("name", ["vid", "reviewkd"])
 @pytest.mark.parametrize("mlp_role", ["student", "teacher"])
 def test_a_network_without_feature_maps_is_refused_before_training(tmp_path, name, mlp_role):
     cnn, mlp = ModelConfig("cnn", {"width": 4, "blocks": 2}), ModelConfig("mlp", {"hidden": [4]})
