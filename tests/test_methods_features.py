@@ -1,0 +1,272 @@
+"""Feature-based KD methods (VID, ReviewKD) against independent computations of their papers' formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distill_cli import tasks
+from distill_cli.checkpoint import LAST, load_checkpoint
+from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.errors import DistillError
+from distill_cli.losses.base import MethodContext, Outputs, build_method
+from distill_cli.losses.reviewkd import hierarchical_context_loss
+
+from conftest import run_distill, small_kd_config
+from test_losses import batch_of
+
+BATCH = 4
+# A student with two stages and a teacher with three: stages pair from the deepest back, so the teacher's
+# stage1 is left out, the student's 4x4 stage1 meets the teacher's 2x2 stage2 (the student's map is
+# pooled) and the student's 2x2 stage2 meets the teacher's 4x4 stage3 (the teacher's map is pooled).
+STUDENT = {"stage1": (3, 4, 4), "stage2": (5, 2, 2), "pooled": (7,)}
+TEACHER = {"stage1": (2, 8, 8), "stage2": (4, 2, 2), "stage3": (6, 4, 4), "pooled": (9,)}
+PAIRS = [("stage1", "stage2"), ("stage2", "stage3")]
+
+
+def set_up(loss: dict, student: dict = STUDENT, teacher: dict = TEACHER):
+    """`loss`'s method, set up for feature points of the shapes `student` / `teacher` (batch axis left out)."""
+    method = build_method(loss)
+    context = MethodContext(
+        num_classes=10,
+        num_train=100,
+        train_labels=torch.zeros(100, dtype=torch.long),
+        student={point: torch.Size(shape) for point, shape in student.items()},
+        teacher={point: torch.Size(shape) for point, shape in teacher.items()},
+        epochs=1,
+    )
+    method.setup(context)
+    return method
+
+
+def outputs_of(shapes: dict, seed: int, requires_grad: bool = False) -> Outputs:
+    """Random features of `shapes` (and logits) for a batch of BATCH."""
+    generator = torch.Generator().manual_seed(seed)
+    features = {
+        point: torch.randn(BATCH, *shape, generator=generator).requires_grad_(requires_grad)
+        for point, shape in shapes.items()
+    }
+    return Outputs(torch.randn(BATCH, 10, generator=generator), features)
+
+
+def block_mean(x: np.ndarray, size: int) -> np.ndarray:
+    """A square (B, C, H, H) array averaged over non-overlapping blocks down to (B, C, size, size)."""
+    b, c, h, _ = x.shape
+    k = h // size
+    return x.reshape(b, c, size, k, size, k).mean(axis=(3, 5))
+
+
+def to_same_size(student: np.ndarray, teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The larger of two square maps block-averaged to the smaller one's size."""
+    size = min(student.shape[-1], teacher.shape[-1])
+    return block_mean(student, size), block_mean(teacher, size)
+
+
+def numpy_of(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().double().numpy()
+
+
+# ---- VID ----
+
+
+def test_vid_is_the_gaussian_negative_log_likelihood_of_the_teacher_maps():
+    weight, eps = 2.0, 1e-3
+    method = set_up({"name": "vid", "weight": weight, "eps": eps})
+    torch.manual_seed(1)
+    for log_scale in method.log_scales:  # per-channel variances that differ, as after some training
+        log_scale.data = torch.randn_like(log_scale)
+    student, teacher = outputs_of(STUDENT, seed=2), outputs_of(TEACHER, seed=3)
+    expected = 0.0
+    for (student_point, teacher_point), regressor, log_scale in zip(PAIRS, method.regressors, method.log_scales):
+        s, t = to_same_size(numpy_of(student.features[student_point]), numpy_of(teacher.features[teacher_point]))
+        convs = [m for m in regressor.modules() if isinstance(m, nn.Conv2d)]
+        assert [tuple(c.weight.shape[:2]) for c in convs] == [(t.shape[1], s.shape[1])] + [(t.shape[1],) * 2] * 2
+        assert all(c.bias is None and c.kernel_size == (1, 1) for c in convs)
+        mean = s
+        for number, conv in enumerate(convs):  # 1x1 convs with a ReLU between them
+            mean = np.einsum("oc,bchw->bohw", numpy_of(conv.weight[:, :, 0, 0]), mean)
+            mean = np.maximum(mean, 0) if number < len(convs) - 1 else mean
+        variance = np.log(1 + np.exp(numpy_of(log_scale))) + eps
+        nll = 0.0
+        for channel, var in enumerate(variance):
+            nll += np.sum(0.5 * ((t[:, channel] - mean[:, channel]) ** 2 / var + np.log(var)))
+        expected += nll / t.size
+    assert method(student, teacher, batch_of(torch.zeros(BATCH, dtype=torch.long)), 1)["vid"].item() == pytest.approx(
+        weight * expected, rel=1e-5
+    )
+
+
+def test_vid_variances_start_at_init_variance():
+    method = set_up({"name": "vid", "init_variance": 3.0, "eps": 0.01})
+    assert len(method.log_scales) == len(PAIRS)
+    for log_scale, (_, teacher_point) in zip(method.log_scales, PAIRS):
+        variance = np.log(1 + np.exp(numpy_of(log_scale))) + 0.01
+        assert variance.shape == (TEACHER[teacher_point][0],)
+        assert variance == pytest.approx(3.0, rel=1e-6)
+
+
+def test_vid_variances_are_trained_with_the_student_and_saved_in_last_pt(tmp_path, quiet_results):
+    """mdistiller keeps VID's log-scales in a plain list: never trained, never saved. Ours are both."""
+    cfg = small_kd_config(
+        tmp_path,
+        loss={"name": "vid"},
+        alpha=0.0,
+        student=ModelConfig("cnn", {"width": 4, "blocks": 2}),
+        epochs=1,
+        teacher_epochs=1,
+        baseline=False,
+    )
+    tasks.run_kd(cfg, tmp_path / "run")
+    method_state = load_checkpoint(tmp_path / "run" / LAST)["training"]["method"]
+    log_scales = {name: value for name, value in method_state.items() if "log_scales" in name}
+    assert len(log_scales) == 2  # the cnn's two stages
+    initial = math.log(math.expm1(5.0 - 1e-5))
+    for value in log_scales.values():
+        assert value.abs().sum() > 0 and not torch.allclose(value, torch.full_like(value, initial))
+
+
+# ---- ReviewKD ----
+
+
+def test_hierarchical_context_loss_weights_levels_below_the_map_size_and_normalises():
+    """A constant offset a plus a checkerboard of amplitude b: full-resolution MSE a^2 + b^2, every pooled
+    level a^2 (the checkerboard averages out), so HCL = a^2 + b^2 / (sum of the weights of the levels used)."""
+    a, b = 0.5, 2.0
+    weight_sums = {8: 1 + 1 / 2 + 1 / 4 + 1 / 8, 4: 1 + 1 / 2 + 1 / 4, 2: 1 + 1 / 2, 1: 1.0}
+    for size, weight_sum in weight_sums.items():
+        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        checkerboard = (1 - 2 * ((rows + cols) % 2)).float() if size > 1 else torch.zeros(1, 1)
+        teacher = torch.randn(2, 3, size, size)
+        student = teacher + a + b * checkerboard
+        expected = a**2 + (b**2 if size > 1 else 0) / weight_sum
+        assert hierarchical_context_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5), size
+
+
+def hcl_by_blocks(student: np.ndarray, teacher: np.ndarray) -> float:
+    """HCL with explicit block means: levels 4, 2, 1 below the map size, weights 1/2, 1/4, 1/8, normalised."""
+    size = student.shape[-1]
+    levels = [level for level in (4, 2, 1) if level < size]
+    weights = [1.0] + [0.5 ** (number + 1) for number in range(len(levels))]
+    errors = [np.mean((student - teacher) ** 2)]
+    errors += [np.mean((block_mean(student, level) - block_mean(teacher, level)) ** 2) for level in levels]
+    return sum(w * e for w, e in zip(weights, errors)) / sum(weights)
+
+
+def reviewkd_by_hand(method, student: Outputs, teacher: Outputs) -> float:
+    """The knowledge review of the paper, composed step by step from the method's layers: deepest level
+    (the pooled feature as a 1x1 map) first; each shallower level blends its reduced student map with the
+    deeper level's blend, upsampled by repetition, by sigmoid(1x1 conv) weights; HCL per level, summed."""
+    levels = [("pooled", "pooled"), *reversed(PAIRS)]
+    as_map = {2: lambda x: x[:, :, None, None], 4: lambda x: x}
+    total, deeper = 0.0, None
+    for (student_point, teacher_point), fusion in zip(levels, method.fusions, strict=True):
+        feature = student.features[student_point]
+        blend = fusion.reduce(as_map[feature.dim()](feature))
+        if deeper is None:
+            assert fusion.attention is None
+        else:
+            factor = blend.shape[-1] // deeper.shape[-1]
+            up = deeper.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+            conv = fusion.attention[0]
+            both = torch.cat([blend, up], dim=1)
+            logits = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], both) + conv.bias[None, :, None, None]
+            attention = 1 / (1 + torch.exp(-logits))
+            blend = blend * attention[:, 0:1] + up * attention[:, 1:2]
+        target = teacher.features[teacher_point]
+        output, target = to_same_size(numpy_of(fusion.project(blend)), numpy_of(as_map[target.dim()](target)))
+        total += hcl_by_blocks(output, target)
+        deeper = blend
+    return total
+
+
+def test_reviewkd_is_the_hcl_of_attention_fused_student_levels_to_the_teacher():
+    weight = 3.0
+    method = set_up({"name": "reviewkd", "weight": weight, "warmup_epochs": 20})
+    torch.manual_seed(4)
+    for parameter in method.parameters():  # BatchNorm scales and shifts too, away from 1 and 0
+        parameter.data = torch.randn_like(parameter)
+    student, teacher = outputs_of(STUDENT, seed=5), outputs_of(TEACHER, seed=6)
+    expected = weight * reviewkd_by_hand(method, student, teacher)
+    labels = torch.zeros(BATCH, dtype=torch.long)
+    assert method(student, teacher, batch_of(labels), 20)["reviewkd"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_reviewkd_shared_width_is_the_student_pooled_width_capped_at_512():
+    assert set_up({"name": "reviewkd"}).fusions[0].reduce[0].out_channels == STUDENT["pooled"][0]
+    wide = {**STUDENT, "pooled": (600,)}
+    assert set_up({"name": "reviewkd"}, student=wide).fusions[0].reduce[0].out_channels == 512
+
+
+def test_reviewkd_warms_up_linearly_over_warmup_epochs_counted_from_one():
+    student, teacher = outputs_of(STUDENT, seed=7), outputs_of(TEACHER, seed=8)
+    labels = batch_of(torch.zeros(BATCH, dtype=torch.long))
+    method = set_up({"name": "reviewkd", "warmup_epochs": 20}).eval()
+    full = method(student, teacher, labels, 20)["reviewkd"].item()
+    assert full > 0
+    for epoch, factor in [(1, 1 / 20), (10, 0.5), (40, 1.0)]:
+        assert method(student, teacher, labels, epoch)["reviewkd"].item() == pytest.approx(factor * full, rel=1e-6)
+    without = set_up({"name": "reviewkd", "warmup_epochs": 0}).eval()
+    without.load_state_dict(method.state_dict())
+    assert without(student, teacher, labels, 1)["reviewkd"].item() == pytest.approx(full, rel=1e-6)
+
+
+# ---- every method here ----
+
+
+@pytest.mark.parametrize(
+    "name, trainable",
+    [
+        ("vid", 2 * (3 + 1)),  # per stage pair: three 1x1 convs and the per-channel variances
+        ("reviewkd", 3 * (1 + 2 + 1 + 2) + 2 * 2),  # per level: two convs + BNs; attention conv but deepest
+    ],
+)
+def test_gradients_reach_every_trainable_part_and_the_student(name, trainable):
+    method = set_up({"name": name})
+    student, teacher = outputs_of(STUDENT, seed=9, requires_grad=True), outputs_of(TEACHER, seed=10)
+    method(student, teacher, batch_of(torch.zeros(BATCH, dtype=torch.long)), 20)[name].backward()
+    parameters = dict(method.named_parameters())
+    assert len(parameters) == trainable
+    for parameter_name, parameter in parameters.items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, parameter_name
+    for point in ("stage1", "stage2"):
+        assert student.features[point].grad.abs().sum() > 0, point
+
+
+@pytest.mark.parametrize(
+    "loss, key",
+    [
+        ({"name": "vid", "weight": -1.0}, "loss.weight"),
+        ({"name": "vid", "eps": 0.0}, "loss.eps"),
+        ({"name": "vid", "init_variance": float("inf")}, "loss.init_variance"),
+        ({"name": "vid", "init_variance": 1e-6}, "loss.init_variance"),  # below eps: no variance reaches it
+        ({"name": "reviewkd", "weight": float("nan")}, "loss.weight"),
+        ({"name": "reviewkd", "warmup_epochs": -1}, "loss.warmup_epochs"),
+    ],
+)
+def test_bad_hyperparameters_name_the_key(loss, key):
+    with pytest.raises(DistillError, match=f"^{key}:"):
+        build_method(loss)
+
+
+@pytest.mark.parametrize("name", ["vid", "reviewkd"])
+@pytest.mark.parametrize("mlp_role", ["student", "teacher"])
+def test_a_network_without_feature_maps_is_refused_before_training(tmp_path, name, mlp_role):
+    cnn, mlp = ModelConfig("cnn", {"width": 4, "blocks": 2}), ModelConfig("mlp", {"hidden": [4]})
+    student, teacher = (mlp, cnn) if mlp_role == "student" else (cnn, mlp)
+    teacher = TeacherConfig(teacher.arch, teacher.kwargs)
+    cfg = small_kd_config(tmp_path, loss={"name": name}, student=student, teacher=teacher, baseline=False)
+    message = f"loss={name}: needs stage feature maps of both networks; the {mlp_role} has none"
+    with pytest.raises(DistillError, match=f"^{message}$"):
+        tasks.run_kd(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()  # no teacher was trained
+
+
+@pytest.mark.slow
+def test_cli_refuses_vid_for_the_default_mlp_student_in_one_line(tmp_path):
+    result = run_distill("kd", "loss=vid", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    (error,) = result.stderr.strip().splitlines()
+    assert error == "distill kd: error: loss=vid: needs stage feature maps of both networks; the student has none"
