@@ -1,7 +1,6 @@
 """How `distill kd` wires a method: teacher features of the BN-folded teacher, checks before any
 training, and the teacher checkpoint's arguments."""
 
-from dataclasses import replace
 
 import pytest
 import torch

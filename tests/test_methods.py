@@ -121,10 +121,17 @@ def test_every_term_is_fp32_from_low_precision_outputs(method, dtype, data):
         assert value.item() == pytest.approx(reference[name].item(), rel=1e-5, abs=1e-6), name
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("kd", "mse_logits", "dkd")])
-def test_feature_methods_refuse_a_student_without_feature_maps_naming_it(method, data):
-    cfg = _config(method, student=("mlp", {"hidden": [8]}))
-    with pytest.raises(DistillError, match=rf"^loss={method}: student=mlp has no feature point"):
+@pytest.mark.parametrize("role", ["student", "teacher"])
+@pytest.mark.parametrize("method", [m for m in METHODS if build_method({"name": m}).student_points])
+def test_feature_methods_refuse_a_network_without_feature_maps_naming_it(method, role, data):
+    """An MLP has no stages (only `pooled`): a method reading stages names the method, the role and the model."""
+    mlp, cnn = ("mlp", {"hidden": [8]}), ("cnn", {"width": 4})
+    cfg = _config(method, teacher=mlp if role == "teacher" else cnn, student=mlp if role == "student" else cnn)
+    reads_stages = any(p.startswith("stage") or p.endswith("stage") or p == "stages" for p in build_method({"name": method}).student_points)
+    if not reads_stages:  # pooled-only methods work with MLPs
+        _wired(cfg, data)
+        return
+    with pytest.raises(DistillError, match=rf"^loss={method}: {role}=mlp has no feature point 'stage1' \(it has: pooled\)$"):
         _wired(cfg, data)
 
 

@@ -18,17 +18,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..models.features import stage_points
 from . import LOSSES
-from .base import Method, MethodContext, non_negative, positive, require
+from .base import Method, non_negative, positive, stage_pairs
 from .fitnet import match_size
-
-
-def stage_pairs(student_features: dict, teacher_features: dict) -> list[tuple]:
-    """(student, teacher) stage features paired from the deepest stage back, as many as the shorter net has."""
-    student = [student_features[point] for point in stage_points(student_features)]
-    teacher = [teacher_features[point] for point in stage_points(teacher_features)]
-    return list(zip(reversed(student), reversed(teacher)))
 
 
 def attention_map(feature, p: float):
@@ -50,7 +42,9 @@ class AttentionTransfer(Method):
 
     def forward(self, student, teacher, batch, epoch):
         total = 0.0
-        for student_feature, teacher_feature in stage_pairs(student.features, teacher.features):
-            student_feature, teacher_feature = match_size(student_feature.float(), teacher_feature.float())
+        for student_stage, teacher_stage in stage_pairs(student.features, teacher.features):
+            student_feature, teacher_feature = match_size(
+                student.features[student_stage].float(), teacher.features[teacher_stage].float()
+            )
             total += (attention_map(student_feature, self.p) - attention_map(teacher_feature, self.p)).pow(2).mean()
         return {"at": self.weight * total}

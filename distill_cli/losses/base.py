@@ -86,6 +86,16 @@ def non_negative(key: str, value: float) -> None:
     require(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
 
 
+def stage_pairs(student: dict, teacher: dict) -> list[tuple[str, str]]:
+    """(student stage, teacher stage) names among the keys of `student` and `teacher` (features or their
+    shapes), shallow to deep, paired from the deepest stage back: the deeper net's first stages are left
+    out (pairing from the first stage would match a deep net's early stages with a shallow net's late ones)."""
+    from ..models.features import stage_points
+
+    pairs = list(zip(reversed(stage_points(student)), reversed(stage_points(teacher))))
+    return pairs[::-1]
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean, in fp32 from log-softmax."""
     log_p_student = F.log_softmax(student_logits.float() / T, dim=1)

@@ -11,7 +11,7 @@ and 1x1 (the sizes smaller than the map), weights 1, 1/2, 1/4, ... normalised to
 
 Defaults as mdistiller's CIFAR-100 run (resnet32x4 -> resnet8x4; the authors' script uses the same 5 for
 most pairs): weight 5, warm-up over 20 epochs, shared width min(512, student's pooled width), CE weight 1.
-Nets with different stage counts pair their stages from the deepest back (`vid.stage_pairs`).
+Nets with different stage counts pair their stages from the deepest back (`base.stage_pairs`).
 
 Deliberate differences from the authors' code and mdistiller: the teacher's stage outputs are the
 post-ReLU feature points every method reads (they take the teacher's pre-activation maps), and when the
@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import LOSSES
-from .base import Method, MethodContext, non_negative
+from .base import Method, MethodContext, non_negative, stage_pairs
 from .fitnet import match_size
-from .vid import stage_pairs
 
 MAX_SHARED_WIDTH = 512  # the authors' cap on the ABF width
 
@@ -92,7 +91,7 @@ class ReviewKD(Method):
 
     def setup(self, context: MethodContext) -> None:
         # deepest level first: the order the fusion runs in
-        self.levels = [("pooled", "pooled"), *reversed(stage_pairs(context, "reviewkd"))]
+        self.levels = [("pooled", "pooled"), *reversed(stage_pairs(context.student, context.teacher))]
         shared = min(MAX_SHARED_WIDTH, context.student["pooled"][0])
         self.fusions = nn.ModuleList(
             AttentionFusion(context.student[s][0], shared, context.teacher[t][0], fuse=depth > 0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..models.features import stage_points
 from . import LOSSES
-from .base import Method, MethodContext, non_negative
+from .base import Method, non_negative
 
 
 def similarity(feature):

@@ -27,19 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import LOSSES
-from .base import Method, MethodContext, non_negative, positive, require
+from .base import Method, MethodContext, non_negative, positive, require, stage_pairs
 from .fitnet import match_size
-from ..models.features import stage_points
-
-
-def stage_pairs(context: MethodContext, method: str) -> list[tuple[str, str]]:
-    """(student stage, teacher stage) pairs, shallow to deep, matched from the deepest stage back (the
-    deeper net's first stages are left out); a one-line error naming `loss=<method>` when a net has none."""
-    student, teacher = stage_points(context.student), stage_points(context.teacher)
-    for role, stages in (("student", student), ("teacher", teacher)):
-        require(bool(stages), f"loss={method}", f"needs stage feature maps of both networks; the {role} has none")
-    pairs = list(zip(reversed(student), reversed(teacher)))
-    return pairs[::-1]
 
 
 def _conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -62,7 +51,7 @@ class VID(Method):
         self.student_points = self.teacher_points = ("stages",)
 
     def setup(self, context: MethodContext) -> None:
-        self.pairs = stage_pairs(context, "vid")
+        self.pairs = stage_pairs(context.student, context.teacher)
         self.regressors = nn.ModuleList()
         self.log_scales = nn.ParameterList()
         scale = math.log(math.expm1(self.init_variance - self.eps))  # softplus(scale) + eps = init_variance
