@@ -101,7 +101,7 @@ class ReviewKD(Method):
     def forward(self, student, teacher, batch, epoch):
         total, blend = 0.0, None
         for (student_point, teacher_point), fusion in zip(self.levels, self.fusions):
-            output, blend = fusion(_as_map(student.features[student_point]), blend)
+            output, blend = fusion(_as_map(student.features[student_point].float()), blend)
             output, target = match_size(output, _as_map(teacher.features[teacher_point]))
             total = total + hierarchical_context_loss(output.float(), target.float())
         warm_up = min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
