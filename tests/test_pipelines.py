@@ -1,5 +1,6 @@
 """The device and stream pipelines, cached teacher logits and the kernel switches."""
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -350,22 +351,65 @@ def test_frozen_forward_runs_a_folded_copy_without_gradients():
     assert ran and all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
+KERNELS = ("fused", "foreach", "loop")
+
+
+def _toy_loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """A loss on a seeded batch of `INFO`-shaped images, the same for every model copy."""
+    images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(step))
+    return model(images).square().mean()
+
+
+def _flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_optimizer_kernels_take_the_same_steps(name):
+    """From the same initial weights, the fused, foreach and loop kernels take the same three steps."""
+    torch.manual_seed(0)
+    start = cnn(INFO, width=4)
+    cfg = OptimizerConfig(name=name, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     results = {}
-    for impl in ("fused", "foreach", "loop"):
-        torch.manual_seed(0)
-        model = cnn(INFO, width=4)
-        optimizer = build_optimizer(model, OptimizerConfig(name=name, impl=impl, lr=0.1), CPU)
+    for impl in KERNELS:
+        model = copy.deepcopy(start)
+        optimizer = build_optimizer(model, replace(cfg, impl=impl), CPU)
         for step in range(3):
-            torch.manual_seed(step)
-            model(torch.randn(4, 1, 8, 8)).square().mean().backward()
+            _toy_loss(model, step).backward()
             optimizer.step()
             optimizer.zero_grad()
-        results[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert torch.allclose(results["fused"], results["loop"], atol=1e-5)
-    assert torch.allclose(results["foreach"], results["loop"], atol=1e-5)
-    assert not torch.allclose(results["loop"], torch.cat([p.flatten() for p in cnn(INFO, width=4).parameters()]))
+        results[impl] = _flat_parameters(model)
+    assert (results["loop"] - _flat_parameters(start)).abs().min() > 0  # every parameter moved
+    assert torch.allclose(results["fused"], results["loop"], atol=1e-6)
+    assert torch.allclose(results["foreach"], results["loop"], atol=1e-6)
+
+
+def _expected_first_step(name: str, weight: torch.Tensor, grad: torch.Tensor, lr: float, decay: float) -> torch.Tensor:
+    """A parameter after the first step without momentum: SGD and Adam add `decay * weight` to the gradient
+    (L2), AdamW shrinks the weight by `lr * decay` (decoupled); Adam's first step is lr * g / (|g| + eps)."""
+    if name == "adamw":
+        return weight * (1 - lr * decay) - lr * grad / (grad.abs() + 1e-8)
+    grad = grad + decay * weight
+    return weight - lr * (grad if name == "sgd" else grad / (grad.abs() + 1e-8))
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_each_kernels_first_step_has_the_right_size(name, impl):
+    """The first step moves each parameter by exactly lr times its update, with weight decay on the conv and
+    linear weights only (not on biases and BatchNorm parameters)."""
+    lr, decay = 0.1, 0.05
+    torch.manual_seed(0)
+    model = cnn(INFO, width=4)
+    optimizer = build_optimizer(model, OptimizerConfig(name=name, impl=impl, lr=lr, momentum=0.0, weight_decay=decay), CPU)
+    _toy_loss(model, 0).backward()
+    before = {key: (p.detach().clone(), p.grad.clone()) for key, p in model.named_parameters()}
+    optimizer.step()
+    assert {p.ndim > 1 for p in model.parameters()} == {True, False}  # weights, and biases and BatchNorm parameters
+    for parameter_name, parameter in model.named_parameters():
+        weight, grad = before[parameter_name]
+        expected = _expected_first_step(name, weight, grad, lr, decay if parameter.ndim > 1 else 0.0)
+        assert torch.allclose(parameter.detach() - weight, expected - weight, rtol=1e-4, atol=1e-7), parameter_name
 
 
 @pytest.mark.slow
