@@ -1,13 +1,16 @@
 """Datasets, splits, the image-folder tensor cache and on-device augmentation."""
 
+import pickle
 import struct
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from distill_cli.config import DatasetConfig
-from distill_cli.data import Augment, load_dataset, training_augment
+from distill_cli.data import DATASETS, Augment, DataSplits, RawDataset, Split, load_dataset, training_augment
 from distill_cli.data import imagefolder as imagefolder_module
 from distill_cli.data.augment import random_color_jitter, random_crop, random_flip
 from distill_cli.data.loader import DeviceLoader
@@ -17,27 +20,6 @@ from conftest import run_distill, write_image_tree, write_png
 
 
 # ---------------------------------------------------------------- augmentation
-
-
-def _dot_images(n: int, size: int = 8) -> torch.Tensor:
-    """Images with a single bright pixel at the centre, to read crop offsets back."""
-    images = torch.zeros(n, 1, size, size, dtype=torch.uint8)
-    images[:, :, size // 2, size // 2] = 255
-    return images
-
-
-def test_random_crop_keeps_shape_dtype_and_shifts_uniformly_within_pad():
-    pad, n = 2, 5000
-    out = random_crop(_dot_images(n), pad, torch.Generator().manual_seed(0))
-    assert out.shape == (n, 1, 8, 8) and out.dtype == torch.uint8
-    assert set(out.unique().tolist()) <= {0, 255}
-    # where did the dot land? the shift is uniform over -pad..pad in each axis
-    flat = out.view(n, -1).argmax(1)
-    rows, cols = flat // 8 - 4, flat % 8 - 4
-    for shifts in (rows, cols):
-        counts = torch.bincount(shifts + pad, minlength=2 * pad + 1).float() / n
-        assert len(counts) == 2 * pad + 1
-        assert torch.allclose(counts, torch.full_like(counts, 1 / (2 * pad + 1)), atol=0.03)
 
 
 def test_random_crop_matches_pad_then_slice():
@@ -59,21 +41,6 @@ def test_random_flip_flips_about_half_and_exactly_mirrors():
     assert 0.45 < flipped.float().mean() < 0.55
     assert torch.equal(out[flipped][0, 0, 0], torch.tensor([3, 2, 1, 0], dtype=torch.uint8))
     assert torch.equal(out[~flipped][0, 0, 0], torch.tensor([0, 1, 2, 3], dtype=torch.uint8))
-
-
-def test_color_jitter_scales_grey_images_by_factors_spread_over_the_range():
-    """On a flat grey image contrast and saturation change nothing, so each output is 100 x its brightness
-    factor, which is uniform over [1 - s, 1 + s]."""
-    n, strength = 4000, 0.4
-    images = torch.full((n, 3, 5, 5), 100, dtype=torch.uint8)
-    out = random_color_jitter(images, strength, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape and out.dtype == torch.uint8
-    values = out.view(n, -1)
-    assert torch.equal(values.min(1).values, values.max(1).values)  # each image stays flat
-    levels = values[:, 0].float()
-    assert levels.min() >= 60 and levels.max() <= 140
-    quartiles = torch.quantile(levels, torch.tensor([0.25, 0.5, 0.75]))
-    assert torch.allclose(quartiles, torch.tensor([80.0, 100.0, 120.0]), atol=2.5)
 
 
 def test_color_jitter_is_torchvisions_brightness_contrast_saturation():
@@ -113,14 +80,10 @@ def test_loader_augments_training_batches_reproducibly():
 # ---------------------------------------------------------------- splits and classes
 
 
-def test_digits_splits_are_disjoint_seeded_and_complete():
+def test_digits_splits_have_the_configured_sizes():
     data = load_dataset(DatasetConfig(name="digits"))
     assert (len(data.train), len(data.val), len(data.test)) == (1294, 144, 359)
     assert data.info.num_classes == 10 and data.info.channels == 1 and data.info.image_size == (8, 8)
-    again = load_dataset(DatasetConfig(name="digits"))
-    assert torch.equal(data.test.images, again.test.images)
-    other = load_dataset(DatasetConfig(name="digits", split_seed=1))
-    assert not torch.equal(data.test.images, other.test.images)
     no_val = load_dataset(DatasetConfig(name="digits", val_split=0.0))
     assert len(no_val.val) == 0 and len(no_val.train) == 1294 + 144
 
@@ -167,6 +130,30 @@ def _fake_mnist(root: Path, folder: str, n_train=120, n_test=40) -> None:
         labels = torch.arange(n, dtype=torch.uint8) % 10
         _write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", images, 0x0803)
         _write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", labels, 0x0801)
+
+
+def _fake_cifar10(root: Path, monkeypatch, n_per_batch=8, n_test=10) -> None:
+    """CIFAR-10's pickled batches (root/cifar-10-batches-py/), random images; torchvision's md5 check is
+    bypassed (the files are not the real ones)."""
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda path, md5=None: Path(path).is_file())
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for name, n in [*((f"data_batch_{i}", n_per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
+        data = torch.randint(0, 256, (n, 3 * 32 * 32), dtype=torch.uint8, generator=generator).numpy()
+        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": [i % 10 for i in range(n)]}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+
+
+def _fake_svhn(root: Path, monkeypatch, n_train=60, n_test=20) -> None:
+    """SVHN's .mat files (X: H x W x C x N, y: labels 1..10), random images; md5 check bypassed."""
+    from scipy.io import savemat
+
+    monkeypatch.setattr("torchvision.datasets.svhn.check_integrity", lambda path, md5=None: Path(path).is_file())
+    generator = torch.Generator().manual_seed(0)
+    for name, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
+        images = torch.randint(0, 256, (32, 32, 3, n), dtype=torch.uint8, generator=generator).numpy()
+        savemat(root / name, {"X": images, "y": (torch.arange(n) % 10 + 1).view(n, 1).numpy()})
 
 
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
@@ -242,3 +229,97 @@ def test_imagefolder_errors_name_the_expected_layout(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(DistillError, match="no images under"):
         load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "c")))
+
+
+# ---------------------------------------------------------------- splits of every dataset
+
+
+def _source_positions(data: DataSplits, raw: RawDataset) -> dict[str, list[int]]:
+    """Where each image of the train/val/test splits sits in the loader's own images (train, then test).
+
+    The source images are all distinct, so an image identifies its position; the labels must travel with it.
+    """
+    source = raw.train
+    if raw.test is not None:
+        source = Split(torch.cat([raw.train.images, raw.test.images]), torch.cat([raw.train.labels, raw.test.labels]))
+    position_of = {image.numpy().tobytes(): i for i, image in enumerate(source.images)}
+    assert len(position_of) == len(source), "the source images must be distinct to be traced"
+    positions = {}
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        positions[name] = [position_of[image.numpy().tobytes()] for image in split.images]
+        assert torch.equal(split.labels, source.labels[positions[name]]), f"{name}: labels do not follow their images"
+    return positions
+
+
+def _assert_splits_partition_the_source(positions: dict[str, list[int]], raw: RawDataset) -> None:
+    """train/val/test are pairwise disjoint and together hold every source image exactly once."""
+    n_train = len(raw.train)
+    n_source = n_train + (0 if raw.test is None else len(raw.test))
+    for name, part in positions.items():
+        assert len(set(part)) == len(part), f"{name} holds an image twice"
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not set(positions[a]) & set(positions[b]), f"{a} and {b} share images"
+    assert sorted(sum(positions.values(), [])) == list(range(n_source)), "the splits drop images"
+    if raw.test is not None:  # a shipped test split is used as it is
+        assert sorted(positions["test"]) == list(range(n_train, n_source))
+
+
+def _digits_config(tmp_path, monkeypatch) -> DatasetConfig:
+    return DatasetConfig(name="digits")
+
+
+def _synthetic_config(tmp_path, monkeypatch) -> DatasetConfig:
+    return DatasetConfig(name="synthetic", image_size=6, train_size=200, test_size=40)
+
+
+def _imagefolder_config(tmp_path, monkeypatch, with_test: bool) -> DatasetConfig:
+    write_image_tree(tmp_path / "tree", "train", 20)
+    if with_test:
+        write_image_tree(tmp_path / "tree", "test", 5)
+    return DatasetConfig(name="imagefolder", root=str(tmp_path / "tree"), cache_dir=str(tmp_path / "cache"))
+
+
+def _mnist_config(tmp_path, monkeypatch) -> DatasetConfig:
+    _fake_mnist(tmp_path, "MNIST")
+    return DatasetConfig(name="mnist", root=str(tmp_path), download=False)
+
+
+def _cifar10_config(tmp_path, monkeypatch) -> DatasetConfig:
+    _fake_cifar10(tmp_path, monkeypatch)
+    return DatasetConfig(name="cifar10", root=str(tmp_path), download=False)
+
+
+def _svhn_config(tmp_path, monkeypatch) -> DatasetConfig:
+    _fake_svhn(tmp_path, monkeypatch)
+    return DatasetConfig(name="svhn", root=str(tmp_path), download=False)
+
+
+SPLIT_CASES = {
+    "digits": _digits_config,
+    "synthetic": _synthetic_config,
+    "imagefolder-carved-test": partial(_imagefolder_config, with_test=False),
+    "imagefolder-with-test": partial(_imagefolder_config, with_test=True),
+    "mnist": _mnist_config,
+    "cifar10": _cifar10_config,
+    "svhn": _svhn_config,
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_splits_are_disjoint_seeded_and_complete(case, tmp_path, monkeypatch):
+    """Every image lands in exactly one of train/val/test; the held-out splits depend on split_seed only."""
+    cfg = SPLIT_CASES[case](tmp_path, monkeypatch)
+    raw = DATASETS.get(cfg.name)(cfg)
+    positions = _source_positions(load_dataset(cfg), raw)
+    _assert_splits_partition_the_source(positions, raw)
+    assert len(positions["val"]) == round((len(positions["train"]) + len(positions["val"])) * cfg.val_split) > 0
+    assert _source_positions(load_dataset(cfg), raw) == positions  # the same seed: the same splits, in order
+
+    reseeded = replace(cfg, split_seed=1)
+    other_raw = DATASETS.get(cfg.name)(reseeded)  # synthetic data is generated from the seed too
+    other = _source_positions(load_dataset(reseeded), other_raw)
+    _assert_splits_partition_the_source(other, other_raw)
+    held_out = ("val", "test") if raw.test is None else ("val",)
+    for name in held_out:
+        assert set(other[name]) != set(positions[name]), f"{name} ignores split_seed"

@@ -33,14 +33,20 @@ def _split(n=10):
 INFO = DatasetInfo("toy", 3, 1, (2, 2), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
 
 
+def _image_numbers(batch) -> torch.Tensor:
+    """Which images of `_split` a batch holds (each image's pixels are its number)."""
+    return ((batch.images[:, 0, 0, 0] * 0.25 + 0.5) * 255).round().long()
+
+
 def test_loader_shuffles_each_epoch_covering_every_sample_once():
     loader = DeviceLoader(_split(10), INFO, 4, torch.device("cpu"), shuffle=True, seed=1)
     assert len(loader) == 3
-    first = torch.cat([batch.labels for batch in loader])
-    second = torch.cat([batch.labels for batch in loader])
-    ids = lambda: torch.cat([((batch.images[:, 0, 0, 0] * 0.25 + 0.5) * 255).round() for batch in loader])
-    assert sorted(ids().tolist()) == list(range(10))
-    assert len(first) == len(second) == 10
+    epochs = [list(loader) for _ in range(3)]
+    orders = [torch.cat([_image_numbers(batch) for batch in batches]).tolist() for batches in epochs]
+    assert all(sorted(order) == list(range(10)) for order in orders)  # every sample once per epoch
+    assert all(torch.equal(batch.labels, _image_numbers(batch) % 3) for batch in epochs[0])  # labels follow
+    assert orders[0] != list(range(10))  # shuffled
+    assert orders[0] != orders[1] != orders[2] != orders[0]  # a new order each epoch
 
 
 def test_loader_order_depends_only_on_seed():

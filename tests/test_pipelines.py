@@ -1,5 +1,6 @@
 """The device and stream pipelines, cached teacher logits and the kernel switches."""
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from distill_cli.models import build_model
 from distill_cli.models.cnn import cnn
 
 from conftest import metrics_without_timing, run_distill, small_kd_config, small_train_config, write_image_tree
-from test_data import _dot_images
 
 CPU = torch.device("cpu")
 INFO = DatasetInfo("toy", 3, 1, (8, 8), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
@@ -54,21 +54,124 @@ def test_per_sample_augmentation_is_pad_then_slice_and_flip():
     assert len(seen) > 40  # and they vary (25 windows x 2 flips)
 
 
-def test_per_sample_augmentation_has_the_batched_statistics():
-    """Crop offsets uniform over -pad..pad in each axis, and a flip rate of 1/2, as the batched form."""
-    pad, n = 2, 4000
-    out = torch.stack([augment_one(im, Augment(pad=pad), torch.Generator().manual_seed(i)) for i, im in enumerate(_dot_images(n))])
-    where = out.view(n, -1).argmax(1)
-    for shifts in (where // 8 - 4, where % 8 - 4):
-        counts = torch.bincount(shifts + pad, minlength=2 * pad + 1).float() / n
-        assert len(counts) == 2 * pad + 1
-        assert torch.allclose(counts, torch.full_like(counts, 1 / (2 * pad + 1)), atol=0.03)
-    ramp = torch.arange(4, dtype=torch.uint8).view(1, 1, 4)
-    flipped = [augment_one(ramp, Augment(flip=True), torch.Generator().manual_seed(i))[0, 0, 0] == 3 for i in range(n)]
-    assert 0.45 < sum(flipped) / n < 0.55
-    grey = torch.full((3, 4, 4), 100, dtype=torch.uint8)
-    levels = torch.tensor([augment_one(grey, Augment(color_jitter=0.4), torch.Generator().manual_seed(i))[0, 0, 0].item() for i in range(n)])
-    assert levels.min() >= 60 and levels.max() <= 140 and abs(levels.float().median() - 100) < 2.5
+# ---------------------------------------------------------------- both pipelines augment alike
+
+PIPELINES = {"device": DeviceLoader, "stream": StreamLoader}
+VIEWS = 4000  # images per statistic: shares within about +-0.02 of the expected ones
+
+
+def _views(pipeline: str, images: torch.Tensor, augment: Augment) -> torch.Tensor:
+    """The uint8 views that one epoch of `pipeline`'s loader hands out for `images`, in order."""
+    n, channels = images.shape[:2]
+    info = DatasetInfo("views", 1, channels, tuple(images.shape[2:]), (0.0,) * channels, (1 / 255,) * channels, ("a",))
+    options = {"workers": 0} if pipeline == "stream" else {}
+    split = Split(images, torch.zeros(n, dtype=torch.int64))
+    (batch,) = PIPELINES[pipeline](split, info, n, CPU, seed=0, augment=augment, **options)
+    views = batch.images.round().to(torch.uint8)  # normalised with mean 0, std 1/255: the pixels themselves
+    assert views.shape == images.shape
+    return views
+
+
+def _dot_images(n: int, size: int = 8) -> torch.Tensor:
+    """Images with a single bright pixel at the centre, to read crop offsets back."""
+    images = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    images[:, :, size // 2, size // 2] = 255
+    return images
+
+
+def test_both_pipelines_crop_at_uniform_offsets_within_the_padding():
+    """RandomCrop(padding=pad): each (row, column) offset in -pad..pad equally likely, in both pipelines."""
+    pad, cells = 2, 25
+    shares = {}
+    for pipeline in PIPELINES:
+        views = _views(pipeline, _dot_images(VIEWS), Augment(pad=pad))
+        assert set(views.unique().tolist()) == {0, 255} and ((views == 255).flatten(1).sum(1) == 1).all()  # the dot, once
+        where = views.flatten(1).argmax(1)
+        rows, cols = where // 8 - 4, where % 8 - 4
+        assert rows.abs().max() <= pad and cols.abs().max() <= pad
+        shares[pipeline] = torch.bincount((rows + pad) * (2 * pad + 1) + cols + pad, minlength=cells).float() / VIEWS
+        assert torch.allclose(shares[pipeline], torch.full((cells,), 1 / cells), atol=0.015), pipeline
+    assert torch.allclose(shares["device"], shares["stream"], atol=0.02)
+
+
+def test_both_pipelines_flip_half_the_images():
+    """RandomHorizontalFlip(0.5): an exact mirror image, half the time, in both pipelines."""
+    ramp = torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4).repeat(VIEWS, 1, 1, 1)
+    rates = {}
+    for pipeline in PIPELINES:
+        views = _views(pipeline, ramp, Augment(flip=True))
+        flipped = views[:, 0, 0, 0] == 3
+        assert torch.equal(views[flipped], ramp[flipped].flip(3)) and torch.equal(views[~flipped], ramp[~flipped])
+        rates[pipeline] = flipped.float().mean().item()
+        assert 0.47 < rates[pipeline] < 0.53, pipeline
+    assert abs(rates["device"] - rates["stream"]) < 0.04
+
+
+# two colours, in the left and right halves, chosen so that no factor in [0.6, 1.4] clips a pixel
+JITTER_COLOURS = torch.tensor([[120.0, 150.0, 80.0], [60.0, 75.0, 40.0]])
+LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+def _two_colour_images(n: int) -> torch.Tensor:
+    images = torch.empty(n, 3, 4, 4, dtype=torch.uint8)
+    images[..., :2] = JITTER_COLOURS[0].to(torch.uint8).view(3, 1, 1)
+    images[..., 2:] = JITTER_COLOURS[1].to(torch.uint8).view(3, 1, 1)
+    return images
+
+
+def _jitter_factors(views: torch.Tensor) -> torch.Tensor:
+    """The (brightness, contrast, saturation) factors, one row per view of `_two_colour_images`, read back.
+
+    Brightness scales the luma; contrast then scales the luma difference of the two halves about their
+    mean; saturation then scales each pixel's distance from its own luma (which it keeps).
+    """
+    pixels = views[..., 0, ::2].float().transpose(1, 2)  # (n, half, channel)
+    luma = pixels @ LUMA
+    source_luma = JITTER_COLOURS @ LUMA
+    brightness = luma.mean(1) / source_luma.mean()
+    contrast = (luma[:, 0] - luma[:, 1]) / (brightness * (source_luma[0] - source_luma[1]))
+    colour, source_colour = pixels - luma[..., None], JITTER_COLOURS - source_luma[:, None]
+    saturation = (colour * source_colour).sum((1, 2)) / (brightness * contrast * source_colour.square().sum())
+    return torch.stack([brightness, contrast, saturation], dim=1)
+
+
+def test_both_pipelines_draw_the_same_colour_jitter_factors():
+    """ColorJitter(s, s, s): brightness, contrast and saturation factors independent and uniform over [1 - s, 1 + s]."""
+    strength, levels = 0.4, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    quantiles = {}
+    for pipeline in PIPELINES:
+        factors = _jitter_factors(_views(pipeline, _two_colour_images(VIEWS), Augment(color_jitter=strength)))
+        # the full range and no more, up to the rounding to uint8 (worst for saturation at low brightness x contrast)
+        low, high = factors.min(0).values, factors.max(0).values
+        assert torch.allclose(low, torch.full((3,), 1 - strength), atol=0.05), (pipeline, low)
+        assert torch.allclose(high, torch.full((3,), 1 + strength), atol=0.05), (pipeline, high)
+        quantiles[pipeline] = torch.quantile(factors, levels, dim=0)  # (level, factor)
+        uniform = (1 - strength + 2 * strength * levels)[:, None].expand(-1, 3)
+        assert torch.allclose(quantiles[pipeline], uniform, atol=0.025), (pipeline, quantiles[pipeline])
+        correlation = torch.corrcoef(factors.T)
+        assert (correlation - torch.eye(3)).abs().max() < 0.1, (pipeline, correlation)
+    assert torch.allclose(quantiles["device"], quantiles["stream"], atol=0.03)
+
+
+def test_both_pipelines_jitter_after_cropping():
+    """Crop, flip, then colour jitter: the zero padding a crop brings in is jittered with the image.
+
+    On a flat grey image a contrast factor below 1 lifts the black padding towards the view's mean, so
+    about half of the views that show padding keep no black pixel; jittering before the crop would leave
+    the padding black in every one of them. (Jitter and flip commute, and crop and flip give the same
+    distribution of views in either order, offsets being symmetric, so the jitter's place is the order
+    that shows.)
+    """
+    grey = torch.full((VIEWS, 3, 8, 8), 100, dtype=torch.uint8)
+    shares = {}
+    for pipeline in PIPELINES:
+        views = _views(pipeline, grey, Augment(pad=2, flip=True, color_jitter=0.4))
+        shows_padding = views.flatten(1).amin(1) < views.flatten(1).amax(1)
+        assert 0.9 < shows_padding.float().mean() < 1  # 24 of the 25 offsets
+        black = views.flatten(1).amin(1) == 0
+        shares[pipeline] = black[shows_padding].float().mean().item()
+        assert 0.42 < shares[pipeline] < 0.62, pipeline
+    assert abs(shares["device"] - shares["stream"]) < 0.05
 
 
 # ---------------------------------------------------------------- stream loader
@@ -248,22 +351,65 @@ def test_frozen_forward_runs_a_folded_copy_without_gradients():
     assert ran and all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
+KERNELS = ("fused", "foreach", "loop")
+
+
+def _toy_loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """A loss on a seeded batch of `INFO`-shaped images, the same for every model copy."""
+    images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(step))
+    return model(images).square().mean()
+
+
+def _flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_optimizer_kernels_take_the_same_steps(name):
+    """From the same initial weights, the fused, foreach and loop kernels take the same three steps."""
+    torch.manual_seed(0)
+    start = cnn(INFO, width=4)
+    cfg = OptimizerConfig(name=name, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     results = {}
-    for impl in ("fused", "foreach", "loop"):
-        torch.manual_seed(0)
-        model = cnn(INFO, width=4)
-        optimizer = build_optimizer(model, OptimizerConfig(name=name, impl=impl, lr=0.1), CPU)
+    for impl in KERNELS:
+        model = copy.deepcopy(start)
+        optimizer = build_optimizer(model, replace(cfg, impl=impl), CPU)
         for step in range(3):
-            torch.manual_seed(step)
-            model(torch.randn(4, 1, 8, 8)).square().mean().backward()
+            _toy_loss(model, step).backward()
             optimizer.step()
             optimizer.zero_grad()
-        results[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert torch.allclose(results["fused"], results["loop"], atol=1e-5)
-    assert torch.allclose(results["foreach"], results["loop"], atol=1e-5)
-    assert not torch.allclose(results["loop"], torch.cat([p.flatten() for p in cnn(INFO, width=4).parameters()]))
+        results[impl] = _flat_parameters(model)
+    assert (results["loop"] - _flat_parameters(start)).abs().min() > 0  # every parameter moved
+    assert torch.allclose(results["fused"], results["loop"], atol=1e-6)
+    assert torch.allclose(results["foreach"], results["loop"], atol=1e-6)
+
+
+def _expected_first_step(name: str, weight: torch.Tensor, grad: torch.Tensor, lr: float, decay: float) -> torch.Tensor:
+    """A parameter after the first step without momentum: SGD and Adam add `decay * weight` to the gradient
+    (L2), AdamW shrinks the weight by `lr * decay` (decoupled); Adam's first step is lr * g / (|g| + eps)."""
+    if name == "adamw":
+        return weight * (1 - lr * decay) - lr * grad / (grad.abs() + 1e-8)
+    grad = grad + decay * weight
+    return weight - lr * (grad if name == "sgd" else grad / (grad.abs() + 1e-8))
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_each_kernels_first_step_has_the_right_size(name, impl):
+    """The first step moves each parameter by exactly lr times its update, with weight decay on the conv and
+    linear weights only (not on biases and BatchNorm parameters)."""
+    lr, decay = 0.1, 0.05
+    torch.manual_seed(0)
+    model = cnn(INFO, width=4)
+    optimizer = build_optimizer(model, OptimizerConfig(name=name, impl=impl, lr=lr, momentum=0.0, weight_decay=decay), CPU)
+    _toy_loss(model, 0).backward()
+    before = {key: (p.detach().clone(), p.grad.clone()) for key, p in model.named_parameters()}
+    optimizer.step()
+    assert {p.ndim > 1 for p in model.parameters()} == {True, False}  # weights, and biases and BatchNorm parameters
+    for parameter_name, parameter in model.named_parameters():
+        weight, grad = before[parameter_name]
+        expected = _expected_first_step(name, weight, grad, lr, decay if parameter.ndim > 1 else 0.0)
+        assert torch.allclose(parameter.detach() - weight, expected - weight, rtol=1e-4, atol=1e-7), parameter_name
 
 
 @pytest.mark.slow
