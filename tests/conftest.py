@@ -1,8 +1,10 @@
+import itertools
 import json
 import os
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,40 @@ def quiet_results(monkeypatch):
     import distill_cli.tasks
 
     monkeypatch.setattr(distill_cli.tasks, "print_results", lambda summary, per_class=False: None)
+
+
+def dropout_train_config(tmp_path: Path, **overrides) -> TrainConfig:
+    """A quick recipe that draws randomness every step: dropout (torch's RNG) and on-device
+    augmentation (the loader's generator)."""
+    teacher = TeacherConfig(arch="mlp", kwargs={"hidden": [32], "dropout": 0.2})
+    cfg = small_train_config(tmp_path, teacher=teacher, epochs=3, **overrides)
+    return replace(cfg, dataset=replace(cfg.dataset, augment=True))
+
+
+def on_training_step(monkeypatch, call: int, action) -> None:
+    """Make the `call`-th cross-entropy training step (counted from 1, over all epochs) run `action(parts) -> parts`."""
+    import distill_cli.tasks
+
+    real = distill_cli.tasks.cross_entropy_step
+    counter = itertools.count(1)
+
+    def patched(model):
+        step = real(model)
+
+        def counted(batch):
+            parts, logits = step(batch)
+            return (action(parts) if next(counter) == call else parts), logits
+
+        return counted
+
+    monkeypatch.setattr(distill_cli.tasks, "cross_entropy_step", patched)
+
+
+def comparable_results(summary: dict) -> dict:
+    """What two identical runs share in their summaries (not paths or timings)."""
+    varying = {"checkpoint", "inference_images_per_s"}  # paths and timings
+    return {
+        role: {k: v for k, v in summary[role].items() if k not in varying}
+        for role in ("teacher", "student", "baseline")
+        if summary.get(role)
+    }

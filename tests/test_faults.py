@@ -25,14 +25,22 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import BEST, DAMAGED, LAST, PREVIOUS, load_checkpoint, load_resume_checkpoint, model_checkpoint, save_atomic, save_last
-from distill_cli.config import TeacherConfig, validate_config
+from distill_cli.config import validate_config
 from distill_cli.data import Augment, DatasetInfo, Split
 from distill_cli.data.loader import DeviceLoader, StreamLoader
 from distill_cli.engine import check_finite, rng_state, set_rng_state
 from distill_cli.errors import DistillError, Interrupted
 from distill_cli.runs import resumption, run_status
 
-from conftest import compose_config, metrics_without_timing, run_distill, small_train_config, start_distill
+from conftest import (
+    comparable_results,
+    compose_config,
+    dropout_train_config,
+    metrics_without_timing,
+    on_training_step,
+    run_distill,
+    start_distill,
+)
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distill_cli"
 
@@ -194,52 +202,17 @@ def test_resumption_replays_the_overrides_into_the_same_folder(tmp_path):
 # --- in-process: an interrupt mid-epoch, a diverging loss ----------------------------------------
 
 
-def _dropout_train_config(tmp_path):
-    """A quick recipe that draws randomness every step: dropout (torch's RNG) and on-device
-    augmentation (the loader's generator)."""
-    teacher = TeacherConfig(arch="mlp", kwargs={"hidden": [32], "dropout": 0.2})
-    cfg = small_train_config(tmp_path, teacher=teacher, epochs=3)
-    return replace(cfg, dataset=replace(cfg.dataset, augment=True))
-
-
-def _on_step(monkeypatch, call: int, action):
-    """Make the `call`-th training step (counted from 1, over all epochs) run `action(parts) -> parts`."""
-    real = tasks.cross_entropy_step
-    counter = itertools.count(1)
-
-    def patched(model):
-        step = real(model)
-
-        def counted(batch):
-            parts, logits = step(batch)
-            return (action(parts) if next(counter) == call else parts), logits
-
-        return counted
-
-    monkeypatch.setattr(tasks, "cross_entropy_step", patched)
-
-
-def _results(summary: dict) -> dict:
-    """What two identical runs share in their summaries (not paths or timings)."""
-    varying = {"checkpoint", "inference_images_per_s"}  # paths and timings
-    return {
-        role: {k: v for k, v in summary[role].items() if k not in varying}
-        for role in ("teacher", "student", "baseline")
-        if summary.get(role)
-    }
-
-
 @pytest.mark.usefixtures("quiet_results")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, signum):
-    cfg = _dropout_train_config(tmp_path)
+    cfg = dropout_train_config(tmp_path)
     reference = tasks.run_train(cfg, tmp_path / "reference")
 
     def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
         os.kill(os.getpid(), signum)
         return parts
 
-    _on_step(monkeypatch, 25, interrupt)
+    on_training_step(monkeypatch, 25, interrupt)
     with pytest.raises(Interrupted) as stopped:
         tasks.run_train(cfg, tmp_path / "run")
     assert stopped.value.signum == signum
@@ -251,14 +224,55 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monk
     monkeypatch.undo()
     resumed = tasks.run_train(replace(cfg, resume=True), tmp_path / "run")
     assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "reference")
-    assert _results(resumed) == _results(reference)
+    assert comparable_results(resumed) == comparable_results(reference)
+
+
+@pytest.mark.usefixtures("quiet_results")
+@pytest.mark.parametrize("second_during", ["step", "save"])
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, second_during):
+    """Ctrl-C twice: the first asks for a checkpoint at the next step boundary, the second (in the same
+    step, or while that checkpoint is being written) stops at once; last.pt stays the epoch-1 one."""
+    run = tmp_path / "run"
+    reached, epoch_one = [], {}
+    real_save = torch.save
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def interrupt(parts):  # epoch 2, step 5
+        epoch_one["last.pt"] = (run / LAST).read_bytes()
+        ctrl_c()
+        reached.append("went on after the first")
+        if second_during == "step":
+            ctrl_c()
+            reached.append("went on after the second")
+        return parts
+
+    def save_then_ctrl_c(obj, file):  # the second arrives once the mid-epoch checkpoint's bytes are written
+        real_save(obj, file)
+        if obj.get("training", {}).get("partial") is not None:
+            reached.append("saving")
+            ctrl_c()
+
+    on_training_step(monkeypatch, 25, interrupt)
+    if second_during == "save":
+        monkeypatch.setattr(torch, "save", save_then_ctrl_c)
+    with pytest.raises(Interrupted) as stopped:
+        tasks.run_train(dropout_train_config(tmp_path), run)
+    monkeypatch.undo()
+    assert (stopped.value.signum, stopped.value.where) == (signal.SIGINT, "a second signal: stopped without saving")
+    assert reached == ["went on after the first"] + (["saving"] if second_during == "save" else [])
+    assert (run / LAST).read_bytes() == epoch_one["last.pt"]  # not replaced, nor half-written
+    last = load_checkpoint(run / LAST)
+    assert last["epoch"] == 1 and last["training"]["partial"] is None
+    assert sorted(path.name for path in run.glob("*.pt")) == [BEST, LAST] and not list(run.glob(".*.tmp"))
 
 
 @pytest.mark.usefixtures("quiet_results")
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    _on_step(monkeypatch, 23, lambda parts: {name: value * float("nan") for name, value in parts.items()})
+    on_training_step(monkeypatch, 23, lambda parts: {name: value * float("nan") for name, value in parts.items()})
     with pytest.raises(DistillError) as error:
-        tasks.run_train(_dropout_train_config(tmp_path), tmp_path / "run")
+        tasks.run_train(dropout_train_config(tmp_path), tmp_path / "run")
     # NaN weights after step 3 of epoch 2 make every later loss NaN too: 18 of the 20 steps
     assert str(error.value).startswith("teacher epoch 2: training diverged, loss NaN/Inf at step 3 (18 of 20 steps)")
     assert "last.pt holds epoch 1" in str(error.value)
@@ -332,7 +346,7 @@ def _assert_same_run(run: Path, reference: Path) -> dict:
     assert metrics_without_timing(run) == metrics_without_timing(reference)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert _results(summary) == _results(json.loads((reference / "summary.json").read_text()))
+    assert comparable_results(summary) == comparable_results(json.loads((reference / "summary.json").read_text()))
     return summary
 
 
