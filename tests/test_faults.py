@@ -6,12 +6,15 @@ and compare with an uninterrupted run of the same recipe (metrics without timing
 """
 
 import ast
+import errno
 import io
 import itertools
 import json
 import logging
 import os
 import random
+import re
+import resource
 import signal
 import subprocess
 import time
@@ -38,6 +41,7 @@ from conftest import (
     dropout_train_config,
     metrics_without_timing,
     on_training_step,
+    read_jsonl,
     run_distill,
     start_distill,
 )
@@ -148,6 +152,71 @@ def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
     _flip_byte(tmp_path / PREVIOUS)
     with pytest.raises(DistillError, match=r"^cannot resume .*last.pt: .*last.prev.pt: damaged file \(CRC mismatch"):
         load_resume_checkpoint(tmp_path, {"seed": 0})
+
+
+class _FullDisk:
+    """A file on a disk that has room for `room` more bytes: past them every write fails with ENOSPC."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def _fill_disk(monkeypatch, where: str) -> None:
+    """Fill the disk: from now on writes fail at their first byte, partway through torch's zip writer, or at fsync."""
+    if where == "fsync":  # e.g. NFS or delayed allocation: the data is accepted, then fsync finds no room
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        return
+    room = {"first write": 0, "zip writer": 2000}[where]
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: _FullDisk(real_fdopen(fd, *args, **kwargs), room))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
+@pytest.mark.parametrize("where", ["first write", "zip writer", "fsync"])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch, where):
+    save_last(_checkpoint(1), tmp_path)
+    save_last(_checkpoint(2), tmp_path)
+    save_atomic(_checkpoint(2), tmp_path / BEST)
+    before = _files(tmp_path)
+
+    _fill_disk(monkeypatch, where)
+    with pytest.raises(DistillError) as last:
+        save_last(_checkpoint(3), tmp_path)
+    with pytest.raises(DistillError) as best:
+        save_atomic(_checkpoint(3), tmp_path / BEST)
+    with pytest.raises(DistillError) as first:
+        save_last(_checkpoint(1), tmp_path / "new")  # nothing to keep
+    monkeypatch.undo()
+
+    assert str(last.value) == f"no space left on {tmp_path} while writing last.pt (last good checkpoint kept)"
+    assert str(best.value) == f"no space left on {tmp_path} while writing best.pt (the previous best.pt kept)"
+    assert str(first.value) == f"no space left on {tmp_path / 'new'} while writing last.pt"
+    if where == "zip writer":  # torch reports the failed write as its own error, raised while handling it
+        assert re.match(r"\[enforce fail at .*\] \. unexpected pos", str(last.value.__cause__))
+    assert _files(tmp_path) == before  # untouched, and no temp file left behind
+    assert not list((tmp_path / "new").iterdir())
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 2 and load_checkpoint(tmp_path / BEST)["epoch"] == 2
 
 
 def test_resume_refuses_a_changed_config_a_newer_format_and_code(tmp_path):
@@ -320,11 +389,16 @@ def kd_reference(tmp_path_factory) -> Path:
     return _reference(tmp_path_factory, "kd", KD)
 
 
-def _signal_when(process: subprocess.Popen, cwd: Path, pattern: str, signum: int) -> None:
-    """Poll until a file matching `pattern` (a glob under `cwd`) has content, then send `process` the signal."""
+def _wait_for(process: subprocess.Popen, cwd: Path, pattern: str) -> None:
+    """Poll until a file matching `pattern` (a glob under `cwd`) has content, while `process` runs."""
     while not any(path.stat().st_size for path in cwd.glob(pattern)):
         assert process.poll() is None, process.communicate()
         time.sleep(0.005)
+
+
+def _signal_when(process: subprocess.Popen, cwd: Path, pattern: str, signum: int) -> None:
+    """Once a file matching `pattern` has content, send `process` the signal."""
+    _wait_for(process, cwd, pattern)
     process.send_signal(signum)
 
 
@@ -348,6 +422,19 @@ def _assert_same_run(run: Path, reference: Path) -> dict:
     assert summary["status"] == "completed"
     assert comparable_results(summary) == comparable_results(json.loads((reference / "summary.json").read_text()))
     return summary
+
+
+def _saved_history(run: Path) -> list[dict]:
+    """The metrics rows held by the checkpoint a resume of `run` starts from (last.pt; last.prev.pt if
+    the run stopped between the two renames of a save)."""
+    return load_checkpoint(run / LAST if (run / LAST).exists() else run / PREVIOUS)["training"]["history"]
+
+
+def _assert_continued(run: Path, saved: list[dict], reference: Path) -> dict:
+    """`run` went on from its checkpoint, not from scratch (its first rows, timings and all, are the `saved`
+    ones), and ended as the uninterrupted `reference` did."""
+    assert saved and read_jsonl(run / "metrics.jsonl")[: len(saved)] == saved
+    return _assert_same_run(run, reference)
 
 
 @pytest.mark.slow
@@ -408,6 +495,43 @@ def test_sigterm_stops_cleanly_with_a_resumable_checkpoint(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["resume"] == f"distill resume {run.resolve()}"
     assert "training" in load_checkpoint(run / LAST)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="limits the file size of a running process (Linux)")
+@pytest.mark.parametrize("room", ["for small files", "for nothing"])
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, train_reference, room):
+    """The disk fills up under a running `distill train`: from then on no file may grow past the older
+    checkpoint's size (the next last.pt fails; logs, metrics and summary still fit), or grow at all. The
+    OS's file size limit (RLIMIT_FSIZE), set on the running process, fails those writes with EFBIG as a
+    full disk fails them with ENOSPC. The run fails in one line, keeps its checkpoints, and resumes."""
+    run = tmp_path.resolve() / "run"
+    process = start_distill("train", *TRAIN, "hydra.run.dir=run", cwd=tmp_path)
+    _wait_for(process, tmp_path, "run/last.prev.pt")  # two epochs saved
+    limit = (run / PREVIOUS).stat().st_size if room == "for small files" else 0
+    resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    stopped = _finish(process)
+    line = _one_line(stopped, 1)
+    full = f"file size limit reached on {run} while writing"
+    if room == "for small files":
+        assert line == f"distill train: error: {full} last.pt (last good checkpoint kept)"
+        assert json.loads((run / "summary.json").read_text())["error"] == line.split("error: ", 1)[1]
+        assert run_status(run) == "failed"
+    else:  # the first write after the limit fails (mostly metrics.jsonl), then summary.json's
+        assert re.fullmatch(
+            rf"distill train: error: {re.escape(full)} (metrics\.jsonl|best\.pt \(the previous best\.pt kept\)|"
+            r"last\.pt \(last good checkpoint kept\))",
+            line,
+        )
+        assert f"summary.json not written: {full} summary.json" in stopped.stdout
+        assert run_status(run) is None
+    assert not list(run.glob(".*.tmp"))
+    saved = _saved_history(run)
+    assert len(saved) < 12
+    load_checkpoint(run / BEST)  # intact (it may hold the epoch whose last.pt failed: best.pt is written first)
+
+    run_distill("resume", str(run), cwd=tmp_path)  # the failed run goes on from its last good checkpoint
+    _assert_continued(run, saved, train_reference)
 
 
 # --- bad input: one line, non-zero exit ------------------------------------------------------------
