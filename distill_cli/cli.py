@@ -179,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _resume(args: list[str]) -> int:
     """`distill resume <run dir>`: run the folder's command again in it, continuing from its checkpoint."""
-    if len(args) != 1 or args[0].startswith("-"):
+    if not args or args[0].startswith("-"):
         print("usage: distill resume <run dir>", file=sys.stderr)
+        return 2
+    if len(args) > 1:
+        extra = " ".join(args[1:])
+        print(f"distill resume: error: extra arguments {extra!r}: a resumed run keeps the config it started with", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
     try:

@@ -541,6 +541,7 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
     (["resume", "{tmp}"], "is not a distill run folder"),
     (["resume", "{tmp}/sweep"], "it is a sweep folder; resume its job folders"),
     (["resume", "{tmp}/damaged"], "distill train: error: cannot resume {tmp}/damaged: cannot load checkpoint {tmp}/damaged/last.pt"),
+    (["resume", "{tmp}/damaged", "epochs=3"], "distill resume: error: extra arguments 'epochs=3': a resumed run keeps the config"),
     (["kd", "alpha=0", "hydra.run.dir=/proc/forbidden"], "cannot use /proc/forbidden"),
     (["kd", "alpha=0", "hydra.run.dir={tmp}/cnn.pt/run"], "cannot use {tmp}/cnn.pt/run: Not a directory"),
     (["kd", "alpha=0", "student.arch=mpl"], "unknown model 'mpl': did you mean 'mlp'?"),
