@@ -456,17 +456,20 @@ def test_train_killed_with_a_damaged_last_checkpoint_resumes_exactly(tmp_path, t
 
 
 @pytest.mark.slow
-def test_kd_killed_while_training_its_teacher_resumes_both(tmp_path, kd_reference):
-    """The teacher cache's file lock died with the process; the resumed run finishes the teacher, then the student."""
+@pytest.mark.parametrize("part", ["teacher", "baseline"])
+def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, kd_reference, part):
+    """kd trains its teacher, then the student-alone baseline, into <run>/teacher/ and <run>/baseline/. The
+    cache's file lock died with the process; the resumed run continues that training, then the rest."""
     run = tmp_path / "run"
     process = start_distill("kd", *KD, "hydra.run.dir=run", cwd=tmp_path)
-    _signal_when(process, tmp_path, "run/teacher/metrics.jsonl", signal.SIGKILL)
+    _signal_when(process, tmp_path, f"run/{part}/last.prev.pt", signal.SIGKILL)  # two of its epochs saved
     process.communicate()
-    assert run_status(run / "teacher") is None
+    assert run_status(run / part) is None
+    saved = _saved_history(run / part)
     run_distill("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
-    assert metrics_without_timing(run / "teacher") == metrics_without_timing(kd_reference / "teacher")
+    _assert_continued(run / part, saved, kd_reference / part)
     summary = _assert_same_run(run, kd_reference)
-    assert summary["teacher"]["source"] == "trained"
+    assert summary[part]["source"] == "trained"
 
 
 @pytest.mark.slow
