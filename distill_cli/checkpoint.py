@@ -27,14 +27,15 @@ DAMAGED = "last.damaged.pt"  # a last.pt that could not be resumed from, kept as
 log = logging.getLogger("distill")
 
 
-def save_atomic(obj: Any, path: Path, backup: Path | None = None) -> None:
-    """torch.save `obj` to `path` atomically: a crash leaves the old file or the new one, never half."""
-    atomic_write(path, lambda file: torch.save(obj, file), backup=backup)
+def save_atomic(obj: Any, path: Path, backup: Path | None = None, kept: str | None = None) -> None:
+    """torch.save `obj` to `path` atomically: a crash or a full disk leaves the old file or the new one,
+    never half (see `atomic_write`)."""
+    atomic_write(path, lambda file: torch.save(obj, file), backup=backup, kept=kept)
 
 
 def save_last(checkpoint: dict, run_dir: Path) -> None:
     """Write `run_dir/last.pt`, keeping the one it replaces as `last.prev.pt`."""
-    save_atomic(checkpoint, run_dir / LAST, backup=run_dir / PREVIOUS)
+    save_atomic(checkpoint, run_dir / LAST, backup=run_dir / PREVIOUS, kept="last good checkpoint")
 
 
 def model_checkpoint(model: nn.Module, arch: str, kwargs: dict, num_classes: int, **extra: Any) -> dict:

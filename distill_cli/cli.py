@@ -7,6 +7,7 @@ stderr and a non-zero exit. Set HYDRA_FULL_ERROR=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -55,14 +56,21 @@ def _task(command: str, cfg) -> dict | None:
     from .report import log
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    def record(summary: dict) -> None:
+        """Write how the run ended into summary.json; a disk too full for it gets a log line, not a second error."""
+        try:
+            write_json_atomic({"command": command, **summary, "config": to_plain(cfg)}, run_dir / "summary.json")
+        except (OSError, DistillError) as error:
+            log.warning(f"summary.json not written: {one_line(error)}")
+
     try:
         config = validate_config(command, cfg)
         return _runner(command)(config, run_dir)
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
         stopped.run_dir = run_dir
-        summary = {"status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)}
-        write_json_atomic({"command": command, **summary, "config": to_plain(cfg)}, run_dir / "summary.json")
+        record({"status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)})
         raise stopped from None
     except Exception as error:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
@@ -71,8 +79,7 @@ def _task(command: str, cfg) -> dict | None:
         FAILED_JOBS.append((str(run_dir), message))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error(f"job {HydraConfig.get().job.num} failed: {message}")
-        summary = {"status": "failed", "error": message}
-        write_json_atomic({"command": command, **summary, "config": to_plain(cfg)}, run_dir / "summary.json")
+        record({"status": "failed", "error": message})
         return None
 
 
@@ -189,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _resume(args: list[str]) -> int:
     """`distill resume <run dir>`: run the folder's command again in it, continuing from its checkpoint."""
-    if len(args) != 1 or args[0].startswith("-"):
+    if not args or args[0].startswith("-"):
         print("usage: distill resume <run dir>", file=sys.stderr)
+        return 2
+    if len(args) > 1:
+        extra = " ".join(args[1:])
+        print(f"distill resume: error: extra arguments {extra!r}: a resumed run keeps the config it started with", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
     try:
@@ -214,6 +225,8 @@ def _run_command(command: str, rest: list[str]) -> int:
     show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     if show_traceback:
         os.environ["DISTILL_TRACEBACK"] = "1"
+    else:  # a log file on a full disk would print a traceback for every line
+        logging.raiseExceptions = False
     # SIGTERM (a scheduler or `kill`) stops a run the way Ctrl-C does
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     if previous_sigterm is not signal.SIG_IGN:

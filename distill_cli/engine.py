@@ -31,7 +31,7 @@ from .losses.base import Outputs
 from .models.features import feature_extractor
 from .models.fold import fold_batch_norm
 from .errors import DistillError, Interrupted
-from .files import atomic_write
+from .files import append_text, atomic_write
 from .report import EpochProgress, log
 
 # a training step: (batch, 1-based epoch) -> ({"loss": total, "loss/<term>": ...}, logits)
@@ -499,8 +499,7 @@ def fit(
                 "seconds": totals.seconds,
             }
             history.append(metrics)
-            with metrics_path.open("a") as file:
-                file.write(json.dumps(metrics) + "\n")
+            append_text(metrics_path, json.dumps(metrics) + "\n")
             progress.end_epoch(metrics, list(read["losses"]))
             improved = val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc
             if improved:

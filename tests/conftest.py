@@ -1,17 +1,20 @@
+import itertools
 import json
 import os
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from distill_cli.config import KDConfig, ModelConfig, TeacherConfig, TrainConfig, config_dir, register_configs
+from distill_cli.config import DeviceConfig, KDConfig, ModelConfig, TeacherConfig, TrainConfig, config_dir, register_configs
 
 DISTILL = Path(sys.executable).with_name("distill")  # the installed console script
+CPU_DEVICE = DeviceConfig(type="cpu")
 
 
 def _distill_env() -> dict:
@@ -82,6 +85,7 @@ def small_train_config(tmp_path: Path, **overrides) -> TrainConfig:
         teacher=TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}),
         epochs=2,
         teacher_cache=str(tmp_path / "cache"),
+        device=CPU_DEVICE,  # exact comparisons need the CPU's determinism, also where a GPU is present
     )
     return TrainConfig(**{**values, **overrides})
 
@@ -93,6 +97,7 @@ def small_kd_config(tmp_path: Path, **overrides) -> KDConfig:
         epochs=2,
         teacher_epochs=2,
         teacher_cache=str(tmp_path / "cache"),
+        device=CPU_DEVICE,
     )
     return KDConfig(**{**values, **overrides})
 
@@ -103,3 +108,42 @@ def quiet_results(monkeypatch):
     import distill_cli.tasks
 
     monkeypatch.setattr(distill_cli.tasks, "print_results", lambda summary, per_class=False: None)
+
+
+def dropout_train_config(tmp_path: Path, **overrides) -> TrainConfig:
+    """A quick recipe that draws randomness every step: dropout (torch's RNG) and on-device
+    augmentation (the loader's generator)."""
+    teacher = TeacherConfig(arch="mlp", kwargs={"hidden": [32], "dropout": 0.2})
+    cfg = small_train_config(tmp_path, teacher=teacher, epochs=3, **overrides)
+    return replace(cfg, dataset=replace(cfg.dataset, augment=True))
+
+
+def on_training_step(monkeypatch, call: int, action, factory: str = "cross_entropy_step") -> None:
+    """Make the `call`-th training step (counted from 1, over all epochs) that the step factory
+    `distill_cli.tasks.<factory>` builds (`cross_entropy_step`; `kd_step` for a kd student) run
+    `action(parts) -> parts`."""
+    import distill_cli.tasks
+
+    real = getattr(distill_cli.tasks, factory)
+    counter = itertools.count(1)
+
+    def patched(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def counted(batch, epoch):
+            parts, logits = step(batch, epoch)
+            return (action(parts) if next(counter) == call else parts), logits
+
+        return counted
+
+    monkeypatch.setattr(distill_cli.tasks, factory, patched)
+
+
+def comparable_results(summary: dict) -> dict:
+    """What two identical runs share in their summaries (not paths or timings)."""
+    varying = {"checkpoint", "inference_images_per_s"}  # paths and timings
+    return {
+        role: {k: v for k, v in summary[role].items() if k not in varying}
+        for role in ("teacher", "student", "baseline")
+        if summary.get(role)
+    }

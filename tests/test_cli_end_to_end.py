@@ -72,18 +72,25 @@ def test_train_then_kd_with_no_arguments(tmp_path):
     assert "KD gain over the same student trained alone" in kd.stdout
 
 
-def test_multirun_sweep_trains_the_teacher_once(tmp_path):
+def _assert_trained_once(summaries: list[dict], runs: list[Path]) -> None:
+    """One of the kd runs trained the teacher and one the student-alone baseline (each into its own
+    run folder); every other run used those two from the cache."""
+    for part in ("teacher", "baseline"):
+        assert sorted(s[part]["source"] for s in summaries) == ["cache"] * (len(summaries) - 1) + ["trained"]
+        assert len({s[part]["checkpoint"] for s in summaries}) == 1
+        assert len([run for run in runs if (run / part / "metrics.jsonl").is_file()]) == 1
+
+
+def test_multirun_sweep_trains_the_teacher_and_the_baseline_once(tmp_path):
     result = run_distill("kd", "-m", "T=2,4", "alpha=0.5,0.9", *FAST_KD, cwd=tmp_path)
     summaries = _summaries(tmp_path)
     assert len(summaries) == 4, result.stdout
     assert sorted((s["T"], s["alpha"]) for s in summaries) == [(2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.9)]
-    assert sorted(s["teacher"]["source"] for s in summaries) == ["cache", "cache", "cache", "trained"]
-    assert len({s["teacher"]["checkpoint"] for s in summaries}) == 1
-    assert sorted(s["baseline"]["source"] for s in summaries) == ["cache", "cache", "cache", "trained"]
+    _assert_trained_once(summaries, [Path(s["run_dir"]) for s in summaries])
 
 
-def test_parallel_jobs_wait_for_one_teacher(tmp_path):
-    """Separate processes started together (as a parallel launcher would) share one teacher."""
+def test_parallel_jobs_wait_for_one_teacher_and_one_baseline(tmp_path):
+    """Separate processes started together (as a parallel launcher would) share one teacher and one baseline."""
     env_cmd = [str(DISTILL), "kd", *FAST_KD]
     procs = [
         subprocess.Popen([*env_cmd, f"alpha={alpha}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -93,7 +100,7 @@ def test_parallel_jobs_wait_for_one_teacher(tmp_path):
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "outputs").glob("*/*_kd/summary.json")]
     assert len(summaries) == 3
-    assert sorted(s["teacher"]["source"] for s in summaries) == ["cache", "cache", "trained"]
+    _assert_trained_once(summaries, [Path(s["run_dir"]) for s in summaries])
 
 
 def test_failed_sweep_job_is_reported_and_others_finish(tmp_path):

@@ -6,12 +6,15 @@ and compare with an uninterrupted run of the same recipe (metrics without timing
 """
 
 import ast
+import errno
 import io
 import itertools
 import json
 import logging
 import os
 import random
+import re
+import resource
 import signal
 import subprocess
 import time
@@ -25,14 +28,23 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import BEST, DAMAGED, LAST, PREVIOUS, load_checkpoint, load_resume_checkpoint, model_checkpoint, save_atomic, save_last
-from distill_cli.config import TeacherConfig, validate_config
+from distill_cli.config import validate_config
 from distill_cli.data import Augment, DatasetInfo, Split
 from distill_cli.data.loader import DeviceLoader, StreamLoader
 from distill_cli.engine import check_finite, rng_state, set_rng_state
 from distill_cli.errors import DistillError, Interrupted
 from distill_cli.runs import resumption, run_status
 
-from conftest import compose_config, metrics_without_timing, run_distill, small_train_config, start_distill
+from conftest import (
+    comparable_results,
+    compose_config,
+    dropout_train_config,
+    metrics_without_timing,
+    on_training_step,
+    read_jsonl,
+    run_distill,
+    start_distill,
+)
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distill_cli"
 
@@ -142,6 +154,71 @@ def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
         load_resume_checkpoint(tmp_path, {"seed": 0})
 
 
+class _FullDisk:
+    """A file on a disk that has room for `room` more bytes: past them every write fails with ENOSPC."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def _fill_disk(monkeypatch, where: str) -> None:
+    """Fill the disk: from now on writes fail at their first byte, partway through torch's zip writer, or at fsync."""
+    if where == "fsync":  # e.g. NFS or delayed allocation: the data is accepted, then fsync finds no room
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        return
+    room = {"first write": 0, "zip writer": 2000}[where]
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: _FullDisk(real_fdopen(fd, *args, **kwargs), room))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
+@pytest.mark.parametrize("where", ["first write", "zip writer", "fsync"])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch, where):
+    save_last(_checkpoint(1), tmp_path)
+    save_last(_checkpoint(2), tmp_path)
+    save_atomic(_checkpoint(2), tmp_path / BEST)
+    before = _files(tmp_path)
+
+    _fill_disk(monkeypatch, where)
+    with pytest.raises(DistillError) as last:
+        save_last(_checkpoint(3), tmp_path)
+    with pytest.raises(DistillError) as best:
+        save_atomic(_checkpoint(3), tmp_path / BEST)
+    with pytest.raises(DistillError) as first:
+        save_last(_checkpoint(1), tmp_path / "new")  # nothing to keep
+    monkeypatch.undo()
+
+    assert str(last.value) == f"no space left on {tmp_path} while writing last.pt (last good checkpoint kept)"
+    assert str(best.value) == f"no space left on {tmp_path} while writing best.pt (the previous best.pt kept)"
+    assert str(first.value) == f"no space left on {tmp_path / 'new'} while writing last.pt"
+    if where == "zip writer":  # torch reports the failed write as its own error, raised while handling it
+        assert re.match(r"\[enforce fail at .*\] \. unexpected pos", str(last.value.__cause__))
+    assert _files(tmp_path) == before  # untouched, and no temp file left behind
+    assert not list((tmp_path / "new").iterdir())
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 2 and load_checkpoint(tmp_path / BEST)["epoch"] == 2
+
+
 def test_resume_refuses_a_changed_config_a_newer_format_and_code(tmp_path):
     save_last(_checkpoint(1, {"seed": 0, "optimizer": {"lr": 0.1}}), tmp_path)
     with pytest.raises(DistillError, match=r"config changed .*\(optimizer.lr: 0.1 then, 0.2 now\)"):
@@ -194,52 +271,17 @@ def test_resumption_replays_the_overrides_into_the_same_folder(tmp_path):
 # --- in-process: an interrupt mid-epoch, a diverging loss ----------------------------------------
 
 
-def _dropout_train_config(tmp_path):
-    """A quick recipe that draws randomness every step: dropout (torch's RNG) and on-device
-    augmentation (the loader's generator)."""
-    teacher = TeacherConfig(arch="mlp", kwargs={"hidden": [32], "dropout": 0.2})
-    cfg = small_train_config(tmp_path, teacher=teacher, epochs=3)
-    return replace(cfg, dataset=replace(cfg.dataset, augment=True))
-
-
-def _on_step(monkeypatch, call: int, action):
-    """Make the `call`-th training step (counted from 1, over all epochs) run `action(parts) -> parts`."""
-    real = tasks.cross_entropy_step
-    counter = itertools.count(1)
-
-    def patched(model):
-        step = real(model)
-
-        def counted(batch, epoch):
-            parts, logits = step(batch, epoch)
-            return (action(parts) if next(counter) == call else parts), logits
-
-        return counted
-
-    monkeypatch.setattr(tasks, "cross_entropy_step", patched)
-
-
-def _results(summary: dict) -> dict:
-    """What two identical runs share in their summaries (not paths or timings)."""
-    varying = {"checkpoint", "inference_images_per_s"}  # paths and timings
-    return {
-        role: {k: v for k, v in summary[role].items() if k not in varying}
-        for role in ("teacher", "student", "baseline")
-        if summary.get(role)
-    }
-
-
 @pytest.mark.usefixtures("quiet_results")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, signum):
-    cfg = _dropout_train_config(tmp_path)
+    cfg = dropout_train_config(tmp_path)
     reference = tasks.run_train(cfg, tmp_path / "reference")
 
     def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
         os.kill(os.getpid(), signum)
         return parts
 
-    _on_step(monkeypatch, 25, interrupt)
+    on_training_step(monkeypatch, 25, interrupt)
     with pytest.raises(Interrupted) as stopped:
         tasks.run_train(cfg, tmp_path / "run")
     assert stopped.value.signum == signum
@@ -251,14 +293,55 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monk
     monkeypatch.undo()
     resumed = tasks.run_train(replace(cfg, resume=True), tmp_path / "run")
     assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "reference")
-    assert _results(resumed) == _results(reference)
+    assert comparable_results(resumed) == comparable_results(reference)
+
+
+@pytest.mark.usefixtures("quiet_results")
+@pytest.mark.parametrize("second_during", ["step", "save"])
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, second_during):
+    """Ctrl-C twice: the first asks for a checkpoint at the next step boundary, the second (in the same
+    step, or while that checkpoint is being written) stops at once; last.pt stays the epoch-1 one."""
+    run = tmp_path / "run"
+    reached, epoch_one = [], {}
+    real_save = torch.save
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def interrupt(parts):  # epoch 2, step 5
+        epoch_one["last.pt"] = (run / LAST).read_bytes()
+        ctrl_c()
+        reached.append("went on after the first")
+        if second_during == "step":
+            ctrl_c()
+            reached.append("went on after the second")
+        return parts
+
+    def save_then_ctrl_c(obj, file):  # the second arrives once the mid-epoch checkpoint's bytes are written
+        real_save(obj, file)
+        if obj.get("training", {}).get("partial") is not None:
+            reached.append("saving")
+            ctrl_c()
+
+    on_training_step(monkeypatch, 25, interrupt)
+    if second_during == "save":
+        monkeypatch.setattr(torch, "save", save_then_ctrl_c)
+    with pytest.raises(Interrupted) as stopped:
+        tasks.run_train(dropout_train_config(tmp_path), run)
+    monkeypatch.undo()
+    assert (stopped.value.signum, stopped.value.where) == (signal.SIGINT, "a second signal: stopped without saving")
+    assert reached == ["went on after the first"] + (["saving"] if second_during == "save" else [])
+    assert (run / LAST).read_bytes() == epoch_one["last.pt"]  # not replaced, nor half-written
+    last = load_checkpoint(run / LAST)
+    assert last["epoch"] == 1 and last["training"]["partial"] is None
+    assert sorted(path.name for path in run.glob("*.pt")) == [BEST, LAST] and not list(run.glob(".*.tmp"))
 
 
 @pytest.mark.usefixtures("quiet_results")
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    _on_step(monkeypatch, 23, lambda parts: {name: value * float("nan") for name, value in parts.items()})
+    on_training_step(monkeypatch, 23, lambda parts: {name: value * float("nan") for name, value in parts.items()})
     with pytest.raises(DistillError) as error:
-        tasks.run_train(_dropout_train_config(tmp_path), tmp_path / "run")
+        tasks.run_train(dropout_train_config(tmp_path), tmp_path / "run")
     # NaN weights after step 3 of epoch 2 make every later loss NaN too: 18 of the 20 steps
     assert str(error.value).startswith("teacher epoch 2: training diverged, loss NaN/Inf at step 3 (18 of 20 steps)")
     assert "last.pt holds epoch 1" in str(error.value)
@@ -306,11 +389,16 @@ def kd_reference(tmp_path_factory) -> Path:
     return _reference(tmp_path_factory, "kd", KD)
 
 
-def _signal_when(process: subprocess.Popen, cwd: Path, pattern: str, signum: int) -> None:
-    """Poll until a file matching `pattern` (a glob under `cwd`) has content, then send `process` the signal."""
+def _wait_for(process: subprocess.Popen, cwd: Path, pattern: str) -> None:
+    """Poll until a file matching `pattern` (a glob under `cwd`) has content, while `process` runs."""
     while not any(path.stat().st_size for path in cwd.glob(pattern)):
         assert process.poll() is None, process.communicate()
         time.sleep(0.005)
+
+
+def _signal_when(process: subprocess.Popen, cwd: Path, pattern: str, signum: int) -> None:
+    """Once a file matching `pattern` has content, send `process` the signal."""
+    _wait_for(process, cwd, pattern)
     process.send_signal(signum)
 
 
@@ -332,8 +420,21 @@ def _assert_same_run(run: Path, reference: Path) -> dict:
     assert metrics_without_timing(run) == metrics_without_timing(reference)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert _results(summary) == _results(json.loads((reference / "summary.json").read_text()))
+    assert comparable_results(summary) == comparable_results(json.loads((reference / "summary.json").read_text()))
     return summary
+
+
+def _saved_history(run: Path) -> list[dict]:
+    """The metrics rows held by the checkpoint a resume of `run` starts from (last.pt; last.prev.pt if
+    the run stopped between the two renames of a save)."""
+    return load_checkpoint(run / LAST if (run / LAST).exists() else run / PREVIOUS)["training"]["history"]
+
+
+def _assert_continued(run: Path, saved: list[dict], reference: Path) -> dict:
+    """`run` went on from its checkpoint, not from scratch (its first rows, timings and all, are the `saved`
+    ones), and ended as the uninterrupted `reference` did."""
+    assert saved and read_jsonl(run / "metrics.jsonl")[: len(saved)] == saved
+    return _assert_same_run(run, reference)
 
 
 @pytest.mark.slow
@@ -355,17 +456,20 @@ def test_train_killed_with_a_damaged_last_checkpoint_resumes_exactly(tmp_path, t
 
 
 @pytest.mark.slow
-def test_kd_killed_while_training_its_teacher_resumes_both(tmp_path, kd_reference):
-    """The teacher cache's file lock died with the process; the resumed run finishes the teacher, then the student."""
+@pytest.mark.parametrize("part", ["teacher", "baseline"])
+def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, kd_reference, part):
+    """kd trains its teacher, then the student-alone baseline, into <run>/teacher/ and <run>/baseline/. The
+    cache's file lock died with the process; the resumed run continues that training, then the rest."""
     run = tmp_path / "run"
     process = start_distill("kd", *KD, "hydra.run.dir=run", cwd=tmp_path)
-    _signal_when(process, tmp_path, "run/teacher/metrics.jsonl", signal.SIGKILL)
+    _signal_when(process, tmp_path, f"run/{part}/last.prev.pt", signal.SIGKILL)  # two of its epochs saved
     process.communicate()
-    assert run_status(run / "teacher") is None
+    assert run_status(run / part) is None
+    saved = _saved_history(run / part)
     run_distill("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
-    assert metrics_without_timing(run / "teacher") == metrics_without_timing(kd_reference / "teacher")
+    _assert_continued(run / part, saved, kd_reference / part)
     summary = _assert_same_run(run, kd_reference)
-    assert summary["teacher"]["source"] == "trained"
+    assert summary[part]["source"] == "trained"
 
 
 @pytest.mark.slow
@@ -396,6 +500,43 @@ def test_sigterm_stops_cleanly_with_a_resumable_checkpoint(tmp_path):
     assert "training" in load_checkpoint(run / LAST)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="limits the file size of a running process (Linux)")
+@pytest.mark.parametrize("room", ["for small files", "for nothing"])
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, train_reference, room):
+    """The disk fills up under a running `distill train`: from then on no file may grow past the older
+    checkpoint's size (the next last.pt fails; logs, metrics and summary still fit), or grow at all. The
+    OS's file size limit (RLIMIT_FSIZE), set on the running process, fails those writes with EFBIG as a
+    full disk fails them with ENOSPC. The run fails in one line, keeps its checkpoints, and resumes."""
+    run = tmp_path.resolve() / "run"
+    process = start_distill("train", *TRAIN, "hydra.run.dir=run", cwd=tmp_path)
+    _wait_for(process, tmp_path, "run/last.prev.pt")  # two epochs saved
+    limit = (run / PREVIOUS).stat().st_size if room == "for small files" else 0
+    resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    stopped = _finish(process)
+    line = _one_line(stopped, 1)
+    full = f"file size limit reached on {run} while writing"
+    if room == "for small files":
+        assert line == f"distill train: error: {full} last.pt (last good checkpoint kept)"
+        assert json.loads((run / "summary.json").read_text())["error"] == line.split("error: ", 1)[1]
+        assert run_status(run) == "failed"
+    else:  # the first write after the limit fails (mostly metrics.jsonl), then summary.json's
+        assert re.fullmatch(
+            rf"distill train: error: {re.escape(full)} (metrics\.jsonl|best\.pt \(the previous best\.pt kept\)|"
+            r"last\.pt \(last good checkpoint kept\))",
+            line,
+        )
+        assert f"summary.json not written: {full} summary.json" in stopped.stdout
+        assert run_status(run) is None
+    assert not list(run.glob(".*.tmp"))
+    saved = _saved_history(run)
+    assert len(saved) < 12
+    load_checkpoint(run / BEST)  # intact (it may hold the epoch whose last.pt failed: best.pt is written first)
+
+    run_distill("resume", str(run), cwd=tmp_path)  # the failed run goes on from its last good checkpoint
+    _assert_continued(run, saved, train_reference)
+
+
 # --- bad input: one line, non-zero exit ------------------------------------------------------------
 
 BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's directory
@@ -403,6 +544,7 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
     (["resume", "{tmp}"], "is not a distill run folder"),
     (["resume", "{tmp}/sweep"], "it is a sweep folder; resume its job folders"),
     (["resume", "{tmp}/damaged"], "distill train: error: cannot resume {tmp}/damaged: cannot load checkpoint {tmp}/damaged/last.pt"),
+    (["resume", "{tmp}/damaged", "epochs=3"], "distill resume: error: extra arguments 'epochs=3': a resumed run keeps the config"),
     (["kd", "alpha=0", "hydra.run.dir=/proc/forbidden"], "cannot use /proc/forbidden"),
     (["kd", "alpha=0", "hydra.run.dir={tmp}/cnn.pt/run"], "cannot use {tmp}/cnn.pt/run: Not a directory"),
     (["kd", "alpha=0", "student.arch=mpl"], "unknown model 'mpl': did you mean 'mlp'?"),

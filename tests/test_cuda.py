@@ -1,0 +1,110 @@
+"""The CUDA-only paths: fp16 autocast with a GradScaler, bf16 autocast, and the CUDA RNG state in resume.
+
+Skipped without a GPU (no GPU has run them yet); on a machine with one they run as part of the suite.
+"""
+
+import math
+import os
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+
+import distill_cli.tasks as tasks
+from distill_cli.checkpoint import LAST, load_checkpoint
+from distill_cli.config import DeviceConfig, ModelConfig
+from distill_cli.errors import Interrupted
+
+from conftest import (
+    comparable_results,
+    dropout_train_config,
+    metrics_without_timing,
+    on_training_step,
+    read_jsonl,
+    small_kd_config,
+    small_train_config,
+)
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("quiet_results", "restore_determinism"),
+]
+
+PRECISIONS = ["fp16", "bf16"]
+
+
+@pytest.fixture
+def restore_determinism():
+    """A run sets torch's global determinism switches (device.deterministic, cudnn.benchmark); put them back."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+
+
+def _cuda(precision: str, deterministic: bool = False) -> DeviceConfig:
+    return DeviceConfig(type="cuda", precision=precision, deterministic=deterministic)
+
+
+def _assert_trained_at(run_dir, precision: str, epochs: int = 2) -> None:
+    """Every epoch's losses are finite, the weights stay float32 (autocast computes in half precision, it does
+    not store in it), and last.pt holds the GradScaler's state: its loss scale with fp16, nothing with bf16."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == list(range(1, epochs + 1))
+    assert all(math.isfinite(row[name]) for row in rows for name in ("loss", "ce", "kd") if name in row), rows
+    last = load_checkpoint(run_dir / LAST)
+    assert all(v.dtype == torch.float32 for v in last["state_dict"].values() if v.is_floating_point())
+    scaler = last["training"]["scaler"]
+    if precision == "fp16":
+        assert math.isfinite(scaler["scale"]) and scaler["scale"] > 0 and "_growth_tracker" in scaler
+    else:
+        assert scaler == {}  # a disabled GradScaler saves no state
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_train_and_kd_run_on_cuda_at_half_precision(tmp_path, precision):
+    train = tasks.run_train(small_train_config(tmp_path, device=_cuda(precision)), tmp_path / "train")
+    kd_cfg = small_kd_config(tmp_path, device=_cuda(precision), student=ModelConfig(arch="mlp", kwargs={"hidden": [32]}))
+    # augmented: the frozen teacher runs in every kd step (its logits cannot be cached)
+    kd = tasks.run_kd(replace(kd_cfg, dataset=replace(kd_cfg.dataset, augment=True)), tmp_path / "kd")
+    for summary in (train, kd):
+        assert (summary["device"], summary["precision"], summary["pipeline"]) == ("cuda", precision, "device")
+    assert kd["teacher"]["source"] == "trained" and not kd["teacher_logits_cached"]
+    for run in ("train", "kd/teacher", "kd/baseline", "kd"):
+        _assert_trained_at(tmp_path / run, precision)
+    # they learn (10 classes: chance is 0.1; on the CPU in bf16 these reach 0.65-0.71 and 0.56-0.76)
+    assert train["teacher"]["test_acc_best"] > 0.4 and kd["teacher"]["test_acc"] > 0.4
+    assert kd["student"]["test_acc_best"] > 0.3 and kd["baseline"]["test_acc_best"] > 0.3
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_interrupted_cuda_run_resumes_like_the_uninterrupted_one(tmp_path, monkeypatch, precision):
+    """Dropout draws from the CUDA generator and augmentation from the loader's CUDA generator: a resume
+    that did not restore them (or the GradScaler) would train on different masks, views or scales."""
+    cfg = dropout_train_config(tmp_path, device=_cuda(precision, deterministic=True))
+    reference = tasks.run_train(cfg, tmp_path / "reference")
+
+    def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
+        os.kill(os.getpid(), signal.SIGINT)
+        return parts
+
+    on_training_step(monkeypatch, 25, interrupt)
+    with pytest.raises(Interrupted):
+        tasks.run_train(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    training = load_checkpoint(tmp_path / "run" / LAST)["training"]
+    assert training["partial"]["steps"] == 5 and "cuda" in training["rng"]
+    resumed = tasks.run_train(replace(cfg, resume=True), tmp_path / "run")
+    # deterministic algorithms: equal up to float rounding, if CUDA leaves any difference at all
+    rows, reference_rows = metrics_without_timing(tmp_path / "run"), metrics_without_timing(tmp_path / "reference")
+    assert len(rows) == len(reference_rows) == 3
+    for row, reference_row in zip(rows, reference_rows):
+        assert row == pytest.approx(reference_row, rel=1e-4)
+    assert _numbers(resumed) == pytest.approx(_numbers(reference), rel=1e-4)
+
+
+def _numbers(summary: dict) -> dict:
+    """The teacher's numeric results in a train summary (accuracies, best epoch)."""
+    return {k: v for k, v in comparable_results(summary)["teacher"].items() if isinstance(v, (int, float))}
