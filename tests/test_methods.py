@@ -2,19 +2,26 @@
 family, every trainable part reached by gradients, fp32 terms from low-precision outputs."""
 
 import copy
+import os
+import signal
+from dataclasses import replace
 
 import pytest
 import torch
 
+from distill_cli import tasks
+from distill_cli.checkpoint import LAST, load_checkpoint
 from distill_cli.config import DatasetConfig, KDConfig, ModelConfig, TeacherConfig
 from distill_cli.data import load_dataset
 from distill_cli.data.loader import Batch
 from distill_cli.engine import Compute, build_optimizer
-from distill_cli.errors import DistillError
+from distill_cli.errors import DistillError, Interrupted
 from distill_cli.kd import build_objective, check_cache_teacher, kd_step
 from distill_cli.losses import LOSSES
 from distill_cli.losses.base import Outputs, build_method
 from distill_cli.models import build_model
+
+from conftest import comparable_results, metrics_without_timing, on_training_step, small_kd_config
 
 CPU = Compute(torch.device("cpu"), "fp32", channels_last=None)
 METHODS = LOSSES.names()
@@ -152,3 +159,29 @@ def test_teacher_logits_are_cached_only_for_methods_that_read_logits_alone(metho
 def test_method_parts_sit_on_the_objective_and_build_with_published_defaults():
     for method in METHODS:
         assert build_method({"name": method}).needs_teacher == (method != "kd")
+
+
+@pytest.mark.usefixtures("quiet_results")
+@pytest.mark.parametrize(
+    "loss",
+    [{"name": "fitnet"}, {"name": "crd", "negatives": 64}],  # a connector; embeddings, memory banks, normaliser
+    ids=["fitnet", "crd"],
+)
+def test_an_interrupted_method_run_resumes_exactly(tmp_path, monkeypatch, loss):
+    """SIGINT mid-epoch, then `resume=true`: the same metrics, student and method state (trainable parts,
+    buffers) as the run never stopped, on the CPU."""
+    cfg = small_kd_config(
+        tmp_path, student=ModelConfig("cnn", {"width": 4}), loss=loss, alpha=0.0, teacher_epochs=1, baseline=False
+    )
+    reference = tasks.run_kd(cfg, tmp_path / "reference")
+    on_training_step(monkeypatch, 25, lambda parts: os.kill(os.getpid(), signal.SIGINT) or parts, factory="kd_step")
+    with pytest.raises(Interrupted):
+        tasks.run_kd(cfg, tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / LAST)["training"]["partial"]["steps"] == 5  # epoch 2, step 5 of 20
+    monkeypatch.undo()
+    resumed = tasks.run_kd(replace(cfg, resume=True), tmp_path / "run")
+    assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "reference")
+    assert comparable_results(resumed)["student"] == comparable_results(reference)["student"]
+    method_states = [load_checkpoint(folder / LAST)["training"]["method"] for folder in (tmp_path / "reference", tmp_path / "run")]
+    assert method_states[0].keys() == method_states[1].keys() and method_states[0]
+    assert all(torch.equal(method_states[0][key], method_states[1][key]) for key in method_states[0])
