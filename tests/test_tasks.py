@@ -4,11 +4,15 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
+import distill_cli.engine as engine
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import load_checkpoint, save_atomic
 from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.engine import evaluate
 from distill_cli.errors import DistillError
+from distill_cli.models import build_model
 
 from conftest import metrics_without_timing, read_jsonl, small_kd_config, small_train_config
 
@@ -26,14 +30,59 @@ def test_training_is_deterministic_on_cpu(tmp_path):
     assert third["teacher"]["params"] == first["teacher"]["params"]
 
 
-def test_best_checkpoint_is_picked_on_validation_split(tmp_path):
-    summary = tasks.run_train(small_train_config(tmp_path, epochs=4), tmp_path / "run")
+def _record_epoch_weights(monkeypatch) -> dict[int, dict]:
+    """Every epoch's weights as `fit` saves them to last.pt, by epoch (copied: the saved tensors share the model's storage)."""
+    weights = {}
+    save_last = engine.save_last
+
+    def recording_save_last(checkpoint: dict, run_dir) -> None:
+        weights[checkpoint["epoch"]] = {name: value.clone() for name, value in checkpoint["state_dict"].items()}
+        save_last(checkpoint, run_dir)
+
+    monkeypatch.setattr(engine, "save_last", recording_save_last)
+    return weights
+
+
+def _same_weights(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_best_checkpoint_is_picked_on_validation_split(tmp_path, monkeypatch):
+    """best.pt holds the epoch of highest validation accuracy, and test_acc_best is its test accuracy.
+
+    The lr jumps 5x after epoch 2 (a step schedule with gamma 5): validation accuracy peaks at epoch 2
+    and falls, while the running training accuracy climbs on to the last epoch, so picking best.pt on
+    the last epoch, on training or on test accuracy, or testing the last weights, gives other numbers.
+    """
+    weights = _record_epoch_weights(monkeypatch)
+    cfg = small_train_config(tmp_path, epochs=5)
+    cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=0.1, schedule="step", milestones=[0.4], gamma=5.0))
+    summary = tasks.run_train(cfg, tmp_path / "run")["teacher"]
+
+    # every epoch's weights scored here on the validation and test splits, apart from the run
+    compute, data, loaders = tasks.prepare_run(cfg)
+    model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
+
+    def accuracy(epoch: int, split) -> float:
+        model.load_state_dict(weights[epoch])
+        return evaluate(model, loaders.eval_loader(split), compute, data.info.num_classes).overall
+
+    epochs = range(1, cfg.epochs + 1)
+    val, test = [accuracy(e, data.val) for e in epochs], [accuracy(e, data.test) for e in epochs]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    best_val = max(row["val_acc"] for row in rows)
-    assert summary["teacher"]["val_acc_best"] == best_val
-    assert summary["teacher"]["selection"] == "val"
-    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == summary["teacher"]["best_epoch"]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 4
+    assert [row["val_acc"] for row in rows] == pytest.approx(val)
+    best = 1 + val.index(max(val))
+    train_acc = [row["train_acc"] for row in rows]
+    # the scenario the assertions below need: each wrong choice gives another epoch or other numbers
+    assert best < cfg.epochs and 1 + train_acc.index(max(train_acc)) != best
+    assert test[best - 1] not in (test[-1], val[best - 1])
+
+    assert (summary["best_epoch"], summary["val_acc_best"], summary["selection"]) == (best, val[best - 1], "val")
+    best_checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best_checkpoint["epoch"] == best and _same_weights(best_checkpoint["state_dict"], weights[best])
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == cfg.epochs
+    assert summary["test_acc_best"] == pytest.approx(test[best - 1])
+    assert summary["test_acc_last"] == pytest.approx(test[-1])
 
 
 def test_without_validation_split_best_is_last(tmp_path):
