@@ -1,7 +1,14 @@
+import copy
+import functools
+import typing
+from dataclasses import fields, is_dataclass
+
 import pytest
 
 from distill_cli.config import KDConfig, TrainConfig, config_dir, validate_config
 from distill_cli.errors import DistillError
+from distill_cli.tasks import baseline_training_config, teacher_training_config
+from distill_cli.teacher_cache import recipe_key, teacher_recipe
 
 from conftest import compose_config, run_distill
 
@@ -31,9 +38,6 @@ def test_teacher_and_student_accept_the_same_names():
 
 def test_default_kd_teacher_recipe_matches_default_train():
     """`distill train` then `distill kd` (no arguments) must hit the teacher cache."""
-    from distill_cli.tasks import teacher_training_config
-    from distill_cli.teacher_cache import teacher_recipe
-
     train = validate_config("train", compose_config("train", []))
     kd = validate_config("kd", compose_config("kd", []))
     assert teacher_recipe(teacher_training_config(kd)) == teacher_recipe(train)
@@ -44,17 +48,106 @@ def test_cache_teacher_takes_yaml_booleans_and_auto(value, expected):
     assert validate_config("kd", compose_config("kd", [f"cache_teacher={value}"])).cache_teacher == expected
 
 
-def test_execution_settings_do_not_change_the_teacher_recipe():
-    """Pipeline, workers and the optimizer kernel change how a teacher is computed, not which one."""
-    from distill_cli.teacher_cache import teacher_recipe
+# Keys that say where files live, how a model is computed or what is reported, not which model is
+# trained: they must not change a recipe's cache key. Every other key of a config must.
+EXECUTION_ONLY = {
+    "dataset.root", "dataset.download", "dataset.cache_dir", "dataset.pipeline", "dataset.device_max_gb",
+    "dataset.workers", "optimizer.impl", "device.type", "device.precision", "device.deterministic",
+    "device.threads", "device.channels_last", "device.compile", "eval_batch_size", "teacher_cache",
+    "per_class", "resume", "teacher.checkpoint",
+}
+# kd's keys that train the student only: the teacher kd trains (or takes from the cache) ignores them;
+# it learns from every class (exclude_classes shrinks the transfer set only)
+STUDENT_ONLY = {
+    "epochs", "T", "alpha", "baseline", "cache_teacher", "loss.name", "student.arch", "student.kwargs", "dataset.exclude_classes",
+}
+# the student trained alone (the baseline) ignores the teacher
+TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "loss.name"}
 
-    base = validate_config("train", compose_config("train", []))
-    other = validate_config(
-        "train",
-        compose_config("train", ["dataset.pipeline=stream", "dataset.workers=3", "optimizer.impl=loop", "dataset.cache_dir=x"]),
+# keys checked against a set of choices, and another of their choices
+OTHER_CHOICE = {
+    "optimizer.name": "adamw", "optimizer.schedule": "step", "optimizer.impl": "loop",
+    "dataset.pipeline": "stream", "device.precision": "bf16", "cache_teacher": "false",
+}
+
+
+def _leaves(config, prefix: str = ""):
+    """(dotted key, value, type annotation) of every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(type(config))
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{item.name}.")
+        else:
+            yield prefix + item.name, value, hints[item.name]
+
+
+def _other_values(key: str, value, hint) -> list:
+    """Valid values of `hint`'s type other than `value` (within the ranges the schemas check);
+    for a dict (model kwargs): each entry changed, and one added."""
+    if key in OTHER_CHOICE:
+        return [OTHER_CHOICE[key]]
+    if value is None:
+        kind = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        return [{int: 1, bool: True, str: "other"}[kind]]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1]
+    if isinstance(value, float):
+        return [value / 2 + 0.125]
+    if isinstance(value, str):
+        return [value + "_other"]
+    if isinstance(value, list):
+        return [value[:-1] if value else [1]]
+    changed = [{**value, name: other} for name, entry in value.items() for other in _other_values(name, entry, type(entry))]
+    return changed + [{**value, "added": 1}]
+
+
+def _with_value(config, key: str, value):
+    """A copy of `config` with the dotted `key` set to `value` (unchecked: recipes are plain functions of the fields)."""
+    changed = copy.deepcopy(config)
+    *parents, name = key.split(".")
+    setattr(functools.reduce(getattr, parents, changed), name, value)
+    return changed
+
+
+def _keys_that_change_the_recipe(config, recipe_of) -> dict[str, bool]:
+    """For every leaf key of `config`: whether changing its value changes `recipe_of(config)`'s cache key."""
+    base = recipe_key(recipe_of(config))
+    return {
+        key: any(recipe_key(recipe_of(_with_value(config, key, other))) != base for other in _other_values(key, value, hint))
+        for key, value, hint in _leaves(config)
+    }
+
+
+@pytest.mark.parametrize(
+    "command, recipe_of, ignored",
+    [
+        ("train", teacher_recipe, EXECUTION_ONLY),
+        ("kd", lambda kd: teacher_recipe(teacher_training_config(kd)), EXECUTION_ONLY | STUDENT_ONLY),
+        ("kd", lambda kd: teacher_recipe(baseline_training_config(kd)), EXECUTION_ONLY | TEACHER_ONLY),
+    ],
+    ids=["train", "kd-teacher", "kd-baseline"],
+)
+def test_every_recipe_key_changes_the_cache_key(command, recipe_of, ignored):
+    """Each field of a config, also one added later, changes the cached model's key unless it is listed as
+    not part of that recipe: seed, batch size, model arguments, optimizer and schedule, epochs, splits,
+    augmentation, excluded classes..."""
+    # augmentation on, so that colour jitter may be changed too
+    config = validate_config(command, compose_config(command, ["dataset.augment=true"]))
+    changes = _keys_that_change_the_recipe(config, recipe_of)
+    assert {"seed", "batch_size", "dataset.augment", "dataset.color_jitter", "dataset.split_seed"} <= set(changes)
+    assert [key for key, changed in changes.items() if changed == (key in ignored)] == []
+
+
+def test_an_image_folder_is_part_of_the_recipe(tmp_path):
+    """For torchvision datasets `dataset.root` only says where the files are; an image folder's root is its data."""
+    one, two = (
+        validate_config("train", compose_config("train", ["dataset=imagefolder", f"dataset.root={tmp_path / name}"]))
+        for name in ("one", "two")
     )
-    assert teacher_recipe(other) == teacher_recipe(base)
-    assert teacher_recipe(validate_config("train", compose_config("train", ["dataset.augment=true"]))) != teacher_recipe(base)
+    assert recipe_key(teacher_recipe(one)) != recipe_key(teacher_recipe(two))
 
 
 def test_model_kwargs_can_be_overridden_and_added():
