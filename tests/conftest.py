@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from distill_cli.config import KDConfig, ModelConfig, TeacherConfig, TrainConfig, config_dir, register_configs
 
@@ -103,3 +105,11 @@ def quiet_results(monkeypatch):
     import distill_cli.tasks
 
     monkeypatch.setattr(distill_cli.tasks, "print_results", lambda summary, per_class=False: None)
+
+
+def table_rows(table) -> list[list[str]]:
+    """The body rows of a Rich table, as the cells' text, the way a wide terminal shows them."""
+    console = Console(width=200, file=io.StringIO(), record=True)
+    console.print(table)
+    lines = console.export_text().splitlines()
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]

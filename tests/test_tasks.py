@@ -13,8 +13,9 @@ from distill_cli.config import ModelConfig, TeacherConfig
 from distill_cli.engine import evaluate
 from distill_cli.errors import DistillError
 from distill_cli.models import build_model
+from distill_cli.report import results_table
 
-from conftest import metrics_without_timing, read_jsonl, small_kd_config, small_train_config
+from conftest import metrics_without_timing, read_jsonl, small_kd_config, small_train_config, table_rows
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -128,7 +129,9 @@ def test_train_publishes_to_the_cache_kd_uses(tmp_path):
 
 
 def test_kd_summary_records_what_was_used(tmp_path):
-    summary = tasks.run_kd(small_kd_config(tmp_path, T=3.0, alpha=0.7), tmp_path / "run")
+    cfg = small_kd_config(tmp_path, T=3.0, alpha=0.7)
+    cfg = replace(cfg, teacher=replace(cfg.teacher, name="narrow_cnn"), student=replace(cfg.student, name="tiny_mlp"))
+    summary = tasks.run_kd(cfg, tmp_path / "run")
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert (on_disk["T"], on_disk["alpha"], on_disk["status"]) == (3.0, 0.7, "completed")
@@ -138,6 +141,16 @@ def test_kd_summary_records_what_was_used(tmp_path):
     assert min(rates) > 0 and on_disk["speedup"] == pytest.approx(rates[1] / rates[0])
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert {"loss", "ce", "kd", "train_acc", "val_acc", "lr", "images_per_s", "seconds"} <= set(rows[0])
+    # the data as loaded: digits' 1,797 8x8 grey images of 10 classes; 20% held out for test, 10% of the rest for validation
+    assert on_disk["data"] == {
+        "num_classes": 10, "channels": 1, "image_size": [8, 8], "train_images": 1294, "val_images": 144, "test_images": 359,
+    }
+    # the models by the names the user chose (teacher=<option>), beside their architectures, also in the table
+    roles = ("teacher", "student", "baseline")
+    assert [(on_disk[role]["name"], on_disk[role]["arch"]) for role in roles] == [("narrow_cnn", "cnn"), ("tiny_mlp", "mlp"), ("tiny_mlp", "mlp")]
+    assert json.loads((tmp_path / "run" / "baseline" / "summary.json").read_text())["teacher"]["name"] == "tiny_mlp"
+    models = [row[:2] for row in table_rows(results_table(on_disk))]
+    assert models == [["teacher", "narrow_cnn (cnn)"], ["student", "tiny_mlp (mlp)"], ["student alone", "tiny_mlp (mlp)"]]
 
 
 def test_teacher_checkpoint_is_loaded_and_checked(tmp_path):
