@@ -10,10 +10,11 @@ import distill_cli.engine as engine
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import load_checkpoint, save_atomic
 from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.data import load_dataset
 from distill_cli.engine import evaluate
 from distill_cli.errors import DistillError
 from distill_cli.models import build_model
-from distill_cli.report import results_table
+from distill_cli.report import CONSOLE, per_class_table, print_results, results_table
 
 from conftest import metrics_without_timing, read_jsonl, small_kd_config, small_train_config, table_rows
 
@@ -151,6 +152,69 @@ def test_kd_summary_records_what_was_used(tmp_path):
     assert json.loads((tmp_path / "run" / "baseline" / "summary.json").read_text())["teacher"]["name"] == "tiny_mlp"
     models = [row[:2] for row in table_rows(results_table(on_disk))]
     assert models == [["teacher", "narrow_cnn (cnn)"], ["student", "tiny_mlp (mlp)"], ["student alone", "tiny_mlp (mlp)"]]
+
+
+def _record_classes(monkeypatch) -> dict:
+    """The classes each training (by run folder name: run, teacher, baseline) saw in its steps and in its
+    validation split, and those of every split tasks evaluate on."""
+    seen = {"evaluated": []}
+
+    def classes(loader) -> set[int]:
+        return {label for batch in loader for label in batch.labels.tolist()}
+
+    def recording_fit(model, step, train_loader, val_loader, **options):
+        trained = seen[options["run_dir"].name] = {"train": set(), "val": classes(val_loader)}
+
+        def recording_step(batch):
+            trained["train"].update(batch.labels.tolist())
+            return step(batch)
+
+        return fit(model, recording_step, train_loader, val_loader, **options)
+
+    def recording_evaluate(model, loader, *args):
+        seen["evaluated"].append(classes(loader))
+        return evaluate(model, loader, *args)
+
+    fit, evaluate = tasks.fit, tasks.evaluate
+    monkeypatch.setattr(tasks, "fit", recording_fit)
+    monkeypatch.setattr(tasks, "evaluate", recording_evaluate)
+    return seen
+
+
+def test_excluded_classes_leave_the_transfer_set_only(tmp_path, monkeypatch):
+    """dataset.exclude_classes=[3]: the teacher kd trains itself learns every class; the student and the
+    student trained alone never see class 3; validation and test keep it, and the per-class results show it."""
+    seen = _record_classes(monkeypatch)
+    cfg = small_kd_config(tmp_path)
+    cfg = replace(cfg, dataset=replace(cfg.dataset, exclude_classes=[3]))
+    summary = tasks.run_kd(cfg, tmp_path / "run")
+    assert summary["teacher"]["source"] == "trained"
+    every, but_3 = set(range(10)), set(range(10)) - {3}
+    assert seen.pop("teacher") == {"train": every, "val": every}
+    assert seen.pop("baseline") == {"train": but_3, "val": every}
+    assert seen.pop("run") == {"train": but_3, "val": every}
+    assert len(seen["evaluated"]) >= 4 and all(classes == every for classes in seen["evaluated"])  # the test split
+    # the splits by size: only the student's training (transfer) set lost class 3's images
+    whole = load_dataset(replace(cfg.dataset, exclude_classes=[]))
+    threes = int((whole.train.labels == 3).sum())
+    assert summary["data"] | {"train_images": summary["data"]["train_images"] + threes} == json.loads(
+        (tmp_path / "run" / "teacher" / "summary.json").read_text()
+    )["data"]
+    assert (summary["data"]["val_images"], summary["data"]["test_images"]) == (len(whole.val), len(whole.test))
+
+    names = [str(label) for label in range(10)]
+    for role in ("teacher", "student"):
+        assert list(summary[role]["test_acc_per_class"]) == names
+    assert summary["teacher"]["test_acc_per_class"]["3"] > 0  # the teacher learned class 3, and the test split has it
+    with CONSOLE.capture() as printed:
+        print_results(summary)
+    assert "test accuracy per class" in printed.get()
+    expected = [
+        [f"{name} (not in transfer set)" if name == "3" else name]
+        + [f"{summary[role]['test_acc_per_class'][name]:.2%}" for role in ("teacher", "student")]
+        for name in names
+    ]
+    assert table_rows(per_class_table(summary)) == expected
 
 
 def test_teacher_checkpoint_is_loaded_and_checked(tmp_path):
