@@ -9,7 +9,7 @@ import torch
 import distill_cli.engine as engine
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import load_checkpoint, save_atomic
-from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.config import DatasetConfig, DeviceConfig, ModelConfig, TeacherConfig
 from distill_cli.data import load_dataset
 from distill_cli.engine import evaluate
 from distill_cli.errors import DistillError
@@ -215,6 +215,66 @@ def test_excluded_classes_leave_the_transfer_set_only(tmp_path, monkeypatch):
         for name in names
     ]
     assert table_rows(per_class_table(summary)) == expected
+
+
+def _assert_same_training(first, second, one_image: float) -> None:
+    """Two runs' metrics.jsonl agree: losses up to float rounding, accuracies up to one image that may flip."""
+    for row, other in zip(metrics_without_timing(first), metrics_without_timing(second), strict=True):
+        assert row.keys() == other.keys()
+        for key in row:
+            tolerance = {"abs": one_image} if key.endswith("acc") else {"rel": 1e-4}
+            assert row[key] == pytest.approx(other[key], **tolerance), (first, row["epoch"], key)
+
+
+def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatch):
+    """device.channels_last only changes memory layout: a conv teacher trained by kd, its BatchNorm-folded
+    forward in the kd steps and a conv student reach the same losses and accuracies with it on and off.
+
+    fp32 on the CPU: NHWC kernels add up in another order, so losses differ in the last bits (measured:
+    at most 2e-7 relative after 2 epochs); 1e-4 relative leaves room for that to grow and still fails on
+    a wrong layout, which moves the losses by percents. An accuracy may differ by one image whose top two
+    logits tie within rounding (none did). Three-channel images: with one channel, NCHW and NHWC batches
+    are the same memory and a batch laid out wrongly would not show.
+    """
+    layouts = []
+    build_model = tasks.build_model
+
+    def recording_build_model(cfg, info, key):
+        model = build_model(cfg, info, key)
+        inputs = set()
+        model.register_forward_pre_hook(lambda module, args: inputs.add(args[0].is_contiguous(memory_format=torch.channels_last)))
+        layouts.append((model, inputs))
+        return model
+
+    monkeypatch.setattr(tasks, "build_model", recording_build_model)
+    dataset = DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=8, train_size=1280, test_size=256, augment=True)
+    summaries = {}
+    for channels_last in (True, False):
+        cfg = small_kd_config(
+            tmp_path / str(channels_last),
+            student=ModelConfig("cnn", {"width": 8, "blocks": 1}),
+            dataset=dataset,
+            batch_size=32,
+            baseline=False,
+            device=DeviceConfig(type="cpu", channels_last=channels_last),
+        )
+        summaries[channels_last] = tasks.run_kd(cfg, tmp_path / str(channels_last) / "run")
+        # every model (teacher trained, teacher loaded for kd, student) and every batch it saw, laid out as asked
+        assert len(layouts) == 3
+        for model, inputs in layouts:
+            convs = [module for module in model.modules() if isinstance(module, torch.nn.Conv2d)]
+            assert {conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs} == {channels_last}
+            assert inputs == {channels_last}
+        layouts.clear()
+
+    on, off = summaries[True], summaries[False]
+    one_image = 1 / min(on["data"][split] for split in ("train_images", "val_images", "test_images"))
+    for folder in ("run/teacher", "run"):
+        _assert_same_training(tmp_path / "True" / folder, tmp_path / "False" / folder, one_image)
+    assert on["teacher"]["test_acc"] == pytest.approx(off["teacher"]["test_acc"], abs=one_image)
+    for key in ("test_acc_best", "test_acc_last"):
+        assert on["student"][key] == pytest.approx(off["student"][key], abs=one_image)
+    assert on["teacher"]["test_acc"] > 0.5  # learned (chance is 0.1): the runs compared did train
 
 
 def test_teacher_checkpoint_is_loaded_and_checked(tmp_path):
