@@ -33,7 +33,8 @@ def test_training_is_deterministic_on_cpu(tmp_path):
 
 
 def _record_epoch_weights(monkeypatch) -> dict[int, dict]:
-    """Every epoch's weights as `fit` saves them to last.pt, by epoch (copied: the saved tensors share the model's storage)."""
+    """Every epoch's weights as `fit` saves them to last.pt, by epoch (copied: the saved tensors share
+    the model's storage)."""
     weights = {}
     save_last = engine.save_last
 
@@ -148,7 +149,8 @@ def test_kd_summary_records_what_was_used(tmp_path):
     }
     # the models by the names the user chose (teacher=<option>), beside their architectures, also in the table
     roles = ("teacher", "student", "baseline")
-    assert [(on_disk[role]["name"], on_disk[role]["arch"]) for role in roles] == [("narrow_cnn", "cnn"), ("tiny_mlp", "mlp"), ("tiny_mlp", "mlp")]
+    names = [(on_disk[role]["name"], on_disk[role]["arch"]) for role in roles]
+    assert names == [("narrow_cnn", "cnn"), ("tiny_mlp", "mlp"), ("tiny_mlp", "mlp")]
     assert json.loads((tmp_path / "run" / "baseline" / "summary.json").read_text())["teacher"]["name"] == "tiny_mlp"
     models = [row[:2] for row in table_rows(results_table(on_disk))]
     assert models == [["teacher", "narrow_cnn (cnn)"], ["student", "tiny_mlp (mlp)"], ["student alone", "tiny_mlp (mlp)"]]
@@ -242,12 +244,16 @@ def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatc
     def recording_build_model(cfg, info, key):
         model = build_model(cfg, info, key)
         inputs = set()
-        model.register_forward_pre_hook(lambda module, args: inputs.add(args[0].is_contiguous(memory_format=torch.channels_last)))
+        model.register_forward_pre_hook(
+            lambda module, args: inputs.add(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
         layouts.append((model, inputs))
         return model
 
     monkeypatch.setattr(tasks, "build_model", recording_build_model)
-    dataset = DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=8, train_size=1280, test_size=256, augment=True)
+    dataset = DatasetConfig(
+        name="synthetic", num_classes=10, channels=3, image_size=8, train_size=1280, test_size=256, augment=True
+    )
     summaries = {}
     for channels_last in (True, False):
         cfg = small_kd_config(
