@@ -34,6 +34,9 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
+SYNTHETIC_ONLY = ("num_classes", "channels", "train_size", "test_size")
+
+
 @dataclass
 class DatasetConfig:
     """Which dataset, where it lives, how it is split and augmented; see `distill_cli/data/`."""
@@ -59,11 +62,12 @@ class DatasetConfig:
     image_size: Optional[int] = None
     # imagefolder: decoded uint8 tensors are cached here, keyed by source folder, split and size
     cache_dir: str = "data/cache"
-    # synthetic only: the generated data's shape
-    num_classes: int = 10
-    channels: int = 3
-    train_size: int = 5000
-    test_size: int = 1000
+    # synthetic only (set in configs/dataset/synthetic.yaml; null = not applicable): the generated data's
+    # classes, channels and split sizes. Every other dataset brings its own (see the summary's "data")
+    num_classes: Optional[int] = None
+    channels: Optional[int] = None
+    train_size: Optional[int] = None
+    test_size: Optional[int] = None
     # how batches reach the model: device = the whole split as uint8 on the compute device, augmented
     # there in batches; stream = DataLoader workers read (image folders: decode) and augment each
     # sample, pinned non-blocking copies; auto = device when the decoded splits fit in device_max_gb
@@ -86,8 +90,12 @@ class DatasetConfig:
         _check(0 <= self.val_split < 1, "dataset.val_split", f"must be in [0, 1), got {self.val_split}")
         _check(0 < self.test_split < 1, "dataset.test_split", f"must be in (0, 1), got {self.test_split}")
         _check(self.image_size is None or self.image_size >= 1, "dataset.image_size", "must be >= 1")
-        for key in ("num_classes", "channels", "train_size", "test_size"):
-            _check(getattr(self, key) >= 1, f"dataset.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in SYNTHETIC_ONLY:
+            value = getattr(self, key)
+            if self.name == "synthetic":
+                _check(value is not None and value >= 1, f"dataset.{key}", f"must be >= 1 for dataset=synthetic, got {value}")
+            else:
+                _check(value is None, f"dataset.{key}", f"only dataset=synthetic takes it; {self.name} brings its own")
 
 
 @dataclass
@@ -96,6 +104,14 @@ class ModelConfig:
 
     arch: str = MISSING
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # the option the user chose (teacher=resnet20: "resnet20", set from the file name in configs/model/),
+    # shown in results; a label only: models are built and cached by arch and kwargs
+    name: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """The chosen option's name, or the architecture for a config built without one."""
+        return self.name or self.arch
 
 
 @dataclass
@@ -245,7 +261,8 @@ def register_configs() -> None:
     """Store the schemas and expose every `configs/model/*.yaml` as both a teacher and a student option.
 
     `teacher=<arch>` and `student=<arch>` therefore accept exactly the same names, and adding a model
-    is one Python file (the registered module) plus one YAML in `configs/model/`.
+    is one Python file (the registered module) plus one YAML in `configs/model/`. Each option's `name`
+    is its file name, so results say `resnet20` rather than its architecture `resnet_cifar`.
     """
     from hydra.core.config_store import ConfigStore
 
@@ -254,6 +271,7 @@ def register_configs() -> None:
         store.store(name=f"{command}_schema", node=schema)
     for path in sorted((config_dir() / "model").glob("*.yaml")):
         node = OmegaConf.load(path)
+        node.name = path.stem
         for group in ("teacher", "student"):
             store.store(group=group, name=path.stem, node=node)
 

@@ -62,13 +62,13 @@ def build_objective(
         raise ValueError("build_objective: the method needs a teacher")
     name = cfg.loss["name"]
     student_points = _expand(method.student_points, student, data)
-    student_forward = compute.outputs(student, data.info, student_points, f"loss={name}: student={cfg.student.arch}")
+    student_forward = compute.outputs(student, data.info, student_points, f"loss={name}: student={cfg.student.label}")
     teacher_forward = None
     shapes = {}
     if teacher is not None and objective.needs_teacher:
         teacher_points = _expand(method.teacher_points, teacher, data)
         teacher_forward = compute.frozen_forward(
-            teacher, points=teacher_points, info=data.info, role=f"loss={name}: teacher={cfg.teacher.arch}"
+            teacher, points=teacher_points, info=data.info, role=f"loss={name}: teacher={cfg.teacher.label}"
         )
         shapes = _probe(teacher_forward, teacher, data, compute)
     context = MethodContext(

@@ -89,20 +89,27 @@ def _count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
+def _model_name(entry: dict) -> str:
+    """The model option the user chose, with its architecture family when that is another name
+    (`resnet20 (resnet_cifar)`); summaries written before models had names give the architecture."""
+    name, arch = entry.get("name") or entry["arch"], entry["arch"]
+    return name if name == arch else f"{name} ({arch})"
+
+
 def results_table(summary: dict) -> Table:
     """The end-of-run table: test accuracy, parameters, compression and inference speed-up."""
     table = Table(title=f"distill {summary['command']} results ({summary['dataset']}, test split)")
-    columns = ["model", "arch", "test acc (best)", "test acc (last)", "params", "compression"]
+    columns = ["role", "model", "test acc (best)", "test acc (last)", "params", "compression"]
     speed = summary.get("speedup") is not None
     if speed:
         columns += ["infer img/s", "speed-up"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+        table.add_column(column, justify="left" if column in ("role", "model") else "right")
     teacher, student = summary.get("teacher"), summary.get("student")
     if teacher:
         row = [
             # a kd run reports the one teacher checkpoint it used under "test_acc"
-            "teacher", teacher["arch"], _pct(teacher.get("test_acc", teacher.get("test_acc_best"))),
+            "teacher", _model_name(teacher), _pct(teacher.get("test_acc", teacher.get("test_acc_best"))),
             _pct(teacher.get("test_acc_last")), _count(teacher["params"]), "1.0x",
         ]
         if speed:
@@ -111,7 +118,7 @@ def results_table(summary: dict) -> Table:
     if student:
         compression = summary.get("compression")
         row = [
-            "student", student["arch"], _pct(student["test_acc_best"]), _pct(student["test_acc_last"]),
+            "student", _model_name(student), _pct(student["test_acc_best"]), _pct(student["test_acc_last"]),
             _count(student["params"]), "-" if compression is None else f"{compression:.1f}x",
         ]
         if speed:
@@ -119,7 +126,7 @@ def results_table(summary: dict) -> Table:
         table.add_row(*row)
     baseline = summary.get("baseline")
     if baseline:
-        row = ["student alone", baseline["arch"], _pct(baseline["test_acc_best"]), "-", _count(student["params"]), "-"]
+        row = ["student alone", _model_name(baseline), _pct(baseline["test_acc_best"]), "-", _count(student["params"]), "-"]
         table.add_row(*row, *(["-", "-"] if speed else []))
         table.caption = f"KD gain over the same student trained alone: {100 * summary['kd_gain']:+.2f} points (best.pt)"
     return table

@@ -126,6 +126,7 @@ def _train_network(
     model.load_state_dict(load_checkpoint(run_dir / BEST)["state_dict"])
     best = evaluate(model, loaders.test, compute, data.info.num_classes)
     return {
+        "name": model_cfg.label,
         "arch": model_cfg.arch,
         "kwargs": dict(model_cfg.kwargs),
         "params": count_parameters(model),
@@ -136,6 +137,20 @@ def _train_network(
         "val_acc_best": result.best_val_acc,
         "selection": result.selection,
         "checkpoint": str(run_dir / BEST),
+    }
+
+
+def _data_facts(data: DataSplits) -> dict:
+    """What the run's data is, as loaded: classes, image shape and split sizes (train: the transfer set,
+    after any excluded classes)."""
+    info = data.info
+    return {
+        "num_classes": info.num_classes,
+        "channels": info.channels,
+        "image_size": list(info.image_size),
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "test_images": len(data.test),
     }
 
 
@@ -154,6 +169,7 @@ def _run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "exclude_classes": list(cfg.dataset.exclude_classes),
+        "data": _data_facts(data),
         "run_dir": str(run_dir),
     }
 
@@ -234,7 +250,7 @@ def baseline_training_config(cfg: KDConfig) -> TrainConfig:
         teacher_training_config(cfg),
         epochs=cfg.epochs,
         dataset=cfg.dataset,
-        teacher=TeacherConfig(arch=cfg.student.arch, kwargs=dict(cfg.student.kwargs)),
+        teacher=TeacherConfig(arch=cfg.student.arch, kwargs=dict(cfg.student.kwargs), name=cfg.student.name),
     )
 
 
@@ -301,6 +317,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute)
         teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)
         summary["teacher"] = {
+            "name": cfg.teacher.label,
             "arch": cfg.teacher.arch,
             "params": count_parameters(teacher),
             "test_acc": teacher_acc.overall,
@@ -312,6 +329,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
             baseline_path, source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
             baseline = _load_model(baseline_path, cfg.student, "student", data, compute)
             summary["baseline"] = {
+                "name": cfg.student.label,
                 "arch": cfg.student.arch,
                 "test_acc_best": evaluate(baseline, loaders.test, compute, data.info.num_classes).overall,
                 "checkpoint": str(baseline_path.resolve()),

@@ -1,8 +1,8 @@
 """A cache of trained teachers keyed by their recipe, so sweeps and repeated kd runs train a teacher once.
 
 Layout: `<cache>/<key>/teacher.pt` and `<cache>/<key>/recipe.json`, where key is a hash of the recipe
-(dataset and split, architecture, optimizer with schedule, epochs, batch size, seed). A file lock per key
-makes parallel jobs wait for the one that trains it.
+(dataset and split, an image folder's location, architecture, optimizer with schedule, epochs, batch
+size, seed). A file lock per key makes parallel jobs wait for the one that trains it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ def teacher_recipe(cfg: TrainConfig) -> dict:
     """Everything that determines the trained teacher, not where files live or how it is computed
     (device, data pipeline, optimizer kernel): those change rounding and random draws, not the recipe."""
     dataset = asdict(cfg.dataset)
-    for execution_only in ("root", "download", "cache_dir", "pipeline", "device_max_gb", "workers"):
+    for execution_only in ("download", "cache_dir", "pipeline", "device_max_gb", "workers"):
         dataset.pop(execution_only)
+    # the root of a torchvision dataset only says where its files are; an image folder's root is its data
+    if cfg.dataset.name == "imagefolder":
+        dataset["root"] = str(Path(cfg.dataset.root).resolve())
+    else:
+        dataset.pop("root")
     optimizer = asdict(cfg.optimizer)
     optimizer.pop("impl")
     return {

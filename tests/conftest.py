@@ -1,4 +1,5 @@
 import itertools
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from distill_cli.config import DeviceConfig, KDConfig, ModelConfig, TeacherConfig, TrainConfig, config_dir, register_configs
 
@@ -147,3 +149,11 @@ def comparable_results(summary: dict) -> dict:
         for role in ("teacher", "student", "baseline")
         if summary.get(role)
     }
+
+
+def table_rows(table) -> list[list[str]]:
+    """The body rows of a Rich table, as the cells' text, the way a wide terminal shows them."""
+    console = Console(width=200, file=io.StringIO(), record=True)
+    console.print(table)
+    lines = console.export_text().splitlines()
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]

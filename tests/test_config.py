@@ -1,8 +1,15 @@
+import copy
+import functools
+import re
+import typing
+from dataclasses import fields, is_dataclass
+
 import pytest
 
-from distill_cli.config import KDConfig, TrainConfig, config_dir, validate_config
+from distill_cli.config import SYNTHETIC_ONLY, DatasetConfig, KDConfig, TrainConfig, config_dir, validate_config
 from distill_cli.errors import DistillError
-from distill_cli.teacher_cache import teacher_recipe
+from distill_cli.tasks import baseline_training_config, teacher_training_config
+from distill_cli.teacher_cache import recipe_key, teacher_recipe
 
 from conftest import compose_config, run_distill
 
@@ -28,13 +35,11 @@ def test_teacher_and_student_accept_the_same_names():
     for name in names:
         cfg = validate_config("kd", compose_config("kd", [f"teacher={name}", f"student={name}"]))
         assert cfg.teacher.arch == cfg.student.arch
+        assert cfg.teacher.name == cfg.student.name == name  # the option chosen, shown in the results
 
 
 def test_default_kd_teacher_recipe_matches_default_train():
     """`distill train` then `distill kd` (no arguments) must hit the teacher cache."""
-    from distill_cli.tasks import teacher_training_config
-    from distill_cli.teacher_cache import teacher_recipe
-
     train = validate_config("train", compose_config("train", []))
     kd = validate_config("kd", compose_config("kd", []))
     assert teacher_recipe(teacher_training_config(kd)) == teacher_recipe(train)
@@ -45,17 +50,128 @@ def test_cache_teacher_takes_yaml_booleans_and_auto(value, expected):
     assert validate_config("kd", compose_config("kd", [f"cache_teacher={value}"])).cache_teacher == expected
 
 
-def test_execution_settings_do_not_change_the_teacher_recipe():
-    """Pipeline, workers and the optimizer kernel change how a teacher is computed, not which one."""
-    from distill_cli.teacher_cache import teacher_recipe
+# Keys that say where files live, how a model is computed or what is reported, not which model is
+# trained: they must not change a recipe's cache key. Every other key of a config must.
+EXECUTION_ONLY = {
+    "dataset.root", "dataset.download", "dataset.cache_dir", "dataset.pipeline", "dataset.device_max_gb",
+    "dataset.workers", "optimizer.impl", "device.type", "device.precision", "device.deterministic",
+    "device.threads", "device.channels_last", "device.compile", "eval_batch_size", "teacher_cache",
+    "per_class", "resume", "teacher.checkpoint", "teacher.name", "student.name",
+}
+# kd's keys that train the student only: the teacher kd trains (or takes from the cache) ignores them;
+# it learns from every class (exclude_classes shrinks the transfer set only)
+STUDENT_ONLY = {
+    "epochs", "T", "alpha", "baseline", "cache_teacher", "loss.name", "student.arch", "student.kwargs",
+    "dataset.exclude_classes",
+}
+# the student trained alone (the baseline) ignores the teacher
+TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "loss.name"}
 
-    base = validate_config("train", compose_config("train", []))
-    other = validate_config(
-        "train",
-        compose_config("train", ["dataset.pipeline=stream", "dataset.workers=3", "optimizer.impl=loop", "dataset.cache_dir=x"]),
+
+
+def _leaves(config, prefix: str = ""):
+    """(dotted key, value, type annotation) of every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(type(config))
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{item.name}.")
+        else:
+            yield prefix + item.name, value, hints[item.name]
+
+
+def _other_values(value, hint) -> list:
+    """Values of `hint`'s type other than `value`; for a dict (model kwargs): each entry changed, and one added."""
+    if value is None:
+        kind = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        return [{int: 1, bool: True, str: "other"}[kind]]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, (int, float)):
+        return [value + 1]
+    if isinstance(value, str):
+        return [value + "_other"]
+    if isinstance(value, list):
+        return [value[:-1] if value else [1]]
+    changed = [{**value, name: other} for name, entry in value.items() for other in _other_values(entry, type(entry))]
+    return changed + [{**value, "added": 1}]
+
+
+def _with_value(config, key: str, value):
+    """A copy of `config` with the dotted `key` set to `value` (unchecked)."""
+    changed = copy.deepcopy(config)
+    *parents, name = key.split(".")
+    setattr(functools.reduce(getattr, parents, changed), name, value)
+    return changed
+
+
+def _keys_that_change_the_recipe(config, recipe_of) -> dict[str, bool]:
+    """For every leaf key of `config`: whether changing its value changes `recipe_of(config)`'s cache key."""
+    base = recipe_key(recipe_of(config))
+    return {
+        key: any(recipe_key(recipe_of(_with_value(config, key, other))) != base for other in _other_values(value, hint))
+        for key, value, hint in _leaves(config)
+    }
+
+
+@pytest.mark.parametrize(
+    "command, recipe_of, ignored",
+    [
+        ("train", teacher_recipe, EXECUTION_ONLY),
+        ("kd", lambda kd: teacher_recipe(teacher_training_config(kd)), EXECUTION_ONLY | STUDENT_ONLY),
+        ("kd", lambda kd: teacher_recipe(baseline_training_config(kd)), EXECUTION_ONLY | TEACHER_ONLY),
+    ],
+    ids=["train", "kd-teacher", "kd-baseline"],
+)
+def test_every_recipe_key_changes_the_cache_key(command, recipe_of, ignored, monkeypatch):
+    """Each field of a config, also one added later, changes the cached model's key unless it is listed as
+    not part of that recipe: seed, batch size, model arguments, optimizer and schedule, epochs, splits,
+    augmentation, excluded classes..."""
+    # one key changed alone may break a rule between keys (colour jitter needs augment, the synthetic
+    # sizes need dataset=synthetic) where kd re-checks the dataset config; a recipe reads the fields either way
+    monkeypatch.setattr(DatasetConfig, "__post_init__", lambda self: None)
+    changes = _keys_that_change_the_recipe(validate_config(command, compose_config(command, [])), recipe_of)
+    assert {"seed", "batch_size", "dataset.augment", "dataset.color_jitter", "dataset.split_seed"} <= set(changes)
+    assert [key for key, changed in changes.items() if changed == (key in ignored)] == []
+
+
+def test_an_image_folder_is_part_of_the_recipe(tmp_path):
+    """For torchvision datasets `dataset.root` only says where the files are; an image folder's root is its data."""
+    one, two = (
+        validate_config("train", compose_config("train", ["dataset=imagefolder", f"dataset.root={tmp_path / name}"]))
+        for name in ("one", "two")
     )
-    assert teacher_recipe(other) == teacher_recipe(base)
-    assert teacher_recipe(validate_config("train", compose_config("train", ["dataset.augment=true"]))) != teacher_recipe(base)
+    assert recipe_key(teacher_recipe(one)) != recipe_key(teacher_recipe(two))
+
+
+def test_equivalent_model_options_share_a_recipe():
+    """A model's name is a label: teacher=resnet20 and teacher=resnet32 with depth 20 are one cached teacher."""
+    twenty = validate_config("train", compose_config("train", ["teacher=resnet20"]))
+    also_twenty = validate_config("train", compose_config("train", ["teacher=resnet32", "teacher.kwargs.depth=20"]))
+    assert (twenty.teacher.name, also_twenty.teacher.name) == ("resnet20", "resnet32")
+    assert recipe_key(teacher_recipe(twenty)) == recipe_key(teacher_recipe(also_twenty))
+
+
+def test_synthetic_only_keys_are_null_for_other_datasets():
+    """The synthetic data's shape keys do not apply to a dataset that brings its own (null in the composed config)."""
+    digits = validate_config("train", compose_config("train", [])).dataset
+    assert [getattr(digits, key) for key in SYNTHETIC_ONLY] == [None] * len(SYNTHETIC_ONLY)
+    synthetic = validate_config("train", compose_config("train", ["dataset=synthetic"])).dataset
+    assert [getattr(synthetic, key) for key in SYNTHETIC_ONLY] == [10, 3, 5000, 1000]
+
+
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (["dataset.channels=3"], "dataset.channels: only dataset=synthetic takes it; digits brings its own"),
+        (["dataset=cifar10", "dataset.num_classes=5"], "dataset.num_classes: only dataset=synthetic takes it"),
+        (["dataset=synthetic", "dataset.train_size=0"], "dataset.train_size: must be >= 1 for dataset=synthetic"),
+        (["dataset=synthetic", "dataset.test_size=null"], "dataset.test_size: must be >= 1 for dataset=synthetic"),
+    ],
+)
+def test_synthetic_only_keys_are_checked(overrides, error):
+    with pytest.raises(DistillError, match=rf"^{re.escape(error)}"):
+        validate_config("train", compose_config("train", overrides))
 
 
 def test_model_kwargs_can_be_overridden_and_added():
@@ -105,6 +221,7 @@ def test_range_checks_name_the_key(override, key):
         (["train", "dataset=nope"], "dataset=nope: no such dataset option"),
         (["train", "epochs=0"], "epochs: must be >= 1"),
         (["train", "batch_size=0"], "batch_size: must be >= 1"),
+        (["train", "dataset.channels=3"], "dataset.channels: only dataset=synthetic takes it"),
         (["kd", "batch_size=-3"], "batch_size: must be >= 1"),
         (["trian"], "unknown command 'trian'"),
     ],

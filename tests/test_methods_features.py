@@ -256,4 +256,4 @@ def test_cli_refuses_vid_for_the_default_mlp_student_in_one_line(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     (error,) = result.stderr.strip().splitlines()
-    assert error == "distill kd: error: loss=vid: student=mlp has no feature point 'stage1' (it has: pooled)"
+    assert error == "distill kd: error: loss=vid: student=mlp_small has no feature point 'stage1' (it has: pooled)"

@@ -4,13 +4,19 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
+import distill_cli.engine as engine
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import load_checkpoint, save_atomic
-from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.config import DatasetConfig, DeviceConfig, ModelConfig, TeacherConfig
+from distill_cli.data import load_dataset
+from distill_cli.engine import evaluate
 from distill_cli.errors import DistillError
+from distill_cli.models import build_model
+from distill_cli.report import CONSOLE, per_class_table, print_results, results_table
 
-from conftest import metrics_without_timing, read_jsonl, small_kd_config, small_train_config
+from conftest import metrics_without_timing, read_jsonl, small_kd_config, small_train_config, table_rows
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -26,14 +32,60 @@ def test_training_is_deterministic_on_cpu(tmp_path):
     assert third["teacher"]["params"] == first["teacher"]["params"]
 
 
-def test_best_checkpoint_is_picked_on_validation_split(tmp_path):
-    summary = tasks.run_train(small_train_config(tmp_path, epochs=4), tmp_path / "run")
+def _record_epoch_weights(monkeypatch) -> dict[int, dict]:
+    """Every epoch's weights as `fit` saves them to last.pt, by epoch (copied: the saved tensors share
+    the model's storage)."""
+    weights = {}
+    save_last = engine.save_last
+
+    def recording_save_last(checkpoint: dict, run_dir) -> None:
+        weights[checkpoint["epoch"]] = {name: value.clone() for name, value in checkpoint["state_dict"].items()}
+        save_last(checkpoint, run_dir)
+
+    monkeypatch.setattr(engine, "save_last", recording_save_last)
+    return weights
+
+
+def _same_weights(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_best_checkpoint_is_picked_on_validation_split(tmp_path, monkeypatch):
+    """best.pt holds the epoch of highest validation accuracy, and test_acc_best is its test accuracy.
+
+    The lr jumps 5x after epoch 2 (a step schedule with gamma 5): validation accuracy peaks at epoch 2
+    and falls, while the running training accuracy climbs on to the last epoch, so picking best.pt on
+    the last epoch, on training or on test accuracy, or testing the last weights, gives other numbers.
+    """
+    weights = _record_epoch_weights(monkeypatch)
+    cfg = small_train_config(tmp_path, epochs=5)
+    cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=0.1, schedule="step", milestones=[0.4], gamma=5.0))
+    summary = tasks.run_train(cfg, tmp_path / "run")["teacher"]
+
+    # every epoch's weights scored here on the validation and test splits, apart from the run
+    compute, data, loaders = tasks.prepare_run(cfg)
+    model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
+
+    def accuracy(epoch: int, split) -> float:
+        model.load_state_dict(weights[epoch])
+        return evaluate(model, loaders.eval_loader(split), compute, data.info.num_classes).overall
+
+    epochs = range(1, cfg.epochs + 1)
+    val, test = [accuracy(e, data.val) for e in epochs], [accuracy(e, data.test) for e in epochs]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    best_val = max(row["val_acc"] for row in rows)
-    assert summary["teacher"]["val_acc_best"] == best_val
-    assert summary["teacher"]["selection"] == "val"
-    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == summary["teacher"]["best_epoch"]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 4
+    assert [row["val_acc"] for row in rows] == pytest.approx(val)
+    best = 1 + val.index(max(val))
+    train_acc = [row["train_acc"] for row in rows]
+    # the scenario the assertions below need: each wrong choice gives another epoch or other numbers
+    assert best < cfg.epochs and 1 + train_acc.index(max(train_acc)) != best
+    assert test[best - 1] not in (test[-1], val[best - 1])
+
+    assert (summary["best_epoch"], summary["val_acc_best"], summary["selection"]) == (best, val[best - 1], "val")
+    best_checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best_checkpoint["epoch"] == best and _same_weights(best_checkpoint["state_dict"], weights[best])
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == cfg.epochs
+    assert summary["test_acc_best"] == pytest.approx(test[best - 1])
+    assert summary["test_acc_last"] == pytest.approx(test[-1])
 
 
 def test_without_validation_split_best_is_last(tmp_path):
@@ -79,7 +131,9 @@ def test_train_publishes_to_the_cache_kd_uses(tmp_path):
 
 
 def test_kd_summary_records_what_was_used(tmp_path):
-    summary = tasks.run_kd(small_kd_config(tmp_path, T=3.0, alpha=0.7), tmp_path / "run")
+    cfg = small_kd_config(tmp_path, T=3.0, alpha=0.7)
+    cfg = replace(cfg, teacher=replace(cfg.teacher, name="narrow_cnn"), student=replace(cfg.student, name="tiny_mlp"))
+    summary = tasks.run_kd(cfg, tmp_path / "run")
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert (on_disk["T"], on_disk["alpha"], on_disk["status"]) == (3.0, 0.7, "completed")
@@ -89,6 +143,144 @@ def test_kd_summary_records_what_was_used(tmp_path):
     assert min(rates) > 0 and on_disk["speedup"] == pytest.approx(rates[1] / rates[0])
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert {"loss", "loss/ce", "loss/kd", "train_acc", "val_acc", "lr", "images_per_s", "seconds"} <= set(rows[0])
+    # the data as loaded: digits' 1,797 8x8 grey images of 10 classes; 20% held out for test, 10% of the rest for validation
+    assert on_disk["data"] == {
+        "num_classes": 10, "channels": 1, "image_size": [8, 8], "train_images": 1294, "val_images": 144, "test_images": 359,
+    }
+    # the models by the names the user chose (teacher=<option>), beside their architectures, also in the table
+    roles = ("teacher", "student", "baseline")
+    names = [(on_disk[role]["name"], on_disk[role]["arch"]) for role in roles]
+    assert names == [("narrow_cnn", "cnn"), ("tiny_mlp", "mlp"), ("tiny_mlp", "mlp")]
+    assert json.loads((tmp_path / "run" / "baseline" / "summary.json").read_text())["teacher"]["name"] == "tiny_mlp"
+    models = [row[:2] for row in table_rows(results_table(on_disk))]
+    assert models == [["teacher", "narrow_cnn (cnn)"], ["student", "tiny_mlp (mlp)"], ["student alone", "tiny_mlp (mlp)"]]
+
+
+def _record_classes(monkeypatch) -> dict:
+    """The classes each training (by run folder name: run, teacher, baseline) saw in its steps and in its
+    validation split, and those of every split tasks evaluate on."""
+    seen = {"evaluated": []}
+
+    def classes(loader) -> set[int]:
+        return {label for batch in loader for label in batch.labels.tolist()}
+
+    def recording_fit(model, step, train_loader, val_loader, **options):
+        trained = seen[options["run_dir"].name] = {"train": set(), "val": classes(val_loader)}
+
+        def recording_step(batch, epoch):
+            trained["train"].update(batch.labels.tolist())
+            return step(batch, epoch)
+
+        return fit(model, recording_step, train_loader, val_loader, **options)
+
+    def recording_evaluate(model, loader, *args):
+        seen["evaluated"].append(classes(loader))
+        return evaluate(model, loader, *args)
+
+    fit, evaluate = tasks.fit, tasks.evaluate
+    monkeypatch.setattr(tasks, "fit", recording_fit)
+    monkeypatch.setattr(tasks, "evaluate", recording_evaluate)
+    return seen
+
+
+def test_excluded_classes_leave_the_transfer_set_only(tmp_path, monkeypatch):
+    """dataset.exclude_classes=[3]: the teacher kd trains itself learns every class; the student and the
+    student trained alone never see class 3; validation and test keep it, and the per-class results show it."""
+    seen = _record_classes(monkeypatch)
+    cfg = small_kd_config(tmp_path)
+    cfg = replace(cfg, dataset=replace(cfg.dataset, exclude_classes=[3]))
+    summary = tasks.run_kd(cfg, tmp_path / "run")
+    assert summary["teacher"]["source"] == "trained"
+    every, but_3 = set(range(10)), set(range(10)) - {3}
+    assert seen.pop("teacher") == {"train": every, "val": every}
+    assert seen.pop("baseline") == {"train": but_3, "val": every}
+    assert seen.pop("run") == {"train": but_3, "val": every}
+    assert len(seen["evaluated"]) >= 4 and all(classes == every for classes in seen["evaluated"])  # the test split
+    # the splits by size: only the student's training (transfer) set lost class 3's images
+    whole = load_dataset(replace(cfg.dataset, exclude_classes=[]))
+    threes = int((whole.train.labels == 3).sum())
+    assert summary["data"] | {"train_images": summary["data"]["train_images"] + threes} == json.loads(
+        (tmp_path / "run" / "teacher" / "summary.json").read_text()
+    )["data"]
+    assert (summary["data"]["val_images"], summary["data"]["test_images"]) == (len(whole.val), len(whole.test))
+
+    names = [str(label) for label in range(10)]
+    for role in ("teacher", "student"):
+        assert list(summary[role]["test_acc_per_class"]) == names
+    assert summary["teacher"]["test_acc_per_class"]["3"] > 0  # the teacher learned class 3, and the test split has it
+    with CONSOLE.capture() as printed:
+        print_results(summary)
+    assert "test accuracy per class" in printed.get()
+    expected = [
+        [f"{name} (not in transfer set)" if name == "3" else name]
+        + [f"{summary[role]['test_acc_per_class'][name]:.2%}" for role in ("teacher", "student")]
+        for name in names
+    ]
+    assert table_rows(per_class_table(summary)) == expected
+
+
+def _assert_same_training(first, second, one_image: float) -> None:
+    """Two runs' metrics.jsonl agree: losses up to float rounding, accuracies up to one image that may flip."""
+    for row, other in zip(metrics_without_timing(first), metrics_without_timing(second), strict=True):
+        assert row.keys() == other.keys()
+        for key in row:
+            tolerance = {"abs": one_image} if key.endswith("acc") else {"rel": 1e-4}
+            assert row[key] == pytest.approx(other[key], **tolerance), (first, row["epoch"], key)
+
+
+def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatch):
+    """device.channels_last only changes memory layout: a conv teacher trained by kd, its BatchNorm-folded
+    forward in the kd steps and a conv student reach the same losses and accuracies with it on and off.
+
+    fp32 on the CPU: NHWC kernels add up in another order, so losses differ in the last bits (measured:
+    at most 2e-7 relative after 2 epochs); 1e-4 relative leaves room for that to grow and still fails on
+    a wrong layout, which moves the losses by percents. An accuracy may differ by one image whose top two
+    logits tie within rounding (none did). Three-channel images: with one channel, NCHW and NHWC batches
+    are the same memory and a batch laid out wrongly would not show.
+    """
+    layouts = []
+    build_model = tasks.build_model
+
+    def recording_build_model(cfg, info, key):
+        model = build_model(cfg, info, key)
+        inputs = set()
+        model.register_forward_pre_hook(
+            lambda module, args: inputs.add(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        layouts.append((model, inputs))
+        return model
+
+    monkeypatch.setattr(tasks, "build_model", recording_build_model)
+    dataset = DatasetConfig(
+        name="synthetic", num_classes=10, channels=3, image_size=8, train_size=1280, test_size=256, augment=True
+    )
+    summaries = {}
+    for channels_last in (True, False):
+        cfg = small_kd_config(
+            tmp_path / str(channels_last),
+            student=ModelConfig("cnn", {"width": 8, "blocks": 1}),
+            dataset=dataset,
+            batch_size=32,
+            baseline=False,
+            device=DeviceConfig(type="cpu", channels_last=channels_last),
+        )
+        summaries[channels_last] = tasks.run_kd(cfg, tmp_path / str(channels_last) / "run")
+        # every model (teacher trained, teacher loaded for kd, student) and every batch it saw, laid out as asked
+        assert len(layouts) == 5  # student and teacher checked before training, then as above
+        for model, inputs in layouts:
+            convs = [module for module in model.modules() if isinstance(module, torch.nn.Conv2d)]
+            assert {conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs} == {channels_last}
+            assert inputs == {channels_last}
+        layouts.clear()
+
+    on, off = summaries[True], summaries[False]
+    one_image = 1 / min(on["data"][split] for split in ("train_images", "val_images", "test_images"))
+    for folder in ("run/teacher", "run"):
+        _assert_same_training(tmp_path / "True" / folder, tmp_path / "False" / folder, one_image)
+    assert on["teacher"]["test_acc"] == pytest.approx(off["teacher"]["test_acc"], abs=one_image)
+    for key in ("test_acc_best", "test_acc_last"):
+        assert on["student"][key] == pytest.approx(off["student"][key], abs=one_image)
+    assert on["teacher"]["test_acc"] > 0.5  # learned (chance is 0.1): the runs compared did train
 
 
 def test_teacher_checkpoint_is_loaded_and_checked(tmp_path):
