@@ -21,6 +21,8 @@ from .models.features import feature_points, stage_points
 def _expand(points: tuple[str, ...], model: nn.Module, data: DataSplits) -> tuple[str, ...]:
     """`points` with "stages" replaced by the model's `stage1`..`stageN` and "last_stage" by its deepest
     stage. A model without stages keeps "stage1", which the extractor then refuses, naming the model."""
+    if not {"stages", "last_stage"} & set(points):
+        return points
     stages = stage_points(feature_points(model, data.info)) or ["stage1"]
     expanded: list[str] = []
     for point in points:

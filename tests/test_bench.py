@@ -52,3 +52,18 @@ def test_bench_reference_reads_an_image_folder_file_by_file(tmp_path, from_files
     assert bench["reference_data"] == reads
     assert f"reads {reads}" in " ".join(result.stdout.split())
     assert all(row["reference_images_per_s"] > 0 for row in bench["results"].values())
+
+
+def test_bench_times_any_method_through_the_kd_wiring(tmp_path):
+    """`distill bench loss=fitnet` times the method's kd step (student features, a trainable connector,
+    teacher features of the folded teacher) in both loops, as `distill kd` would run it."""
+    run_distill(
+        "bench", "loss=fitnet", "student=cnn", "student.kwargs.width=4", "teacher.kwargs.width=8",
+        "dataset.train_size=300", "dataset.test_size=50", "dataset.image_size=16", "batch_size=32",
+        "warmup_steps=1", "steps=3", "repeats=2", "reference_workers=0", cwd=tmp_path,
+    )
+    (path,) = (tmp_path / "outputs").glob("*/*_bench/bench.json")
+    bench = json.loads(path.read_text())
+    assert bench["loss"] == {"name": "fitnet", "weight": 100.0, "hint": "stage2"} and bench["alpha"] == 0.0
+    assert bench["student"]["name"] == "cnn" and not bench["teacher_logits_cached"]
+    assert all(row["distill_images_per_s"] > 0 and row["reference_images_per_s"] > 0 for row in bench["results"].values())

@@ -61,11 +61,11 @@ EXECUTION_ONLY = {
 # kd's keys that train the student only: the teacher kd trains (or takes from the cache) ignores them;
 # it learns from every class (exclude_classes shrinks the transfer set only)
 STUDENT_ONLY = {
-    "epochs", "T", "alpha", "baseline", "cache_teacher", "loss.name", "student.arch", "student.kwargs",
+    "epochs", "T", "alpha", "baseline", "cache_teacher", "loss", "student.arch", "student.kwargs",
     "dataset.exclude_classes",
 }
 # the student trained alone (the baseline) ignores the teacher
-TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "loss.name"}
+TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "loss"}
 
 
 

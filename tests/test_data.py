@@ -270,7 +270,7 @@ def _digits_config(tmp_path, monkeypatch) -> DatasetConfig:
 
 
 def _synthetic_config(tmp_path, monkeypatch) -> DatasetConfig:
-    return DatasetConfig(name="synthetic", image_size=6, train_size=200, test_size=40)
+    return DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=6, train_size=200, test_size=40)
 
 
 def _imagefolder_config(tmp_path, monkeypatch, with_test: bool) -> DatasetConfig:

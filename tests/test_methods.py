@@ -38,7 +38,9 @@ PAIRS = {
 @pytest.fixture(scope="module")
 def data():
     """A small synthetic 3x8x8, 10-class dataset."""
-    return load_dataset(DatasetConfig(name="synthetic", image_size=8, train_size=64, test_size=16, val_split=0.0))
+    return load_dataset(
+        DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=8, train_size=64, test_size=16, val_split=0.0)
+    )
 
 
 def _config(method: str, teacher=("resnet_cifar", {"depth": 8}), student=("resnet_cifar", {"depth": 8}), **overrides):

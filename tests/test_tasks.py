@@ -270,7 +270,8 @@ def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatc
         for model, inputs in layouts:
             convs = [module for module in model.modules() if isinstance(module, torch.nn.Conv2d)]
             assert {conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs} == {channels_last}
-            assert inputs == {channels_last}
+            assert inputs <= {channels_last}  # the models built only to check the config may see no batch
+        assert sum(inputs == {channels_last} for _, inputs in layouts) >= 3  # the teacher trained, loaded, the student
         layouts.clear()
 
     on, off = summaries[True], summaries[False]

@@ -67,8 +67,8 @@ class VID(Method):
     def forward(self, student, teacher, batch, epoch):
         total = 0.0
         for (student_point, teacher_point), regressor, log_scale in zip(self.pairs, self.regressors, self.log_scales):
-            source, target = match_size(student.features[student_point], teacher.features[teacher_point])
-            mean = regressor(source).float()
+            source, target = match_size(student.features[student_point].float(), teacher.features[teacher_point].float())
+            mean = regressor(source).float()  # under autocast the regressor runs in its dtype
             variance = (F.softplus(log_scale) + self.eps).reshape(1, -1, 1, 1)
             total = total + (0.5 * ((mean - target.float()) ** 2 / variance + variance.log())).mean()
         return {"vid": self.weight * total}
