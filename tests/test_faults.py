@@ -474,7 +474,7 @@ def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, k
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference):
-    process = start_distill("kd", "-m", "alpha=0.5,0.9", *KD, cwd=tmp_path)
+    process = start_distill("kd", "-m", "alpha=0.9,0.5", *KD, cwd=tmp_path)
     _signal_when(process, tmp_path, "outputs/multirun/*/*/0/metrics.jsonl", signal.SIGINT)
     line = _one_line(_finish(process), 128 + signal.SIGINT)
     (job,) = tmp_path.glob("outputs/multirun/*/*/0")
@@ -484,7 +484,7 @@ def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference)
     assert not list(tmp_path.glob("outputs/multirun/*/*/1"))  # the sweep stopped
     assert run_status(job) == "interrupted"
     run_distill(*command.split(" ", 2)[1:], cwd=tmp_path)
-    _assert_same_run(job, kd_reference)  # job 0 is alpha=0.5, the reference's alpha
+    _assert_same_run(job, kd_reference)  # job 0 is alpha=0.9, the reference's alpha (loss=kd's default)
 
 
 @pytest.mark.slow
@@ -550,7 +550,7 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
     (["kd", "alpha=0", "student.arch=mpl"], "unknown model 'mpl': did you mean 'mlp'?"),
     (["kd", "alpha=0", "loss.name=hintn"], "unknown loss 'hintn'"),
     (["kd", "teacher.checkpoint={tmp}/missing.pt"], "checkpoint not found: {tmp}/missing.pt"),
-    (["kd", "teacher=mlp", "teacher.checkpoint={tmp}/cnn.pt"], "holds a 'cnn' model but teacher=mlp"),
+    (["kd", "teacher=mlp", "teacher.checkpoint={tmp}/cnn.pt"], "holds cnn(width=8) but teacher= is mlp("),
     (["kd", "teacher.checkpoint={tmp}/hundred.pt"], "predicts 100 classes but dataset digits has 10"),
     (["kd", "alpha=0", "batch_size=5000"], "batch_size=5000 is larger than the training split"),
     (["train", "device=cpu", "device.precision=fp16"], "device.precision: fp16 needs CUDA"),
