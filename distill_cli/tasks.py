@@ -33,7 +33,7 @@ from .engine import (
 )
 from .errors import DistillError
 from .kd import build_objective, check_cache_teacher, kd_step, needs_teacher
-from .models import build_model, count_parameters
+from .models import build_model, count_parameters, model_arguments
 from .report import print_results
 from .runs import run_status
 from .teacher_cache import TeacherCache, teacher_recipe
@@ -258,7 +258,10 @@ def _checked_checkpoint(path: Path, expected: ModelConfig, key: str, data: DataS
     """The checkpoint at `path`, refused unless it holds `key`'s architecture with the same arguments and
     the dataset's class count."""
     checkpoint = load_checkpoint(path)
-    if checkpoint["arch"] != expected.arch or dict(checkpoint["kwargs"]) != dict(expected.kwargs):
+    same_network = checkpoint["arch"] == expected.arch and model_arguments(
+        expected.arch, checkpoint["kwargs"]
+    ) == model_arguments(expected.arch, expected.kwargs)
+    if not same_network:
         raise DistillError(
             f"{key}.checkpoint {path} holds {_describe(checkpoint['arch'], checkpoint['kwargs'])} but {key}= is "
             f"{_describe(expected.arch, expected.kwargs)}; choose the {key} config the checkpoint was trained with"

@@ -551,7 +551,7 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
     (["kd", "alpha=0", "loss.name=hintn"], "unknown loss 'hintn'"),
     (["kd", "teacher.checkpoint={tmp}/missing.pt"], "checkpoint not found: {tmp}/missing.pt"),
     (["kd", "teacher=mlp", "teacher.checkpoint={tmp}/cnn.pt"], "holds cnn(width=8) but teacher= is mlp("),
-    (["kd", "teacher.checkpoint={tmp}/hundred.pt"], "predicts 100 classes but dataset digits has 10"),
+    (["kd", "teacher.kwargs.width=8", "teacher.checkpoint={tmp}/hundred.pt"], "predicts 100 classes but dataset digits has 10"),
     (["kd", "alpha=0", "batch_size=5000"], "batch_size=5000 is larger than the training split"),
     (["train", "device=cpu", "device.precision=fp16"], "device.precision: fp16 needs CUDA"),
     (["train", "teacher=mlp_small", "epochs=2", "optimizer.lr=1e30", "hydra.run.dir={tmp}/nan"],

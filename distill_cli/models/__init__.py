@@ -47,6 +47,18 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, key: str) -> nn.Module:
     return model
 
 
+def model_arguments(arch: str, kwargs: dict) -> dict:
+    """Every argument `arch`'s factory gets from `kwargs`, defaults filled in: two configs that build the
+    same network compare equal."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(MODELS.get(arch)).parameters.items()
+        if name != "info" and p.default is not inspect.Parameter.empty
+    }
+    # a tuple default and a YAML list of the same values are the same argument
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in {**defaults, **kwargs}.items()}
+
+
 def _arguments(kwargs: dict) -> str:
     return ", ".join(f"{name}={value}" for name, value in kwargs.items()) or "(defaults)"
 
