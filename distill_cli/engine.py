@@ -90,11 +90,7 @@ class Compute:
         # the extractor holds the same convolutions, so it gets the model's memory format
         forward = self.forward(feature_extractor(model, info, points, role))
 
-        def outputs(images: torch.Tensor) -> Outputs:
-            features = forward(images)
-            return Outputs(features.pop("logits"), features)
-
-        return outputs
+        return lambda images: _as_outputs(forward(images))
 
     def frozen_forward(
         self, model: nn.Module, compile: bool = True, points: tuple[str, ...] = (), info=None, role: str = "teacher"
@@ -113,8 +109,7 @@ class Compute:
                 result = run(images)
             if not points:
                 return Outputs(result.clone())
-            features = {name: value.clone() for name, value in result.items()}
-            return Outputs(features.pop("logits"), features)
+            return _as_outputs({name: value.clone() for name, value in result.items()})
 
         return frozen
 
@@ -126,6 +121,12 @@ class Compute:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+
+def _as_outputs(extracted: dict[str, torch.Tensor]) -> Outputs:
+    """A feature extractor's `{point: tensor, "logits": tensor}` as `Outputs`."""
+    features = dict(extracted)
+    return Outputs(features.pop("logits"), features)
 
 
 def resolve_compute(cfg: DeviceConfig) -> Compute:
