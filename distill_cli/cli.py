@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import config_dir, register_configs, to_plain
 from .errors import DistillError, Interrupted, did_you_mean
-from .runs import resume_command, resumption, run_status
+from .runs import failed_jobs, resume_command, resumption, run_status, search_objective
 
 USAGE = """\
 usage: distill <command> [key=value ...] [-m] [hydra flags]
@@ -41,21 +41,25 @@ COMMAND_NAMES = ("train", "kd", "bench", "resume", "list")
 FAILED_JOBS: list[tuple[str, str]] = []
 
 
-def _task(command: str, cfg) -> dict | None:
+def _task(command: str, cfg) -> float | None:
     """The Hydra job: validate the config, run the command; on error record a failed summary.
 
     Errors are not raised into Hydra (which would print its own multi-line report); `main` prints
     them as one line each once every job of a sweep has run. An interrupt (Ctrl-C, SIGTERM) is
-    recorded as an interrupted summary and raised on, which stops a sweep too.
+    recorded as an interrupted summary and raised on, which stops a sweep too. Returns the run's
+    validation accuracy (`runs.search_objective`), which an Optuna sweep maximises.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from .config import validate_config
     from .files import write_json_atomic
-    from .report import log
+    from .report import log, share_terminal
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    if hydra_config.mode == RunMode.MULTIRUN and not hydra_config.launcher._target_.endswith(".BasicLauncher"):
+        share_terminal(hydra_config.job.num)
 
     def record(summary: dict) -> None:
         """Write how the run ended into summary.json; a disk too full for it gets a log line, not a second error."""
@@ -66,7 +70,7 @@ def _task(command: str, cfg) -> dict | None:
 
     try:
         config = validate_config(command, cfg)
-        return _runner(command)(config, run_dir)
+        return search_objective(_runner(command)(config, run_dir))
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
         stopped.run_dir = run_dir
@@ -77,8 +81,8 @@ def _task(command: str, cfg) -> dict | None:
             raise
         message = one_line(error)
         FAILED_JOBS.append((str(run_dir), message))
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            log.error(f"job {HydraConfig.get().job.num} failed: {message}")
+        if hydra_config.mode == RunMode.MULTIRUN:
+            log.error(f"job {hydra_config.job.num} failed: {message}")
         record({"status": "failed", "error": message})
         return None
 
@@ -130,13 +134,14 @@ def _first_line(text: str) -> str:
 
 def _missing_option(text: str) -> str:
     """'Could not find teacher/foo ... Available options in teacher: ...' as one line with suggestions."""
-    match = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    match = re.search(r"Could not find '(.+)/([^/']+)'", text)
     if not match:
         return _first_line(text)
     group, name = match.groups()
     listing = text.split("Available options in", 1)[1].split("\n\n", 1)[0] if "Available options in" in text else ""
     options = re.findall(r"^\t(\S+)\s*$", listing, flags=re.MULTILINE)
-    return f"{group}={name}: no such {group} option; {did_you_mean(name, options)}"
+    plugin = f" (if it is a Hydra plugin's, install it: pip install 'distill-cli[sweeps]')" if group.startswith("hydra/") else ""
+    return f"{group}={name}: no such {group} option; {did_you_mean(name, options)}{plugin}"
 
 
 def _list() -> None:
@@ -241,16 +246,24 @@ def _run_command(command: str, rest: list[str]) -> int:
             CONSOLE.print(_methods_table())
         import hydra
 
+        from .sweeps import SweepRefused, SweepWatch
+
         register_configs()
         # Hydra then lets errors through to us instead of printing a trace and exiting itself
         os.environ["HYDRA_FULL_ERROR"] = "1"
         sys.argv = [f"distill {command}", *rest]
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)(partial(_task, command))()
-        for run_dir, message in FAILED_JOBS:
-            where = f" (job {run_dir})" if len(FAILED_JOBS) > 1 else ""
+        failures = dict(FAILED_JOBS)
+        for sweep_dir, since in SweepWatch.sweeps:  # jobs that ran in other processes
+            failures.update(failed_jobs(sweep_dir, since))
+        for run_dir, message in failures.items():
+            where = f" (job {run_dir})" if len(failures) > 1 else ""
             print(f"distill {command}: error{where}: {message}", file=sys.stderr)
-        if FAILED_JOBS:
+        if failures:
             return 1
+    except SweepRefused as refused:
+        print(f"distill {command}: error: {refused}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
         resume = f"; resume with: {resume_command(stopped.run_dir)}" if stopped.run_dir else ""

@@ -16,10 +16,24 @@ from rich.table import Table
 CONSOLE = Console(width=None if sys.stdout.isatty() else 120)
 
 log = logging.getLogger("distill")
+# "[job N] " in a job of a parallel sweep (see share_terminal), else ""
+_LINE_PREFIX = ""
+
+
+def share_terminal(job: int) -> None:
+    """This process is job `job` of a parallel sweep (joblib, submitit local), whose jobs write to one
+    terminal: no live progress bars, and each console line starts with "[job N]" (its log file does not)."""
+    global _LINE_PREFIX
+    _LINE_PREFIX = f"[job {job}] "
 
 
 def _interactive() -> bool:
-    return CONSOLE.is_terminal and not os.environ.get("CI")
+    return CONSOLE.is_terminal and not os.environ.get("CI") and not _LINE_PREFIX
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return _LINE_PREFIX + super().format(record)
 
 
 def console_handler() -> logging.Handler:
@@ -27,8 +41,11 @@ def console_handler() -> logging.Handler:
     if _interactive():
         from rich.logging import RichHandler
 
-        return RichHandler(console=CONSOLE, show_time=False, show_path=False)
-    return logging.StreamHandler(sys.stdout)
+        handler = RichHandler(console=CONSOLE, show_time=False, show_path=False)
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_ConsoleFormatter("%(message)s"))
+    return handler
 
 
 class EpochProgress:

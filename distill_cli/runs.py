@@ -28,6 +28,33 @@ def run_status(run_dir: Path) -> str | None:
         return None
 
 
+def failed_jobs(sweep_dir: Path, since: float) -> list[tuple[str, str]]:
+    """(job folder, error) of each job of the sweep in `sweep_dir` whose summary.json, written at or after
+    `since` (a time.time()), says it failed: how the launching process learns of jobs that a parallel
+    launcher (joblib, submitit) ran in other processes."""
+    failed = []
+    for summary_file in sorted(Path(sweep_dir).glob("*/summary.json"), key=lambda f: (len(f.parent.name), f.parent.name)):
+        try:
+            if summary_file.stat().st_mtime < since:
+                continue
+            summary = json.loads(summary_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict) and summary.get("status") == "failed":
+            failed.append((str(summary_file.parent), str(summary.get("error", "failed"))))
+    return failed
+
+
+def search_objective(summary: dict | None) -> float | None:
+    """What a hyperparameter search (`hydra/sweeper=optuna`) maximises: the validation accuracy at the
+    best.pt epoch of the run's product (kd: the student; train: the teacher), never a test-split number.
+    None when the run has none (failed, a bench, or no validation split)."""
+    if not isinstance(summary, dict):
+        return None
+    product = summary.get("student") if summary.get("command") == "kd" else summary.get("teacher")
+    return product.get("val_acc_best") if isinstance(product, dict) else None
+
+
 def resume_command(run_dir: Path) -> str:
     """The shell command that continues the run in `run_dir`."""
     return f"distill resume {shlex.quote(str(run_dir))}"

@@ -43,6 +43,19 @@ def start_distill(*args: str, cwd: Path) -> subprocess.Popen:
     )
 
 
+# a quick recipe for the end-to-end sweep tests
+FAST_KD = ["teacher.kwargs.width=8", "epochs=2", "teacher_epochs=2", "student.kwargs.hidden=[8]"]
+
+
+def assert_trained_once(summaries: list[dict], runs: list[Path]) -> None:
+    """One of the kd runs trained the teacher and one the student-alone baseline (each into its own
+    run folder); every other run used those two from the cache."""
+    for part in ("teacher", "baseline"):
+        assert sorted(s[part]["source"] for s in summaries) == ["cache"] * (len(summaries) - 1) + ["trained"]
+        assert len({s[part]["checkpoint"] for s in summaries}) == 1
+        assert len([run for run in runs if (run / part / "metrics.jsonl").is_file()]) == 1
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -11,12 +11,10 @@ import torch
 
 from distill_cli.checkpoint import load_checkpoint
 
-from conftest import DISTILL, read_jsonl, run_distill
+from conftest import DISTILL, FAST_KD, assert_trained_once, read_jsonl, run_distill
 
 pytestmark = pytest.mark.slow
 
-FAST = ["teacher.kwargs.width=8", "epochs=2"]  # a quick recipe for the sweep tests
-FAST_KD = FAST + ["teacher_epochs=2", "student.kwargs.hidden=[8]"]
 
 
 def _run_folder(root: Path, command: str) -> Path:
@@ -72,21 +70,12 @@ def test_train_then_kd_with_no_arguments(tmp_path):
     assert "KD gain over the same student trained alone" in kd.stdout
 
 
-def _assert_trained_once(summaries: list[dict], runs: list[Path]) -> None:
-    """One of the kd runs trained the teacher and one the student-alone baseline (each into its own
-    run folder); every other run used those two from the cache."""
-    for part in ("teacher", "baseline"):
-        assert sorted(s[part]["source"] for s in summaries) == ["cache"] * (len(summaries) - 1) + ["trained"]
-        assert len({s[part]["checkpoint"] for s in summaries}) == 1
-        assert len([run for run in runs if (run / part / "metrics.jsonl").is_file()]) == 1
-
-
 def test_multirun_sweep_trains_the_teacher_and_the_baseline_once(tmp_path):
     result = run_distill("kd", "-m", "T=2,4", "alpha=0.5,0.9", *FAST_KD, cwd=tmp_path)
     summaries = _summaries(tmp_path)
     assert len(summaries) == 4, result.stdout
     assert sorted((s["T"], s["alpha"]) for s in summaries) == [(2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.9)]
-    _assert_trained_once(summaries, [Path(s["run_dir"]) for s in summaries])
+    assert_trained_once(summaries, [Path(s["run_dir"]) for s in summaries])
 
 
 def test_parallel_jobs_wait_for_one_teacher_and_one_baseline(tmp_path):
@@ -100,7 +89,7 @@ def test_parallel_jobs_wait_for_one_teacher_and_one_baseline(tmp_path):
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "outputs").glob("*/*_kd/summary.json")]
     assert len(summaries) == 3
-    _assert_trained_once(summaries, [Path(s["run_dir"]) for s in summaries])
+    assert_trained_once(summaries, [Path(s["run_dir"]) for s in summaries])
 
 
 def test_failed_sweep_job_is_reported_and_others_finish(tmp_path):

@@ -219,6 +219,7 @@ def test_range_checks_name_the_key(override, key):
         (["kd", "teacher=resnt"], "teacher=resnt: no such teacher option"),
         (["kd", "student=mlp_smal"], "did you mean 'mlp_small'"),
         (["train", "dataset=nope"], "dataset=nope: no such dataset option"),
+        (["kd", "-m", "hydra/launcher=jobllib"], "hydra/launcher=jobllib: no such hydra/launcher option; did you mean 'joblib'"),
         (["train", "epochs=0"], "epochs: must be >= 1"),
         (["train", "batch_size=0"], "batch_size: must be >= 1"),
         (["train", "dataset.channels=3"], "dataset.channels: only dataset=synthetic takes it"),
