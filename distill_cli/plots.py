@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .sweep_report import FINISHED, Row, SweepReport
 
@@ -44,6 +45,7 @@ def learning_curves(metrics: list[dict], title: str, teacher_acc: float | None =
         losses.plot(epochs, [row[key] for row in metrics], marker="o", label=key)
     lr.plot(epochs, [row["lr"] for row in metrics], marker="o")
     for axes, name, ylabel in ((accuracy, "accuracy", "accuracy (%)"), (losses, "loss terms (weighted)", "loss"), (lr, "learning rate", "learning rate")):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_title(name)
         axes.set_xlabel("epoch")
         axes.set_ylabel(ylabel)
@@ -85,6 +87,7 @@ def accuracy_vs_setting(rows: list[Row], key: str, title: str) -> Figure:
             values = [v for row in members for v in row.stats[name].values]
             if values:
                 axes.axhline(100 * sum(values) / len(values), linestyle=style, color="gray", label=label)
+    axes.set_xticks(sorted({row.config[key] for members in lines.values() for row in members}))
     axes.set_title(title)
     axes.set_xlabel(key)
     axes.set_ylabel("test accuracy (%)")
@@ -156,7 +159,7 @@ def report_figures(report: SweepReport) -> dict[str, Figure]:
         job = next((job for job in row.jobs if job.status == FINISHED), None)
         if job is None or not (job.run_dir / "metrics.jsonl").is_file():
             continue
-        name = f"{job.setting('dataset')}: {job.models}, {_label(row.config)}, seed {job.setting('seed')} ({job.run_dir.name})"
+        name = f"{job.setting('dataset')}: {job.models}, {_label(row.config)}, seed {job.setting('seed')} (run {job.run_dir.name})"
         figures[f"curves_{index}_{_file_name(_label(row.config))}"] = learning_curves(
             read_metrics(job.run_dir), name, job.results["teacher_acc"], job.results["alone_acc"]
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import DistillError, did_you_mean
@@ -308,7 +309,7 @@ def _cell(name: str, stat: Stat) -> str:
         return "-"
     if name in ("test_acc", "alone_acc", "teacher_acc", "kd_gain"):
         text = f"{100 * stat.mean:{'+' if name == 'kd_gain' else ''}.2f}"
-        return text if stat.std is None else f"{text} ± {100 * stat.std:.2f}"
+        return text if stat.std is None else f"{text}±{100 * stat.std:.2f}"
     if name in ("compression", "speedup"):
         return f"{stat.mean:.1f}x"
     return f"{stat.mean:,.0f}"
@@ -320,20 +321,24 @@ def _unfinished(row: Row) -> str:
 
 def table_cells(report: SweepReport) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the report table (shared by the console and report.md); result columns
-    that no run has (a train-only report has no KD gain) are left out."""
+    that no run has (a train-only report has no KD gain) are left out, and "not finished" when all finished."""
     shown = [name for name in RESULTS if any(row.stats[name].n for row in report.rows)]
-    headers = [*report.keys, "n", *(RESULTS[name] for name in shown), "not finished"]
+    unfinished = any(row.unfinished for row in report.rows)
+    headers = [*report.keys, "n", *(RESULTS[name] for name in shown), *(["not finished"] if unfinished else [])]
     cells = [
         [*(str(row.config[key]) for key in report.keys), str(len(row.completed)),
-         *(_cell(name, row.stats[name]) for name in shown), _unfinished(row)]
+         *(_cell(name, row.stats[name]) for name in shown), *([_unfinished(row)] if unfinished else [])]
         for row in report.rows
     ]
     return headers, cells
 
 
+CAPTION = "mean±sample std over seeds (n: completed runs in the mean); test split, best.pt; KD gain in points"
+
+
 def rich_table(report: SweepReport) -> Table:
     headers, cells = table_cells(report)
-    table = Table(title=report.title, caption="mean ± sample std over seeds (n: completed runs); test split, best.pt; KD gain: points over the student alone")
+    table = Table()
     for index, header in enumerate(headers):
         table.add_column(header, justify="left" if index < len(report.keys) else "right")
     for row in cells:
@@ -342,11 +347,14 @@ def rich_table(report: SweepReport) -> Table:
 
 
 def print_report(report: SweepReport) -> None:
+    """The title, the table, and a line per note (unfinished runs, mixed datasets)."""
     from .report import CONSOLE
 
+    CONSOLE.print(report.title, style="bold", highlight=False)
     CONSOLE.print(rich_table(report))
+    CONSOLE.print(CAPTION, style="dim", highlight=False)
     for note in report.notes:
-        CONSOLE.print(f"[yellow]note:[/] {note}", markup=True, highlight=False, soft_wrap=True)
+        CONSOLE.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def markdown(report: SweepReport, images: list[Path], out: Path) -> str:
@@ -355,12 +363,12 @@ def markdown(report: SweepReport, images: list[Path], out: Path) -> str:
     lines = [f"# {report.title}", "", f"Runs from: {', '.join(str(f) for f in report.folders)}", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    lines += ["", "Mean ± sample standard deviation over seeds; n: completed runs in the mean; accuracies on the test split (best.pt)."]
+    lines += ["", CAPTION]
     if report.notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in report.notes)]
     if images:
         lines += ["", "## Plots", ""]
-        lines += [f"![{image.stem}]({image.relative_to(out).as_posix()})" for image in images]
+        lines += [f"![{image.stem}]({image.relative_to(out).as_posix()})\n" for image in images]
     return "\n".join(lines) + "\n"
 
 
