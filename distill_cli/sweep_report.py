@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from .errors import DistillError, did_you_mean
@@ -340,7 +341,8 @@ def rich_table(report: SweepReport) -> Table:
     headers, cells = table_cells(report)
     table = Table()
     for index, header in enumerate(headers):
-        table.add_column(header, justify="left" if index < len(report.keys) else "right")
+        widest = max([len(header), *(len(row[index]) for row in cells)])  # never cut
+        table.add_column(header, justify="left" if index < len(report.keys) else "right", min_width=widest)
     for row in cells:
         table.add_row(*row)
     return table
@@ -351,7 +353,10 @@ def print_report(report: SweepReport) -> None:
     from .report import CONSOLE
 
     CONSOLE.print(report.title, style="bold", highlight=False)
-    CONSOLE.print(rich_table(report))
+    table = rich_table(report)
+    # wider than the console: printed whole (the terminal wraps the lines) rather than cut
+    width = max(CONSOLE.width, Measurement.get(CONSOLE, CONSOLE.options.update(width=1000), table).maximum)
+    CONSOLE.print(table, width=width, crop=False)
     CONSOLE.print(CAPTION, style="dim", highlight=False)
     for note in report.notes:
         CONSOLE.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
