@@ -145,6 +145,7 @@ def damaged_sweep(sweep, tmp_path) -> Path:
 def test_unfinished_and_damaged_runs_are_shown_and_left_out(damaged_sweep, capsys):
     report = build_report([damaged_sweep])
     by_t = {row.config["T"]: row for row in report.rows}
+    assert [len(row.completed) for row in report.rows] == [1, 1]
     assert dict(by_t[2.0].unfinished) == {"running": 1, "damaged": 1}
     assert dict(by_t[4.0].unfinished) == {"failed": 1}
     only = {2.0: "0", 4.0: "2"}
