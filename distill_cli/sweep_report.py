@@ -158,16 +158,17 @@ def _natural(path: Path) -> tuple:
 
 
 def collect_jobs(folders: list[Path]) -> list[Job]:
-    """Every train/kd run in `folders`; a DistillError when a folder is missing or holds none."""
-    jobs = []
+    """Every train/kd run in `folders`, each once (`outputs/` and a sweep in it overlap); a DistillError
+    when a folder is missing or holds none."""
+    jobs: dict[Path, Job] = {}
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise DistillError(f"{folder} is not a folder")
         found = [job for job in map(read_job, job_folders(folder)) if job is not None]
         if not found:
             raise DistillError(f"no distill train/kd runs in {folder}")
-        jobs += found
-    return jobs
+        jobs.update((job.run_dir.resolve(), job) for job in found if job.run_dir.resolve() not in jobs)
+    return list(jobs.values())
 
 
 @dataclass
@@ -424,10 +425,12 @@ def _write_text(text: str, path: Path) -> None:
 
 def write_report(report: SweepReport, out: Path, plots: bool = True) -> list[Path]:
     """Write report.md, report.csv, report.json and the plots (plots/*.png) into `out`; the paths written."""
-    from .plots import report_plots
-
     out = Path(out)
-    images = report_plots(report, out / "plots") if plots else []
+    images = []
+    if plots:
+        from .plots import report_plots  # matplotlib: only when drawing
+
+        images = report_plots(report, out / "plots")
     files = [out / "report.md", out / "report.csv", out / "report.json"]
     _write_text(markdown(report, images, out), files[0])
     _write_text(_csv_text(report_records(report)), files[1])

@@ -4,6 +4,8 @@ import csv
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,20 @@ def test_mixed_datasets_are_never_averaged_together(sweep, tmp_path):
     assert "runs of 2 datasets (digits, mnist)" in report.notes[0]
     assert cli.main(["report", str(copy), "--by", "T", "--no-plots"]) == 0  # --by cannot merge them
     assert build_report([copy], by=["T"]).keys == ["dataset", "T"]
+
+
+def test_overlapping_folders_count_each_run_once(sweep):
+    report = build_report([sweep.parent, sweep])  # the sweep is inside the first folder
+    assert [len(row.completed) for row in report.rows] == [2, 2]
+
+
+def test_report_imports_neither_torch_nor_matplotlib_without_plots(sweep, tmp_path):
+    code = (
+        "import sys; from distill_cli import cli; "
+        f"assert cli.main(['report', {str(sweep)!r}, '--no-plots', '--out', {str(tmp_path)!r}]) == 0; "
+        "assert not {'torch', 'matplotlib'} & set(sys.modules), sorted({'torch', 'matplotlib'} & set(sys.modules))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
 
 
 def test_cli_sort_by_and_out(sweep, tmp_path, capsys):
