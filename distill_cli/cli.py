@@ -7,6 +7,7 @@ stderr and a non-zero exit. Set HYDRA_FULL_ERROR=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -22,19 +23,21 @@ from .runs import failed_jobs, resume_command, resumption, run_status, search_ob
 USAGE = """\
 usage: distill <command> [key=value ...] [-m] [hydra flags]
        distill resume <run dir>
+       distill report <folder>... [--by key,key] [--sort column] [--out DIR] [--no-plots]
 
 commands:
   train   train a teacher with cross-entropy            distill train teacher=cnn epochs=20
   kd      distil a student from a teacher               distill kd student=mlp_small T=4 alpha=0.5
   bench   images/s of train/kd steps vs a reference loop distill bench dataset=cifar10
   resume  continue a crashed or interrupted run         distill resume outputs/2025-01-01/12-00-00.000000_kd
+  report  table, plots, report.md/csv/json of a sweep  distill report outputs/multirun/2025-01-01/12-00-00.000000_kd
   list    list the datasets, models and losses
 
 Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
 --cfg job (print the composed config), --help (groups and options of a command).
 """
 
-COMMAND_NAMES = ("train", "kd", "bench", "resume", "list")
+COMMAND_NAMES = ("train", "kd", "bench", "resume", "report", "list")
 
 
 # (run folder, one-line error) of each job that failed in this process; reported by main()
@@ -140,7 +143,7 @@ def _missing_option(text: str) -> str:
     group, name = match.groups()
     listing = text.split("Available options in", 1)[1].split("\n\n", 1)[0] if "Available options in" in text else ""
     options = re.findall(r"^\t(\S+)\s*$", listing, flags=re.MULTILINE)
-    plugin = f" (if it is a Hydra plugin's, install it: pip install 'distill-cli[sweeps]')" if group.startswith("hydra/") else ""
+    plugin = " (if it is a Hydra plugin's, install it: pip install 'distill-cli[sweeps]')" if group.startswith("hydra/") else ""
     return f"{group}={name}: no such {group} option; {did_you_mean(name, options)}{plugin}"
 
 
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "resume":
         return _resume(rest)
+    if command == "report":
+        return _report(rest)
     return _run_command(command, rest)
 
 
@@ -219,6 +224,45 @@ def _resume(args: list[str]) -> int:
         return 0
     os.chdir(plan.cwd)
     return _run_command(plan.command, plan.arguments)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _report(args: list[str]) -> int:
+    """`distill report <folder>...`: print the sweep table and write report.md/csv/json and plots (sweep_report.py)."""
+    from .sweep_report import build_report, print_report, write_report
+
+    parser = _OneLineParser(prog="distill report", description="One table over the runs in the folders given.")
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders, sweep folders or outputs/")
+    parser.add_argument("--by", help="settings that make a configuration, comma-separated (default: the overrides that vary, seed folded)")
+    parser.add_argument("--sort", help="order rows by a setting (ascending) or a result column (largest first)")
+    parser.add_argument("--out", type=Path, help="where report.md/csv/json and plots/ go (default: the first folder)")
+    parser.add_argument("--no-plots", action="store_true", help="write no plots")
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exit:
+        return exit.code
+    missing = [str(folder) for folder in options.folders if not folder.is_dir()]
+    if missing:
+        print(f"distill report: error: no such folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        report = build_report(options.folders, by=options.by.split(",") if options.by else None, sort=options.sort)
+        print_report(report)
+        written = write_report(report, options.out or options.folders[0], plots=not options.no_plots)
+    except DistillError as error:
+        print(f"distill report: error: {error}", file=sys.stderr)
+        return 1
+    print(f"distill report: wrote {written[0]} (and report.csv, report.json, {len(written) - 3} plots)")
+    if not any(row.completed for row in report.rows):
+        print("distill report: error: no completed runs to report", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _raise_interrupted(signum: int, frame) -> None:

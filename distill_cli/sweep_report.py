@@ -1,0 +1,438 @@
+"""`distill report <folder>...`: one table over the runs of a sweep (or of several), seeds folded into mean +- std.
+
+collect_jobs reads the run folders, build_report groups them by the settings that vary and aggregates
+the completed ones, and write_report writes report.md (with the plots of `plots.py`), report.csv and
+report.json. No torch here, and matplotlib only once plots are drawn: the command starts fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
+
+from .errors import DistillError, did_you_mean
+from .files import atomic_write, write_json_atomic
+from .runs import COMMANDS
+
+# the result columns: key in report.csv/json and for --sort -> header. test acc: the student's best.pt (the
+# trained model's for `distill train`), alone: the same student trained without a teacher, KD gain: the
+# difference in points, teacher: the teacher's test accuracy; all on the test split
+RESULTS = {
+    "test_acc": "test acc %",
+    "alone_acc": "alone %",
+    "kd_gain": "KD gain",
+    "teacher_acc": "teacher %",
+    "params": "params",
+    "compression": "compr.",
+    "speedup": "speed-up",
+    "wall_time_s": "wall s",
+}
+# settings that never make a configuration: where a run went, how it ran
+_NOT_SETTINGS = ("hydra.", "resume", "teacher_cache")
+# settings by which runs are always told apart, whatever --by says: their means would mean nothing together
+_ALWAYS_APART = ("command", "dataset")
+FINISHED = "completed"
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass
+class Job:
+    """One run folder: its settings (overrides), how it ended, and its summary when it completed."""
+
+    run_dir: Path
+    command: str
+    overrides: dict[str, str]
+    choices: dict[str, Any]  # config group -> option chosen (hydra.yaml)
+    config: dict  # the composed config (.hydra/config.yaml)
+    status: str  # completed, failed, interrupted, running, damaged
+    summary: dict | None = None
+    error: str | None = None
+    results: dict[str, float | None] = field(default_factory=dict)
+    models: str | None = None  # "teacher -> student" of a completed run
+
+    def setting(self, key: str) -> Any:
+        """The value of `key` for this run: the option of a config group, a config value, or the override as given."""
+        if key == "command":
+            return self.command
+        if key in self.choices:
+            return self.choices[key]
+        value = self.config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None or isinstance(value, (dict, list)):
+            return self.overrides.get(key)
+        return value
+
+
+def job_results(summary: dict) -> dict[str, float | None]:
+    """The result columns of one completed run; a `distill train` run reports the model it trained."""
+    if summary["command"] == "train":
+        model, teacher, baseline = summary["teacher"], {}, {}
+    else:
+        model, teacher, baseline = summary["student"], summary.get("teacher") or {}, summary.get("baseline") or {}
+    results = {
+        "test_acc": model["test_acc_best"],
+        "alone_acc": baseline.get("test_acc_best"),
+        "kd_gain": summary.get("kd_gain"),
+        "teacher_acc": teacher.get("test_acc"),
+        "params": model["params"],
+        "compression": summary.get("compression"),
+        "speedup": summary.get("speedup"),
+        "wall_time_s": summary["wall_time_s"],
+    }
+    for name, value in results.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ValueError(f"{name} is {value!r}")
+    return results
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.load(path.read_text(), Loader=_YAML_LOADER)
+
+
+def read_job(run_dir: Path) -> Job | None:
+    """The run in `run_dir` (a folder with `.hydra/`); None when it is not a train or kd run (bench)."""
+    run_dir = Path(run_dir)
+    try:
+        hydra = _load_yaml(run_dir / ".hydra" / "hydra.yaml")["hydra"]
+        command, choices = hydra["job"]["config_name"], dict(hydra["runtime"]["choices"])
+        listed = _load_yaml(run_dir / ".hydra" / "overrides.yaml") or []
+        config = _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        return Job(run_dir, "?", {}, {}, {}, "damaged", error=f".hydra/ unreadable ({type(error).__name__})")
+    if command not in COMMANDS:
+        return None
+    overrides = dict(_split_override(o) for o in listed)
+    overrides = {key: value for key, value in overrides.items() if not key.startswith(_NOT_SETTINGS)}
+    job = Job(run_dir, command, overrides, choices, config, status="running")
+    summary_file = run_dir / "summary.json"
+    if not summary_file.exists():
+        job.error = "no summary.json: still running, or stopped without a word (distill resume it)"
+        return job
+    try:
+        job.summary = json.loads(summary_file.read_text())
+        job.status = job.summary["status"]
+        if job.status == FINISHED:
+            job.results, job.models = job_results(job.summary), models_of(job.summary)
+        else:
+            job.error = job.summary.get("error")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        job.status, job.summary = "damaged", None
+        job.error = f"summary.json unreadable ({type(error).__name__}: {error})"
+    return job
+
+
+def _split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def job_folders(folder: Path) -> list[Path]:
+    """The run folders in `folder` (itself, the jobs of a sweep, or every run under `outputs/`), in order."""
+    if (folder / ".hydra").is_dir():
+        return [folder]
+    found = []
+    for child in sorted(folder.iterdir(), key=_natural):
+        if child.is_dir() and not child.name.startswith("."):
+            found += job_folders(child)
+    return found
+
+
+def _natural(path: Path) -> tuple:
+    """Job folders 0, 1, ..., 10 in numeric order."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name))
+
+
+def collect_jobs(folders: list[Path]) -> list[Job]:
+    """Every train/kd run in `folders`, each once (`outputs/` and a sweep in it overlap); a DistillError
+    when a folder is missing or holds none."""
+    jobs: dict[Path, Job] = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise DistillError(f"{folder} is not a folder")
+        found = [job for job in map(read_job, job_folders(folder)) if job is not None]
+        if not found:
+            raise DistillError(f"no distill train/kd runs in {folder}")
+        jobs.update((job.run_dir.resolve(), job) for job in found if job.run_dir.resolve() not in jobs)
+    return list(jobs.values())
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (None below 2 values) over the seeds of one configuration."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    values: list[float]
+
+
+def summarize(values: list[float | None]) -> Stat:
+    present = [v for v in values if v is not None]
+    mean = statistics.mean(present) if present else None
+    std = statistics.stdev(present) if len(present) > 1 else None
+    return Stat(mean, std, len(present), present)
+
+
+@dataclass
+class Row:
+    """One configuration: its settings, its runs, and the statistics of those that completed."""
+
+    config: dict[str, Any]
+    jobs: list[Job]
+    stats: dict[str, Stat]
+
+    @property
+    def completed(self) -> list[Job]:
+        return [job for job in self.jobs if job.status == FINISHED]
+
+    @property
+    def unfinished(self) -> Counter:
+        return Counter(job.status for job in self.jobs if job.status != FINISHED)
+
+
+def _varies(jobs: list[Job], key: str) -> bool:
+    return len({job.setting(key) for job in jobs}) > 1
+
+
+def grouping_keys(jobs: list[Job], by: list[str] | None = None) -> list[str]:
+    """The settings that make a configuration: `by`, else every override that varies except `seed`;
+    the command and the dataset too whenever they vary (their runs are never averaged together)."""
+    if by is None:
+        overridden = list(dict.fromkeys(key for job in jobs for key in job.overrides))
+        keys = [key for key in overridden if key != "seed" and _varies(jobs, key)]
+    else:
+        known = {key for job in jobs for key in job.overrides} | {key for job in jobs for key in job.choices}
+        for key in by:
+            if all(job.setting(key) is None for job in jobs):
+                raise DistillError(f"--by {key}: no run has this setting; {did_you_mean(key, known | {'command'})}")
+        keys = list(by)
+    return [key for key in _ALWAYS_APART if key not in keys and _varies(jobs, key)] + keys
+
+
+def _order(value: Any) -> tuple:
+    """Sorts numbers as numbers, then text, then missing values, without comparing across types."""
+    if value is None:
+        return (2, 0, "")
+    if isinstance(value, (int, float)):
+        return (0, value, "")
+    return (1, 0, str(value))
+
+
+def aggregate(jobs: list[Job], keys: list[str]) -> list[Row]:
+    """One row per configuration (the values of `keys`), ordered by those values; only completed runs count."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(job.setting(key) for key in keys), []).append(job)
+    rows = []
+    for values, members in sorted(groups.items(), key=lambda item: [_order(v) for v in item[0]]):
+        done = [job for job in members if job.status == FINISHED]
+        stats = {name: summarize([job.results[name] for job in done]) for name in RESULTS}
+        rows.append(Row(dict(zip(keys, values)), members, stats))
+    return rows
+
+
+def sort_rows(rows: list[Row], column: str, keys: list[str]) -> list[Row]:
+    """Rows by a setting (ascending) or by a result column (largest first); missing values last."""
+    if column in keys:
+        return sorted(rows, key=lambda row: _order(row.config[column]))
+    if column in RESULTS:
+        return sorted(rows, key=lambda row: (row.stats[column].mean is None, -(row.stats[column].mean or 0)))
+    raise DistillError(f"--sort {column}: no such column; {did_you_mean(column, [*keys, *RESULTS])}")
+
+
+def models_of(summary: dict) -> str:
+    """`teacher -> student` of a kd run, the model of a train run."""
+    if summary["command"] == "train":
+        return _name(summary["teacher"])
+    teacher = summary.get("teacher")
+    return f"{_name(teacher)} -> {_name(summary['student'])}" if teacher else f"{_name(summary['student'])} alone"
+
+
+def _name(model: dict) -> str:
+    return model.get("name") or model["arch"]  # summaries written before models had names give the architecture
+
+
+@dataclass
+class SweepReport:
+    """The report over `folders`: the runs, the rows by configuration, and notes on what was left out."""
+
+    folders: list[Path]
+    jobs: list[Job]
+    keys: list[str]
+    rows: list[Row]
+    datasets: list[str]
+    models: list[str]
+    notes: list[str]
+
+    @property
+    def title(self) -> str:
+        done = sum(len(row.completed) for row in self.rows)
+        return f"distill report: {', '.join(self.datasets) or '?'}, {', '.join(self.models) or '?'} ({done} of {len(self.jobs)} runs completed)"
+
+
+def build_report(folders: list[Path], by: list[str] | None = None, sort: str | None = None) -> SweepReport:
+    """Read the runs in `folders`, group them (`by`, default: the overrides that vary) and aggregate."""
+    jobs = collect_jobs(folders)
+    keys = grouping_keys(jobs, by)
+    rows = aggregate(jobs, keys)
+    if sort:
+        rows = sort_rows(rows, sort, keys)
+    datasets = sorted({job.setting("dataset") for job in jobs} - {None})
+    models = sorted({job.models for job in jobs if job.models})
+    notes = [f"{job.status}: {job.run_dir} ({_describe(job, keys)}): {job.error or 'no error recorded'}"
+             for job in jobs if job.status != FINISHED]
+    if len(datasets) > 1:
+        notes.insert(0, f"runs of {len(datasets)} datasets ({', '.join(datasets)}): each row is one dataset, never averaged together")
+    return SweepReport([Path(f) for f in folders], jobs, keys, rows, datasets, models, notes)
+
+
+def _describe(job: Job, keys: list[str]) -> str:
+    return " ".join(f"{key}={job.setting(key)}" for key in [*keys, "seed"])
+
+
+def _cell(name: str, stat: Stat) -> str:
+    """Accuracies and the gain in percent (points) with their std over seeds; costs as a mean."""
+    if stat.mean is None:
+        return "-"
+    if name in ("test_acc", "alone_acc", "teacher_acc", "kd_gain"):
+        text = f"{100 * stat.mean:{'+' if name == 'kd_gain' else ''}.2f}"
+        return text if stat.std is None else f"{text}±{100 * stat.std:.2f}"
+    if name in ("compression", "speedup"):
+        return f"{stat.mean:.1f}x"
+    return f"{stat.mean:,.0f}"
+
+
+def _unfinished(row: Row) -> str:
+    return ", ".join(f"{count} {status}" for status, count in sorted(row.unfinished.items())) or "-"
+
+
+def table_cells(report: SweepReport) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the report table (shared by the console and report.md); result columns
+    that no run has (a train-only report has no KD gain) are left out, and "not finished" when all finished."""
+    shown = [name for name in RESULTS if any(row.stats[name].n for row in report.rows)]
+    unfinished = any(row.unfinished for row in report.rows)
+    headers = [*report.keys, "n", *(RESULTS[name] for name in shown), *(["not finished"] if unfinished else [])]
+    cells = [
+        [*(str(row.config[key]) for key in report.keys), str(len(row.completed)),
+         *(_cell(name, row.stats[name]) for name in shown), *([_unfinished(row)] if unfinished else [])]
+        for row in report.rows
+    ]
+    return headers, cells
+
+
+CAPTION = "mean±sample std over seeds (n: completed runs in the mean); test split, best.pt; KD gain in points"
+
+
+def rich_table(report: SweepReport) -> Table:
+    headers, cells = table_cells(report)
+    table = Table()
+    for index, header in enumerate(headers):
+        widest = max([len(header), *(len(row[index]) for row in cells)])  # never cut
+        table.add_column(header, justify="left" if index < len(report.keys) else "right", min_width=widest)
+    for row in cells:
+        table.add_row(*row)
+    return table
+
+
+def print_report(report: SweepReport) -> None:
+    """The title, the table, and a line per note (unfinished runs, mixed datasets)."""
+    from .report import CONSOLE
+
+    CONSOLE.print(report.title, style="bold", highlight=False)
+    table = rich_table(report)
+    # wider than the console: printed whole (the terminal wraps the lines) rather than cut
+    width = max(CONSOLE.width, Measurement.get(CONSOLE, CONSOLE.options.update(width=1000), table).maximum)
+    CONSOLE.print(table, width=width, crop=False)
+    CONSOLE.print(CAPTION, style="dim", highlight=False)
+    for note in report.notes:
+        CONSOLE.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def markdown(report: SweepReport, images: list[Path], out: Path) -> str:
+    """report.md: the title, the table, the notes, and the plots as relative image links."""
+    headers, cells = table_cells(report)
+    lines = [f"# {report.title}", "", f"Runs from: {', '.join(str(f) for f in report.folders)}", "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    lines += ["", CAPTION]
+    if report.notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in report.notes)]
+    if images:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{image.stem}]({image.relative_to(out).as_posix()})\n" for image in images]
+    return "\n".join(lines) + "\n"
+
+
+def report_records(report: SweepReport) -> list[dict]:
+    """The rows as flat records: settings, n, unfinished runs, and mean/std/n of every result (raw values, accuracies as fractions)."""
+    records = []
+    for row in report.rows:
+        record = {**row.config, "n": len(row.completed), "not_finished": _unfinished(row)}
+        for name, stat in row.stats.items():
+            record.update({f"{name}_mean": stat.mean, f"{name}_std": stat.std, f"{name}_n": stat.n})
+        records.append(record)
+    return records
+
+
+def report_json(report: SweepReport) -> dict:
+    return {
+        "title": report.title,
+        "folders": [str(f) for f in report.folders],
+        "group_by": report.keys,
+        "datasets": report.datasets,
+        "models": report.models,
+        "notes": report.notes,
+        "rows": [
+            {"config": row.config, "n": len(row.completed), "not_finished": dict(row.unfinished),
+             "results": {name: vars(stat) for name, stat in row.stats.items()},
+             "runs": [str(job.run_dir) for job in row.jobs]}
+            for row in report.rows
+        ],
+        "jobs": [
+            {"run_dir": str(job.run_dir), "status": job.status, "seed": job.setting("seed"), "error": job.error,
+             "config": {key: job.setting(key) for key in report.keys}}
+            for job in report.jobs
+        ],
+    }
+
+
+def _csv_text(records: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
+
+
+def _write_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def write_report(report: SweepReport, out: Path, plots: bool = True) -> list[Path]:
+    """Write report.md, report.csv, report.json and the plots (plots/*.png) into `out`; the paths written."""
+    out = Path(out)
+    images = []
+    if plots:
+        from .plots import report_plots  # matplotlib: only when drawing
+
+        images = report_plots(report, out / "plots")
+    files = [out / "report.md", out / "report.csv", out / "report.json"]
+    _write_text(markdown(report, images, out), files[0])
+    _write_text(_csv_text(report_records(report)), files[1])
+    write_json_atomic(report_json(report), files[2])
+    return [*files, *images]
