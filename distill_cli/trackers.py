@@ -226,7 +226,8 @@ def _job_names(command: str) -> dict:
     if not HydraConfig.initialized():
         return {"name": command, "experiment": command}
     hydra = HydraConfig.get()
-    overrides = ",".join(override for override in hydra.overrides.task if not override.startswith("resume="))
+    # what sets this job apart: not resume=, nor the trackers' own settings
+    overrides = ",".join(o for o in hydra.overrides.task if not o.startswith(("resume=", "logger=", "logger.")))
     return {"name": overrides or command, "experiment": hydra.sweep.dir if hydra.mode == RunMode.MULTIRUN else command}
 
 
