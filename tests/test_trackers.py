@@ -19,7 +19,7 @@ from distill_cli.config import LoggerConfig, to_plain, validate_config
 from distill_cli.errors import DistillError, Interrupted
 from distill_cli.trackers import MLflow, TensorBoard, Trackers, flatten
 
-from conftest import compose_config, on_training_step, read_jsonl, small_kd_config, small_train_config
+from conftest import compose_config, on_training_step, read_jsonl, run_distill, small_kd_config, small_train_config
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -98,7 +98,8 @@ def test_kd_is_one_mlflow_run_and_its_teacher_and_baseline_have_tensorboard_runs
     for key in ("kd_gain", "compression", "student.test_acc_best", "baseline.test_acc_best", "teacher.test_acc"):
         assert key in run.data.metrics
     assert run.data.metrics["kd_gain"] == summary["kd_gain"]
-    assert len(client.search_runs([run.info.experiment_id])) == 1
+    every_experiment = [experiment.experiment_id for experiment in client.search_experiments()]
+    assert [found.info.run_id for found in client.search_runs(every_experiment)] == [run.info.run_id]
     for part in ("teacher", "baseline"):
         assert _tensorboard(run_dir / part).Scalars("loss")[-1].step == 2
 
@@ -195,3 +196,18 @@ def test_logger_options_compose(command):
     with pytest.raises(Exception) as error:
         compose_config(command, ["logger=nosuch"])
     assert one_line(error.value) == "logger=nosuch: no such logger option; choose from: mlflow, none, tensorboard"
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_mlflow_experiment_and_runs_are_named_from_their_overrides(tmp_path):
+    run_distill(
+        "train", "-m", "logger=[tensorboard,mlflow]", "seed=1,2", "epochs=1", "teacher.kwargs.width=4", "device=cpu", cwd=tmp_path
+    )
+    names = ["seed=1,epochs=1,teacher.kwargs.width=4,device=cpu", "seed=2,epochs=1,teacher.kwargs.width=4,device=cpu"]
+    jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/[01]"))
+    assert [[folder.name for folder in (job / "tb").iterdir()] for job in jobs] == [[name] for name in names]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
+    assert experiment.name == str(jobs[0].parent.relative_to(tmp_path))
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_name for run in runs) == names
