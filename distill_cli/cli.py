@@ -165,7 +165,7 @@ def _list() -> None:
     table.add_row("teacher / student", ", ".join(f"{name} ({arch})" if name != arch else name for name, arch in models.items()))
     table.add_row("architectures", ", ".join(MODELS.names()))
     table.add_row("loss", ", ".join(LOSSES.names()))
-    for group in ("optimizer", "device"):
+    for group in ("optimizer", "device", "logger"):
         table.add_row(group, ", ".join(p.stem for p in sorted((config_dir() / group).glob("*.yaml"))))
     CONSOLE.print(table)
     CONSOLE.print(_methods_table())

@@ -173,12 +173,31 @@ class DeviceConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment trackers beside metrics.jsonl (`logger=tensorboard`, `mlflow`, `[tensorboard,mlflow]`).
+
+    Execution only: they record a run, never change what it trains. See `distill_cli/trackers.py`."""
+
+    # scalars per epoch and the summary as hparams under <run dir>/tb/<run name>/
+    tensorboard: bool = False
+    # a run per job: params (the config), metrics per epoch, the summary, best.pt and summary.json
+    mlflow: bool = False
+    # MLflow's tracking store: a SQLite file (created on first use) or a tracking server's http(s)://
+    tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    # the MLflow experiment; null = one per sweep (named after its folder), else the command's name
+    experiment: Optional[str] = None
+    # the run's name in both trackers; null = the job's overrides (T=2,alpha=0.9), or the command's name
+    name: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     """Keys shared by every command."""
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     epochs: int = 30
     batch_size: int = 64
     eval_batch_size: int = 512

@@ -33,6 +33,7 @@ from .models.fold import fold_batch_norm
 from .errors import DistillError, Interrupted
 from .files import append_text, atomic_write
 from .report import EpochProgress, log
+from .trackers import Trackers
 
 # a training step: (batch, 1-based epoch) -> ({"loss": total, "loss/<term>": ...}, logits)
 Step = Callable[[Batch, int], tuple[dict[str, torch.Tensor], torch.Tensor]]
@@ -421,6 +422,7 @@ def fit(
     label: str,
     resume_from: dict | None = None,
     method: nn.Module | None = None,
+    trackers: Trackers | None = None,
 ) -> FitResult:
     """Train for `epochs`, writing metrics.jsonl, last.pt and best.pt (best val accuracy) into `run_dir`.
 
@@ -430,7 +432,8 @@ def fit(
     continues the run as if it had never stopped. SIGINT/SIGTERM save last.pt at the next step
     boundary and raise Interrupted. A diverged epoch (see `check_finite`) raises before it is saved.
     `method` (a KD objective with trainable parts or buffers, trained by the same `optimizer`) is saved
-    in last.pt's training state and restored with it; best.pt holds `model` alone.
+    in last.pt's training state and restored with it; best.pt holds `model` alone. `trackers` (TensorBoard,
+    MLflow) get each epoch once last.pt holds it.
     """
     method = method if method is not None else nn.Module()
     trained = nn.ModuleList([model, method])  # every weight the optimizer changes
@@ -457,6 +460,8 @@ def fit(
         saved = f"last.pt holds {position}"
         log.info(f"{label}: resuming after {position}")
     _write_metrics(metrics_path, history)  # lines beyond the checkpoint (if any) would be repeated
+    trackers = trackers or Trackers({})
+    trackers.start(history)
 
     def save(epoch: int, val_acc: float | None, unfinished: EpochTotals | None, improved: bool) -> None:
         training = {
@@ -507,6 +512,7 @@ def fit(
                 best.best_epoch, best.best_val_acc = epoch, val_acc
             save(epoch, val_acc, None, improved)
             saved = f"last.pt holds epoch {epoch}"
+            trackers.log_epoch(metrics, epoch)
             if stop.signum is not None:
                 raise Interrupted(stop.signum, f"after {label} epoch {epoch}, saved to last.pt")
     return best

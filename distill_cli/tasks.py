@@ -37,6 +37,7 @@ from .models import build_model, count_parameters, model_arguments
 from .report import print_results
 from .runs import run_status
 from .teacher_cache import TeacherCache, teacher_recipe
+from .trackers import Trackers, open_trackers
 
 log = logging.getLogger("distill")
 
@@ -90,6 +91,7 @@ def _train_network(
     loaders: Loaders,
     run_dir: Path,
     label: str,
+    trackers: Trackers,
     method: nn.Module | None = None,
 ) -> dict:
     """Fit `model` (and `method`'s trainable parts, with the same optimizer; with `cfg.resume`: from the
@@ -121,6 +123,7 @@ def _train_network(
         label=label,
         resume_from=resume_from,
         method=method,
+        trackers=trackers,
     )
     last = evaluate(model, loaders.test, compute, data.info.num_classes)
     model.load_state_dict(load_checkpoint(run_dir / BEST)["state_dict"])
@@ -180,17 +183,19 @@ def run_train(cfg: TrainConfig, run_dir: Path, label: str = "teacher") -> dict:
     start = time.perf_counter()
     if cfg.teacher.checkpoint is not None:
         raise DistillError("teacher.checkpoint is for `distill kd`; `distill train` trains a teacher from scratch")
-    compute, data, loaders = prepare_run(cfg)
-    summary = _run_header("train", cfg, compute, data, loaders, run_dir)
-    seed_everything(cfg.seed)
-    model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
-    step = cross_entropy_step(compute.forward(model))
-    teacher = _train_network(model, cfg.teacher, step, cfg, cfg.epochs, compute, data, loaders, run_dir, label)
-    cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / BEST)
-    summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
-    write_json_atomic(summary, run_dir / "summary.json")
-    print_results(summary, per_class=cfg.per_class)
-    return summary
+    with open_trackers(cfg, run_dir, "train") as trackers:
+        compute, data, loaders = prepare_run(cfg)
+        summary = _run_header("train", cfg, compute, data, loaders, run_dir)
+        seed_everything(cfg.seed)
+        model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
+        step = cross_entropy_step(compute.forward(model))
+        teacher = _train_network(model, cfg.teacher, step, cfg, cfg.epochs, compute, data, loaders, run_dir, label, trackers)
+        cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / BEST)
+        summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
+        write_json_atomic(summary, run_dir / "summary.json")
+        trackers.log_summary(summary)
+        print_results(summary, per_class=cfg.per_class)
+        return summary
 
 
 def teacher_training_config(cfg: KDConfig) -> TrainConfig:
@@ -207,6 +212,8 @@ def teacher_training_config(cfg: KDConfig) -> TrainConfig:
         # the teacher learns from the full training set; exclusions apply to the transfer set only
         dataset=replace(cfg.dataset, exclude_classes=[]),
         resume=cfg.resume,
+        # TensorBoard in its own folder; MLflow keeps one run per job (the kd run, whose summary has the teacher's)
+        logger=replace(cfg.logger, mlflow=False),
     )
 
 
@@ -309,62 +316,64 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     """Distil `cfg.student` from a teacher (given, cached or trained once) with the method `cfg.loss`;
     `loss=kd alpha=0` trains the student alone."""
     start = time.perf_counter()
-    compute, data, loaders = prepare_run(cfg)
-    summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
-    summary.update(T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
-    with_teacher, cache_logits = _check_before_training(cfg, compute, data, loaders)
-    teacher = None
-    summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
-    if with_teacher:
-        teacher_path, source = _obtain_teacher(cfg, run_dir)
-        teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute)
-        teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)
-        summary["teacher"] = {
-            "name": cfg.teacher.label,
-            "arch": cfg.teacher.arch,
-            "params": count_parameters(teacher),
-            "test_acc": teacher_acc.overall,
-            "test_acc_per_class": dict(zip(data.info.class_names, teacher_acc.per_class)),
-            "checkpoint": str(teacher_path.resolve()),
-            "source": source,
-        }
-        if cfg.baseline:
-            baseline_path, source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
-            baseline = _load_model(baseline_path, cfg.student, "student", data, compute)
-            summary["baseline"] = {
-                "name": cfg.student.label,
-                "arch": cfg.student.arch,
-                "test_acc_best": evaluate(baseline, loaders.test, compute, data.info.num_classes).overall,
-                "checkpoint": str(baseline_path.resolve()),
+    with open_trackers(cfg, run_dir, "kd") as trackers:
+        compute, data, loaders = prepare_run(cfg)
+        summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
+        summary.update(T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
+        with_teacher, cache_logits = _check_before_training(cfg, compute, data, loaders)
+        teacher = None
+        summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
+        if with_teacher:
+            teacher_path, source = _obtain_teacher(cfg, run_dir)
+            teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute)
+            teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)
+            summary["teacher"] = {
+                "name": cfg.teacher.label,
+                "arch": cfg.teacher.arch,
+                "params": count_parameters(teacher),
+                "test_acc": teacher_acc.overall,
+                "test_acc_per_class": dict(zip(data.info.class_names, teacher_acc.per_class)),
+                "checkpoint": str(teacher_path.resolve()),
                 "source": source,
             }
-    cached_logits = None
-    if cache_logits:
-        cached_logits = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
-        log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
-    summary["teacher_logits_cached"] = cached_logits is not None
-    seed_everything(cfg.seed)
-    student = compute.place(build_model(cfg.student, data.info, "student"))
-    objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
-    step = kd_step(student_forward, None if cached_logits is not None else teacher_forward, objective, cached_logits)
-    student_result = _train_network(
-        student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student", method=objective
-    )
-    student_result["method_params"] = count_parameters(objective)
-    summary["student"] = student_result
-    if summary.get("baseline"):
-        # what KD bought: the distilled student against the same student trained alone
-        summary["kd_gain"] = student_result["test_acc_best"] - summary["baseline"]["test_acc_best"]
-    if teacher is not None:
-        summary["compression"] = summary["teacher"]["params"] / student_result["params"]
-        # how much faster the product is: forward images/s on the test split, same device and precision
-        summary["teacher"]["inference_images_per_s"] = inference_rate(teacher, loaders.test, compute)
-        student_result["inference_images_per_s"] = inference_rate(student, loaders.test, compute)
-        summary["speedup"] = student_result["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]
-    summary["wall_time_s"] = time.perf_counter() - start
-    write_json_atomic(summary, run_dir / "summary.json")
-    print_results(summary, per_class=cfg.per_class)
-    return summary
+            if cfg.baseline:
+                baseline_path, source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
+                baseline = _load_model(baseline_path, cfg.student, "student", data, compute)
+                summary["baseline"] = {
+                    "name": cfg.student.label,
+                    "arch": cfg.student.arch,
+                    "test_acc_best": evaluate(baseline, loaders.test, compute, data.info.num_classes).overall,
+                    "checkpoint": str(baseline_path.resolve()),
+                    "source": source,
+                }
+        cached_logits = None
+        if cache_logits:
+            cached_logits = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
+            log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
+        summary["teacher_logits_cached"] = cached_logits is not None
+        seed_everything(cfg.seed)
+        student = compute.place(build_model(cfg.student, data.info, "student"))
+        objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
+        step = kd_step(student_forward, None if cached_logits is not None else teacher_forward, objective, cached_logits)
+        student_result = _train_network(
+            student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student", trackers, method=objective
+        )
+        student_result["method_params"] = count_parameters(objective)
+        summary["student"] = student_result
+        if summary.get("baseline"):
+            # what KD bought: the distilled student against the same student trained alone
+            summary["kd_gain"] = student_result["test_acc_best"] - summary["baseline"]["test_acc_best"]
+        if teacher is not None:
+            summary["compression"] = summary["teacher"]["params"] / student_result["params"]
+            # how much faster the product is: forward images/s on the test split, same device and precision
+            summary["teacher"]["inference_images_per_s"] = inference_rate(teacher, loaders.test, compute)
+            student_result["inference_images_per_s"] = inference_rate(student, loaders.test, compute)
+            summary["speedup"] = student_result["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]
+        summary["wall_time_s"] = time.perf_counter() - start
+        write_json_atomic(summary, run_dir / "summary.json")
+        trackers.log_summary(summary)
+        print_results(summary, per_class=cfg.per_class)
+        return summary
 
 
 COMMANDS = {"train": run_train, "kd": run_kd}

@@ -1,0 +1,213 @@
+"""TensorBoard and MLflow beside metrics.jsonl, read back with the trackers' own readers."""
+
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import distill_cli.tasks as tasks
+from distill_cli.cli import one_line
+from distill_cli.config import LoggerConfig, to_plain, validate_config
+from distill_cli.errors import DistillError, Interrupted
+from distill_cli.trackers import MLflow, TensorBoard, Trackers, flatten
+
+from conftest import compose_config, on_training_step, read_jsonl, run_distill, small_kd_config, small_train_config
+
+pytestmark = pytest.mark.usefixtures("quiet_results")
+
+
+def _logged(tmp_path: Path, **logger) -> LoggerConfig:
+    return LoggerConfig(tensorboard=True, mlflow=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **logger)
+
+
+def _tensorboard(run_dir: Path) -> EventAccumulator:
+    (folder,) = (run_dir / "tb").iterdir()  # one TensorBoard run per job
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return events
+
+
+def _mlflow(tmp_path: Path, run_dir: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, client.get_run(json.loads((run_dir / "tracker.json").read_text())["mlflow_run_id"])
+
+
+def _epoch_values(run_dir: Path) -> dict[str, list]:
+    """metrics.jsonl as {key: [(epoch, value), ...]}: what each tracker must hold per epoch."""
+    values = {}
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
+        for key, value in row.items():
+            if key != "epoch" and value is not None:
+                values.setdefault(key, []).append((row["epoch"], value))
+    return values
+
+
+def _assert_epochs_match(tmp_path: Path, run_dir: Path) -> None:
+    """Both trackers hold exactly metrics.jsonl: one value per key and epoch, no more, no fewer."""
+    expected = _epoch_values(run_dir)
+    assert {"loss", "train_acc", "val_acc", "lr", "images_per_s"} <= set(expected)
+    events = _tensorboard(run_dir)
+    client, run = _mlflow(tmp_path, run_dir)
+    for key, values in expected.items():
+        board = [(event.step, event.value) for event in events.Scalars(key)]
+        assert board == [(epoch, pytest.approx(value, rel=1e-6)) for epoch, value in values]  # float32 events
+        assert [(metric.step, metric.value) for metric in client.get_metric_history(run.info.run_id, key)] == values
+
+
+def test_trackers_hold_every_epoch_the_config_and_the_summary(tmp_path):
+    cfg = small_train_config(tmp_path, logger=_logged(tmp_path))
+    run_dir = tmp_path / "run"
+    summary = tasks.run_train(cfg, run_dir)
+    _assert_epochs_match(tmp_path, run_dir)
+
+    client, run = _mlflow(tmp_path, run_dir)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {key: str(value) for key, value in flatten(to_plain(cfg)).items()}
+    assert {k: run.data.tags[k] for k in ("command", "dataset", "teacher")} == {"command": "train", "dataset": "digits", "teacher": "cnn"}
+    for key in ("teacher.test_acc_best", "teacher.test_acc_last", "teacher.params", "teacher.best_epoch"):
+        *_, name = key.split(".")
+        assert run.data.metrics[key] == summary["teacher"][name]
+    assert "teacher.test_acc_per_class.0" not in run.data.metrics
+    assert {artifact.path for artifact in client.list_artifacts(run.info.run_id)} == {"best.pt", "summary.json"}
+
+    # the HParams view: the config's values and the summary's metrics, in the same run as the epochs
+    events = _tensorboard(run_dir)
+    hparams = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["seed"].number_value == 0 and start.hparams["teacher.arch"].string_value == "cnn"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert "teacher.test_acc_best" in metrics and metrics <= set(events.Tags()["scalars"])
+    assert events.Scalars("teacher.test_acc_best")[-1].value == pytest.approx(summary["teacher"]["test_acc_best"])
+
+
+def test_kd_is_one_mlflow_run_and_its_teacher_and_baseline_have_tensorboard_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    summary = tasks.run_kd(small_kd_config(tmp_path, logger=_logged(tmp_path)), run_dir)
+    _assert_epochs_match(tmp_path, run_dir)
+    client, run = _mlflow(tmp_path, run_dir)
+    assert (run.data.tags["command"], run.data.tags["student"]) == ("kd", "mlp")
+    for key in ("kd_gain", "compression", "student.test_acc_best", "baseline.test_acc_best", "teacher.test_acc"):
+        assert key in run.data.metrics
+    assert run.data.metrics["kd_gain"] == summary["kd_gain"]
+    every_experiment = [experiment.experiment_id for experiment in client.search_experiments()]
+    assert [found.info.run_id for found in client.search_runs(every_experiment)] == [run.info.run_id]
+    for part in ("teacher", "baseline"):
+        assert _tensorboard(run_dir / part).Scalars("loss")[-1].step == 2
+
+
+def _interrupt_mid_epoch(monkeypatch):
+    """SIGTERM in step 5 of epoch 2: last.pt holds epoch 1 and part of epoch 2."""
+
+    def interrupt(parts):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return parts
+
+    on_training_step(monkeypatch, 25, interrupt)
+
+
+def _interrupt_before_trackers(monkeypatch):
+    """Killed once last.pt holds epoch 2, before the trackers got it."""
+    real = Trackers.log_epoch
+
+    def log_epoch(self, metrics, epoch):
+        if epoch == 2:
+            raise Interrupted(signal.SIGTERM)
+        real(self, metrics, epoch)
+
+    monkeypatch.setattr(Trackers, "log_epoch", log_epoch)
+
+
+@pytest.mark.parametrize("interrupt", [_interrupt_mid_epoch, _interrupt_before_trackers], ids=["mid-epoch", "before-trackers"])
+def test_resume_continues_the_tracker_runs_with_one_value_per_epoch(tmp_path, monkeypatch, interrupt):
+    cfg = small_train_config(tmp_path, epochs=3, logger=_logged(tmp_path))
+    run_dir = tmp_path / "run"
+    interrupt(monkeypatch)
+    with pytest.raises(Interrupted):
+        tasks.run_train(cfg, run_dir)
+    monkeypatch.undo()
+    client, run = _mlflow(tmp_path, run_dir)
+    assert run.info.status == "KILLED"
+
+    tasks.run_train(replace(cfg, resume=True), run_dir)
+    assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    _assert_epochs_match(tmp_path, run_dir)
+    client, resumed = _mlflow(tmp_path, run_dir)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+@pytest.mark.parametrize("tracker", [TensorBoard, MLflow], ids=["tensorboard", "mlflow"])
+def test_a_tracker_failing_mid_run_warns_once_and_training_completes(tmp_path, monkeypatch, caplog, tracker):
+    real = tracker.log_epoch
+
+    def log_epoch(self, metrics, epoch):
+        if epoch >= 2:
+            raise OSError(28, "No space left on device")
+        real(self, metrics, epoch)
+
+    monkeypatch.setattr(tracker, "log_epoch", log_epoch)
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        summary = tasks.run_train(small_train_config(tmp_path, epochs=3, logger=_logged(tmp_path)), run_dir)
+    name = {TensorBoard: "tensorboard", MLflow: "mlflow"}[tracker]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"logger={name} failed (OSError:")
+    assert summary["status"] == "completed"
+    assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    if tracker is TensorBoard:  # the other tracker goes on
+        client, run = _mlflow(tmp_path, run_dir)
+        assert [metric.step for metric in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    else:
+        assert [event.step for event in _tensorboard(run_dir).Scalars("loss")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("package", ["tensorboard", "mlflow"])
+def test_a_missing_tracker_package_stops_at_start_up_naming_the_extra(tmp_path, monkeypatch, package):
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    with pytest.raises(DistillError) as error:
+        tasks.run_train(small_train_config(tmp_path, logger=_logged(tmp_path)), tmp_path / "run")
+    assert one_line(error.value) == f"logger={package} needs the {package} package: pip install 'distill-cli[{package}]'"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_only_rank_zero_logs(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    tasks.run_train(small_train_config(tmp_path, epochs=1, logger=_logged(tmp_path)), tmp_path / "run")
+    assert not (tmp_path / "run" / "tb").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "kd"])
+def test_logger_options_compose(command):
+    def logger(choice: str) -> tuple[bool, bool]:
+        cfg = validate_config(command, compose_config(command, [f"logger={choice}"] if choice else []))
+        return cfg.logger.tensorboard, cfg.logger.mlflow
+
+    assert logger("") == logger("none") == (False, False)
+    assert (logger("tensorboard"), logger("mlflow"), logger("[tensorboard,mlflow]")) == ((True, False), (False, True), (True, True))
+    with pytest.raises(Exception) as error:
+        compose_config(command, ["logger=nosuch"])
+    assert one_line(error.value) == "logger=nosuch: no such logger option; choose from: mlflow, none, tensorboard"
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_mlflow_experiment_and_runs_are_named_from_their_overrides(tmp_path):
+    run_distill(
+        "train", "-m", "logger=[tensorboard,mlflow]", "seed=1,2", "epochs=1", "teacher.kwargs.width=4", "device=cpu", cwd=tmp_path
+    )
+    names = ["seed=1,epochs=1,teacher.kwargs.width=4,device=cpu", "seed=2,epochs=1,teacher.kwargs.width=4,device=cpu"]
+    jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/[01]"))
+    assert [[folder.name for folder in (job / "tb").iterdir()] for job in jobs] == [[name] for name in names]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
+    assert experiment.name == str(jobs[0].parent.relative_to(tmp_path))
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_name for run in runs) == names
