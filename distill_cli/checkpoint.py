@@ -95,11 +95,15 @@ def _first_difference(old: Any, new: Any, key: str = "") -> str | None:
     return None if old == new else f"{key}: {old!r} then, {new!r} now"
 
 
+# config keys that do not change the training: resuming itself, and the trackers metrics also go to
+_NOT_TRAINING = ("resume", "logger")
+
+
 def load_resume_checkpoint(run_dir: Path, config: dict) -> dict | None:
     """The training state to resume `run_dir` from: `last.pt`, else `last.prev.pt`; None if neither exists yet.
 
     Raises when checkpoints exist but none is usable, or when `config` (minus `resume`) is not the
-    config that wrote it: the run would not continue as it started. A damaged last.pt is renamed
+    config that wrote it (trackers aside): the run would not continue as it started. A damaged last.pt is renamed
     to last.damaged.pt, so that the next save does not rotate it over the good last.prev.pt.
     """
     problems = []
@@ -114,8 +118,8 @@ def load_resume_checkpoint(run_dir: Path, config: dict) -> dict | None:
         if "training" not in checkpoint:
             problems.append(f"{path} holds no training state (checkpoint format {checkpoint['format_version']})")
             continue
-        saved = {k: v for k, v in checkpoint.get("config", {}).items() if k != "resume"}
-        difference = _first_difference(saved, {k: v for k, v in config.items() if k != "resume"})
+        saved = {k: v for k, v in checkpoint.get("config", {}).items() if k not in _NOT_TRAINING}
+        difference = _first_difference(saved, {k: v for k, v in config.items() if k not in _NOT_TRAINING})
         if difference:
             raise DistillError(f"cannot resume {run_dir}: the config changed since {path.name} was written ({difference})")
         if problems:

@@ -219,6 +219,13 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoints(tmp_path, mo
     assert load_checkpoint(tmp_path / LAST)["epoch"] == 2 and load_checkpoint(tmp_path / BEST)["epoch"] == 2
 
 
+def test_resume_ignores_the_trackers_and_resume_itself(tmp_path):
+    """Where metrics also go (logger) does not change the training: a run from before the trackers resumes."""
+    save_last(_checkpoint(1, {"seed": 0, "resume": False}), tmp_path)
+    logger = {"tensorboard": True, "mlflow": False, "tracking_uri": "sqlite:///outputs/mlflow.db", "experiment": "", "name": ""}
+    assert load_resume_checkpoint(tmp_path, {"seed": 0, "resume": True, "logger": logger})["epoch"] == 1
+
+
 def test_resume_refuses_a_changed_config_a_newer_format_and_code(tmp_path):
     save_last(_checkpoint(1, {"seed": 0, "optimizer": {"lr": 0.1}}), tmp_path)
     with pytest.raises(DistillError, match=r"config changed .*\(optimizer.lr: 0.1 then, 0.2 now\)"):
