@@ -103,14 +103,18 @@ def accuracy_heatmap(rows: list[Row], x_key: str, y_key: str, title: str) -> Fig
     grid = [[float("nan")] * len(xs) for _ in ys]
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.subplots()
+    cells = []
     for row in rows:
         stat = row.stats["test_acc"]
         if stat.n:
             i, j = ys.index(row.config[y_key]), xs.index(row.config[x_key])
             grid[i][j] = 100 * stat.mean
             spread = f"\n± {100 * stat.std:.2f}" if stat.std is not None else ""
-            axes.text(j, i, f"{100 * stat.mean:.2f}{spread}\nn={stat.n}", ha="center", va="center", fontsize=8)
+            cells.append((i, j, f"{100 * stat.mean:.2f}{spread}\nn={stat.n}"))
     image = axes.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+    for i, j, label in cells:  # white on the dark half of the colour map, black on the light half
+        dark = image.norm(grid[i][j]) < 0.5
+        axes.text(j, i, label, ha="center", va="center", fontsize=8, color="white" if dark else "black")
     figure.colorbar(image, ax=axes, label="test accuracy (%)")
     axes.set_xticks(range(len(xs)), [str(x) for x in xs])
     axes.set_yticks(range(len(ys)), [str(y) for y in ys])
