@@ -22,6 +22,7 @@ from .runs import failed_jobs, resume_command, resumption, run_status, search_ob
 USAGE = """\
 usage: distill <command> [key=value ...] [-m] [hydra flags]
        distill resume <run dir>
+       distill eval|export|quantize <run dir or checkpoint> [option=value ...] [config key=value ...]
 
 commands:
   train   train a teacher with cross-entropy            distill train teacher=cnn epochs=20
@@ -29,12 +30,25 @@ commands:
   bench   images/s of train/kd steps vs a reference loop distill bench dataset=cifar10
   resume  continue a crashed or interrupted run         distill resume outputs/2025-01-01/12-00-00.000000_kd
   list    list the datasets, models and losses
+  eval    accuracy, calibration, cost and speed; kd runs: teacher, student, student alone
+                                                     distill eval outputs/2025-01-01/12-00-00.000000_kd
+  export  ONNX or torch.export file, checked against PyTorch
+                                                     distill export outputs/.../best.pt format=onnx
+  quantize  post-training static int8 (CPU), against the fp32 model
+                                                     distill quantize outputs/.../best.pt
 
 Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
 --cfg job (print the composed config), --help (groups and options of a command).
 """
 
-COMMAND_NAMES = ("train", "kd", "bench", "resume", "list")
+COMMAND_NAMES = ("train", "kd", "bench", "resume", "list", "eval", "export", "quantize")
+# the options of the commands that ship a trained model, with their defaults; any other key=value
+# overrides the run's recorded config (dataset.root=..., eval_batch_size=..., device.threads=...)
+SHIP_OPTIONS = {
+    "eval": {"out": "", "gpu": True, "calls": 200, "batch": 256},
+    "export": {"format": "", "out": "", "atol": 1e-4},
+    "quantize": {"out": "", "gpu": True, "calls": 200, "batch": 256, "calibration": 512},
+}
 
 
 # (run folder, one-line error) of each job that failed in this process; reported by main()
@@ -140,7 +154,7 @@ def _missing_option(text: str) -> str:
     group, name = match.groups()
     listing = text.split("Available options in", 1)[1].split("\n\n", 1)[0] if "Available options in" in text else ""
     options = re.findall(r"^\t(\S+)\s*$", listing, flags=re.MULTILINE)
-    plugin = f" (if it is a Hydra plugin's, install it: pip install 'distill-cli[sweeps]')" if group.startswith("hydra/") else ""
+    plugin = " (if it is a Hydra plugin's, install it: pip install 'distill-cli[sweeps]')" if group.startswith("hydra/") else ""
     return f"{group}={name}: no such {group} option; {did_you_mean(name, options)}{plugin}"
 
 
@@ -196,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "resume":
         return _resume(rest)
+    if command in SHIP_OPTIONS:
+        return _ship(command, rest)
     return _run_command(command, rest)
 
 
@@ -219,6 +235,59 @@ def _resume(args: list[str]) -> int:
         return 0
     os.chdir(plan.cwd)
     return _run_command(plan.command, plan.arguments)
+
+
+def _ship_arguments(command: str, args: list[str]) -> tuple[dict, list[str]]:
+    """`command`'s options (typed like their defaults) and the config overrides among `key=value` args."""
+    options, overrides = dict(SHIP_OPTIONS[command]), []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if not equals:
+            raise DistillError(f"{arg!r} is not key=value; options: {', '.join(SHIP_OPTIONS[command])}")
+        if key not in options:
+            overrides.append(arg)
+            continue
+        default = options[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                options[key] = value.lower() == "true"
+            else:
+                options[key] = type(default)(value)
+        except ValueError:
+            raise DistillError(f"{key}={value}: expected {type(default).__name__}") from None
+    return options, overrides
+
+
+def _ship(command: str, args: list[str]) -> int:
+    """`distill eval|export|quantize <run dir or checkpoint> [key=value ...]`: errors are one line on stderr."""
+    if not args or args[0].startswith("-"):
+        print(f"usage: distill {command} <run dir or checkpoint> [{' '.join(f'{k}=...' for k in SHIP_OPTIONS[command])}] [config key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        options, overrides = _ship_arguments(command, args[1:])
+        if command == "eval":
+            from .evaluate import Timing, run_eval
+
+            run_eval(args[0], overrides, options["out"], options["gpu"], Timing(calls=options["calls"], batch=options["batch"]))
+        elif command == "export":
+            from .export import run_export
+
+            run_export(args[0], options["format"], overrides, options["out"], options["atol"])
+        else:
+            from .quantize import run_quantize
+
+            run_quantize(args[0], overrides, options)
+    except KeyboardInterrupt:
+        print(f"distill {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"distill {command}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _raise_interrupted(signum: int, frame) -> None:
