@@ -362,7 +362,7 @@ def save_confusion(rows: list[dict], class_names, path: Path) -> None:
     size = 1.6 + 0.45 * len(class_names)
     figure, axes = plt.subplots(1, len(rows), figsize=(size * len(rows), size), squeeze=False)
     for axis, row in zip(axes[0], rows):
-        confusion = torch.tensor(row["confusion"])
+        confusion = torch.tensor(row["confusion"]).numpy()
         axis.imshow(confusion, cmap="Blues")
         for (i, j), value in zip(((i, j) for i in range(len(class_names)) for j in range(len(class_names))), confusion.flatten().tolist()):
             axis.text(j, i, value, ha="center", va="center", fontsize=6, color="white" if value > confusion.max() / 2 else "black")
