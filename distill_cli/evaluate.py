@@ -296,8 +296,8 @@ def model_speed(model: nn.Module, images: torch.Tensor, timing: Timing, gpu: boo
     return results
 
 
-def test_images(loader, count: int) -> torch.Tensor:
-    """The first `count` normalised test images, float32 NCHW on the CPU."""
+def first_images(loader, count: int) -> torch.Tensor:
+    """The first `count` normalised images of `loader`, float32 NCHW on the CPU."""
     images = []
     for batch in loader:
         images.append(batch.images.float().cpu().contiguous())
@@ -313,7 +313,7 @@ def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, in
     """Everything `distill eval` reports about one fp32 model."""
     logits, labels = predict(compute.forward(compute.place(model), compile=False), loader)
     model = model.cpu()
-    images = test_images(loader, timing.batch)
+    images = first_images(loader, timing.batch)
     flops = flops_per_image(model, images)
     return {
         "role": role,

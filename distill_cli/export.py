@@ -118,13 +118,13 @@ def describe(result: dict) -> str:
 
 def run_export(path: str | Path, fmt: str, overrides: list[str], out: str = "", atol: float = 1e-4) -> dict:
     """`distill export`: the checkpoint (a run folder: its best.pt) as an ONNX or pt2 file, checked on its test images."""
-    from .evaluate import load_model, subject, test_images
+    from .evaluate import first_images, load_model, subject
     from .tasks import prepare_run
 
     check_format(fmt)
     source = Path(path) / BEST if Path(path).is_dir() else Path(path)
     _, data, loaders = prepare_run(subject(path, overrides).config)
     model, _ = load_model(source, data.info)
-    result = export_checked(model, test_images(loaders.test, CHECK_IMAGES), fmt, Path(out) if out else source.with_suffix(FORMATS[fmt]), atol)
+    result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, Path(out) if out else source.with_suffix(FORMATS[fmt]), atol)
     CONSOLE.print(describe(result))
     return result

@@ -375,11 +375,11 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
 
 def _export_student(fmt: str, run_dir: Path, data: DataSplits, loaders: Loaders) -> dict:
     """`export=onnx|pt2`: the student's best.pt as best.onnx / best.pt2, checked against PyTorch (`distill export`)."""
-    from .evaluate import load_model, test_images
+    from .evaluate import first_images, load_model
     from .export import CHECK_IMAGES, FORMATS, describe, export_checked
 
     model, _ = load_model(run_dir / BEST, data.info)
-    result = export_checked(model, test_images(loaders.test, CHECK_IMAGES), fmt, run_dir / f"best{FORMATS[fmt]}", atol=1e-4)
+    result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, run_dir / f"best{FORMATS[fmt]}", atol=1e-4)
     log.info(f"exported {describe(result)}")
     return result
 
