@@ -162,10 +162,10 @@ def quality(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, 
 # ---------------------------------------------------------------- cost
 
 
-def size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as torch.save writes them (its state_dict)."""
+def saved_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of `tensors` as torch.save writes them."""
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save(tensors, buffer)
     return buffer.getbuffer().nbytes
 
 
@@ -321,7 +321,7 @@ def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, in
         "checkpoint": str(checkpoint),
         **quality(logits, labels, info.class_names),
         "params": count_parameters(model),
-        "size_bytes": size_bytes(model),
+        "size_bytes": saved_bytes(model.state_dict()),
         "flops": flops,
         "macs": flops // 2,
         "peak_activation_bytes": peak_activation_bytes(model, images),

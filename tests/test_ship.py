@@ -231,3 +231,41 @@ def test_kd_export_format_is_checked_before_training():
 
     with pytest.raises(DistillError, match="export"):
         KDConfig(student=ModelConfig(arch="mlp"), export="tflite")
+
+
+# ---------------------------------------------------------------- quantize
+
+# the stated bound: int8 costs the digits teacher at most 2 points of test accuracy (7 of its 359 images)
+INT8_MAX_DROP = 0.02
+
+
+def test_int8_digits_teacher_stays_within_the_stated_drop(kd_run, tmp_path, capsys):
+    assert main(["quantize", str(kd_run / "teacher" / "best.pt"), f"out={tmp_path}", "calls=3", "batch=16", "calibration=256"]) == 0
+    result = json.loads((tmp_path / "quantize.json").read_text())
+    fp32, int8 = result["models"]
+    assert (fp32["role"], int8["role"]) == ("fp32", "int8") and result["calibration_images"] == 256
+    assert fp32["test_acc"] > 0.6  # a trained teacher, so the bound means something
+    assert abs(result["accuracy_drop"]) <= INT8_MAX_DROP
+    assert result["accuracy_drop"] == pytest.approx(fp32["test_acc"] - int8["test_acc"])
+    assert int8["size_bytes"] < fp32["size_bytes"] / 2  # one byte per weight instead of four
+    assert int8["speed"]["cpu"]["precision"] == "int8" and int8["speed"]["cpu"]["throughput_images_per_s"] > 0
+    assert "accuracy drop" in capsys.readouterr().out
+
+
+def test_int8_weights_are_int8_values_of_the_quantized_graph():
+    from distill_cli.quantize import int8_weights, quantize_int8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    model[1].running_var.fill_(4.0)  # a BatchNorm that prepare_pt2e folds into the convolution's weight
+    graph = quantize_int8(model, torch.randn(32, 1, 8, 8), "test model")
+    weights = int8_weights(graph)
+    int8 = {name: w for name, w in weights.items() if w.dtype == torch.int8}
+    assert sorted(w.numel() for w in int8.values()) == [8 * 9, 10 * 8 * 36]  # both weights, in int8
+
+
+def test_a_model_the_flow_cannot_capture_is_named(tmp_path):
+    from distill_cli.quantize import quantize_int8
+
+    with pytest.raises(DistillError, match=r"^branchy cannot be quantized with the PT2E flow"):
+        quantize_int8(_Branchy(), torch.randn(8, 1, 8, 8), "branchy")
