@@ -30,12 +30,9 @@ commands:
   bench   images/s of train/kd steps vs a reference loop distill bench dataset=cifar10
   resume  continue a crashed or interrupted run         distill resume outputs/2025-01-01/12-00-00.000000_kd
   list    list the datasets, models and losses
-  eval    accuracy, calibration, cost and speed; kd runs: teacher, student, student alone
-                                                     distill eval outputs/2025-01-01/12-00-00.000000_kd
-  export  ONNX or torch.export file, checked against PyTorch
-                                                     distill export outputs/.../best.pt format=onnx
-  quantize  post-training static int8 (CPU), against the fp32 model
-                                                     distill quantize outputs/.../best.pt
+  eval    accuracy, ECE, MACs, latency of a run's models distill eval outputs/2025-01-01/12-00-00.000000_kd
+  export  ONNX / torch.export file, checked vs PyTorch  distill export <run dir>/best.pt format=onnx
+  quantize  static int8 for the CPU, against fp32       distill quantize <run dir>/best.pt
 
 Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
 --cfg job (print the composed config), --help (groups and options of a command).
