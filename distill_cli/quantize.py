@@ -47,14 +47,10 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor, name: str) -> fx.
         raise DistillError(f"{name} cannot be quantized with the PT2E flow ({type(error).__name__}: {reason})") from None
 
 
-def int8_weights(graph: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The tensors the quantized graph holds, each weight it quantizes per channel as its int8 values."""
-    held = {node.target: operator.attrgetter(node.target)(graph) for node in graph.graph.nodes if node.op == "get_attr"}
-    weights = dict(held)
-    for node in graph.graph.nodes:
-        if node.target == torch.ops.quantized_decomposed.quantize_per_channel.default and node.args[0].op == "get_attr":
-            weights[node.args[0].target] = node.target(*(held[a.target] if isinstance(a, fx.Node) else a for a in node.args))
-    return weights
+def graph_tensors(graph: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors the quantized graph holds: int8 weights (convert_pt2e folds their quantization), their
+    scales and zero points, and the biases."""
+    return {node.target: operator.attrgetter(node.target)(graph) for node in graph.graph.nodes if node.op == "get_attr"}
 
 
 def compiled(graph: fx.GraphModule):
@@ -83,7 +79,7 @@ def run_quantize(path: str | Path, overrides: list[str], options: dict) -> dict:
             "checkpoint": str(source),
             **quality(logits, labels, data.info.class_names),
             "params": fp32["params"],
-            "size_bytes": saved_bytes(int8_weights(graph)),
+            "size_bytes": saved_bytes(graph_tensors(graph)),
             "macs": fp32["macs"],
             "speed": {"cpu": speed(forward, first_images(loaders.test, timing.batch), torch.device("cpu"), timing, "int8")},
         }
@@ -117,6 +113,6 @@ def quantize_table(result: dict) -> Group:
     notes = [
         f"accuracy drop {100 * result['accuracy_drop']:+.2f} points; calibrated on {result['calibration_images']} training images",
         f"{result['flow']}; fp32: eager, BatchNorm folded",
-        f"cpu: {timed['device_name']}, {timed['threads']} threads; size: the weights as torch.save writes them (int8: the graph's tensors, its weights as int8)",
+        f"cpu: {timed['device_name']}, {timed['threads']} threads; size: the weights as torch.save writes them (int8: the graph's tensors)",
     ]
     return Group(table, *(Text(note) for note in notes))

@@ -252,16 +252,17 @@ def test_int8_digits_teacher_stays_within_the_stated_drop(kd_run, tmp_path, caps
     assert "accuracy drop" in capsys.readouterr().out
 
 
-def test_int8_weights_are_int8_values_of_the_quantized_graph():
-    from distill_cli.quantize import int8_weights, quantize_int8
+def test_the_quantized_graph_holds_int8_weights():
+    from distill_cli.quantize import graph_tensors, quantize_int8
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
     model[1].running_var.fill_(4.0)  # a BatchNorm that prepare_pt2e folds into the convolution's weight
     graph = quantize_int8(model, torch.randn(32, 1, 8, 8), "test model")
-    weights = int8_weights(graph)
-    int8 = {name: w for name, w in weights.items() if w.dtype == torch.int8}
-    assert sorted(w.numel() for w in int8.values()) == [8 * 9, 10 * 8 * 36]  # both weights, in int8
+    tensors = graph_tensors(graph)
+    int8 = sorted(t.numel() for t in tensors.values() if t.dtype == torch.int8)
+    assert int8 == [8 * 9, 10 * 8 * 36]  # both weights, the convolution's with the BatchNorm folded in
+    assert sum(t.numel() for t in tensors.values() if t.dtype == torch.float32) == 8 + 10 + 8 + 10  # biases, scales
 
 
 def test_a_model_the_flow_cannot_capture_is_named(tmp_path):
