@@ -347,8 +347,8 @@ def run_eval(path: str | Path, overrides: list[str], out: str | None = None, gpu
     folder = Path(out) if out else sub.folder / "eval"
     write_json_atomic(result, folder / "eval.json")
     save_confusion(rows, data.info.class_names, folder / "confusion.png")
-    result["files"] = [str(folder / "eval.json"), str(folder / "confusion.png")]
     CONSOLE.print(eval_table(result))
+    CONSOLE.print(f"wrote {folder / 'eval.json'} and {folder / 'confusion.png'}")
     return result
 
 

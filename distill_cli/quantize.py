@@ -96,6 +96,7 @@ def run_quantize(path: str | Path, overrides: list[str], options: dict) -> dict:
     folder = Path(options["out"]) if options["out"] else sub.folder / "eval"
     write_json_atomic(result, folder / "quantize.json")
     CONSOLE.print(quantize_table(result))
+    CONSOLE.print(f"wrote {folder / 'quantize.json'}")
     return result
 
 
