@@ -59,7 +59,7 @@ def _synchronise(compute: Compute) -> None:
         torch.cuda.synchronize(compute.device)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The CPU's model name (Linux) or architecture, and the vector extensions torch uses on it."""
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -237,7 +237,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
             "distill_repeats": rates["distill"],
             "reference_repeats": rates["reference"],
         }
-    device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else _cpu_name()
+    device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else cpu_name()
     augment = loaders.train.augment
     result = {
         "command": "bench",

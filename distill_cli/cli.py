@@ -24,6 +24,7 @@ USAGE = """\
 usage: distill <command> [key=value ...] [-m] [hydra flags]
        distill resume <run dir>
        distill report <folder>... [--by key,key] [--sort column] [--out DIR] [--no-plots]
+       distill eval|export|quantize <run dir or checkpoint> [option=value ...] [config key=value ...]
 
 commands:
   train   train a teacher with cross-entropy            distill train teacher=cnn epochs=20
@@ -32,12 +33,22 @@ commands:
   resume  continue a crashed or interrupted run         distill resume outputs/2025-01-01/12-00-00.000000_kd
   report  table, plots, report.md/csv/json of a sweep  distill report outputs/multirun/2025-01-01/12-00-00.000000_kd
   list    list the datasets, models and losses
+  eval    accuracy, ECE, MACs, latency of a run's models distill eval outputs/2025-01-01/12-00-00.000000_kd
+  export  ONNX / torch.export file, checked vs PyTorch  distill export <run dir>/best.pt format=onnx
+  quantize  static int8 for the CPU, against fp32       distill quantize <run dir>/best.pt
 
 Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
 --cfg job (print the composed config), --help (groups and options of a command).
 """
 
-COMMAND_NAMES = ("train", "kd", "bench", "resume", "report", "list")
+COMMAND_NAMES = ("train", "kd", "bench", "resume", "report", "list", "eval", "export", "quantize")
+# the options of the commands that ship a trained model, with their defaults; any other key=value
+# overrides the run's recorded config (dataset.root=..., eval_batch_size=..., device.threads=...)
+SHIP_OPTIONS = {
+    "eval": {"out": "", "gpu": True, "calls": 200, "batch": 256},
+    "export": {"format": "", "out": "", "atol": 1e-4},
+    "quantize": {"out": "", "gpu": True, "calls": 200, "batch": 256, "calibration": 512},
+}
 
 
 # (run folder, one-line error) of each job that failed in this process; reported by main()
@@ -201,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return _resume(rest)
     if command == "report":
         return _report(rest)
+    if command in SHIP_OPTIONS:
+        return _ship(command, rest)
     return _run_command(command, rest)
 
 
@@ -261,6 +274,59 @@ def _report(args: list[str]) -> int:
     print(f"distill report: wrote {written[0]} (and report.csv, report.json, {len(written) - 3} plots)")
     if not any(row.completed for row in report.rows):
         print("distill report: error: no completed runs to report", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ship_arguments(command: str, args: list[str]) -> tuple[dict, list[str]]:
+    """`command`'s options (typed like their defaults) and the config overrides among `key=value` args."""
+    options, overrides = dict(SHIP_OPTIONS[command]), []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if not equals:
+            raise DistillError(f"{arg!r} is not key=value; options: {', '.join(SHIP_OPTIONS[command])}")
+        if key not in options:
+            overrides.append(arg)
+            continue
+        default = options[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                options[key] = value.lower() == "true"
+            else:
+                options[key] = type(default)(value)
+        except ValueError:
+            raise DistillError(f"{key}={value}: expected {type(default).__name__}") from None
+    return options, overrides
+
+
+def _ship(command: str, args: list[str]) -> int:
+    """`distill eval|export|quantize <run dir or checkpoint> [key=value ...]`: errors are one line on stderr."""
+    if not args or args[0].startswith("-"):
+        print(f"usage: distill {command} <run dir or checkpoint> [{' '.join(f'{k}=...' for k in SHIP_OPTIONS[command])}] [config key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        options, overrides = _ship_arguments(command, args[1:])
+        if command == "eval":
+            from .evaluate import Timing, run_eval
+
+            run_eval(args[0], overrides, options["out"], options["gpu"], Timing(calls=options["calls"], batch=options["batch"]))
+        elif command == "export":
+            from .export import run_export
+
+            run_export(args[0], options["format"], overrides, options["out"], options["atol"])
+        else:
+            from .quantize import run_quantize
+
+            run_quantize(args[0], overrides, options)
+    except KeyboardInterrupt:
+        print(f"distill {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"distill {command}: error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 

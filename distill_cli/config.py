@@ -241,11 +241,15 @@ class KDConfig(RunConfig):
     # step: auto = when that is exact (dataset.augment=false: every epoch shows the same images);
     # true insists (an error with augmentation on), false always runs the teacher
     cache_teacher: str = "auto"
+    # at the end of the run, export the student's best.pt to best.onnx or best.pt2 (see `distill export`)
+    export: Optional[str] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.cache_teacher = str(self.cache_teacher).lower()
         _choice("cache_teacher", self.cache_teacher, ("auto", "true", "false"))
+        if self.export is not None:
+            _choice("export", self.export, ("onnx", "pt2"))
         _check(math.isfinite(self.T) and self.T > 0, "T", f"temperature must be a finite number > 0, got {self.T}")
         _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
         _check(isinstance(self.loss.get("name"), str), "loss.name", "name the KD method (loss=<method>; see distill list)")

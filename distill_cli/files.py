@@ -17,8 +17,8 @@ from typing import IO, Any
 from .errors import DistillError
 
 # mkstemp creates files 0600; give finished files the mode an ordinary open() would (0666 - umask)
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 # the errors of a write that found no room, as the one-line message says them
 _NO_ROOM = {
@@ -60,7 +60,7 @@ def atomic_write(
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~UMASK)
         if backup is not None and path.exists():
             os.replace(path, backup)
         os.replace(tmp, path)

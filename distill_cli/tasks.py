@@ -316,6 +316,10 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     """Distil `cfg.student` from a teacher (given, cached or trained once) with the method `cfg.loss`;
     `loss=kd alpha=0` trains the student alone."""
     start = time.perf_counter()
+    if cfg.export:
+        from .export import check_format
+
+        check_format(cfg.export)  # missing packages fail now, not after training
     with open_trackers(cfg, run_dir, "kd") as trackers:
         compute, data, loaders = prepare_run(cfg)
         summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
@@ -369,11 +373,24 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
             summary["teacher"]["inference_images_per_s"] = inference_rate(teacher, loaders.test, compute)
             student_result["inference_images_per_s"] = inference_rate(student, loaders.test, compute)
             summary["speedup"] = student_result["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]
+        if cfg.export:
+            summary["export"] = _export_student(cfg.export, run_dir, data, loaders)
         summary["wall_time_s"] = time.perf_counter() - start
         write_json_atomic(summary, run_dir / "summary.json")
         trackers.log_summary(summary)
         print_results(summary, per_class=cfg.per_class)
         return summary
+
+
+def _export_student(fmt: str, run_dir: Path, data: DataSplits, loaders: Loaders) -> dict:
+    """`export=onnx|pt2`: the student's best.pt as best.onnx / best.pt2, checked against PyTorch (`distill export`)."""
+    from .evaluate import first_images, load_model
+    from .export import CHECK_IMAGES, FORMATS, describe, export_checked
+
+    model, _ = load_model(run_dir / BEST, data.info)
+    result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, run_dir / f"best{FORMATS[fmt]}", atol=1e-4)
+    log.info(f"exported {describe(result)}")
+    return result
 
 
 COMMANDS = {"train": run_train, "kd": run_kd}

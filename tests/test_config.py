@@ -56,7 +56,7 @@ EXECUTION_ONLY = {
     "dataset.root", "dataset.download", "dataset.cache_dir", "dataset.pipeline", "dataset.device_max_gb",
     "dataset.workers", "optimizer.impl", "device.type", "device.precision", "device.deterministic",
     "device.threads", "device.channels_last", "device.compile", "eval_batch_size", "teacher_cache",
-    "per_class", "resume", "teacher.checkpoint", "teacher.name", "student.name", "logger.tensorboard",
+    "per_class", "resume", "teacher.checkpoint", "teacher.name", "student.name", "export", "logger.tensorboard",
     "logger.mlflow", "logger.tracking_uri", "logger.experiment", "logger.name",
 }
 # kd's keys that train the student only: the teacher kd trains (or takes from the cache) ignores them;

@@ -1,0 +1,272 @@
+"""Shipping the student: `distill eval`, `distill export` and `kd export=`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import distill_cli.export as export
+from distill_cli.checkpoint import load_checkpoint, save_atomic
+from distill_cli.cli import main
+from distill_cli.config import DatasetConfig
+from distill_cli.data import DatasetInfo, load_dataset
+from distill_cli.errors import DistillError
+from distill_cli.evaluate import (
+    Timing,
+    calibration_error,
+    flops_per_image,
+    load_model,
+    peak_activation_bytes,
+    quality,
+    run_eval,
+)
+from distill_cli.models import build_model
+from distill_cli.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = Timing(calls=5, warmup=1, batch=16, repeats=2)
+DIGITS = DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), tuple(str(i) for i in range(10)))
+
+
+@pytest.fixture(scope="module")
+def kd_run(tmp_path_factory) -> Path:
+    """A quick kd run folder on digits (teacher cnn width 8, student cnn width 4), exported to ONNX."""
+    root = tmp_path_factory.mktemp("kd")
+    args = [
+        "kd", "epochs=2", "teacher_epochs=2", "device=cpu", "teacher.kwargs.width=8", "student=cnn",
+        "student.kwargs.width=4", "export=onnx", f"teacher_cache={root / 'cache'}", f"hydra.run.dir={root / 'run'}",
+    ]
+    env = {**os.environ, "CI": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "distill_cli", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return root / "run"
+
+
+def digits_test_images(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real digits test images, normalised as the loaders do, and their labels."""
+    data = load_dataset(DatasetConfig())
+    mean, std = torch.tensor(data.info.mean).view(1, -1, 1, 1), torch.tensor(data.info.std).view(1, -1, 1, 1)
+    return (data.test.images[:count].float() / 255 - mean) / std, data.test.labels[:count]
+
+
+# ---------------------------------------------------------------- measures
+
+
+def test_flops_of_a_conv_net_match_a_hand_count():
+    model = build_model(ModelConfig(arch="cnn", kwargs={"width": 4, "blocks": 2}), DIGITS, "model")
+    # multiply-adds: 3x3 convs 1->4 and 4->4 on 8x8, max-pool, 4->8 and 8->8 on 4x4, then linear 8->10
+    macs = 9 * 1 * 4 * 64 + 9 * 4 * 4 * 64 + 9 * 4 * 8 * 16 + 9 * 8 * 8 * 16 + 8 * 10
+    assert flops_per_image(model, torch.zeros(5, 1, 8, 8)) == 2 * macs
+
+
+def test_peak_activation_memory_counts_live_outputs_only():
+    image = torch.zeros(3, 1, 8, 8)
+    one_map = 4 * 8 * 8 * 4  # a conv output: 4 channels of 8x8 float32
+    # the conv output and the ReLU's are alive together; an in-place ReLU adds nothing; views of the
+    # input and the weights (Flatten, the linear's transpose) are not new memory
+    assert peak_activation_bytes(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), image) == 2 * one_map
+    assert peak_activation_bytes(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True)), image) == one_map
+    chain = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    assert peak_activation_bytes(chain, image) == 2 * one_map
+    assert peak_activation_bytes(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), image) == 10 * 4
+
+
+def test_calibration_error_by_hand():
+    # bin [0.9, 0.97): confidence 0.9, 3 of 4 right (gap 0.15); bin [0.6, 0.67): confidence 0.6, 1 of 1 right (gap 0.4)
+    probabilities = torch.tensor([[0.9, 0.1]] * 4 + [[0.4, 0.6]])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    assert calibration_error(probabilities, labels) == pytest.approx((4 * 0.15 + 1 * 0.4) / 5)
+    assert calibration_error(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])) == pytest.approx(0)
+
+
+def test_quality_confusion_matrix_and_per_class_accuracy():
+    logits = torch.eye(3)[torch.tensor([0, 0, 1, 2, 2, 2])]  # predicted classes
+    labels = torch.tensor([0, 1, 1, 2, 2, 0])
+    result = quality(logits, labels, ("a", "b", "c"))
+    assert result["confusion"] == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]  # rows: true class
+    assert result["test_acc"] == pytest.approx(4 / 6)
+    assert result["test_acc_per_class"] == pytest.approx({"a": 0.5, "b": 0.5, "c": 1.0})
+
+
+# ---------------------------------------------------------------- eval
+
+
+def test_eval_of_a_kd_run_folder_is_one_three_way_table(kd_run, tmp_path, capsys):
+    summary = json.loads((kd_run / "summary.json").read_text())
+    result = run_eval(kd_run, [], out=str(tmp_path / "eval"), gpu=False, timing=QUICK)
+    rows = {row["role"]: row for row in result["models"]}
+    assert list(rows) == ["teacher", "student", "student alone"]
+    # each row measured the checkpoint its role names: the accuracies the run itself reported
+    assert rows["teacher"]["test_acc"] == pytest.approx(summary["teacher"]["test_acc"], abs=1e-6)
+    assert rows["student"]["test_acc"] == pytest.approx(summary["student"]["test_acc_best"], abs=1e-6)
+    assert rows["student alone"]["test_acc"] == pytest.approx(summary["baseline"]["test_acc_best"], abs=1e-6)
+    assert rows["teacher"]["params"] == summary["teacher"]["params"] > rows["student"]["params"]
+    assert rows["teacher"]["macs"] > rows["student"]["macs"] > 0
+    for row in rows.values():
+        assert sum(map(sum, row["confusion"])) == result["test_images"] == 359
+        timed = row["speed"]["cpu"]
+        assert 0 < timed["latency_ms_median"] <= timed["latency_ms_p90"] and timed["throughput_images_per_s"] > 0
+        assert timed["threads"] == torch.get_num_threads() and timed["throughput_batch"] == QUICK.batch
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["models"][1]["name"] == "cnn(blocks=2, width=4)"
+    assert (tmp_path / "eval" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "alone" in table and "MMACs/img" in table and "multiply-adds" in table
+
+
+def test_eval_of_one_checkpoint_through_the_cli(kd_run, tmp_path, capsys):
+    code = main(["eval", str(kd_run / "best.pt"), f"out={tmp_path}", "gpu=false", "calls=3", "batch=8", "eval_batch_size=100"])
+    assert code == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert [row["role"] for row in result["models"]] == ["model"]
+    assert result["timing"]["calls"] == 3 and result["models"][0]["speed"]["cpu"]["throughput_batch"] == 8
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_kd_export_onnx_reproduces_pytorch_on_real_images(kd_run):
+    import onnxruntime
+
+    summary = json.loads((kd_run / "summary.json").read_text())
+    assert summary["export"]["file"] == str(kd_run / "best.onnx") and summary["export"]["max_abs_diff"] <= 1e-4
+    model, _ = load_model(kd_run / "best.pt", DIGITS)
+    images, _ = digits_test_images()
+    session = onnxruntime.InferenceSession(str(kd_run / "best.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (images[:1], images):  # the batch axis is dynamic
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
+        torch.testing.assert_close(got, model(batch), atol=1e-4, rtol=0)
+
+
+def test_export_pt2_reproduces_pytorch_on_real_images(kd_run, tmp_path, capsys):
+    assert main(["export", str(kd_run), "format=pt2", f"out={tmp_path / 'student.pt2'}"]) == 0
+    assert "same predicted class 100.00%" in capsys.readouterr().out
+    record = json.loads((tmp_path / "student.pt2.json").read_text())
+    assert record["class_agreement"] == 1.0 and record["max_abs_diff"] <= 1e-4 and record["images"] == 256
+    program = torch.export.load(str(tmp_path / "student.pt2")).module()
+    model, _ = load_model(kd_run / "best.pt", DIGITS)
+    images, _ = digits_test_images()
+    torch.testing.assert_close(program(images[:3]), model(images[:3]), atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt2", "student.pt2.json"]
+
+
+class _Branchy(nn.Module):
+    """A forward that depends on the data: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)
+
+
+def test_export_that_fails_to_trace_leaves_no_file(tmp_path):
+    images, _ = digits_test_images(8)
+    with pytest.raises(DistillError, match=r"model\.pt2: cannot export to pt2"):
+        export.export_checked(_Branchy(), images, "pt2", tmp_path / "model.pt2", atol=1e-4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_that_does_not_match_pytorch_leaves_no_file(tmp_path, monkeypatch):
+    model, _ = load_model_from_scratch()
+    images, _ = digits_test_images(8)
+    loaded = export.load_exported
+    monkeypatch.setattr(export, "load_exported", lambda path, fmt: (lambda x: loaded(path, fmt)(x) + 1e-2))
+    with pytest.raises(DistillError, match=r"differ from PyTorch's by 0\.01 > atol=0\.0001"):
+        export.export_checked(model, images, "onnx", tmp_path / "model.onnx", atol=1e-4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def load_model_from_scratch():
+    return build_model(ModelConfig(arch="cnn", kwargs={"width": 4}), DIGITS, "model").eval(), "cnn"
+
+
+def test_missing_export_packages_name_the_extra(monkeypatch, tmp_path, kd_run, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert main(["export", str(kd_run / "best.pt"), "format=onnx", f"out={tmp_path / 'm.onnx'}"]) == 1
+    err = capsys.readouterr().err
+    assert err == "distill export: error: format=onnx needs onnxruntime: pip install 'distill-cli[export]'\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_input_message(capsys, *args) -> str:
+    assert main(list(args)) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1
+    return captured.err
+
+
+def test_bad_checkpoints_are_one_line_naming_file_and_reason(kd_run, tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    assert f"{foreign} is not a distill model checkpoint" in _bad_input_message(capsys, "eval", str(foreign))
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((kd_run / "best.pt").read_bytes()[:2000])
+    assert f"cannot load checkpoint {damaged}: " in _bad_input_message(capsys, "export", str(damaged), "format=onnx")
+    other = load_checkpoint(kd_run / "best.pt")
+    other.update(dataset="cifar10")
+    save_atomic(other, tmp_path / "cifar.pt")
+    message = _bad_input_message(capsys, "export", str(tmp_path / "cifar.pt"), "format=pt2")
+    assert f"{tmp_path / 'cifar.pt'} was trained on cifar10 (10 classes), not on digits" in message
+    assert "no such" not in _bad_input_message(capsys, "eval", str(tmp_path), "gpu=false")  # a folder, not a run
+    assert "format='tflite': not an export format" in _bad_input_message(capsys, "export", str(kd_run / "best.pt"), "format=tflite")
+    assert "calls=many: expected int" in _bad_input_message(capsys, "eval", str(kd_run), "calls=many")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar.pt", "damaged.pt", "foreign.pt"]
+
+
+def test_kd_export_format_is_checked_before_training():
+    from distill_cli.config import KDConfig
+
+    with pytest.raises(DistillError, match="export"):
+        KDConfig(student=ModelConfig(arch="mlp"), export="tflite")
+
+
+# ---------------------------------------------------------------- quantize
+
+# the stated bound: int8 costs the digits teacher at most 2 points of test accuracy (7 of its 359 images)
+INT8_MAX_DROP = 0.02
+
+
+def test_int8_digits_teacher_stays_within_the_stated_drop(kd_run, tmp_path, capsys):
+    assert main(["quantize", str(kd_run / "teacher" / "best.pt"), f"out={tmp_path}", "calls=3", "batch=16", "calibration=256"]) == 0
+    result = json.loads((tmp_path / "quantize.json").read_text())
+    fp32, int8 = result["models"]
+    assert (fp32["role"], int8["role"]) == ("fp32", "int8") and result["calibration_images"] == 256
+    assert fp32["test_acc"] > 0.6  # a trained teacher, so the bound means something
+    assert abs(result["accuracy_drop"]) <= INT8_MAX_DROP
+    assert result["accuracy_drop"] == pytest.approx(fp32["test_acc"] - int8["test_acc"])
+    assert int8["size_bytes"] < fp32["size_bytes"] / 2  # one byte per weight instead of four
+    assert int8["speed"]["cpu"]["precision"] == "int8" and int8["speed"]["cpu"]["throughput_images_per_s"] > 0
+    assert "accuracy drop" in capsys.readouterr().out
+
+
+def test_the_quantized_graph_holds_int8_weights():
+    from distill_cli.quantize import graph_tensors, quantize_int8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    model[1].running_var.fill_(4.0)  # a BatchNorm that prepare_pt2e folds into the convolution's weight
+    graph = quantize_int8(model, torch.randn(32, 1, 8, 8), "test model")
+    tensors = graph_tensors(graph)
+    int8 = sorted(t.numel() for t in tensors.values() if t.dtype == torch.int8)
+    assert int8 == [8 * 9, 10 * 8 * 36]  # both weights, the convolution's with the BatchNorm folded in
+    assert sum(t.numel() for t in tensors.values() if t.dtype == torch.float32) == 8 + 10 + 8 + 10  # biases, scales
+
+
+def test_a_model_the_flow_cannot_capture_is_named(tmp_path):
+    from distill_cli.quantize import quantize_int8
+
+    with pytest.raises(DistillError, match=r"^branchy cannot be quantized with the PT2E flow"):
+        quantize_int8(_Branchy(), torch.randn(8, 1, 8, 8), "branchy")
