@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import operator
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,6 +55,11 @@ def graph_tensors(graph: fx.GraphModule) -> dict[str, torch.Tensor]:
     return {node.target: operator.attrgetter(node.target)(graph) for node in graph.graph.nodes if node.op == "get_attr"}
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler Inductor would build CPU kernels with (CXX, else g++, c++ or clang++); None if none."""
+    return next((name for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name and shutil.which(name)), None)
+
+
 def compiled(graph: fx.GraphModule):
     """The int8 graph compiled by Inductor (int8 kernels), for any batch size, taking images in any memory format."""
     run = torch.compile(graph, dynamic=True)
@@ -62,6 +69,9 @@ def compiled(graph: fx.GraphModule):
 def run_quantize(path: str | Path, overrides: list[str], options: dict) -> dict:
     """`distill quantize`: the checkpoint (a run folder: its best.pt) in int8 next to fp32: test accuracy and its
     drop, size, CPU latency and throughput; quantize.json in `out` (default `<run folder>/eval`)."""
+    if cpp_compiler() is None:
+        raise DistillError("distill quantize compiles the int8 model with Inductor, which needs a C++ compiler "
+                           "(g++ or clang++, or CXX set); none was found")
     sub = subject(path, overrides)
     source = Path(path) / BEST if Path(path).is_dir() else Path(path)
     compute, data, loaders = prepare_run(sub.config)
