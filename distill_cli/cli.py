@@ -27,15 +27,15 @@ usage: distill <command> [key=value ...] [-m] [hydra flags]
        distill eval|export|quantize <run dir or checkpoint> [option=value ...] [config key=value ...]
 
 commands:
-  train   train a teacher with cross-entropy            distill train teacher=cnn epochs=20
-  kd      distil a student from a teacher               distill kd student=mlp_small T=4 alpha=0.5
-  bench   images/s of train/kd steps vs a reference loop distill bench dataset=cifar10
-  resume  continue a crashed or interrupted run         distill resume outputs/2025-01-01/12-00-00.000000_kd
-  report  table, plots, report.md/csv/json of a sweep  distill report outputs/multirun/2025-01-01/12-00-00.000000_kd
-  list    list the datasets, models and losses
-  eval    accuracy, ECE, MACs, latency of a run's models distill eval outputs/2025-01-01/12-00-00.000000_kd
-  export  ONNX / torch.export file, checked vs PyTorch  distill export <run dir>/best.pt format=onnx
-  quantize  static int8 for the CPU, against fp32       distill quantize <run dir>/best.pt
+  train     train a teacher with cross-entropy              distill train teacher=cnn epochs=20
+  kd        distil a student from a teacher                 distill kd student=mlp_small T=4 alpha=0.5
+  bench     images/s of train/kd steps vs a reference loop  distill bench dataset=cifar10
+  resume    continue a crashed or interrupted run           distill resume outputs/2025-01-01/12-00-00.000000_kd
+  report    table, plots, report.md/csv/json of a sweep     distill report outputs/multirun/2025-01-01/12-00-00.000000_kd
+  list      list the datasets, models and losses
+  eval      accuracy, ECE, MACs, latency of a run's models  distill eval outputs/2025-01-01/12-00-00.000000_kd
+  export    ONNX / torch.export file, checked vs PyTorch    distill export <run dir>/best.pt format=onnx
+  quantize  static int8 for the CPU, against fp32           distill quantize <run dir>/best.pt
 
 Hydra flags work as usual: -m/--multirun (distill kd -m T=2,4,8 alpha=0.5,0.9),
 --cfg job (print the composed config), --help (groups and options of a command).
