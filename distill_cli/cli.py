@@ -71,7 +71,7 @@ def _task(command: str, cfg) -> float | None:
     from .report import log, share_terminal
 
     hydra_config = HydraConfig.get()
-    run_dir = Path(hydra_config.runtime.output_dir)
+    run_dir = Path(hydra_config.runtime.output_dir).resolve()
     if hydra_config.mode == RunMode.MULTIRUN and not hydra_config.launcher._target_.endswith(".BasicLauncher"):
         share_terminal(hydra_config.job.num)
 

@@ -41,7 +41,7 @@ def failed_jobs(sweep_dir: Path, since: float) -> list[tuple[str, str]]:
         except (OSError, ValueError):
             continue
         if isinstance(summary, dict) and summary.get("status") == "failed":
-            failed.append((str(summary_file.parent), str(summary.get("error", "failed"))))
+            failed.append((str(summary_file.parent.resolve()), str(summary.get("error", "failed"))))
     return failed
 
 
