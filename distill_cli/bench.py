@@ -59,6 +59,11 @@ def _synchronise(compute: Compute) -> None:
         torch.cuda.synchronize(compute.device)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's (`cpu_name`)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def cpu_name() -> str:
     """The CPU's model name (Linux) or architecture, and the vector extensions torch uses on it."""
     name = platform.processor() or platform.machine()
@@ -237,7 +242,6 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
             "distill_repeats": rates["distill"],
             "reference_repeats": rates["reference"],
         }
-    device_name = torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else cpu_name()
     augment = loaders.train.augment
     result = {
         "command": "bench",
@@ -251,7 +255,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "batch_size": cfg.batch_size,
         "augment": asdict(augment) if augment else None,
         "device": str(compute.device),
-        "device_name": device_name,
+        "device_name": device_name(compute.device),
         "threads": torch.get_num_threads(),
         "precision": compute.precision,
         "pipeline": loaders.pipeline,

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from .bench import device_name
 from .checkpoint import BEST, load_checkpoint
 from .config import SYNTHETIC_ONLY, ModelConfig, RunConfig, validate_config
 from .data import DatasetInfo
@@ -240,12 +241,6 @@ class Timing:
     repeats: int = 10
 
 
-def _device_name(device: torch.device) -> str:
-    from .bench import cpu_name
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-
-
 @torch.inference_mode()
 def speed(forward: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device, timing: Timing, precision: str = "fp32") -> dict:
     """Batch-1 latency (median and p90, ms) and throughput (images/s at batch `timing.batch`) of `forward` on
@@ -272,7 +267,7 @@ def speed(forward: Callable[[torch.Tensor], object], images: torch.Tensor, devic
         rates.append(len(batch) / (time.perf_counter() - start))
     return {
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "precision": precision,
         "latency_ms_median": statistics.median(latencies),

@@ -84,6 +84,9 @@ def append_text(path: Path, text: str) -> None:
         raise _no_room_error(error, Path(path)) from error
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    text = json.dumps(obj, indent=2) + "\n"
+def write_text_atomic(text: str, path: Path) -> None:
     atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)

@@ -20,12 +20,18 @@ COMMANDS = ("train", "kd")
 _PLACEMENT = {"hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode", "hydra.output_subdir"}
 
 
+def read_summary(run_dir: Path) -> dict | None:
+    """`run_dir/summary.json`; None while there is none, or when it cannot be read as a JSON object."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def run_status(run_dir: Path) -> str | None:
     """`status` in `run_dir/summary.json` (completed, failed, interrupted); None while it has none."""
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_summary(run_dir) or {}).get("status")
 
 
 def failed_jobs(sweep_dir: Path, since: float) -> list[tuple[str, str]]:
@@ -35,12 +41,11 @@ def failed_jobs(sweep_dir: Path, since: float) -> list[tuple[str, str]]:
     failed = []
     for summary_file in sorted(Path(sweep_dir).glob("*/summary.json"), key=lambda f: (len(f.parent.name), f.parent.name)):
         try:
-            if summary_file.stat().st_mtime < since:
-                continue
-            summary = json.loads(summary_file.read_text())
-        except (OSError, ValueError):
+            written = summary_file.stat().st_mtime
+        except OSError:
             continue
-        if isinstance(summary, dict) and summary.get("status") == "failed":
+        summary = read_summary(summary_file.parent) if written >= since else None
+        if summary is not None and summary.get("status") == "failed":
             failed.append((str(summary_file.parent.resolve()), str(summary.get("error", "failed"))))
     return failed
 

@@ -24,7 +24,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from .errors import DistillError, did_you_mean
-from .files import atomic_write, write_json_atomic
+from .files import write_json_atomic, write_text_atomic
 from .runs import COMMANDS
 
 # the result columns: key in report.csv/json and for --sort -> header. test acc: the student's best.pt (the
@@ -419,10 +419,6 @@ def _csv_text(records: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda file: file.write(text.encode()))
-
-
 def write_report(report: SweepReport, out: Path, plots: bool = True) -> list[Path]:
     """Write report.md, report.csv, report.json and the plots (plots/*.png) into `out`; the paths written."""
     out = Path(out)
@@ -432,7 +428,7 @@ def write_report(report: SweepReport, out: Path, plots: bool = True) -> list[Pat
 
         images = report_plots(report, out / "plots")
     files = [out / "report.md", out / "report.csv", out / "report.json"]
-    _write_text(markdown(report, images, out), files[0])
-    _write_text(_csv_text(report_records(report)), files[1])
+    write_text_atomic(markdown(report, images, out), files[0])
+    write_text_atomic(_csv_text(report_records(report)), files[1])
     write_json_atomic(report_json(report), files[2])
     return [*files, *images]
