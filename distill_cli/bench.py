@@ -36,6 +36,7 @@ from .engine import (
     seed_everything,
     teacher_logits,
 )
+from .errors import DistillError
 from .files import write_json_atomic
 from .kd import build_objective, check_cache_teacher, kd_step
 from .models import build_model, count_parameters
@@ -210,6 +211,10 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     exact), the reference's as a tutorial would (plain fp32 NCHW modules, the teacher run as it is), with
     the same loss computation.
     """
+    if cfg.device.processes > 1:
+        raise DistillError(
+            "device.processes: distill bench times one process; the images/s of a data-parallel run are in its metrics.jsonl"
+        )
     compute, data, loaders = prepare_run(cfg)
     plain = Compute(compute.device, "fp32", channels_last=False, fold_frozen=False)
     seed_everything(cfg.seed)

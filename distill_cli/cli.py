@@ -84,6 +84,8 @@ def _task(command: str, cfg) -> float | None:
 
     try:
         config = validate_config(command, cfg)
+        if command in ("train", "kd") and (config.device.processes > 1 or _torchrun_world_size() > 1):
+            return search_objective(_run_distributed(command, config, run_dir))
         return search_objective(_runner(command)(config, run_dir))
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
@@ -94,11 +96,38 @@ def _task(command: str, cfg) -> float | None:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
             raise
         message = one_line(error)
+        if _torchrun_world_size() > 1:  # the rank whose error stopped the others, not their lost connection
+            from .distributed import world
+
+            message = world().root_cause(message, error)
+            world().report_error(message)
         FAILED_JOBS.append((str(run_dir), message))
         if hydra_config.mode == RunMode.MULTIRUN:
             log.error(f"job {hydra_config.job.num} failed: {message}")
         record({"status": "failed", "error": message})
         return None
+
+
+def _torchrun_world_size() -> int:
+    """The number of processes torchrun started this one among (1: not started by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+
+def _run_distributed(command: str, config, run_dir: Path) -> dict | None:
+    """`command` in several processes: started here with torchrun (`device.processes=N`), or as rank 0
+    of the torchrun that started this process, handing the other ranks their work (distributed.py)."""
+    from . import distributed
+
+    world_size = _torchrun_world_size()
+    if world_size == 1:
+        return distributed.launch(command, to_plain(config), run_dir, config.device.processes)
+    if config.device.processes not in (1, world_size):
+        raise DistillError(
+            f"device.processes={config.device.processes}, but torchrun started {world_size} processes; "
+            "under torchrun leave device.processes at 1"
+        )
+    distributed.lead(command, to_plain(config), run_dir)
+    return _runner(command)(config, run_dir)
 
 
 def _runner(command: str):
@@ -346,7 +375,14 @@ def _run_command(command: str, rest: list[str]) -> int:
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     if previous_sigterm is not signal.SIG_IGN:
         signal.signal(signal.SIGTERM, _raise_interrupted)
+    distributed = None
     try:
+        if _torchrun_world_size() > 1:
+            _check_torchrun_command(command, rest)
+            from . import distributed
+
+            if not distributed.join().is_main:
+                return distributed.follow(command)
         if command == "list":
             _list()
             return 0
@@ -386,7 +422,19 @@ def _run_command(command: str, rest: list[str]) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+        if distributed is not None:
+            distributed.release()
     return 0
+
+
+def _check_torchrun_command(command: str, rest: list[str]) -> None:
+    """Under torchrun: only train and kd, one run (a sweep's jobs each start their own torchrun)."""
+    if command not in ("train", "kd"):
+        raise DistillError(f"torchrun runs `distill train` and `distill kd`, not `distill {command}`")
+    if "-m" in rest or "--multirun" in rest:
+        raise DistillError(
+            "a sweep (-m) under torchrun: run `distill kd -m ... device.processes=N` instead (each job starts its own torchrun)"
+        )
 
 
 def run() -> None:

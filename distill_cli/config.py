@@ -166,10 +166,18 @@ class DeviceConfig:
     channels_last: Optional[bool] = None
     # torch.compile the models' training and teacher forward passes (first steps pay the compile time)
     compile: bool = False
+    # data-parallel training processes on this machine, started with torchrun (one per GPU, or CPU
+    # processes with gloo); batch_size is per process, so a step trains on batch_size x processes images.
+    # Under your own `torchrun ... -m distill_cli` leave it at 1: torchrun's world size counts
+    processes: int = 1
+    # with several processes on GPUs: BatchNorm statistics over the whole step's batch (SyncBatchNorm)
+    # instead of each process's share
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _choice("device.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         _check(self.threads >= 0, "device.threads", f"must be >= 0, got {self.threads}")
+        _check(self.processes >= 1, "device.processes", f"must be >= 1, got {self.processes}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from torch import nn
 from .checkpoint import BEST, save_atomic, save_last
 from .config import DeviceConfig, OptimizerConfig
 from .data.loader import Batch
+from .distributed import SINGLE, World
 from .losses.base import Outputs
 from .models.features import feature_extractor
 from .models.fold import fold_batch_norm
@@ -50,6 +51,8 @@ class Compute:
     channels_last: bool | None = False  # None: for conv nets wide enough to gain (see `uses_channels_last`)
     compile: bool = False
     fold_frozen: bool = True  # frozen models run with BatchNorm folded (see `frozen_forward`)
+    world: World = SINGLE  # the data-parallel processes this one trains with (see distributed.py)
+    sync_batchnorm: bool = False  # with several processes: BatchNorm over the whole step's batch
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -70,12 +73,14 @@ class Compute:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.uses_channels_last(model) else model
 
-    def forward(self, model: nn.Module, compile: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(self, model: nn.Module, compile: bool = True, trained: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         """`model`'s forward pass as steps (and, with compile=False, evaluation) call it: the batch in the
         model's memory format (a no-op when the loader already made it so), torch.compile'd with
-        `device.compile=true`. The module itself stays uncompiled, so its state_dict is unaffected."""
+        `device.compile=true`; a `trained` model goes through DistributedDataParallel when several processes
+        train it. The module itself stays unwrapped, so its state_dict is unaffected."""
         memory_format = torch.channels_last if self.uses_channels_last(model) else torch.contiguous_format
-        run = torch.compile(model) if self.compile and compile else model
+        run = self.world.wrap(model, self.sync_batchnorm) if trained else model
+        run = torch.compile(run) if self.compile and compile else run
 
         def forward(images: torch.Tensor) -> torch.Tensor:
             return run(images.contiguous(memory_format=memory_format))
@@ -83,13 +88,13 @@ class Compute:
         return forward
 
     def outputs(self, model: nn.Module, info, points: tuple[str, ...] = (), role: str = "model") -> Callable[[torch.Tensor], Outputs]:
-        """Like `forward`, but returning `Outputs`: the logits and the feature points `points` (a torch.fx
-        extractor sharing `model`'s parameters, see `models.features.feature_extractor`)."""
+        """The trained `model`'s forward (as `forward`), returning `Outputs`: the logits and the feature points
+        `points` (a torch.fx extractor sharing `model`'s parameters, see `models.features.feature_extractor`)."""
         if not points:
-            forward = self.forward(model)
+            forward = self.forward(model, trained=True)
             return lambda images: Outputs(forward(images))
         # the extractor holds the same convolutions, so it gets the model's memory format
-        forward = self.forward(feature_extractor(model, info, points, role))
+        forward = self.forward(feature_extractor(model, info, points, role), trained=True)
 
         return lambda images: _as_outputs(forward(images))
 
@@ -130,8 +135,9 @@ def _as_outputs(extracted: dict[str, torch.Tensor]) -> Outputs:
     return Outputs(features.pop("logits"), features)
 
 
-def resolve_compute(cfg: DeviceConfig) -> Compute:
-    """Pick the device (`auto`: CUDA when present) and precision (`auto`: bf16 on CUDA, else fp32)."""
+def resolve_compute(cfg: DeviceConfig, world: World = SINGLE) -> Compute:
+    """Pick the device (`auto`: CUDA when present; with several processes, GPU number local rank) and
+    precision (`auto`: bf16 on CUDA, else fp32)."""
     if cfg.type == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -141,6 +147,10 @@ def resolve_compute(cfg: DeviceConfig) -> Compute:
             raise DistillError(f"device.type: {cfg.type!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DistillError("device.type: CUDA requested but torch sees no CUDA device (use device=auto or cpu)")
+    if world.distributed:
+        device = _rank_device(device, world)
+    if cfg.sync_batchnorm and world.distributed and device.type != "cuda":
+        raise DistillError(f"device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only (this run is on {device.type})")
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -153,7 +163,24 @@ def resolve_compute(cfg: DeviceConfig) -> Compute:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
     channels_last = False if cfg.channels_last is None and device.type == "mps" else cfg.channels_last
-    return Compute(device, precision, channels_last=channels_last, compile=cfg.compile)
+    return Compute(
+        device, precision, channels_last=channels_last, compile=cfg.compile, world=world, sync_batchnorm=cfg.sync_batchnorm
+    )
+
+
+def _rank_device(device: torch.device, world: World) -> torch.device:
+    """The device of this rank: GPU number local rank (one GPU per process), or the CPU."""
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda" or device.index is not None:
+        raise DistillError(f"device.type: {device} with several processes; use cuda (each process takes GPU <local rank>) or cpu")
+    if world.local_rank >= torch.cuda.device_count():
+        raise DistillError(
+            f"device.type: rank {world.rank} has local rank {world.local_rank} but this machine has "
+            f"{torch.cuda.device_count()} GPU(s); start at most one process per GPU"
+        )
+    torch.cuda.set_device(world.local_rank)
+    return torch.device("cuda", world.local_rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -333,19 +360,23 @@ class EpochTotals:
         self.steps += 1
         self.images += batch
 
-    def read(self, model: nn.Module) -> dict:
-        """The totals as Python numbers, and whether `model`'s weights are all finite: one host sync."""
+    def read(self, model: nn.Module, world: World = SINGLE) -> dict:
+        """The totals as Python numbers, summed over the ranks of `world`, and whether `model`'s weights are
+        all finite (on every rank): one host sync (and two all-reduces with several processes)."""
         weights_finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        tensors = [self.correct, self.finite_images, self.bad_steps, self.first_bad, weights_finite, *self.sums.values()]
+        images = torch.tensor(float(self.images), device=self.correct.device)
         # float32 holds every total exactly as kept (counts far below 2**24), and works on MPS
-        correct, finite_images, bad_steps, first_bad, weights_finite, *sums = torch.stack(
-            [t.float() for t in tensors]
-        ).tolist()
+        added = world.sum(torch.stack([t.float() for t in (self.correct, self.finite_images, self.bad_steps, images, *self.sums.values())]))
+        # the earliest bad step of any rank (none: infinity), finite weights only if finite on every rank
+        first_bad = torch.where(self.first_bad < 0, math.inf, self.first_bad.float())
+        least = world.min(torch.stack([first_bad, weights_finite.float()]))
+        (correct, finite_images, bad_steps, images, *sums), (first_bad, weights_finite) = added.tolist(), least.tolist()
         return {
             "losses": {name: total / finite_images if finite_images else math.nan for name, total in zip(self.sums, sums)},
-            "train_acc": correct / self.images,
+            "train_acc": correct / images,
+            "images": int(images),
             "bad_steps": int(bad_steps),
-            "first_bad": int(first_bad),
+            "first_bad": -1 if math.isinf(first_bad) else int(first_bad),
             "weights_finite": bool(weights_finite),
         }
 
@@ -443,39 +474,56 @@ def fit(
     best = FitResult(best_epoch=0, best_val_acc=None, selection="val" if val_loader is not None else "last")
     history: list[dict] = []
     done, partial, saved = 0, None, "no checkpoint was written"
+    world = compute.world
     if resume_from is not None:
         training = resume_from["training"]
+        written_by = training.get("world_size", 1)
+        if written_by != world.size:
+            raise DistillError(
+                f"cannot resume {run_dir}: last.pt was written by {written_by} training process(es), this run has "
+                f"{world.size}; resume with the same number (device.processes or torchrun --nproc_per_node)"
+            )
         model.load_state_dict(resume_from["state_dict"])
         method.load_state_dict(training.get("method", {}))  # format 2 (before methods had state): none
         optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         scaler.load_state_dict(training["scaler"])
         train_loader.load_state_dict(training["loader"])
-        set_rng_state(training["rng"])
+        # each rank's own generators and partial sums (one process: they are the training state's)
+        mine = training["ranks"][world.rank] if world.distributed else training
+        set_rng_state(mine["rng"])
         best.best_epoch, best.best_val_acc = training["best_epoch"], training["best_val_acc"]
         history, done = training["history"], resume_from["epoch"]
-        if training["partial"] is not None:
-            partial = EpochTotals.from_state(training["partial"], compute.device)
+        if mine["partial"] is not None:
+            partial = EpochTotals.from_state(mine["partial"], compute.device)
         position = f"epoch {done}" + (f" and {partial.steps} steps of epoch {done + 1}" if partial else "")
         saved = f"last.pt holds {position}"
         log.info(f"{label}: resuming after {position}")
-    _write_metrics(metrics_path, history)  # lines beyond the checkpoint (if any) would be repeated
+    if world.is_main:
+        _write_metrics(metrics_path, history)  # lines beyond the checkpoint (if any) would be repeated
     trackers = trackers or Trackers({})
     trackers.start(history)
 
     def save(epoch: int, val_acc: float | None, unfinished: EpochTotals | None, improved: bool) -> None:
+        """Write last.pt (and best.pt when `improved`) on rank 0, with every rank's RNG states."""
+        every_rank = world.gather({"rng": rng_state(), "partial": None if unfinished is None else unfinished.state_dict()})
+        if not world.is_main:
+            return
         training = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "loader": train_loader.state_dict(),
-            "rng": rng_state(),
+            "rng": every_rank[0]["rng"],
             "best_epoch": best.best_epoch,
             "best_val_acc": best.best_val_acc,
             "history": history,
-            "partial": None if unfinished is None else unfinished.state_dict(),
+            "partial": every_rank[0]["partial"],
             "method": {name: value.detach().cpu() for name, value in method.state_dict().items()},
+            "world_size": world.size,
         }
+        if world.distributed:
+            training["ranks"] = every_rank
         checkpoint = make_checkpoint({"epoch": epoch, "val_acc": val_acc})
         if improved:
             save_atomic(checkpoint, run_dir / BEST)
@@ -487,13 +535,19 @@ def fit(
             progress.start_epoch(epoch, done=totals.steps)
             lr = optimizer.param_groups[0]["lr"]
             method.train()
-            _train_epoch(model, step, epoch, train_loader, optimizer, scaler, compute, progress, totals, stop)
-            read = totals.read(trained)
-            check_finite(read, totals.steps, scaler.is_enabled(), f"{label} epoch {epoch}", saved)
-            if stop.signum is not None and totals.steps < len(train_loader):  # save the epoch to continue later
+            stopping = _train_epoch(model, method, step, epoch, train_loader, optimizer, scaler, compute, progress, totals, stop)
+            read = totals.read(trained, world)
+            check_finite(read, totals.steps * world.size, scaler.is_enabled(), f"{label} epoch {epoch}", saved)
+            if stopping and totals.steps < len(train_loader):  # save the epoch to continue later
                 save(epoch - 1, None, totals, improved=False)
-                raise Interrupted(stop.signum, f"{label} epoch {epoch} step {totals.steps}/{len(train_loader)}, saved to last.pt")
+                raise Interrupted(stop.signum or signal.SIGTERM, f"{label} epoch {epoch} step {totals.steps}/{len(train_loader)}, saved to last.pt")
             scheduler.step()
+            world.sync_buffers(model)  # every rank's model is rank 0's (its BatchNorm statistics too)
+            if not world.is_main:  # rank 0 evaluates, logs and writes; the others only help save
+                save(epoch, None, None, improved=False)
+                if stopping:
+                    raise Interrupted(stop.signum or signal.SIGTERM, f"after {label} epoch {epoch}")
+                continue
             val_acc = evaluate(model, val_loader, compute, num_classes).overall if val_loader is not None else None
             metrics = {
                 "epoch": epoch,
@@ -501,7 +555,7 @@ def fit(
                 "train_acc": read["train_acc"],
                 "val_acc": val_acc,
                 "lr": lr,
-                "images_per_s": totals.images / totals.seconds,
+                "images_per_s": read["images"] / totals.seconds,
                 "seconds": totals.seconds,
             }
             history.append(metrics)
@@ -513,30 +567,37 @@ def fit(
             save(epoch, val_acc, None, improved)
             saved = f"last.pt holds epoch {epoch}"
             trackers.log_epoch(metrics, epoch)
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, f"after {label} epoch {epoch}, saved to last.pt")
+            if stopping:
+                raise Interrupted(stop.signum or signal.SIGTERM, f"after {label} epoch {epoch}, saved to last.pt")
     return best
 
 
 def _train_epoch(
-    model, step: Step, epoch: int, loader, optimizer, scaler, compute: Compute, progress, totals: EpochTotals, stop
-) -> None:
+    model, method, step: Step, epoch: int, loader, optimizer, scaler, compute: Compute, progress, totals: EpochTotals, stop
+) -> bool:
     """Train on `loader`'s (remaining) batches of 1-based `epoch`, adding to `totals`; stops early once
-    `stop.signum` is set."""
+    `stop.signum` is set (with several processes: on any of them, all at the same step). Returns whether
+    it was stopped. The method's trainable parts have their gradients averaged over the processes
+    (DistributedDataParallel does the student's)."""
     model.train()
+    world = compute.world
     start = time.perf_counter()
+    stopping = False
     for batch in loader:
         with compute.autocast():
             parts, logits = step(batch, epoch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(parts["loss"]).backward()
+        world.average_gradients(method)
         scaler.step(optimizer)
         scaler.update()
         totals.add(parts, logits, batch.labels)
         progress.advance()
-        if stop.signum is not None:
+        stopping = world.any(stop.signum is not None)
+        if stopping:
             break
     totals.seconds += time.perf_counter() - start
+    return stopping
 
 
 def cross_entropy_step(forward: Callable[[torch.Tensor], torch.Tensor]) -> Step:

@@ -27,8 +27,17 @@ def share_terminal(job: int) -> None:
     _LINE_PREFIX = f"[job {job}] "
 
 
+_SILENT = False  # a data-parallel rank other than 0: rank 0 shows the progress
+
+
+def silence() -> None:
+    """No live progress bars from this process."""
+    global _SILENT
+    _SILENT = True
+
+
 def _interactive() -> bool:
-    return CONSOLE.is_terminal and not os.environ.get("CI") and not _LINE_PREFIX
+    return CONSOLE.is_terminal and not os.environ.get("CI") and not _LINE_PREFIX and not _SILENT
 
 
 class _ConsoleFormatter(logging.Formatter):

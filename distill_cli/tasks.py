@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from .files import write_json_atomic
 from .config import KDConfig, ModelConfig, RunConfig, TeacherConfig, TrainConfig, to_plain
 from .data import DataSplits, load_dataset, training_augment
 from .data.loader import Loader, build_loader, choose_pipeline
+from .distributed import SINGLE, World, world as current_world
 from .engine import (
     Compute,
     build_optimizer,
@@ -52,11 +54,14 @@ class Loaders:
 
 
 def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
-    """Resolve device, precision and kernels, load the data and build the run's loaders (device or stream pipeline)."""
-    compute = resolve_compute(cfg.device)
+    """Resolve device, precision and kernels, load the data and build the run's loaders (device or stream
+    pipeline; with several processes, each takes its batch_size of every step's batch)."""
+    world = current_world()
+    compute = resolve_compute(cfg.device, world)
     data = load_dataset(cfg.dataset)
-    if cfg.batch_size > len(data.train):
-        raise DistillError(f"batch_size={cfg.batch_size} is larger than the training split ({len(data.train)} images)")
+    if cfg.batch_size * world.size > len(data.train):
+        processes = f" x {world.size} processes" if world.distributed else ""
+        raise DistillError(f"batch_size={cfg.batch_size}{processes} is larger than the training split ({len(data.train)} images)")
     pipeline = choose_pipeline(cfg.dataset, [data.train, data.val, data.test], compute.device)
     # batches come in channels_last unless it is off: most conv nets use it (see Compute.uses_channels_last)
     options = {"workers": cfg.dataset.workers, "dtype": compute.input_dtype, "channels_last": compute.channels_last is not False}
@@ -74,6 +79,7 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
         drop_last=True,
         seed=cfg.seed,
         augment=training_augment(cfg.dataset, data.info),
+        shard=(world.rank, world.size),
         **options,
     )
     val = eval_loader(data.val) if len(data.val) else None
@@ -96,12 +102,13 @@ def _train_network(
 ) -> dict:
     """Fit `model` (and `method`'s trainable parts, with the same optimizer; with `cfg.resume`: from the
     run's last checkpoint), then report test accuracy of its best and last checkpoints; leaves the best
-    weights loaded."""
+    weights loaded. With several processes every one trains; rank 0 alone tests and returns the result
+    (None elsewhere)."""
     trained = model if method is None else nn.ModuleList([model, method])
     optimizer = build_optimizer(trained, cfg.optimizer, compute.device)
     scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
     config = to_plain(cfg)
-    resume_from = load_resume_checkpoint(run_dir, config) if cfg.resume else None
+    resume_from = compute.world.on_main(lambda: load_resume_checkpoint(run_dir, config)) if cfg.resume else None
 
     def make_checkpoint(state: dict) -> dict:
         return model_checkpoint(
@@ -125,6 +132,8 @@ def _train_network(
         method=method,
         trackers=trackers,
     )
+    if not compute.world.is_main:
+        return None
     last = evaluate(model, loaders.test, compute, data.info.num_classes)
     model.load_state_dict(load_checkpoint(run_dir / BEST)["state_dict"])
     best = evaluate(model, loaders.test, compute, data.info.num_classes)
@@ -169,6 +178,7 @@ def _run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits
         "device": str(compute.device),
         "precision": compute.precision,
         "pipeline": loaders.pipeline,
+        "processes": compute.world.size,  # data-parallel; a step's batch is batch_size x processes
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "exclude_classes": list(cfg.dataset.exclude_classes),
@@ -188,9 +198,11 @@ def run_train(cfg: TrainConfig, run_dir: Path, label: str = "teacher") -> dict:
         summary = _run_header("train", cfg, compute, data, loaders, run_dir)
         seed_everything(cfg.seed)
         model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
-        step = cross_entropy_step(compute.forward(model))
+        step = cross_entropy_step(compute.forward(model, trained=True))
         teacher = _train_network(model, cfg.teacher, step, cfg, cfg.epochs, compute, data, loaders, run_dir, label, trackers)
-        cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg), run_dir / BEST)
+        if teacher is None:  # not rank 0
+            return None
+        cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg, compute.world.size), run_dir / BEST)
         summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
         write_json_atomic(summary, run_dir / "summary.json")
         trackers.log_summary(summary)
@@ -223,22 +235,32 @@ def _trained_once(cfg: KDConfig, train_cfg: TrainConfig, folder: Path, label: st
     Returns the checkpoint and where it came from ('cache' or 'trained'). Parallel sweep jobs wait on
     the recipe's lock while one of them trains; a resumed kd that had started training the model in
     `folder` finishes that training (as the run would have), even if another run cached one meanwhile.
+    With several processes, rank 0 holds the lock and decides; all of them train.
     """
-    recipe = teacher_recipe(train_cfg)
+    world = current_world()
+    recipe = teacher_recipe(train_cfg, world.size)
     cache = TeacherCache(cfg.teacher_cache)
-    started_here = cfg.resume and folder.is_dir()
-    unfinished_here = started_here and run_status(folder) != "completed"
-    with cache.lock(recipe):
-        cached = cache.lookup(recipe)
-        if cached is not None and not unfinished_here:
-            log.info(f"{label}: reusing cached {cached}")
-            return cached, "trained" if started_here else "cache"
-        if unfinished_here:
-            log.info(f"{label}: resuming its training in {folder}")
-        else:
-            log.info(f"{label}: none cached for this recipe; training it into {folder}")
+    with cache.lock(recipe) if world.is_main else nullcontext():
+        reused = world.on_main(lambda: _reusable(cfg, cache, recipe, folder, label))
+        if reused is not None:
+            return reused
         run_train(train_cfg, folder, label)
         return cache.checkpoint_path(recipe), "trained"
+
+
+def _reusable(cfg: KDConfig, cache: TeacherCache, recipe: dict, folder: Path, label: str) -> tuple[Path, str] | None:
+    """The cached model of `recipe` and its source, unless `folder` holds its unfinished training to resume."""
+    started_here = cfg.resume and folder.is_dir()
+    unfinished_here = started_here and run_status(folder) != "completed"
+    cached = cache.lookup(recipe)
+    if cached is not None and not unfinished_here:
+        log.info(f"{label}: reusing cached {cached}")
+        return cached, "trained" if started_here else "cache"
+    if unfinished_here:
+        log.info(f"{label}: resuming its training in {folder}")
+    else:
+        log.info(f"{label}: none cached for this recipe; training it into {folder}")
+    return None
 
 
 def _obtain_teacher(cfg: KDConfig, run_dir: Path) -> tuple[Path, str]:
@@ -285,9 +307,10 @@ def _describe(arch: str, kwargs: dict) -> str:
     return f"{arch}({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
 
 
-def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, compute: Compute) -> nn.Module:
-    """Rebuild a frozen model from its checkpoint, checking it matches `key`'s architecture and the classes."""
-    checkpoint = _checked_checkpoint(path, expected, key, data)
+def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, compute: Compute, world: World = SINGLE) -> nn.Module:
+    """Rebuild a frozen model from its checkpoint, checking it matches `key`'s architecture and the classes
+    (with a distributed `world`, rank 0 reads the file and every rank gets the model)."""
+    checkpoint = world.on_main(lambda: _checked_checkpoint(path, expected, key, data))
     model = build_model(expected, data.info, key)
     try:
         model.load_state_dict(checkpoint["state_dict"])
@@ -307,7 +330,7 @@ def _check_before_training(cfg: KDConfig, compute: Compute, data: DataSplits, lo
     if needs_teacher(cfg):
         teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
         if cfg.teacher.checkpoint is not None:
-            _checked_checkpoint(Path(cfg.teacher.checkpoint), cfg.teacher, "teacher", data)
+            compute.world.on_main(lambda: _checked_checkpoint(Path(cfg.teacher.checkpoint), cfg.teacher, "teacher", data) and None)
     objective, _, _ = build_objective(cfg, data, compute, student, teacher)
     return teacher is not None, check_cache_teacher(cfg, objective, loaders.train.augment is not None)
 
@@ -329,7 +352,10 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
         if with_teacher:
             teacher_path, source = _obtain_teacher(cfg, run_dir)
-            teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute)
+            teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute, compute.world)
+            if cfg.baseline:
+                baseline_path, baseline_source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
+        if with_teacher and compute.world.is_main:
             teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)
             summary["teacher"] = {
                 "name": cfg.teacher.label,
@@ -341,14 +367,13 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
                 "source": source,
             }
             if cfg.baseline:
-                baseline_path, source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
                 baseline = _load_model(baseline_path, cfg.student, "student", data, compute)
                 summary["baseline"] = {
                     "name": cfg.student.label,
                     "arch": cfg.student.arch,
                     "test_acc_best": evaluate(baseline, loaders.test, compute, data.info.num_classes).overall,
                     "checkpoint": str(baseline_path.resolve()),
-                    "source": source,
+                    "source": baseline_source,
                 }
         cached_logits = None
         if cache_logits:
@@ -362,6 +387,8 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         student_result = _train_network(
             student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student", trackers, method=objective
         )
+        if student_result is None:  # not rank 0: its part is done
+            return None
         student_result["method_params"] = count_parameters(objective)
         summary["student"] = student_result
         if summary.get("baseline"):

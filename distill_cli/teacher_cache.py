@@ -19,9 +19,11 @@ from .files import write_json_atomic
 from .config import TrainConfig
 
 
-def teacher_recipe(cfg: TrainConfig) -> dict:
+def teacher_recipe(cfg: TrainConfig, processes: int = 1) -> dict:
     """Everything that determines the trained teacher, not where files live or how it is computed
-    (device, data pipeline, optimizer kernel): those change rounding and random draws, not the recipe."""
+    (device, data pipeline, optimizer kernel): those change rounding and random draws, not the recipe.
+    Trained by several data-parallel `processes`, a step's batch is batch_size x processes and BatchNorm
+    sees each process's share (or the whole, with device.sync_batchnorm): that is another recipe."""
     dataset = asdict(cfg.dataset)
     for execution_only in ("download", "cache_dir", "pipeline", "device_max_gb", "workers"):
         dataset.pop(execution_only)
@@ -40,6 +42,7 @@ def teacher_recipe(cfg: TrainConfig) -> dict:
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
+        **({"processes": processes, "sync_batchnorm": cfg.device.sync_batchnorm} if processes > 1 else {}),
     }
 
 

@@ -17,12 +17,21 @@ import torch.nn.functional as F
 
 from . import Augment
 
+# (size of the whole batch, this process's rows of it): the random draws are made for the whole batch
+# and this process keeps its rows, so data-parallel ranks augment exactly as one process would
+Part = tuple[int, slice]
 
-def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+
+def _rows(images: torch.Tensor, part: Part | None) -> Part:
+    return part if part is not None else (len(images), slice(None))
+
+
+def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator, part: Part | None = None) -> torch.Tensor:
     """Zero-pad each image by `pad` pixels and crop it back to its size at a random offset."""
     batch, _, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
-    offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=images.device)
+    total, rows = _rows(images, part)
+    offsets = torch.randint(0, 2 * pad + 1, (2, total), generator=generator, device=images.device)[:, rows]
     rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # (B, W)
     index = torch.arange(batch, device=images.device)[:, None, None]
@@ -31,22 +40,26 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> t
     return windows.permute(0, 3, 1, 2).contiguous()
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_flip(images: torch.Tensor, generator: torch.Generator, part: Part | None = None) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+    total, rows = _rows(images, part)
+    flip = torch.rand(total, generator=generator, device=images.device)[rows] < 0.5
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-def random_color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+def random_color_jitter(
+    images: torch.Tensor, strength: float, generator: torch.Generator, part: Part | None = None
+) -> torch.Tensor:
     """Scale each image's brightness, contrast and saturation by factors drawn from [1 - s, 1 + s].
 
     Brightness multiplies the pixels; contrast blends each image with the mean of its grey image;
     saturation blends each pixel with its grey value (a no-op for one channel). The arithmetic is in
     float32, clamped to [0, 255] after each step and rounded to uint8 once at the end.
     """
-    batch, channels = images.shape[:2]
+    channels = images.shape[1]
+    total, rows = _rows(images, part)
     low, high = max(0.0, 1.0 - strength), 1.0 + strength
-    factors = torch.rand((3, batch, 1, 1, 1), generator=generator, device=images.device) * (high - low) + low
+    factors = torch.rand((3, total, 1, 1, 1), generator=generator, device=images.device)[:, rows] * (high - low) + low
     brightness, contrast, saturation = factors
     pixels = (images.float() * brightness).clamp_(0, 255)
     grey_mean = _grey(pixels).mean(dim=(1, 2, 3), keepdim=True)
@@ -64,14 +77,15 @@ def _grey(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels * weights).sum(dim=1, keepdim=True)
 
 
-def apply(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Apply a dataset's augmentation preset to a uint8 batch."""
+def apply(images: torch.Tensor, augment: Augment, generator: torch.Generator, part: Part | None = None) -> torch.Tensor:
+    """Apply a dataset's augmentation preset to a uint8 batch (`part`: these images are those rows of
+    a larger batch, whose draws are made)."""
     if augment.pad:
-        images = random_crop(images, augment.pad, generator)
+        images = random_crop(images, augment.pad, generator, part)
     if augment.flip:
-        images = random_flip(images, generator)
+        images = random_flip(images, generator, part)
     if augment.color_jitter:
-        images = random_color_jitter(images, augment.color_jitter, generator)
+        images = random_color_jitter(images, augment.color_jitter, generator, part)
     return images
 
 

@@ -51,10 +51,17 @@ class Loader:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         generator_device: torch.device | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.num_images = len(split)
         self.device = device
         self.batch_size = batch_size
+        # (rank, world size) of data-parallel training: each batch of batch_size x world images is drawn
+        # as by one process (same order and augmentation draws: every rank's generator is seeded alike)
+        # and this rank keeps its batch_size of them. Only with drop_last, so every rank has a full share
+        self.rank, self.world = shard
+        if self.world > 1 and not drop_last:
+            raise ValueError("a sharded loader drops the last incomplete batch")
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.dtype = dtype
@@ -70,9 +77,14 @@ class Loader:
         self._drawn = 0  # batches of the current epoch handed out so far
         self._resume_at: dict | None = None  # set by load_state_dict
 
+    @property
+    def global_batch_size(self) -> int:
+        """Images per step over all ranks."""
+        return self.batch_size * self.world
+
     def __len__(self) -> int:
-        n = self.num_images
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, size = self.num_images, self.global_batch_size
+        return n // size if self.drop_last else -(-n // size)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) on the device -> normalised, in the compute dtype and memory format."""
@@ -112,11 +124,18 @@ class Loader:
         return None, 0
 
     def _batch_positions(self, first: int):
-        """(batch number, positions in the split) for the batches of this epoch from `first` on."""
+        """(batch number, positions in the split) for this rank's part of the batches of this epoch from
+        `first` on."""
         for batch in range(first, len(self)):
-            start = batch * self.batch_size
+            start = batch * self.global_batch_size + self.rank * self.batch_size
             stop = min(start + self.batch_size, self.num_images)
             yield batch, (slice(start, stop) if self._order is None else self._order[start:stop])
+
+    def _part(self):
+        """Which rows of the whole step's batch this rank's batch is (for the augmentation draws)."""
+        if self.world == 1:
+            return None
+        return self.global_batch_size, slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
 
 
 class DeviceLoader(Loader):
@@ -134,7 +153,7 @@ class DeviceLoader(Loader):
             self._drawn = batch + 1
             images = self.images[where]
             if self.augment is not None:
-                images = apply(images, self.augment, self.generator)
+                images = apply(images, self.augment, self.generator, self._part())
             yield Batch(self.normalise(images), self.labels[where], self.positions[where])
         self._order, self._drawn = None, 0
 
