@@ -119,6 +119,7 @@ def _run_distributed(command: str, config, run_dir: Path) -> dict | None:
     from . import distributed
 
     world_size = _torchrun_world_size()
+    distributed.check_devices(config.device, max(world_size, config.device.processes))
     if world_size == 1:
         return distributed.launch(command, to_plain(config), run_dir, config.device.processes)
     if config.device.processes not in (1, world_size):

@@ -6,7 +6,7 @@ Two ways in, one engine:
   (command, validated config, run folder) to the other ranks (`lead` / `follow`), which never touch
   Hydra, so there is one run folder and one log.
 - `distill kd device.processes=N`: the Hydra job starts `torchrun --standalone` itself (`launch`) on this
-  machine, with this module as the program (`python -m distill_cli.distributed <run dir>`).
+  machine, each process running `distributed.main`.
 
 In training (engine.fit) each rank takes its slice of every global batch (loaders: `Loader(shard=...)`),
 the student is wrapped in DistributedDataParallel (`World.wrap`), a KD method's trainable parts have
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,26 +140,22 @@ class World:
             grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()
 
-    def sync_buffers(self, module: nn.Module) -> None:
-        """Make every rank's buffers (BatchNorm running statistics) rank 0's."""
-        if self.distributed:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, src=0)
-
     def report_error(self, message: str) -> None:
-        """Leave this rank's one-line error where the other ranks find it (`root_cause`); the first wins."""
+        """Leave the one-line error `root_cause` gave where the other ranks find it; the first one wins."""
         if self.distributed:
             try:
                 store = dist.distributed_c10d._get_default_store()
-                store.compare_set(_ERROR_KEY, "", f"rank {self.rank}: {message}")
+                store.compare_set(_ERROR_KEY, "", message)
             except Exception:  # the store is gone too: the launcher reports the exit codes
                 pass
 
     def root_cause(self, message: str, error: BaseException) -> str:
-        """The error to report for `error` on this rank: its own message, unless it is only the
-        communication failure another rank's death or error caused; then that rank's message."""
-        if not self.distributed or not _communication_failure(error):
+        """The error to report for `error` on this rank: its own message (naming the rank), unless it is
+        only the communication failure another rank's death or error caused; then that rank's message."""
+        if not self.distributed:
             return message
+        if not _communication_failure(error):
+            return f"rank {self.rank}: {message}"
         for _ in range(20):  # the failing rank writes its message as it exits
             try:
                 store = dist.distributed_c10d._get_default_store()
@@ -252,8 +249,8 @@ def run_rank(command: str, plain_config: dict, run_dir: Path) -> int:
         return 0
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
-        if _world.is_main:  # "distill kd: interrupted: <where>" (read by `launch`)
-            print(f"distill {command}: interrupted: {stopped.where}", file=sys.stderr)
+        if _world.is_main:  # read by `launch`
+            print(f"distill {command}: interrupted (signal {stopped.signum}): {stopped.where}", file=sys.stderr)
         return 128 + stopped.signum
     except Exception as error:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
@@ -277,6 +274,18 @@ def follow(command: str) -> int:
         leave()
 
 
+def check_devices(cfg, processes: int) -> None:
+    """Refuse, before any process starts, what `processes` data-parallel processes cannot do with the
+    device config `cfg`: more processes than GPUs, one named GPU for all, SyncBatchNorm on the CPU."""
+    on_gpu = cfg.type.startswith("cuda") or (cfg.type == "auto" and torch.cuda.is_available())
+    if cfg.type not in ("auto", "cpu", "cuda"):
+        raise DistillError(f"device.type={cfg.type} with {processes} processes; use cuda (process k takes GPU k) or cpu")
+    if on_gpu and processes > torch.cuda.device_count():
+        raise DistillError(f"device.processes={processes}, but this machine has {torch.cuda.device_count()} GPU(s): one process per GPU")
+    if cfg.sync_batchnorm and not on_gpu:
+        raise DistillError("device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only (torch refuses it on the CPU)")
+
+
 def launch(command: str, plain_config: dict, run_dir: Path, processes: int) -> dict:
     """`device.processes=N`: run `command` in N processes on this machine with torchrun, in `run_dir`,
     and return rank 0's summary. A rank's error is raised here as one line naming the rank."""
@@ -287,7 +296,7 @@ def launch(command: str, plain_config: dict, run_dir: Path, processes: int) -> d
     torchrun_log = run_dir / "torchrun.log"
     arguments = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "--monitor-interval=0.5", "-m", "distill_cli.distributed", str(run_dir),
+        "--monitor-interval=0.5", "--no-python", sys.executable, "-c", _RANK_PROGRAM, str(run_dir),
     ]
     log.info(f"distill {command}: {processes} processes (torchrun --standalone --nproc_per_node={processes})")
     start = torchrun_log.stat().st_size if torchrun_log.exists() else 0
@@ -295,12 +304,14 @@ def launch(command: str, plain_config: dict, run_dir: Path, processes: int) -> d
     # one-line errors) to torchrun.log, from which the first error is raised here as one line
     with open(torchrun_log, "ab") as agent_log:
         process = subprocess.Popen(arguments, stderr=agent_log)
+        signum = None
         try:
             status = process.wait()
         except KeyboardInterrupt as interrupt:
             # Ctrl-C reached torchrun too (same terminal); a SIGTERM meant for this process is passed on.
             # torchrun hands it to every rank, which stop at the next step and save last.pt
-            if getattr(interrupt, "signum", None) == signal.SIGTERM:
+            signum = getattr(interrupt, "signum", signal.SIGINT)
+            if signum == signal.SIGTERM:
                 process.send_signal(signal.SIGTERM)
             status = process.wait()
     summary = read_summary(run_dir)
@@ -309,17 +320,23 @@ def launch(command: str, plain_config: dict, run_dir: Path, processes: int) -> d
     with open(torchrun_log, "rb") as agent_log:
         agent_log.seek(start)
         lines = agent_log.read().decode(errors="replace").splitlines()
-    stopped = [line.split(": ", 2)[2] for line in lines if line.startswith(f"distill {command}: interrupted")]
-    if stopped or status in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
-        raise Interrupted(abs(status) % 128 or signal.SIGINT, stopped[0] if stopped else "")
+    stopped = [re.match(rf"distill {command}: interrupted \(signal (\d+)\): (.*)", line) for line in lines]
+    stopped = [match for match in stopped if match]
+    if stopped or signum is not None:
+        raise Interrupted(signum or int(stopped[0][1]), stopped[0][2] if stopped else "")
     errors = [line.split(": error: ", 1)[1] for line in lines if line.startswith(f"distill {command}: error: ")]
     if errors:
         raise DistillError(errors[0])
     raise DistillError(f"the {processes} training processes ended with exit status {status} (see {torchrun_log})")
 
 
+# what each process `launch` starts runs (a program rather than `-m` of this module, which would load
+# this module twice: as __main__ and as distill_cli.distributed)
+_RANK_PROGRAM = "import sys; from distill_cli.distributed import main; sys.exit(main(sys.argv[1:]))"
+
+
 def main(argv: list[str]) -> int:
-    """`python -m distill_cli.distributed <run dir>`: one rank of a `launch`ed run."""
+    """One rank of a `launch`ed run: `argv` = [run dir]."""
     run_dir = Path(argv[0])
     world = join()
     try:
@@ -343,9 +360,3 @@ def _log_to_run(run_dir: Path, command: str) -> None:
     root.setLevel(logging.INFO)
     root.addHandler(console_handler())
     root.addHandler(file_handler)
-
-
-if __name__ == "__main__":  # run as the package's module, not as a second copy named __main__
-    from distill_cli import distributed
-
-    sys.exit(distributed.main(sys.argv[1:]))

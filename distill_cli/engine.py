@@ -149,8 +149,6 @@ def resolve_compute(cfg: DeviceConfig, world: World = SINGLE) -> Compute:
             raise DistillError("device.type: CUDA requested but torch sees no CUDA device (use device=auto or cpu)")
     if world.distributed:
         device = _rank_device(device, world)
-    if cfg.sync_batchnorm and world.distributed and device.type != "cuda":
-        raise DistillError(f"device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only (this run is on {device.type})")
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -542,7 +540,6 @@ def fit(
                 save(epoch - 1, None, totals, improved=False)
                 raise Interrupted(stop.signum or signal.SIGTERM, f"{label} epoch {epoch} step {totals.steps}/{len(train_loader)}, saved to last.pt")
             scheduler.step()
-            world.sync_buffers(model)  # every rank's model is rank 0's (its BatchNorm statistics too)
             if not world.is_main:  # rank 0 evaluates, logs and writes; the others only help save
                 save(epoch, None, None, improved=False)
                 if stopping:

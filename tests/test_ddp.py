@@ -1,0 +1,302 @@
+"""Data-parallel training (distributed.py): real processes with gloo on the CPU, started by torchrun.
+
+`distill kd device.processes=2 batch_size=32` must train exactly what one process does with
+batch_size=64 (same data order, same augmentation draws, gradients averaged), and survive Ctrl-C,
+kill -9 and a failing rank the way one process does. Faults are injected into the ranks (and only
+there) by a `sitecustomize` module on their PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_cli import tasks
+from distill_cli.checkpoint import LAST, load_checkpoint
+from distill_cli.config import validate_config
+from distill_cli.data import Augment, DatasetInfo
+from distill_cli.data.loader import DeviceLoader, StreamLoader
+from distill_cli.errors import DistillError
+from distill_cli.teacher_cache import teacher_recipe
+
+from conftest import (
+    DISTILL,
+    compose_config,
+    metrics_without_timing,
+    read_jsonl,
+    run_distill,
+    small_train_config,
+)
+
+# ---------------------------------------------------------------- sharded loaders (in-process)
+
+
+class _Split:
+    """An in-memory split of random uint8 images."""
+
+    def __init__(self, n: int):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator)
+        self.labels = torch.arange(n) % 3
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, position: int) -> torch.Tensor:
+        return self.images[position]
+
+
+INFO = DatasetInfo(name="t", num_classes=3, channels=3, image_size=(8, 8), mean=(0.5,) * 3, std=(0.25,) * 3, class_names=("a", "b", "c"))
+
+
+@pytest.mark.parametrize("loader_class", [DeviceLoader, StreamLoader])
+def test_ranks_take_disjoint_halves_of_every_batch_augmented_as_one_process_would(loader_class):
+    """Over two epochs, rank 0's and rank 1's batches of 4 are the two halves of one process's batch of 8:
+    the same images, augmented the same way, so each rank sees a disjoint half of every epoch."""
+    split = _Split(37)
+    options = dict(shuffle=True, drop_last=True, seed=3, augment=Augment(pad=2, flip=True, color_jitter=0.4))
+    if loader_class is StreamLoader:
+        options["workers"] = 0
+    one = loader_class(split, INFO, 8, torch.device("cpu"), **options)
+    ranks = [loader_class(split, INFO, 4, torch.device("cpu"), shard=(rank, 2), **options) for rank in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 4
+    for _ in range(2):
+        seen = []
+        for whole, *halves in zip(one, *ranks):
+            assert torch.equal(torch.cat([half.index for half in halves]), whole.index)
+            assert torch.equal(torch.cat([half.images for half in halves]), whole.images)
+            seen += [set(half.index.tolist()) for half in halves]
+        assert len(set().union(*seen)) == sum(map(len, seen)) == 32  # disjoint
+
+
+def test_a_teacher_trained_by_several_processes_is_another_recipe(tmp_path):
+    """Its step's batch is batch_size x processes, so the cache keeps it apart from one process's."""
+    cfg = small_train_config(tmp_path)
+    assert teacher_recipe(cfg, 1) == teacher_recipe(cfg)
+    assert teacher_recipe(cfg, 2) != teacher_recipe(cfg) and teacher_recipe(cfg, 2)["processes"] == 2
+
+
+def _world_primitives(rank: int, init_file: str, results) -> None:
+    """Rank `rank` of 2 (gloo): what the World primitives give each rank."""
+    import torch.distributed as dist
+
+    from distill_cli.distributed import World
+    from distill_cli.engine import EpochTotals
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    world = World(rank=rank, size=2)
+    try:
+        layer = torch.nn.Linear(2, 1)
+        layer.weight.grad = torch.full((1, 2), float(rank + 1))  # 1 on rank 0, 2 on rank 1
+        layer.bias.grad = torch.tensor([4.0 * rank])
+        world.average_gradients(layer)
+        totals = EpochTotals(torch.device("cpu"))
+        loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+        for _ in range(3):
+            totals.add({"loss": loss}, torch.eye(4)[: 2 + rank], torch.arange(2 + rank))
+        try:
+            world.on_main(lambda: (_ for _ in ()).throw(DistillError("only rank 0 sees this file")))
+            refused = None
+        except DistillError as error:
+            refused = str(error)
+        results.put((rank, layer.weight.grad.tolist(), layer.bias.grad.tolist(), totals.read(layer, world), refused, world.any(rank == 1)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path):
+    """Two real gloo processes: a method's gradients are averaged; epoch totals are summed (images, correct,
+    bad steps) with the earliest bad step of any rank; a DistillError on rank 0 is raised on every rank."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_world_primitives, args=(rank, str(tmp_path / "init"), results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    got = dict((result[0], result[1:]) for result in (results.get(timeout=120) for _ in processes))
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    for weight, bias, read, refused, any_rank_1 in got.values():
+        assert weight == [[1.5, 1.5]] and bias == [2.0]
+        assert read["images"] == 3 * 2 + 3 * 3 and read["train_acc"] == 1.0
+        assert read["bad_steps"] == 3 and read["first_bad"] == 0  # rank 1's, the only rank with bad steps
+        assert read["losses"]["loss"] == 1.0  # the finite steps' mean
+        assert refused == "only rank 0 sees this file" and any_rank_1
+
+
+# ---------------------------------------------------------------- real processes (torchrun, gloo)
+
+INJECT = '''
+import os, time
+if "RANK" in os.environ:
+    import distill_cli.engine as engine
+    train_epoch = engine._train_epoch
+
+    def injected(model, method, step, epoch, *args, **kwargs):
+        failing = os.environ.get("FAIL_EPOCH") == str(epoch) and os.environ.get("FAIL_LABEL", "student") == args[4].label
+        if failing and os.environ["RANK"] == "1":
+            raise RuntimeError("injected failure")
+
+        def slowed(batch, e):
+            if e >= int(os.environ.get("SLOW_FROM_EPOCH", "99")):
+                time.sleep(0.1)
+            return step(batch, e)
+
+        return train_epoch(model, method, slowed, epoch, *args, **kwargs)
+
+    engine._train_epoch = injected
+'''
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """A teacher checkpoint, the kd overrides that use it (augmented, no dropout: the ranks' own random
+    draws would differ from one process's), and their run in 2 processes of batch 32 ("two")."""
+    root = tmp_path_factory.mktemp("ddp")
+    teacher_dir = root / "teacher"
+    tasks.run_train(small_train_config(root), teacher_dir)
+    overrides = [
+        f"teacher.checkpoint={teacher_dir / 'best.pt'}", "teacher=cnn", "teacher.kwargs.width=8", "teacher.kwargs.blocks=2",
+        "student=mlp", "student.kwargs.hidden=[8]", "student.kwargs.dropout=0", "dataset.augment=true",
+        "baseline=false", "epochs=3", "device=cpu",
+    ]
+    (root / "inject").mkdir()
+    (root / "inject" / "sitecustomize.py").write_text(INJECT)
+    run_distill("kd", *overrides, "device.processes=2", "batch_size=32", "hydra.run.dir=two", cwd=root)
+    return root, overrides
+
+
+def _start(root: Path, args: list[str], **env) -> subprocess.Popen:
+    """`distill` in its own process group (as a terminal runs it), with the fault injection on the ranks' path."""
+    path = os.pathsep.join(filter(None, [str(root / "inject"), os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [str(DISTILL), *args], cwd=root, env={**os.environ, "CI": "1", "PYTHONPATH": path, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _wait_for_epochs(process: subprocess.Popen, run: Path, epochs: int) -> None:
+    while not (run / "metrics.jsonl").is_file() or len(read_jsonl(run / "metrics.jsonl")) < epochs:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process below it (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def _one_line(process: subprocess.Popen) -> tuple[int, str]:
+    stdout, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return process.returncode, lines[0]
+
+
+@pytest.mark.slow
+def test_two_processes_of_half_the_batch_train_what_one_process_does(ddp, tmp_path, quiet_results):
+    """Same batches, augmented alike, gradients averaged, metrics summed over the ranks: the runs agree to
+    float rounding (the teacher's logits are computed per rank, the loss reduced in another order)."""
+    root, overrides = ddp
+    two, one = root / "two", tmp_path / "one"
+    tasks.run_kd(validate_config("kd", compose_config("kd", [*overrides, "batch_size=64"])), one)
+    rows_two, rows_one = metrics_without_timing(two), metrics_without_timing(one)
+    assert len(rows_two) == len(rows_one) == 3
+    for row_two, row_one in zip(rows_two, rows_one):
+        assert row_two.keys() == row_one.keys()
+        for key in row_one:
+            assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-7), key
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["processes"] == 2
+    assert summary["student"]["test_acc_best"] == pytest.approx(json.loads((one / "summary.json").read_text())["student"]["test_acc_best"])
+    assert not (root / "outputs").exists()  # one run folder: the ranks made none of their own
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_kill_9_then_resume_matches_the_uninterrupted_run(ddp):
+    """Ctrl-C stops every rank at one step of epoch 2 and saves it (each rank's partial sums and random
+    state); resumed, then every process killed -9 in epoch 3; resumed again: the same metrics, exactly."""
+    root, overrides = ddp
+    process = _start(root, ["kd", *overrides, "device.processes=2", "batch_size=32", "hydra.run.dir=chain"], SLOW_FROM_EPOCH="2")
+    _wait_for_epochs(process, root / "chain", 1)
+    time.sleep(0.3)  # a few steps into epoch 2
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's process group
+    status, line = _one_line(process)
+    assert status == 130 and "interrupted by SIGINT (student epoch 2 step" in line and "distill resume" in line
+    saved = load_checkpoint(root / "chain" / LAST)["training"]
+    assert saved["partial"] is not None and len(saved["ranks"]) == 2 and saved["world_size"] == 2
+
+    process = _start(root, ["resume", "chain"], SLOW_FROM_EPOCH="3")
+    _wait_for_epochs(process, root / "chain", 2)
+    for pid in _tree(process.pid):
+        os.kill(pid, signal.SIGKILL)
+    process.communicate()
+    assert json.loads((root / "chain" / "summary.json").read_text())["status"] == "interrupted"  # from the Ctrl-C
+
+    run_distill("resume", "chain", cwd=root)
+    assert metrics_without_timing(root / "chain") == metrics_without_timing(root / "two")
+
+
+@pytest.mark.slow
+def test_a_rank_raising_stops_the_job_in_one_line_naming_it(ddp):
+    root, overrides = ddp
+    start = time.monotonic()
+    process = _start(root, ["kd", *overrides, "device.processes=2", "batch_size=32", "hydra.run.dir=failed"], FAIL_EPOCH="2")
+    status, line = _one_line(process)
+    assert time.monotonic() - start < 60
+    assert status == 1 and line == "distill kd: error: rank 1: RuntimeError: injected failure (set HYDRA_FULL_ERROR=1 for the traceback)"
+    summary = json.loads((root / "failed" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("rank 1: RuntimeError")
+    assert load_checkpoint(root / "failed" / LAST)["epoch"] == 1  # the last checkpoint is intact
+
+
+@pytest.mark.slow
+def test_torchrun_of_distill_itself_trains_teacher_and_baseline_with_every_rank(ddp, tmp_path, quiet_results, monkeypatch):
+    """`torchrun -m distill_cli kd`: rank 0 makes the one run folder (outputs/<date>/<time>_kd) and hands the
+    others the config; all ranks train the teacher and the baseline (cached as 2-process recipes), then the
+    student, until rank 1 fails in epoch 3: rank 0's summary names rank 1's error, not the lost connection.
+    Its last.pt cannot be resumed by one process."""
+    root, overrides = ddp
+    overrides = [o for o in overrides if not o.startswith(("teacher.checkpoint", "baseline"))] + ["teacher_epochs=2"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    path = os.pathsep.join(filter(None, [str(root / "inject"), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "distill_cli", "kd", *overrides, "batch_size=32"],
+        cwd=tmp_path, env={**os.environ, "CI": "1", "PYTHONPATH": path, "FAIL_EPOCH": "3"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    [day] = (tmp_path / "outputs").glob("2*")
+    [run] = day.iterdir()  # one run folder for both ranks
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "rank 1: RuntimeError: injected failure (set HYDRA_FULL_ERROR=1 for the traceback)"
+    for part in ("teacher", "baseline"):
+        trained = json.loads((run / part / "summary.json").read_text())
+        assert trained["status"] == "completed" and trained["processes"] == 2
+        assert json.loads((tmp_path / trained["teacher_cache"]).with_name("recipe.json").read_text())["processes"] == 2
+    assert len(read_jsonl(run / "metrics.jsonl")) == 2
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate_config("kd", compose_config("kd", [*overrides, "batch_size=32"]))
+    with pytest.raises(DistillError, match="written by 2 training process.*this run has 1"):
+        tasks.run_kd(replace(cfg, resume=True), run)
