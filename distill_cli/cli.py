@@ -84,7 +84,7 @@ def _task(command: str, cfg) -> float | None:
 
     try:
         config = validate_config(command, cfg)
-        if command in ("train", "kd") and (config.device.processes > 1 or _torchrun_world_size() > 1):
+        if command in ("train", "kd") and (config.device.processes > 1 or _torchrun_world_size()):
             return search_objective(_run_distributed(command, config, run_dir))
         return search_objective(_runner(command)(config, run_dir))
     except KeyboardInterrupt as interrupt:
@@ -96,7 +96,7 @@ def _task(command: str, cfg) -> float | None:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
             raise
         message = one_line(error)
-        if _torchrun_world_size() > 1:  # the rank whose error stopped the others, not their lost connection
+        if _torchrun_world_size():  # the rank whose error stopped the others, not their lost connection
             from .distributed import world
 
             message = world().root_cause(message, error)
@@ -109,8 +109,8 @@ def _task(command: str, cfg) -> float | None:
 
 
 def _torchrun_world_size() -> int:
-    """The number of processes torchrun started this one among (1: not started by torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    """The number of processes torchrun started this one among (0: torchrun did not start it)."""
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 0
 
 
 def _run_distributed(command: str, config, run_dir: Path) -> dict | None:
@@ -120,7 +120,12 @@ def _run_distributed(command: str, config, run_dir: Path) -> dict | None:
 
     world_size = _torchrun_world_size()
     distributed.check_devices(config.device, max(world_size, config.device.processes))
-    if world_size == 1:
+    if command == "kd":
+        from .losses.base import build_method
+
+        if not build_method(dict(config.loss)).data_parallel:
+            raise DistillError(f"loss={config.loss['name']} cannot be trained by several processes yet (its memory banks); use one")
+    if not world_size:
         return distributed.launch(command, to_plain(config), run_dir, config.device.processes)
     if config.device.processes not in (1, world_size):
         raise DistillError(
@@ -378,7 +383,7 @@ def _run_command(command: str, rest: list[str]) -> int:
         signal.signal(signal.SIGTERM, _raise_interrupted)
     distributed = None
     try:
-        if _torchrun_world_size() > 1:
+        if _torchrun_world_size():
             _check_torchrun_command(command, rest)
             from . import distributed
 
@@ -396,6 +401,8 @@ def _run_command(command: str, rest: list[str]) -> int:
         from .sweeps import SweepRefused, SweepWatch
 
         register_configs()
+        FAILED_JOBS.clear()  # main() may run more than once in a process (tests, notebooks)
+        SweepWatch.sweeps.clear()
         # Hydra then lets errors through to us instead of printing a trace and exiting itself
         os.environ["HYDRA_FULL_ERROR"] = "1"
         sys.argv = [f"distill {command}", *rest]

@@ -49,10 +49,12 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    joined: bool = False  # in a torch.distributed process group (torchrun started it; also with one process)
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Whether training goes through torch.distributed (DDP, collectives), even as its only process."""
+        return self.joined
 
     @property
     def is_main(self) -> bool:
@@ -183,19 +185,19 @@ def _communication_failure(error: BaseException) -> bool:
 
 
 def launched_by_torchrun() -> bool:
-    """Whether torchrun started this process as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    """Whether torchrun started this process (as one rank of one or more)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def join() -> World:
     """Join the process group torchrun set up (gloo for CPU tensors, NCCL for CUDA ones when there is a
-    GPU) and return this process's `World`; SINGLE when not started as one of several ranks."""
+    GPU) and return this process's `World`; SINGLE when torchrun did not start this process."""
     global _world
     if not launched_by_torchrun():
         return SINGLE
     if not dist.is_initialized():
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    _world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    _world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), joined=True)
     return _world
 
 

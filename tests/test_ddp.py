@@ -133,6 +133,26 @@ def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path
         assert refused == "only rank 0 sees this file" and any_rank_1
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["device.processes=0"], "device.processes: must be >= 1, got 0"),
+        (["device.processes=2", "device.sync_batchnorm=true", "device=cpu"], "device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only"),
+        (["device.processes=2", "device.type=cuda:1"], "device.type=cuda:1 with 2 processes"),
+        (["device.processes=2", "loss=crd"], "loss=crd cannot be trained by several processes yet"),
+    ],
+)
+def test_what_several_processes_cannot_do_is_refused_before_any_starts(tmp_path, monkeypatch, capsys, overrides, message):
+    from distill_cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    for variable in ("HYDRA_FULL_ERROR", "DISTILL_TRACEBACK"):  # main() sets them for Hydra: undone after the test
+        monkeypatch.setenv(variable, "0")
+    assert cli.main(["kd", *overrides]) == 1
+    assert capsys.readouterr().err.startswith(f"distill kd: error: {message}")
+    assert not list(tmp_path.glob("outputs/*/*/torchrun.log"))  # no process was started
+
+
 # ---------------------------------------------------------------- real processes (torchrun, gloo)
 
 INJECT = '''

@@ -59,6 +59,9 @@ class Method(nn.Module):
     """
 
     needs_teacher: bool = True
+    # False for a method whose state is built from every sample across steps (memory banks): it cannot
+    # be trained by several data-parallel processes, each seeing its share of the batches
+    data_parallel: bool = True
 
     def __init__(self) -> None:
         super().__init__()

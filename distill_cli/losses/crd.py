@@ -45,6 +45,10 @@ from .base import Method, MethodContext, non_negative, positive, require
 class ContrastiveRepresentation(Method):
     """weight * NCE of each net's embedding against the other's memory bank: same sample vs K other-class negatives."""
 
+    # each step updates the memory banks' rows of the batch's samples: with several processes every rank
+    # would keep a bank of its own shares only
+    data_parallel = False
+
     def __init__(
         self,
         weight: float = 0.8,
