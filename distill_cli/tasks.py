@@ -234,8 +234,10 @@ def run_train(cfg: TrainConfig, run_dir: Path, label: str = "teacher") -> dict:
         return summary
 
 
-def teacher_training_config(cfg: KDConfig) -> TrainConfig:
-    """The `distill train` config that kd uses when it has to train its teacher."""
+def teacher_training_config(cfg: KDConfig, teacher: ModelConfig | None = None) -> TrainConfig:
+    """The `distill train` config that kd uses when it has to train its teacher (or `teacher`, a member
+    of teacher=ensemble)."""
+    teacher = teacher or cfg.teacher
     return TrainConfig(
         optimizer=cfg.optimizer,
         device=cfg.device,
@@ -244,7 +246,7 @@ def teacher_training_config(cfg: KDConfig) -> TrainConfig:
         eval_batch_size=cfg.eval_batch_size,
         seed=cfg.seed,
         teacher_cache=cfg.teacher_cache,
-        teacher=TeacherConfig(arch=cfg.teacher.arch, kwargs=dict(cfg.teacher.kwargs), name=cfg.teacher.name),
+        teacher=TeacherConfig(arch=teacher.arch, kwargs=dict(teacher.kwargs), name=teacher.name),
         # the teacher learns from the full training set; exclusions apply to the transfer set only
         dataset=replace(cfg.dataset, exclude_classes=[]),
         resume=cfg.resume,

@@ -98,7 +98,7 @@ def obtain_ensemble(run: tasks.KDRun) -> tuple[EnsembleTeacher, dict]:
     weights = cfg.teacher.weights or [1.0] * (len(cfg.teacher.members) + len(cfg.teacher.checkpoints))
     for index, ((key, member, path), weight) in enumerate(zip(member_configs(cfg.teacher), weights), 1):
         if path is None:
-            train_cfg = replace_teacher(tasks.teacher_training_config(cfg), member)
+            train_cfg = tasks.teacher_training_config(cfg, member)
             path, source = tasks._trained_once(cfg, train_cfg, run.run_dir / f"teacher{index}", f"teacher {index}")
         else:
             source = "checkpoint"
@@ -111,9 +111,3 @@ def obtain_ensemble(run: tasks.KDRun) -> tuple[EnsembleTeacher, dict]:
     entry.update(params=count_parameters(ensemble), members=entries)
     return ensemble, entry
 
-
-def replace_teacher(train_cfg, member: ModelConfig):
-    """`train_cfg` training `member` instead of its teacher."""
-    from dataclasses import replace
-
-    return replace(train_cfg, teacher=TeacherConfig(arch=member.arch, kwargs=dict(member.kwargs), name=member.name))
