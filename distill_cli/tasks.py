@@ -296,12 +296,7 @@ def baseline_training_config(cfg: KDConfig) -> TrainConfig:
 
     That is exactly `distill train teacher=<student>` (and `distill kd alpha=0`), so it shares their cache.
     """
-    return replace(
-        teacher_training_config(cfg),
-        epochs=cfg.epochs,
-        dataset=cfg.dataset,
-        teacher=TeacherConfig(arch=cfg.student.arch, kwargs=dict(cfg.student.kwargs), name=cfg.student.name),
-    )
+    return replace(teacher_training_config(cfg, cfg.student), epochs=cfg.epochs, dataset=cfg.dataset)
 
 
 def _checked_checkpoint(path: Path, expected: ModelConfig, key: str, data: DataSplits) -> dict:

@@ -64,7 +64,7 @@ def test_ensemble_target_is_the_weighted_average_of_the_members_softened_probabi
     test accuracy and the ensemble's; dkd works on the cached members."""
     members = ["mlp_small", {"name": "cnn", "kwargs": {"width": 4}}]
     teacher = TeacherConfig(arch="ensemble", name="ensemble", members=members, weights=[1.0, 3.0])
-    cfg = small_kd_config(tmp_path, teacher=teacher, T=3.0, baseline=False)
+    cfg = small_kd_config(tmp_path, teacher=teacher, T=3.0)
     tables = []
     kd_step = tasks.kd_step
     monkeypatch.setattr(tasks, "kd_step", lambda *args: tables.append(args[3]) or kd_step(*args))
@@ -88,7 +88,7 @@ def test_ensemble_target_is_the_weighted_average_of_the_members_softened_probabi
     assert ensemble["test_acc"] == pytest.approx((together.argmax(1) == labels).float().mean().item())
     assert ensemble["test_acc"] != pytest.approx(ensemble["members"][0]["test_acc"])  # not just a member's
     roles = [row[0] for row in table_rows(results_table(summary))]
-    assert roles == ["teacher", "member 1 (weight 0.25)", "member 2 (weight 0.75)", "student"]
+    assert roles == ["teacher", "member 1 (weight 0.25)", "member 2 (weight 0.75)", "student", "student alone"]
     assert models_of(summary) == "ensemble of mlp_small + cnn -> mlp"
 
     dkd = tasks.run_kd(replace(cfg, loss={"name": "dkd", "warmup": 1}, alpha=0.0), tmp_path / "dkd")
@@ -277,6 +277,7 @@ def _foreign_checkpoint(path, num_classes: int = 10, channels: int = 1, size: in
         ("features", "loss=at: teacher=ensemble hands the student averaged probabilities only"),
         ("mutual features", r"loss=at: peers= \(mutual learning\) hands each network the others' predictions only"),
         ("mutual alone", "peers: with loss=kd alpha=0 the peers would not learn from each other"),
+        ("mutual bad peer", r"peers\[1\].kwargs.nosuch: not an argument of model 'mlp'"),
         ("born-again alone", "generations: born-again students learn from the generation before"),
     ],
 )
@@ -294,6 +295,7 @@ def test_modes_refuse_bad_input_before_anything_trains(tmp_path, monkeypatch, ca
         "features": small_kd_config(tmp_path, teacher=TeacherConfig("ensemble", members=["cnn"]), loss={"name": "at"}),
         "mutual features": small_kd_config(tmp_path, peers=peers, loss={"name": "at"}),
         "mutual alone": small_kd_config(tmp_path, peers=peers, alpha=0.0),
+        "mutual bad peer": small_kd_config(tmp_path, peers=["mlp_small", {"name": "mlp", "kwargs": {"nosuch": 1}}]),
         "born-again alone": small_kd_config(tmp_path, generations=2, alpha=0.0),
     }.get(case) or small_kd_config(tmp_path, teacher=TeacherConfig("ensemble", checkpoints=ensemble[case]))
     with pytest.raises(DistillError, match=f"^{line}") as error:
