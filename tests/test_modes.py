@@ -9,10 +9,24 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    compose_config,
+    metrics_without_timing,
+    on_training_step,
+    read_jsonl,
+    small_kd_config,
+    table_rows,
+)
 
 import distill_cli.modes.mutual as mutual
 import distill_cli.tasks as tasks
-from distill_cli.checkpoint import BEST, LAST, load_checkpoint, model_checkpoint, save_atomic
+from distill_cli.checkpoint import (
+    BEST,
+    LAST,
+    load_checkpoint,
+    model_checkpoint,
+    save_atomic,
+)
 from distill_cli.cli import one_line
 from distill_cli.config import ModelConfig, TeacherConfig, validate_config
 from distill_cli.data import DatasetInfo
@@ -21,8 +35,6 @@ from distill_cli.evaluate import load_model
 from distill_cli.models import build_model
 from distill_cli.report import results_table
 from distill_cli.sweep_report import job_results, models_of
-
-from conftest import compose_config, metrics_without_timing, on_training_step, read_jsonl, small_kd_config, table_rows
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -75,7 +87,7 @@ def test_ensemble_target_is_the_weighted_average_of_the_members_softened_probabi
     assert [m["weight"] for m in ensemble["members"]] == [0.25, 0.75]
     assert (tmp_path / "run" / "teacher1" / BEST).is_file() and (tmp_path / "run" / "teacher2" / BEST).is_file()
     checkpoints = [m["checkpoint"] for m in ensemble["members"]]
-    compute, data, loaders = tasks.prepare_run(cfg)
+    _, data, loaders = tasks.prepare_run(cfg)
     expected, _ = _probabilities(checkpoints, loaders.eval_loader(data.train), data.info, cfg.T, [1.0, 3.0])
     (table,) = tables  # the teacher logits of every transfer image, cached: what the student learns from
     assert summary["teacher_logits_cached"]
@@ -187,7 +199,7 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1_and_resume_ke
     assert [row["test_acc_best"] for row in reference["generations"]] == [g["student"]["test_acc_best"] for g in generations]
     assert reference["student"]["checkpoint"] == generations[2]["student"]["checkpoint"]
     assert reference["kd_gain"] == pytest.approx(reference["student"]["test_acc_best"] - reference["baseline"]["test_acc_best"])
-    compute, data, loaders = tasks.prepare_run(cfg)
+    _, data, loaders = tasks.prepare_run(cfg)
     together, labels = _probabilities([g["student"]["checkpoint"] for g in generations], loaders.test, data.info)
     assert reference["generations_ensemble"]["test_acc"] == pytest.approx((together.argmax(1) == labels).float().mean().item())
     roles = [row[0] for row in table_rows(results_table(reference))]

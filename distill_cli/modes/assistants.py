@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from functools import partial
+from itertools import pairwise
 from pathlib import Path
 
+from .. import tasks
 from ..config import KDConfig, ModelConfig, TeacherConfig
 from ..engine import inference_rate
 from ..errors import DistillError
 from ..kd import build_objective, needs_teacher
 from ..models import build_model
 from ..teacher_cache import teacher_recipe
-from .. import tasks
 
 
 def link_config(cfg: KDConfig, teacher: ModelConfig, checkpoint: str | None, student: ModelConfig) -> KDConfig:
@@ -61,7 +63,7 @@ def assistant_chain(run: tasks.KDRun, summary: dict) -> None:
     assistants = cfg.assistant_models()
     chain = [cfg.teacher, *assistants, cfg.student]
     tasks.untrained_teacher(cfg, run.compute, run.data)
-    _check_links(run, list(zip(chain, chain[1:])))
+    _check_links(run, list(pairwise(chain)))
     teacher_module, teacher_entry = tasks.obtain_teacher(run)
     if cfg.teacher.checkpoint is not None:
         recipe = {"arch": cfg.teacher.arch, "checkpoint_sha256": _file_hash(Path(cfg.teacher.checkpoint))}
@@ -73,7 +75,7 @@ def assistant_chain(run: tasks.KDRun, summary: dict) -> None:
         link = replace(link, baseline=False, export=None, logger=replace(cfg.logger, mlflow=False))
         recipe = assistant_recipe(cfg, assistant, recipe)
         label = f"assistant {index}"
-        made, source = tasks.made_once(cfg, recipe, run.run_dir / f"assistant{index}", label, lambda into: tasks.run_kd(link, into))
+        made, source = tasks.made_once(cfg, recipe, run.run_dir / f"assistant{index}", label, partial(tasks.run_kd, link))
         model = tasks._load_model(made, assistant, "assistant", run.data, run.compute)
         rows.append({"role": label, **tasks.model_entry(run, model, assistant, made, source)})
         path = str(made)

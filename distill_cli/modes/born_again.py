@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from .. import tasks
 from ..config import KDConfig, TeacherConfig
 from ..errors import DistillError
 from ..kd import build_objective, needs_teacher
 from ..models import build_model
 from ..runs import read_summary, run_status
-from .. import tasks
 from .ensemble import EnsembleTeacher
 
 

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import tasks
 from ..checkpoint import load_checkpoint
 from ..config import KDConfig, ModelConfig, TeacherConfig
 from ..engine import Compute
 from ..errors import DistillError
 from ..losses.base import Objective, build_method
 from ..models import build_model, count_parameters
-from .. import tasks
 
 
 class EnsembleTeacher(nn.Module):

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from torch import nn
 
+from .. import tasks
 from ..checkpoint import BEST, load_checkpoint, model_checkpoint, save_atomic
 from ..config import ModelConfig, to_plain
 from ..engine import FitResult, Step, evaluate, seed_everything
@@ -22,7 +23,6 @@ from ..errors import DistillError
 from ..kd import build_objective
 from ..losses.base import Objective, Outputs, build_method
 from ..models import build_model
-from .. import tasks
 
 
 def mutual_step(forwards: list, objectives: list[Objective], labels: list[str]) -> Step:
