@@ -3,6 +3,7 @@ deep mutual learning, born-again generations and a teacher-assistant chain; thei
 
 import json
 import os
+import shutil
 import signal
 from dataclasses import replace
 
@@ -33,8 +34,10 @@ from distill_cli.data import DatasetInfo
 from distill_cli.errors import DistillError, Interrupted
 from distill_cli.evaluate import load_model
 from distill_cli.models import build_model
+from distill_cli.modes.assistants import chain_teacher_recipe
 from distill_cli.report import results_table
 from distill_cli.sweep_report import job_results, models_of
+from distill_cli.teacher_cache import recipe_key
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -248,6 +251,18 @@ def test_assistant_chain_caches_each_step_so_a_second_run_trains_only_its_studen
     third = tasks.run_kd(replace(cfg, teacher_epochs=3), tmp_path / "three")
     assert [path.relative_to(tmp_path).as_posix() for path in trained] == ["three/teacher", "three/assistant1", "three"]
     assert third["chain"][1]["checkpoint"] != assistant["checkpoint"]
+
+
+def test_a_given_teacher_checkpoint_keys_the_chain_by_its_content(tmp_path):
+    """teacher.checkpoint=... starts a chain whose cached assistants are those of that file's content, wherever it lies."""
+    for name, value in (("a.pt", 1), ("b.pt", 2)):
+        torch.save({"weights": torch.full((3,), value)}, tmp_path / name)
+    shutil.copyfile(tmp_path / "a.pt", tmp_path / "copy of a.pt")
+    keys = [
+        recipe_key(chain_teacher_recipe(small_kd_config(tmp_path, teacher=TeacherConfig("cnn", checkpoint=str(tmp_path / name)))))
+        for name in ("a.pt", "copy of a.pt", "b.pt")
+    ]
+    assert keys[0] == keys[1] != keys[2]
 
 
 # --- bad input -------------------------------------------------------------------------------------

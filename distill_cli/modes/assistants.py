@@ -33,8 +33,11 @@ def link_config(cfg: KDConfig, teacher: ModelConfig, checkpoint: str | None, stu
     return replace(cfg, teacher=taught_by, student=student, assistants=[])
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def chain_teacher_recipe(cfg: KDConfig) -> dict:
+    """What determines the chain's teacher: its training recipe, or a given checkpoint's content."""
+    if cfg.teacher.checkpoint is None:
+        return teacher_recipe(tasks.teacher_training_config(cfg))
+    return {"arch": cfg.teacher.arch, "checkpoint_sha256": hashlib.sha256(Path(cfg.teacher.checkpoint).read_bytes()).hexdigest()}
 
 
 def assistant_recipe(cfg: KDConfig, assistant: ModelConfig, teacher_recipe_: dict) -> dict:
@@ -65,10 +68,7 @@ def assistant_chain(run: tasks.KDRun, summary: dict) -> None:
     tasks.untrained_teacher(cfg, run.compute, run.data)
     _check_links(run, list(pairwise(chain)))
     teacher_module, teacher_entry = tasks.obtain_teacher(run)
-    if cfg.teacher.checkpoint is not None:
-        recipe = {"arch": cfg.teacher.arch, "checkpoint_sha256": _file_hash(Path(cfg.teacher.checkpoint))}
-    else:
-        recipe = teacher_recipe(tasks.teacher_training_config(cfg))
+    recipe = chain_teacher_recipe(cfg)
     rows, path = [{"role": "teacher", **teacher_entry}], teacher_entry["checkpoint"]
     for index, (teacher, assistant) in enumerate(zip(chain, assistants), 1):
         link = link_config(cfg, teacher, path, assistant)
