@@ -121,10 +121,16 @@ def _run_distributed(command: str, config, run_dir: Path) -> dict | None:
     world_size = _torchrun_world_size()
     distributed.check_devices(config.device, max(world_size, config.device.processes))
     if command == "kd":
+        from .config import ENSEMBLE
         from .losses.base import build_method
 
         if not build_method(dict(config.loss)).data_parallel:
             raise DistillError(f"loss={config.loss['name']} cannot be trained by several processes yet (its memory banks); use one")
+        modes = {"teacher=ensemble": config.teacher.arch == ENSEMBLE, "peers": config.peers,
+                 "generations": config.generations > 1, "assistants": config.assistants}
+        chosen = [key for key, on in modes.items() if on]
+        if chosen:
+            raise DistillError(f"{chosen[0]}: the training modes run in one process for now (not with several processes)")
     if not world_size:
         return distributed.launch(command, to_plain(config), run_dir, config.device.processes)
     if config.device.processes not in (1, world_size):

@@ -114,10 +114,56 @@ class ModelConfig:
         return self.name or self.arch
 
 
+ENSEMBLE = "ensemble"  # teacher=ensemble: the teacher is the average of teacher.members / teacher.checkpoints
+
+
+def model_option(entry: Any, key: str) -> ModelConfig:
+    """A model option as `teacher=` takes it (`configs/model/<name>.yaml`), given as its name or as
+    `{name: <option>, kwargs: {...}}` (arguments over the option's); `key` names the entry in errors."""
+    from .errors import did_you_mean
+
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    _check(
+        isinstance(entry, dict) and isinstance(entry.get("name"), str) and set(entry) <= {"name", "kwargs"},
+        key,
+        f"expected a model option (cnn) or {{name: cnn, kwargs: {{width: 8}}}}, got {entry!r}",
+    )
+    options = sorted(path.stem for path in (config_dir() / "model").glob("*.yaml"))
+    name = entry["name"]
+    _check(name in options, key, f"{name!r} is no model option; {did_you_mean(name, options)}")
+    node = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{name}.yaml"))
+    kwargs = {**node.get("kwargs", {}), **(entry.get("kwargs") or {})}
+    return ModelConfig(arch=node["arch"], kwargs=kwargs, name=name)
+
+
 @dataclass
 class TeacherConfig(ModelConfig):
     # a checkpoint to load instead of training (or reusing a cached) teacher
     checkpoint: Optional[str] = None
+    # teacher=ensemble: its members, model options each obtained like a teacher (given, cached or trained
+    # once): [cnn, mlp] or [{name: cnn, kwargs: {width: 12}}, ...]; and/or checkpoints of trained ones
+    members: list[Any] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    # the members' weights in the averaged probabilities (members first, then checkpoints); [] = equal
+    weights: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        count = len(self.members) + len(self.checkpoints)
+        if self.arch != ENSEMBLE:
+            _check(not count and not self.weights, "teacher.members", f"only teacher=ensemble takes members (teacher={self.label})")
+            return
+        _check(count > 0, "teacher.members", "an empty ensemble: name its teachers (teacher.members=[cnn,mlp] and/or teacher.checkpoints=[a.pt,b.pt])")
+        _check(self.checkpoint is None, "teacher.checkpoint", "teacher=ensemble takes teacher.checkpoints=[...], one per member")
+        for index, entry in enumerate(self.members):
+            model_option(entry, f"teacher.members[{index}]")
+        weights_ok = all(math.isfinite(w) and w > 0 for w in self.weights)
+        _check(not self.weights or (len(self.weights) == count and weights_ok), "teacher.weights",
+               f"one weight > 0 per member ({count}), got {self.weights}")
+
+    def ensemble_members(self) -> list[ModelConfig]:
+        """teacher=ensemble's members given as model options."""
+        return [model_option(entry, f"teacher.members[{index}]") for index, entry in enumerate(self.members)]
 
 
 @dataclass
@@ -251,6 +297,13 @@ class KDConfig(RunConfig):
     cache_teacher: str = "auto"
     # at the end of the run, export the student's best.pt to best.onnx or best.pt2 (see `distill export`)
     export: Optional[str] = None
+    # deep mutual learning: these networks (model options, as `student=` takes) train together from
+    # scratch, each on CE + the method's terms against each other one's predictions; [] = off
+    peers: list[Any] = field(default_factory=list)
+    # born-again networks: generation k (k >= 2) is the student again, taught by generation k-1's best.pt
+    generations: int = 1
+    # teacher assistants: teacher -> assistants[0] -> ... -> student, each step a cached kd run
+    assistants: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -262,6 +315,26 @@ class KDConfig(RunConfig):
         _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
         _check(isinstance(self.loss.get("name"), str), "loss.name", "name the KD method (loss=<method>; see distill list)")
         _check(self.teacher_epochs >= 1, "teacher_epochs", f"must be >= 1, got {self.teacher_epochs}")
+        _check(self.generations >= 1, "generations", f"must be >= 1 (1: no born-again generations), got {self.generations}")
+        _check(len(self.peers) != 1, "peers", f"deep mutual learning needs two or more networks, got one ({self.peers[0] if self.peers else ''})")
+        for key in ("peers", "assistants"):
+            for index, entry in enumerate(getattr(self, key)):
+                model_option(entry, f"{key}[{index}]")
+        modes = [key for key, on in (("peers", self.peers), ("generations", self.generations > 1), ("assistants", self.assistants)) if on]
+        _check(len(modes) <= 1, ", ".join(modes), "pick one training mode: peers (mutual learning), generations (born-again) or assistants")
+        if self.peers:
+            teacherless = self.teacher.arch != ENSEMBLE and self.teacher.checkpoint is None
+            _check(teacherless, "peers", "mutual learning trains its peers from scratch with no teacher; leave teacher= as it is")
+        if self.assistants:
+            _check(self.teacher.arch != ENSEMBLE, "assistants", "a chain starts from one teacher, not teacher=ensemble")
+
+    def peer_models(self) -> list[ModelConfig]:
+        """The networks of mutual learning (`peers`)."""
+        return [model_option(entry, f"peers[{index}]") for index, entry in enumerate(self.peers)]
+
+    def assistant_models(self) -> list[ModelConfig]:
+        """The teacher assistants of the chain, from the teacher's end."""
+        return [model_option(entry, f"assistants[{index}]") for index, entry in enumerate(self.assistants)]
 
 
 @dataclass
@@ -305,6 +378,7 @@ def register_configs() -> None:
         node.name = path.stem
         for group in ("teacher", "student"):
             store.store(group=group, name=path.stem, node=node)
+    store.store(group="teacher", name=ENSEMBLE, node={"arch": ENSEMBLE, "name": ENSEMBLE})
 
 
 def _unknown_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:

@@ -452,6 +452,8 @@ def fit(
     resume_from: dict | None = None,
     method: nn.Module | None = None,
     trackers: Trackers | None = None,
+    validate: Callable[[], dict] | None = None,
+    save_best: Callable[[int, list[dict]], None] | None = None,
 ) -> FitResult:
     """Train for `epochs`, writing metrics.jsonl, last.pt and best.pt (best val accuracy) into `run_dir`.
 
@@ -463,6 +465,11 @@ def fit(
     `method` (a KD objective with trainable parts or buffers, trained by the same `optimizer`) is saved
     in last.pt's training state and restored with it; best.pt holds `model` alone. `trackers` (TensorBoard,
     MLflow) get each epoch once last.pt holds it.
+
+    Several networks trained together (`model` an nn.ModuleList, as deep mutual learning does) bring
+    `validate() -> {"val_acc": picks the best epoch, <more metrics of the epoch row>}` and
+    `save_best(epoch, history)`, which then writes their best checkpoints in place of best.pt, at the end
+    of each epoch, before last.pt.
     """
     method = method if method is not None else nn.Module()
     trained = nn.ModuleList([model, method])  # every weight the optimizer changes
@@ -523,7 +530,9 @@ def fit(
         if world.distributed:
             training["ranks"] = every_rank
         checkpoint = make_checkpoint({"epoch": epoch, "val_acc": val_acc})
-        if improved:
+        if save_best is not None and unfinished is None:
+            save_best(epoch, history)
+        elif save_best is None and improved:
             save_atomic(checkpoint, run_dir / BEST)
         save_last({**checkpoint, "training": training}, run_dir)
 
@@ -545,12 +554,16 @@ def fit(
                 if stopping:
                     raise Interrupted(stop.signum or signal.SIGTERM, f"after {label} epoch {epoch}")
                 continue
-            val_acc = evaluate(model, val_loader, compute, num_classes).overall if val_loader is not None else None
+            if validate is not None:
+                validation = validate()
+            else:
+                validation = {"val_acc": evaluate(model, val_loader, compute, num_classes).overall if val_loader is not None else None}
+            val_acc = validation["val_acc"]
             metrics = {
                 "epoch": epoch,
                 **read["losses"],
                 "train_acc": read["train_acc"],
-                "val_acc": val_acc,
+                **validation,
                 "lr": lr,
                 "images_per_s": read["images"] / totals.seconds,
                 "seconds": totals.seconds,

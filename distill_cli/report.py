@@ -122,8 +122,17 @@ def _model_name(entry: dict) -> str:
     return name if name == arch else f"{name} ({arch})"
 
 
+def _row(role: str, entry: dict, columns: int, best: str = "test_acc_best") -> list[str]:
+    """A table row of a network that the run did not train here (ensemble member, assistant, generation,
+    peer, baseline): its role, model, test accuracy (of best.pt where it has one) and parameters."""
+    params = _count(entry.get("params"))
+    row = [role, _model_name(entry), _pct(entry.get(best, entry.get("test_acc"))), _pct(entry.get("test_acc_last")), params, "-"]
+    return row + ["-"] * (columns - len(row))
+
+
 def results_table(summary: dict) -> Table:
-    """The end-of-run table: test accuracy, parameters, compression and inference speed-up."""
+    """The end-of-run table: test accuracy, parameters, compression and inference speed-up; with the
+    rows of each training mode (ensemble members, assistants, generations, peers)."""
     table = Table(title=f"distill {summary['command']} results ({summary['dataset']}, test split)")
     columns = ["role", "model", "test acc (best)", "test acc (last)", "params", "compression"]
     speed = summary.get("speedup") is not None
@@ -141,10 +150,21 @@ def results_table(summary: dict) -> Table:
         if speed:
             row += [f"{teacher['inference_images_per_s']:,.0f}", "1.0x"]
         table.add_row(*row)
-    if student:
+        for index, member in enumerate(teacher.get("members", []), 1):
+            table.add_row(*_row(f"  member {index} (weight {member['weight']:.2f})", member, len(columns)))
+    for link in summary.get("chain", [])[1:]:
+        table.add_row(*_row(link["role"], link, len(columns)))
+    for generation in summary.get("generations", [])[:-1]:
+        table.add_row(*_row(f"generation {generation['generation']}", generation, len(columns)))
+    for peer in summary.get("peers", []):  # mutual learning: every peer is a student, the first one is "student"
+        table.add_row(*_row(peer["peer"], peer, len(columns)))
+        if peer.get("baseline"):
+            table.add_row(*_row(f"{peer['peer']} alone", {**peer["baseline"], "params": peer["params"]}, len(columns)))
+    if student and not summary.get("peers"):
         compression = summary.get("compression")
+        role = f"generation {len(summary['generations'])}" if summary.get("generations") else "student"
         row = [
-            "student", _model_name(student), _pct(student["test_acc_best"]), _pct(student["test_acc_last"]),
+            role, _model_name(student), _pct(student["test_acc_best"]), _pct(student["test_acc_last"]),
             _count(student["params"]), "-" if compression is None else f"{compression:.1f}x",
         ]
         if speed:
@@ -152,9 +172,13 @@ def results_table(summary: dict) -> Table:
         table.add_row(*row)
     baseline = summary.get("baseline")
     if baseline:
-        row = ["student alone", _model_name(baseline), _pct(baseline["test_acc_best"]), "-", _count(student["params"]), "-"]
-        table.add_row(*row, *(["-", "-"] if speed else []))
+        if not summary.get("peers"):
+            row = ["student alone", _model_name(baseline), _pct(baseline["test_acc_best"]), "-", _count(student["params"]), "-"]
+            table.add_row(*row, *(["-", "-"] if speed else []))
         table.caption = f"KD gain over the same student trained alone: {100 * summary['kd_gain']:+.2f} points (best.pt)"
+    ensemble = summary.get("generations_ensemble")
+    if ensemble:
+        table.add_row(*_row(f"ensemble of the {ensemble['members']} generations", {"name": "-", "arch": "-", **ensemble}, len(columns)))
     return table
 
 

@@ -259,8 +259,15 @@ def models_of(summary: dict) -> str:
     """`teacher -> student` of a kd run, the model of a train run."""
     if summary["command"] == "train":
         return _name(summary["teacher"])
+    if summary.get("peers"):
+        return " <-> ".join(_name(peer) for peer in summary["peers"])
     teacher = summary.get("teacher")
-    return f"{_name(teacher)} -> {_name(summary['student'])}" if teacher else f"{_name(summary['student'])} alone"
+    if not teacher:
+        return f"{_name(summary['student'])} alone"
+    links = [_name(link) for link in summary.get("chain", [])] or [_name(teacher)]
+    generations = len(summary.get("generations", []))
+    student = _name(summary["student"]) + (f" x{generations} generations" if generations else "")
+    return " -> ".join([*links, student])
 
 
 def _name(model: dict) -> str:

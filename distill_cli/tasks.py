@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import BEST, load_checkpoint, load_resume_checkpoint, model_checkpoint
 from .files import write_json_atomic
-from .config import KDConfig, ModelConfig, RunConfig, TeacherConfig, TrainConfig, to_plain
+from .config import ENSEMBLE, KDConfig, ModelConfig, RunConfig, TeacherConfig, TrainConfig, to_plain
 from .data import DataSplits, load_dataset, training_augment
 from .data.loader import Loader, build_loader, choose_pipeline
 from .distributed import SINGLE, World, world as current_world
@@ -26,6 +26,7 @@ from .engine import (
     build_optimizer,
     build_scheduler,
     cross_entropy_step,
+    FitResult,
     evaluate,
     fit,
     inference_rate,
@@ -54,13 +55,12 @@ class Loaders:
 
 
 def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
-    """Resolve device, precision and kernels, load the data and build the run's loaders (device or stream
-    pipeline; with several processes, each takes its batch_size of every step's batch)."""
+    """Resolve device, precision and kernels, load the data and build the run's loaders (device or stream pipeline)."""
     world = current_world()
     compute = resolve_compute(cfg.device, world)
     data = load_dataset(cfg.dataset)
     if cfg.batch_size * world.size > len(data.train):
-        processes = f" x {world.size} processes" if world.distributed else ""
+        processes = f" x {world.size} processes" if world.size > 1 else ""
         raise DistillError(f"batch_size={cfg.batch_size}{processes} is larger than the training split ({len(data.train)} images)")
     pipeline = choose_pipeline(cfg.dataset, [data.train, data.val, data.test], compute.device)
     # batches come in channels_last unless it is off: most conv nets use it (see Compute.uses_channels_last)
@@ -86,9 +86,8 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
     return compute, data, Loaders(train, val, eval_loader(data.test), eval_loader, pipeline)
 
 
-def _train_network(
+def fit_network(
     model: nn.Module,
-    model_cfg: ModelConfig,
     step,
     cfg: RunConfig,
     epochs: int,
@@ -98,24 +97,18 @@ def _train_network(
     run_dir: Path,
     label: str,
     trackers: Trackers,
+    make_checkpoint: Callable[[dict], dict],
     method: nn.Module | None = None,
-) -> dict:
-    """Fit `model` (and `method`'s trainable parts, with the same optimizer; with `cfg.resume`: from the
-    run's last checkpoint), then report test accuracy of its best and last checkpoints; leaves the best
-    weights loaded. With several processes every one trains; rank 0 alone tests and returns the result
-    (None elsewhere)."""
+    **fit_options,
+) -> FitResult:
+    """`fit` `model` (and `method`'s trainable parts, with the same optimizer) with the run's optimizer and
+    schedule; with `cfg.resume`, from the run's last checkpoint. `fit_options` go to `fit` as they are."""
     trained = model if method is None else nn.ModuleList([model, method])
     optimizer = build_optimizer(trained, cfg.optimizer, compute.device)
     scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
-    config = to_plain(cfg)
-    resume_from = compute.world.on_main(lambda: load_resume_checkpoint(run_dir, config)) if cfg.resume else None
-
-    def make_checkpoint(state: dict) -> dict:
-        return model_checkpoint(
-            model, model_cfg.arch, model_cfg.kwargs, data.info.num_classes, dataset=data.info.name, config=config, **state
-        )
-
-    result = fit(
+    # with several processes rank 0 reads the checkpoint and every rank gets it
+    resume_from = compute.world.on_main(lambda: load_resume_checkpoint(run_dir, to_plain(cfg))) if cfg.resume else None
+    return fit(
         model,
         step,
         loaders.train,
@@ -131,11 +124,29 @@ def _train_network(
         resume_from=resume_from,
         method=method,
         trackers=trackers,
+        **fit_options,
     )
-    if not compute.world.is_main:
-        return None
+
+
+def checkpoint_maker(model: nn.Module, model_cfg: ModelConfig, cfg: RunConfig, data: DataSplits) -> Callable[[dict], dict]:
+    """`make_checkpoint` for `fit`: `model`'s weights, what rebuilds it, and the run's config."""
+    config = to_plain(cfg)
+
+    def make_checkpoint(state: dict) -> dict:
+        return model_checkpoint(
+            model, model_cfg.arch, model_cfg.kwargs, data.info.num_classes, dataset=data.info.name, config=config, **state
+        )
+
+    return make_checkpoint
+
+
+def trained_result(
+    model: nn.Module, model_cfg: ModelConfig, result: FitResult, best_path: Path, compute: Compute, data: DataSplits, loaders: Loaders
+) -> dict:
+    """The summary entry of a trained network: test accuracy of its last weights (as `model` holds them)
+    and of `best_path`'s, which it leaves loaded."""
     last = evaluate(model, loaders.test, compute, data.info.num_classes)
-    model.load_state_dict(load_checkpoint(run_dir / BEST)["state_dict"])
+    model.load_state_dict(load_checkpoint(best_path)["state_dict"])
     best = evaluate(model, loaders.test, compute, data.info.num_classes)
     return {
         "name": model_cfg.label,
@@ -148,8 +159,32 @@ def _train_network(
         "best_epoch": result.best_epoch,
         "val_acc_best": result.best_val_acc,
         "selection": result.selection,
-        "checkpoint": str(run_dir / BEST),
+        "checkpoint": str(best_path),
     }
+
+
+def _train_network(
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    step,
+    cfg: RunConfig,
+    epochs: int,
+    compute: Compute,
+    data: DataSplits,
+    loaders: Loaders,
+    run_dir: Path,
+    label: str,
+    trackers: Trackers,
+    method: nn.Module | None = None,
+) -> dict | None:
+    """Fit `model` (see `fit_network`), then report test accuracy of its best and last checkpoints;
+    leaves the best weights loaded. With several processes every one trains; rank 0 alone tests and
+    returns the result (None elsewhere)."""
+    make_checkpoint = checkpoint_maker(model, model_cfg, cfg, data)
+    result = fit_network(model, step, cfg, epochs, compute, data, loaders, run_dir, label, trackers, make_checkpoint, method)
+    if not compute.world.is_main:
+        return None
+    return trained_result(model, model_cfg, result, run_dir / BEST, compute, data, loaders)
 
 
 def _data_facts(data: DataSplits) -> dict:
@@ -191,8 +226,9 @@ def run_train(cfg: TrainConfig, run_dir: Path, label: str = "teacher") -> dict:
     """Train `cfg.teacher` with cross-entropy and publish it to the teacher cache; `label` names the
     network in progress lines (kd trains its student-alone baseline through here as "baseline")."""
     start = time.perf_counter()
-    if cfg.teacher.checkpoint is not None:
-        raise DistillError("teacher.checkpoint is for `distill kd`; `distill train` trains a teacher from scratch")
+    if cfg.teacher.checkpoint is not None or cfg.teacher.arch == ENSEMBLE:
+        key = "teacher.checkpoint" if cfg.teacher.checkpoint is not None else "teacher=ensemble"
+        raise DistillError(f"{key} is for `distill kd`; `distill train` trains one teacher from scratch")
     with open_trackers(cfg, run_dir, "train") as trackers:
         compute, data, loaders = prepare_run(cfg)
         summary = _run_header("train", cfg, compute, data, loaders, run_dir)
@@ -210,8 +246,10 @@ def run_train(cfg: TrainConfig, run_dir: Path, label: str = "teacher") -> dict:
         return summary
 
 
-def teacher_training_config(cfg: KDConfig) -> TrainConfig:
-    """The `distill train` config that kd uses when it has to train its teacher."""
+def teacher_training_config(cfg: KDConfig, teacher: ModelConfig | None = None) -> TrainConfig:
+    """The `distill train` config that kd uses when it has to train its teacher (or `teacher`, a member
+    of teacher=ensemble)."""
+    teacher = teacher or cfg.teacher
     return TrainConfig(
         optimizer=cfg.optimizer,
         device=cfg.device,
@@ -220,7 +258,7 @@ def teacher_training_config(cfg: KDConfig) -> TrainConfig:
         eval_batch_size=cfg.eval_batch_size,
         seed=cfg.seed,
         teacher_cache=cfg.teacher_cache,
-        teacher=replace(cfg.teacher, checkpoint=None),
+        teacher=TeacherConfig(arch=teacher.arch, kwargs=dict(teacher.kwargs), name=teacher.name),
         # the teacher learns from the full training set; exclusions apply to the transfer set only
         dataset=replace(cfg.dataset, exclude_classes=[]),
         resume=cfg.resume,
@@ -229,23 +267,23 @@ def teacher_training_config(cfg: KDConfig) -> TrainConfig:
     )
 
 
-def _trained_once(cfg: KDConfig, train_cfg: TrainConfig, folder: Path, label: str) -> tuple[Path, str]:
-    """A model trained by `run_train(train_cfg)`: from the recipe cache, or trained into `folder` once.
+def made_once(cfg: KDConfig, recipe: dict, folder: Path, label: str, make: Callable[[Path], object]) -> tuple[Path, str]:
+    """The cached model of `recipe`, or `make(folder)` run once to train it into `folder`, whose best.pt
+    is then published to the cache under `recipe`.
 
     Returns the checkpoint and where it came from ('cache' or 'trained'). Parallel sweep jobs wait on
     the recipe's lock while one of them trains; a resumed kd that had started training the model in
     `folder` finishes that training (as the run would have), even if another run cached one meanwhile.
-    With several processes, rank 0 holds the lock and decides; all of them train.
+    With several processes, rank 0 holds the lock, decides and publishes; all of them train.
     """
     world = current_world()
-    recipe = teacher_recipe(train_cfg, world.size)
     cache = TeacherCache(cfg.teacher_cache)
     with cache.lock(recipe) if world.is_main else nullcontext():
         reused = world.on_main(lambda: _reusable(cfg, cache, recipe, folder, label))
         if reused is not None:
             return reused
-        run_train(train_cfg, folder, label)
-        return cache.checkpoint_path(recipe), "trained"
+        make(folder)
+        return world.on_main(lambda: (cache.publish(recipe, folder / BEST), "trained"))
 
 
 def _reusable(cfg: KDConfig, cache: TeacherCache, recipe: dict, folder: Path, label: str) -> tuple[Path, str] | None:
@@ -263,6 +301,13 @@ def _reusable(cfg: KDConfig, cache: TeacherCache, recipe: dict, folder: Path, la
     return None
 
 
+def _trained_once(cfg: KDConfig, train_cfg: TrainConfig, folder: Path, label: str) -> tuple[Path, str]:
+    """A model trained by `run_train(train_cfg)`: from the recipe cache, or trained into `folder` once
+    (by every data-parallel process: a recipe of its own, see `teacher_recipe`)."""
+    recipe = teacher_recipe(train_cfg, current_world().size)
+    return made_once(cfg, recipe, folder, label, lambda into: run_train(train_cfg, into, label))
+
+
 def _obtain_teacher(cfg: KDConfig, run_dir: Path) -> tuple[Path, str]:
     """The teacher checkpoint to use and where it came from: 'checkpoint', 'cache' or 'trained'."""
     if cfg.teacher.checkpoint is not None:
@@ -275,12 +320,7 @@ def baseline_training_config(cfg: KDConfig) -> TrainConfig:
 
     That is exactly `distill train teacher=<student>` (and `distill kd alpha=0`), so it shares their cache.
     """
-    return replace(
-        teacher_training_config(cfg),
-        epochs=cfg.epochs,
-        dataset=cfg.dataset,
-        teacher=TeacherConfig(arch=cfg.student.arch, kwargs=dict(cfg.student.kwargs), name=cfg.student.name),
-    )
+    return replace(teacher_training_config(cfg, cfg.student), epochs=cfg.epochs, dataset=cfg.dataset)
 
 
 def _checked_checkpoint(path: Path, expected: ModelConfig, key: str, data: DataSplits) -> dict:
@@ -320,24 +360,140 @@ def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, c
     return compute.place(model).eval().requires_grad_(False)
 
 
+@dataclass
+class KDRun:
+    """What every part of a kd run works with: its config, folder, device, data, loaders and trackers."""
+
+    cfg: KDConfig
+    run_dir: Path
+    compute: Compute
+    data: DataSplits
+    loaders: Loaders
+    trackers: Trackers
+
+    def evaluate(self, model: nn.Module):
+        """`model`'s test accuracy (overall and per class)."""
+        return evaluate(model, self.loaders.test, self.compute, self.data.info.num_classes)
+
+
+def untrained_teacher(cfg: KDConfig, compute: Compute, data: DataSplits) -> nn.Module:
+    """The teacher's network as built before training (for a given checkpoint: checked against its
+    metadata), to check a config before anything trains."""
+    if cfg.teacher.arch == ENSEMBLE:
+        from .modes.ensemble import untrained_ensemble
+
+        return untrained_ensemble(cfg, compute, data)
+    if cfg.teacher.checkpoint is not None:
+        compute.world.on_main(lambda: _checked_checkpoint(Path(cfg.teacher.checkpoint), cfg.teacher, "teacher", data) and None)
+    return compute.place(build_model(cfg.teacher, data.info, "teacher"))
+
+
 def _check_before_training(cfg: KDConfig, compute: Compute, data: DataSplits, loaders: Loaders) -> tuple[bool, bool]:
     """Build every network and trainable part of the run once (untrained) so that a bad config fails
     before anything trains: the student (also the baseline's architecture), the teacher (or the given
     checkpoint's metadata) and the method with the feature points it reads. Returns whether the
     objective needs a teacher and whether its logits are cached."""
     student = compute.place(build_model(cfg.student, data.info, "student"))
-    teacher = None
-    if needs_teacher(cfg):
-        teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
-        if cfg.teacher.checkpoint is not None:
-            compute.world.on_main(lambda: _checked_checkpoint(Path(cfg.teacher.checkpoint), cfg.teacher, "teacher", data) and None)
+    teacher = untrained_teacher(cfg, compute, data) if needs_teacher(cfg) else None
     objective, _, _ = build_objective(cfg, data, compute, student, teacher)
     return teacher is not None, check_cache_teacher(cfg, objective, loaders.train.augment is not None)
 
 
+def obtain_teacher(run: KDRun) -> tuple[nn.Module, dict]:
+    """The frozen teacher (given, cached or trained once; or the ensemble of such members) and its summary entry."""
+    cfg = run.cfg
+    if cfg.teacher.arch == ENSEMBLE:
+        from .modes.ensemble import obtain_ensemble
+
+        return obtain_ensemble(run)
+    path, source = _obtain_teacher(cfg, run.run_dir)
+    teacher = _load_model(path, cfg.teacher, "teacher", run.data, run.compute, run.compute.world)
+    # rank 0 tests it; with several processes the others wait for the entry
+    return teacher, run.compute.world.on_main(lambda: model_entry(run, teacher, cfg.teacher, path, source))
+
+
+def model_entry(run: KDRun, model: nn.Module, model_cfg: ModelConfig, path: Path | None, source: str) -> dict:
+    """The summary entry of a trained, frozen model: its test accuracy and which checkpoint it came from."""
+    accuracy = run.evaluate(model)
+    return {
+        "name": model_cfg.label,
+        "arch": model_cfg.arch,
+        "params": count_parameters(model),
+        "test_acc": accuracy.overall,
+        "test_acc_per_class": dict(zip(run.data.info.class_names, accuracy.per_class)),
+        "checkpoint": None if path is None else str(path.resolve()),
+        "source": source,
+    }
+
+
+def baseline_entry(run: KDRun, student_cfg: ModelConfig, folder: Path) -> dict:
+    """The same student trained alone (cached once per recipe, else trained into `folder`): its summary entry."""
+    cfg = replace(run.cfg, student=student_cfg)
+    path, source = _trained_once(cfg, baseline_training_config(cfg), folder, "baseline")
+
+    def entry() -> dict:  # rank 0's work: with several processes all of them trained it
+        baseline = _load_model(path, student_cfg, "student", run.data, run.compute)
+        return {
+            "name": student_cfg.label,
+            "arch": student_cfg.arch,
+            "test_acc_best": run.evaluate(baseline).overall,
+            "checkpoint": str(path.resolve()),
+            "source": source,
+        }
+
+    return run.compute.world.on_main(entry)
+
+
+def distil(run: KDRun, summary: dict) -> None:
+    """One student from one teacher (or an ensemble of teachers) with the method `cfg.loss`, into the run
+    folder; fills `summary` with teacher, baseline, student, KD gain, compression and speed-up."""
+    cfg, compute, data, loaders = run.cfg, run.compute, run.data, run.loaders
+    with_teacher, cache_logits = _check_before_training(cfg, compute, data, loaders)
+    teacher = None
+    summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
+    if with_teacher:
+        teacher, summary["teacher"] = obtain_teacher(run)
+        if cfg.baseline:
+            summary["baseline"] = baseline_entry(run, cfg.student, run.run_dir / "baseline")
+    cached_logits = None
+    if cache_logits:
+        cached_logits = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
+        log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
+    summary["teacher_logits_cached"] = cached_logits is not None
+    seed_everything(cfg.seed)
+    student = compute.place(build_model(cfg.student, data.info, "student"))
+    objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
+    step = kd_step(student_forward, None if cached_logits is not None else teacher_forward, objective, cached_logits)
+    student_result = _train_network(
+        student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run.run_dir, "student", run.trackers, method=objective
+    )
+    if student_result is None:  # not rank 0: its part is done
+        return
+    student_result["method_params"] = count_parameters(objective)
+    summary["student"] = student_result
+    if summary.get("baseline"):
+        # what KD bought: the distilled student against the same student trained alone
+        summary["kd_gain"] = student_result["test_acc_best"] - summary["baseline"]["test_acc_best"]
+    if teacher is not None:
+        compare_with_teacher(run, summary, teacher, student)
+
+
+def compare_with_teacher(run: KDRun, summary: dict, teacher: nn.Module, student: nn.Module) -> None:
+    """Compression (teacher / student parameters) and how much faster the product is: forward images/s
+    on the test split, same device and precision."""
+    compute, test = run.compute, run.loaders.test
+    summary["compression"] = summary["teacher"]["params"] / summary["student"]["params"]
+    summary["teacher"]["inference_images_per_s"] = inference_rate(teacher, test, compute)
+    summary["student"]["inference_images_per_s"] = inference_rate(student, test, compute)
+    summary["speedup"] = summary["student"]["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]
+
+
 def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     """Distil `cfg.student` from a teacher (given, cached or trained once) with the method `cfg.loss`;
-    `loss=kd alpha=0` trains the student alone."""
+    `loss=kd alpha=0` trains the student alone. `peers`, `generations` and `assistants` pick the other
+    training modes (`distill_cli/modes/`)."""
+    from .modes import kd_mode  # the modes are built on this module's functions
+
     start = time.perf_counter()
     if cfg.export:
         from .export import check_format
@@ -346,62 +502,13 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     with open_trackers(cfg, run_dir, "kd") as trackers:
         compute, data, loaders = prepare_run(cfg)
         summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
-        summary.update(T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
-        with_teacher, cache_logits = _check_before_training(cfg, compute, data, loaders)
-        teacher = None
-        summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
-        if with_teacher:
-            teacher_path, source = _obtain_teacher(cfg, run_dir)
-            teacher = _load_model(teacher_path, cfg.teacher, "teacher", data, compute, compute.world)
-            if cfg.baseline:
-                baseline_path, baseline_source = _trained_once(cfg, baseline_training_config(cfg), run_dir / "baseline", "baseline")
-        if with_teacher and compute.world.is_main:
-            teacher_acc = evaluate(teacher, loaders.test, compute, data.info.num_classes)
-            summary["teacher"] = {
-                "name": cfg.teacher.label,
-                "arch": cfg.teacher.arch,
-                "params": count_parameters(teacher),
-                "test_acc": teacher_acc.overall,
-                "test_acc_per_class": dict(zip(data.info.class_names, teacher_acc.per_class)),
-                "checkpoint": str(teacher_path.resolve()),
-                "source": source,
-            }
-            if cfg.baseline:
-                baseline = _load_model(baseline_path, cfg.student, "student", data, compute)
-                summary["baseline"] = {
-                    "name": cfg.student.label,
-                    "arch": cfg.student.arch,
-                    "test_acc_best": evaluate(baseline, loaders.test, compute, data.info.num_classes).overall,
-                    "checkpoint": str(baseline_path.resolve()),
-                    "source": baseline_source,
-                }
-        cached_logits = None
-        if cache_logits:
-            cached_logits = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
-            log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
-        summary["teacher_logits_cached"] = cached_logits is not None
-        seed_everything(cfg.seed)
-        student = compute.place(build_model(cfg.student, data.info, "student"))
-        objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
-        step = kd_step(student_forward, None if cached_logits is not None else teacher_forward, objective, cached_logits)
-        student_result = _train_network(
-            student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student", trackers, method=objective
-        )
-        if student_result is None:  # not rank 0: its part is done
+        mode, train = kd_mode(cfg)
+        summary.update(mode=mode, T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
+        train(KDRun(cfg, run_dir, compute, data, loaders, trackers), summary)
+        if not compute.world.is_main:  # rank 0 reports for every process
             return None
-        student_result["method_params"] = count_parameters(objective)
-        summary["student"] = student_result
-        if summary.get("baseline"):
-            # what KD bought: the distilled student against the same student trained alone
-            summary["kd_gain"] = student_result["test_acc_best"] - summary["baseline"]["test_acc_best"]
-        if teacher is not None:
-            summary["compression"] = summary["teacher"]["params"] / student_result["params"]
-            # how much faster the product is: forward images/s on the test split, same device and precision
-            summary["teacher"]["inference_images_per_s"] = inference_rate(teacher, loaders.test, compute)
-            student_result["inference_images_per_s"] = inference_rate(student, loaders.test, compute)
-            summary["speedup"] = student_result["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]
         if cfg.export:
-            summary["export"] = _export_student(cfg.export, run_dir, data, loaders)
+            summary["export"] = _export_student(cfg.export, Path(summary["student"]["checkpoint"]), data, loaders)
         summary["wall_time_s"] = time.perf_counter() - start
         write_json_atomic(summary, run_dir / "summary.json")
         trackers.log_summary(summary)
@@ -409,13 +516,13 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         return summary
 
 
-def _export_student(fmt: str, run_dir: Path, data: DataSplits, loaders: Loaders) -> dict:
-    """`export=onnx|pt2`: the student's best.pt as best.onnx / best.pt2, checked against PyTorch (`distill export`)."""
+def _export_student(fmt: str, best: Path, data: DataSplits, loaders: Loaders) -> dict:
+    """`export=onnx|pt2`: the student's best.pt as best.onnx / best.pt2 beside it, checked against PyTorch (`distill export`)."""
     from .evaluate import first_images, load_model
     from .export import CHECK_IMAGES, FORMATS, describe, export_checked
 
-    model, _ = load_model(run_dir / BEST, data.info)
-    result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, run_dir / f"best{FORMATS[fmt]}", atol=1e-4)
+    model, _ = load_model(best, data.info)
+    result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, best.with_suffix(FORMATS[fmt]), atol=1e-4)
     log.info(f"exported {describe(result)}")
     return result
 

@@ -133,13 +133,14 @@ def dropout_train_config(tmp_path: Path, **overrides) -> TrainConfig:
     return replace(cfg, dataset=replace(cfg.dataset, augment=True))
 
 
-def on_training_step(monkeypatch, call: int, action, factory: str = "cross_entropy_step") -> None:
+def on_training_step(monkeypatch, call: int, action, factory: str = "cross_entropy_step", module=None) -> None:
     """Make the `call`-th training step (counted from 1, over all epochs) that the step factory
-    `distill_cli.tasks.<factory>` builds (`cross_entropy_step`; `kd_step` for a kd student) run
-    `action(parts) -> parts`."""
+    `<module>.<factory>` builds (default module `distill_cli.tasks`: `cross_entropy_step`; `kd_step` for a
+    kd student) run `action(parts) -> parts`."""
     import distill_cli.tasks
 
-    real = getattr(distill_cli.tasks, factory)
+    module = module or distill_cli.tasks
+    real = getattr(module, factory)
     counter = itertools.count(1)
 
     def patched(*args, **kwargs):
@@ -151,7 +152,7 @@ def on_training_step(monkeypatch, call: int, action, factory: str = "cross_entro
 
         return counted
 
-    monkeypatch.setattr(distill_cli.tasks, factory, patched)
+    monkeypatch.setattr(module, factory, patched)
 
 
 def comparable_results(summary: dict) -> dict:

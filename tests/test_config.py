@@ -68,6 +68,9 @@ STUDENT_ONLY = {
 }
 # the student trained alone (the baseline) ignores the teacher
 TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "loss"}
+# an ensemble's members, the peers of mutual learning, born-again generations and teacher assistants pick
+# how kd trains; each network they add is cached (where it is) under a recipe of its own
+MODES = {"teacher.members", "teacher.checkpoints", "teacher.weights", "peers", "generations", "assistants"}
 
 
 
@@ -119,9 +122,9 @@ def _keys_that_change_the_recipe(config, recipe_of) -> dict[str, bool]:
 @pytest.mark.parametrize(
     "command, recipe_of, ignored",
     [
-        ("train", teacher_recipe, EXECUTION_ONLY),
-        ("kd", lambda kd: teacher_recipe(teacher_training_config(kd)), EXECUTION_ONLY | STUDENT_ONLY),
-        ("kd", lambda kd: teacher_recipe(baseline_training_config(kd)), EXECUTION_ONLY | TEACHER_ONLY),
+        ("train", teacher_recipe, EXECUTION_ONLY | MODES),
+        ("kd", lambda kd: teacher_recipe(teacher_training_config(kd)), EXECUTION_ONLY | STUDENT_ONLY | MODES),
+        ("kd", lambda kd: teacher_recipe(baseline_training_config(kd)), EXECUTION_ONLY | TEACHER_ONLY | MODES),
     ],
     ids=["train", "kd-teacher", "kd-baseline"],
 )

@@ -93,7 +93,7 @@ def _world_primitives(rank: int, init_file: str, results) -> None:
     from distill_cli.engine import EpochTotals
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    world = World(rank=rank, size=2)
+    world = World(rank=rank, size=2, joined=True)
     try:
         layer = torch.nn.Linear(2, 1)
         layer.weight.grad = torch.full((1, 2), float(rank + 1))  # 1 on rank 0, 2 on rank 1
@@ -140,6 +140,7 @@ def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path
         (["device.processes=2", "device.sync_batchnorm=true", "device=cpu"], "device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only"),
         (["device.processes=2", "device.type=cuda:1"], "device.type=cuda:1 with 2 processes"),
         (["device.processes=2", "loss=crd"], "loss=crd cannot be trained by several processes yet"),
+        (["device.processes=2", "generations=2"], "generations: the training modes run in one process for now"),
     ],
 )
 def test_what_several_processes_cannot_do_is_refused_before_any_starts(tmp_path, monkeypatch, capsys, overrides, message):

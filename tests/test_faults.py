@@ -561,6 +561,9 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
     (["kd", "teacher.kwargs.width=8", "teacher.checkpoint={tmp}/hundred.pt"], "predicts 100 classes but dataset digits has 10"),
     (["kd", "alpha=0", "batch_size=5000"], "batch_size=5000 is larger than the training split"),
     (["train", "device=cpu", "device.precision=fp16"], "device.precision: fp16 needs CUDA"),
+    (["kd", "teacher=ensemble"], "distill kd: error: teacher.members: an empty ensemble"),
+    (["kd", "generations=0"], "distill kd: error: generations: must be >= 1"),
+    (["kd", "peers=[mlp_small]"], "distill kd: error: peers: deep mutual learning needs two or more networks"),
     (["train", "teacher=mlp_small", "epochs=2", "optimizer.lr=1e30", "hydra.run.dir={tmp}/nan"],
      "teacher epoch 1: training diverged, loss NaN/Inf at step"),
 ]
