@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -471,115 +472,239 @@ def fit(
     `save_best(epoch, history)`, which then writes their best checkpoints in place of best.pt, at the end
     of each epoch, before last.pt.
     """
-    method = method if method is not None else nn.Module()
-    trained = nn.ModuleList([model, method])  # every weight the optimizer changes
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
-    scaler = compute.grad_scaler()
-    best = FitResult(best_epoch=0, best_val_acc=None, selection="val" if val_loader is not None else "last")
-    history: list[dict] = []
-    done, partial, saved = 0, None, "no checkpoint was written"
+    training = Training(
+        model, step, train_loader, val_loader, optimizer=optimizer, scheduler=scheduler, compute=compute, epochs=epochs,
+        num_classes=num_classes, run_dir=run_dir, make_checkpoint=make_checkpoint, label=label, resume_from=resume_from,
+        method=method, trackers=trackers, validate=validate, save_best=save_best,
+    )
     world = compute.world
-    if resume_from is not None:
-        training = resume_from["training"]
+    with training.progress as progress, StopSignals() as stop:
+        for epoch in range(training.done + 1, epochs + 1):
+            totals = training.begin_epoch(epoch)
+            stopping = _train_epoch(
+                model, training.method, step, epoch, train_loader, optimizer, training.scaler, compute, progress, totals, stop
+            )
+            training.end_epoch(epoch, stopping, stop.signum)
+    return training.best
+
+
+class Training:
+    """One network's training as `fit` runs it, epoch by epoch: its optimizer, schedule, GradScaler, best
+    epoch, metrics history and checkpoints. `fit` trains one; `fit_together` several on shared batches.
+
+    Built from `fit`'s arguments; with `resume_from` it restores the checkpoint's training state (also the
+    global RNG states and the loader's order: the caller keeps what several trainings need apart)."""
+
+    def __init__(
+        self, model: nn.Module, step: Step, train_loader, val_loader, *, optimizer, scheduler, compute: Compute, epochs: int,
+        num_classes: int, run_dir: Path, make_checkpoint: Callable[[dict], dict], label: str, resume_from: dict | None = None,
+        method: nn.Module | None = None, trackers: Trackers | None = None, validate: Callable[[], dict] | None = None,
+        save_best: Callable[[int, list[dict]], None] | None = None,
+    ):
+        self.model, self.step, self.train_loader, self.val_loader = model, step, train_loader, val_loader
+        self.optimizer, self.scheduler, self.compute, self.epochs = optimizer, scheduler, compute, epochs
+        self.num_classes, self.run_dir, self.make_checkpoint, self.label = num_classes, run_dir, make_checkpoint, label
+        self.validate, self.save_best = validate, save_best
+        self.method = method if method is not None else nn.Module()
+        self.trained = nn.ModuleList([model, self.method])  # every weight the optimizer changes
+        self.progress = EpochProgress(label, epochs, len(train_loader))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.scaler = compute.grad_scaler()
+        self.best = FitResult(best_epoch=0, best_val_acc=None, selection="val" if val_loader is not None else "last")
+        self.history: list[dict] = []
+        self.done, self.partial, self.saved = 0, None, "no checkpoint was written"
+        self.totals: EpochTotals | None = None
+        world = compute.world
+        if resume_from is not None:
+            self._resume(resume_from)
+        if world.is_main:
+            _write_metrics(self.metrics_path, self.history)  # lines beyond the checkpoint (if any) would be repeated
+        self.trackers = trackers or Trackers({})
+        self.trackers.start(self.history)
+
+    def _resume(self, resume_from: dict) -> None:
+        training, world = resume_from["training"], self.compute.world
         written_by = training.get("world_size", 1)
         if written_by != world.size:
             raise DistillError(
-                f"cannot resume {run_dir}: last.pt was written by {written_by} training process(es), this run has "
+                f"cannot resume {self.run_dir}: last.pt was written by {written_by} training process(es), this run has "
                 f"{world.size}; resume with the same number (device.processes or torchrun --nproc_per_node)"
             )
-        model.load_state_dict(resume_from["state_dict"])
-        method.load_state_dict(training.get("method", {}))  # format 2 (before methods had state): none
-        optimizer.load_state_dict(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
-        scaler.load_state_dict(training["scaler"])
-        train_loader.load_state_dict(training["loader"])
+        self.model.load_state_dict(resume_from["state_dict"])
+        self.method.load_state_dict(training.get("method", {}))  # format 2 (before methods had state): none
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        self.scaler.load_state_dict(training["scaler"])
+        self.train_loader.load_state_dict(training["loader"])
         # each rank's own generators and partial sums (one process: they are the training state's)
         mine = training["ranks"][world.rank] if world.distributed else training
         set_rng_state(mine["rng"])
-        best.best_epoch, best.best_val_acc = training["best_epoch"], training["best_val_acc"]
-        history, done = training["history"], resume_from["epoch"]
+        self.best.best_epoch, self.best.best_val_acc = training["best_epoch"], training["best_val_acc"]
+        self.history, self.done = training["history"], resume_from["epoch"]
         if mine["partial"] is not None:
-            partial = EpochTotals.from_state(mine["partial"], compute.device)
-        position = f"epoch {done}" + (f" and {partial.steps} steps of epoch {done + 1}" if partial else "")
-        saved = f"last.pt holds {position}"
-        log.info(f"{label}: resuming after {position}")
-    if world.is_main:
-        _write_metrics(metrics_path, history)  # lines beyond the checkpoint (if any) would be repeated
-    trackers = trackers or Trackers({})
-    trackers.start(history)
+            self.partial = EpochTotals.from_state(mine["partial"], self.compute.device)
+        position = f"epoch {self.done}" + (f" and {self.partial.steps} steps of epoch {self.done + 1}" if self.partial else "")
+        self.saved = f"last.pt holds {position}"
+        log.info(f"{self.label}: resuming after {position}")
 
-    def save(epoch: int, val_acc: float | None, unfinished: EpochTotals | None, improved: bool) -> None:
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epochs done, steps done of the next epoch): where training continues."""
+        return self.done, self.partial.steps if self.partial else 0
+
+    def begin_epoch(self, epoch: int) -> EpochTotals:
+        """Start 1-based `epoch` (or continue its saved part): its running totals, the bar, train mode."""
+        self.totals, self.partial = self.partial or EpochTotals(self.compute.device), None
+        self.progress.start_epoch(epoch, done=self.totals.steps)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.method.train()
+        self.model.train()
+        return self.totals
+
+    def train_step(self, batch: Batch, epoch: int) -> None:
+        """One optimisation step on `batch`, added to the epoch's totals."""
+        _train_step(self.model, self.method, self.step, batch, epoch, self.optimizer, self.scaler, self.compute, self.totals)
+
+    def _save(self, epoch: int, val_acc: float | None, unfinished: EpochTotals | None, improved: bool) -> None:
         """Write last.pt (and best.pt when `improved`) on rank 0, with every rank's RNG states."""
+        world = self.compute.world
         every_rank = world.gather({"rng": rng_state(), "partial": None if unfinished is None else unfinished.state_dict()})
         if not world.is_main:
             return
         training = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "loader": train_loader.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.train_loader.state_dict(),
             "rng": every_rank[0]["rng"],
-            "best_epoch": best.best_epoch,
-            "best_val_acc": best.best_val_acc,
-            "history": history,
+            "best_epoch": self.best.best_epoch,
+            "best_val_acc": self.best.best_val_acc,
+            "history": self.history,
             "partial": every_rank[0]["partial"],
-            "method": {name: value.detach().cpu() for name, value in method.state_dict().items()},
+            "method": {name: value.detach().cpu() for name, value in self.method.state_dict().items()},
             "world_size": world.size,
         }
         if world.distributed:
             training["ranks"] = every_rank
-        checkpoint = make_checkpoint({"epoch": epoch, "val_acc": val_acc})
-        if save_best is not None and unfinished is None:
-            save_best(epoch, history)
-        elif save_best is None and improved:
-            save_atomic(checkpoint, run_dir / BEST)
-        save_last({**checkpoint, "training": training}, run_dir)
+        checkpoint = self.make_checkpoint({"epoch": epoch, "val_acc": val_acc})
+        if self.save_best is not None and unfinished is None:
+            self.save_best(epoch, self.history)
+        elif self.save_best is None and improved:
+            save_atomic(checkpoint, self.run_dir / BEST)
+        save_last({**checkpoint, "training": training}, self.run_dir)
 
-    with EpochProgress(label, epochs, len(train_loader)) as progress, StopSignals() as stop:
-        for epoch in range(done + 1, epochs + 1):
-            totals, partial = partial or EpochTotals(compute.device), None
-            progress.start_epoch(epoch, done=totals.steps)
-            lr = optimizer.param_groups[0]["lr"]
-            method.train()
-            stopping = _train_epoch(model, method, step, epoch, train_loader, optimizer, scaler, compute, progress, totals, stop)
-            read = totals.read(trained, world)
-            check_finite(read, totals.steps * world.size, scaler.is_enabled(), f"{label} epoch {epoch}", saved)
-            if stopping and totals.steps < len(train_loader):  # save the epoch to continue later
-                save(epoch - 1, None, totals, improved=False)
-                raise Interrupted(stop.signum or signal.SIGTERM, f"{label} epoch {epoch} step {totals.steps}/{len(train_loader)}, saved to last.pt")
-            scheduler.step()
-            if not world.is_main:  # rank 0 evaluates, logs and writes; the others only help save
-                save(epoch, None, None, improved=False)
-                if stopping:
-                    raise Interrupted(stop.signum or signal.SIGTERM, f"after {label} epoch {epoch}")
-                continue
-            if validate is not None:
-                validation = validate()
-            else:
-                validation = {"val_acc": evaluate(model, val_loader, compute, num_classes).overall if val_loader is not None else None}
-            val_acc = validation["val_acc"]
-            metrics = {
-                "epoch": epoch,
-                **read["losses"],
-                "train_acc": read["train_acc"],
-                **validation,
-                "lr": lr,
-                "images_per_s": read["images"] / totals.seconds,
-                "seconds": totals.seconds,
-            }
-            history.append(metrics)
-            append_text(metrics_path, json.dumps(metrics) + "\n")
-            progress.end_epoch(metrics, list(read["losses"]))
-            improved = val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc
-            if improved:
-                best.best_epoch, best.best_val_acc = epoch, val_acc
-            save(epoch, val_acc, None, improved)
-            saved = f"last.pt holds epoch {epoch}"
-            trackers.log_epoch(metrics, epoch)
+    def end_epoch(self, epoch: int, stopping: bool, signum: int | None) -> None:
+        """Close `epoch` after its steps: check it is finite, step the schedule, validate, append the metrics,
+        save last.pt/best.pt. Stopped mid-epoch (`stopping`, by signal `signum`), save the part done and
+        raise Interrupted; raises DistillError for a diverged epoch (nothing saved)."""
+        totals, world, label = self.totals, self.compute.world, self.label
+        read = totals.read(self.trained, world)
+        check_finite(read, totals.steps * world.size, self.scaler.is_enabled(), f"{label} epoch {epoch}", self.saved)
+        if stopping and totals.steps < len(self.train_loader):  # save the epoch to continue later
+            self._save(epoch - 1, None, totals, improved=False)
+            raise Interrupted(signum or signal.SIGTERM, f"{label} epoch {epoch} step {totals.steps}/{len(self.train_loader)}, saved to last.pt")
+        self.scheduler.step()
+        self.done = epoch
+        if not world.is_main:  # rank 0 evaluates, logs and writes; the others only help save
+            self._save(epoch, None, None, improved=False)
             if stopping:
-                raise Interrupted(stop.signum or signal.SIGTERM, f"after {label} epoch {epoch}, saved to last.pt")
-    return best
+                raise Interrupted(signum or signal.SIGTERM, f"after {label} epoch {epoch}")
+            return
+        if self.validate is not None:
+            validation = self.validate()
+        else:
+            accuracy = evaluate(self.model, self.val_loader, self.compute, self.num_classes) if self.val_loader is not None else None
+            validation = {"val_acc": None if accuracy is None else accuracy.overall}
+        val_acc = validation["val_acc"]
+        metrics = {
+            "epoch": epoch,
+            **read["losses"],
+            "train_acc": read["train_acc"],
+            **validation,
+            "lr": self.lr,
+            "images_per_s": read["images"] / totals.seconds,
+            "seconds": totals.seconds,
+        }
+        self.history.append(metrics)
+        append_text(self.metrics_path, json.dumps(metrics) + "\n")
+        self.progress.end_epoch(metrics, list(read["losses"]))
+        improved = val_acc is None or self.best.best_val_acc is None or val_acc > self.best.best_val_acc
+        if improved:
+            self.best.best_epoch, self.best.best_val_acc = epoch, val_acc
+        self._save(epoch, val_acc, None, improved)
+        self.saved = f"last.pt holds epoch {epoch}"
+        self.trackers.log_epoch(metrics, epoch)
+        if stopping:
+            raise Interrupted(signum or signal.SIGTERM, f"after {label} epoch {epoch}, saved to last.pt")
+
+
+def fit_together(trainings: list[Training], loader, streams: list[dict]) -> list[DistillError | None]:
+    """Train several networks on the same batches of `loader` (one iteration: one data order and
+    augmentation per step), each as `fit` trains it alone: its own step, optimizer, schedule, metrics and
+    checkpoints, and its own global RNG stream `streams[k]` (an `rng_state()`, kept up to date here),
+    swapped in around everything it does, so its dropout draws are those of a run alone. Every training
+    must continue from the same position. A diverged network stops alone: its DistillError is returned in
+    its place (None: finished); the others go on. SIGINT/SIGTERM: each saves last.pt, then Interrupted.
+    Single-process only. Each epoch's seconds are the wall time of the shared epoch."""
+    if len({training.position for training in trainings}) > 1:
+        raise DistillError(f"fused runs must continue from the same epoch and step; found {sorted({t.position for t in trainings})}")
+    if trainings[0].compute.world.distributed:
+        raise DistillError("fused runs train in one process (not with several processes)")
+    errors: list[DistillError | None] = [None] * len(trainings)
+    running = list(range(len(trainings)))
+    first = trainings[0]
+
+    def as_run(k: int, action: Callable[[], None]) -> None:
+        """`action()` with training k's RNG stream in place (its failure recorded, the stream kept)."""
+        set_rng_state(streams[k])
+        try:
+            action()
+        except DistillError as error:
+            errors[k] = error
+            running.remove(k)
+        finally:
+            streams[k] = rng_state()
+
+    with first.progress as progress, StopSignals() as stop:
+        for epoch in range(first.done + 1, first.epochs + 1):
+            for k in list(running):
+                as_run(k, partial(trainings[k].begin_epoch, epoch))
+            start = time.perf_counter()
+            stopping = False
+            for batch in loader:
+                for k in list(running):
+                    as_run(k, partial(trainings[k].train_step, batch, epoch))
+                progress.advance()
+                stopping = stop.signum is not None
+                if stopping:
+                    break
+            seconds = time.perf_counter() - start
+            interrupted = None
+            for k in list(running):
+                trainings[k].totals.seconds += seconds
+                try:
+                    as_run(k, partial(trainings[k].end_epoch, epoch, stopping, stop.signum))
+                except Interrupted as stopped:
+                    interrupted = stopped
+            if interrupted is not None:
+                raise interrupted
+            if not running:
+                break
+    return errors
+
+
+def _train_step(model, method, step: Step, batch: Batch, epoch: int, optimizer, scaler, compute: Compute, totals: EpochTotals) -> None:
+    """One optimisation step of `step` on `batch` (gradients of the method's trainable parts averaged over
+    the processes), added to `totals`."""
+    with compute.autocast():
+        parts, logits = step(batch, epoch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(parts["loss"]).backward()
+    compute.world.average_gradients(method)
+    scaler.step(optimizer)
+    scaler.update()
+    totals.add(parts, logits, batch.labels)
 
 
 def _train_epoch(
@@ -594,14 +719,7 @@ def _train_epoch(
     start = time.perf_counter()
     stopping = False
     for batch in loader:
-        with compute.autocast():
-            parts, logits = step(batch, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(parts["loss"]).backward()
-        world.average_gradients(method)
-        scaler.step(optimizer)
-        scaler.update()
-        totals.add(parts, logits, batch.labels)
+        _train_step(model, method, step, batch, epoch, optimizer, scaler, compute, totals)
         progress.advance()
         stopping = world.any(stop.signum is not None)
         if stopping:

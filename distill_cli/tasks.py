@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -86,7 +86,7 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
     return compute, data, Loaders(train, val, eval_loader(data.test), eval_loader, pipeline)
 
 
-def fit_network(
+def fit_options(
     model: nn.Module,
     step,
     cfg: RunConfig,
@@ -100,19 +100,20 @@ def fit_network(
     make_checkpoint: Callable[[dict], dict],
     method: nn.Module | None = None,
     **fit_options,
-) -> FitResult:
-    """`fit` `model` (and `method`'s trainable parts, with the same optimizer) with the run's optimizer and
-    schedule; with `cfg.resume`, from the run's last checkpoint. `fit_options` go to `fit` as they are."""
+) -> dict:
+    """`fit`'s (and `Training`'s) arguments for `model` (and `method`'s trainable parts, with the same optimizer)
+    with the run's optimizer and schedule; with `cfg.resume`, from the run's last checkpoint. `fit_options`
+    go to `fit` as they are."""
     trained = model if method is None else nn.ModuleList([model, method])
     optimizer = build_optimizer(trained, cfg.optimizer, compute.device)
     scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
     # with several processes rank 0 reads the checkpoint and every rank gets it
     resume_from = compute.world.on_main(lambda: load_resume_checkpoint(run_dir, to_plain(cfg))) if cfg.resume else None
-    return fit(
-        model,
-        step,
-        loaders.train,
-        loaders.val,
+    return dict(
+        model=model,
+        step=step,
+        train_loader=loaders.train,
+        val_loader=loaders.val,
         optimizer=optimizer,
         scheduler=scheduler,
         compute=compute,
@@ -126,6 +127,11 @@ def fit_network(
         trackers=trackers,
         **fit_options,
     )
+
+
+def fit_network(*args, **options) -> FitResult:
+    """`fit` with `fit_options(*args, **options)`."""
+    return fit(**fit_options(*args, **options))
 
 
 def checkpoint_maker(model: nn.Module, model_cfg: ModelConfig, cfg: RunConfig, data: DataSplits) -> Callable[[dict], dict]:
@@ -360,9 +366,37 @@ def _load_model(path: Path, expected: ModelConfig, key: str, data: DataSplits, c
     return compute.place(model).eval().requires_grad_(False)
 
 
+class Shared:
+    """Work that kd runs on the same data with the same teacher do once for all (a fused group's jobs share
+    one; a run alone has its own): results by key, made on first use."""
+
+    def __init__(self):
+        self.results: dict = {}
+
+    def once(self, key, make: Callable[[], object]):
+        """The result of `key`, made by `make()` the first time it is asked for."""
+        if key not in self.results:
+            self.results[key] = make()
+        return self.results[key]
+
+
+def once_per_batch(forward: Callable) -> Callable:
+    """`forward` that runs once per batch: called again with the same images tensor (the next student's
+    step on the same batch), it returns the outputs it computed for them."""
+    last: dict = {}
+
+    def shared_forward(images):
+        if last.get("images") is not images:
+            last.update(images=images, outputs=forward(images))
+        return last["outputs"]
+
+    return shared_forward
+
+
 @dataclass
 class KDRun:
-    """What every part of a kd run works with: its config, folder, device, data, loaders and trackers."""
+    """What every part of a kd run works with: its config, folder, device, data, loaders and trackers, and
+    what it shares with the runs fused with it (`Shared`)."""
 
     cfg: KDConfig
     run_dir: Path
@@ -370,6 +404,7 @@ class KDRun:
     data: DataSplits
     loaders: Loaders
     trackers: Trackers
+    shared: Shared = field(default_factory=Shared)
 
     def evaluate(self, model: nn.Module):
         """`model`'s test accuracy (overall and per class)."""
@@ -447,6 +482,22 @@ def baseline_entry(run: KDRun, student_cfg: ModelConfig, folder: Path) -> dict:
 def distil(run: KDRun, summary: dict) -> None:
     """One student from one teacher (or an ensemble of teachers) with the method `cfg.loss`, into the run
     folder; fills `summary` with teacher, baseline, student, KD gain, compression and speed-up."""
+    cfg = run.cfg
+    student, objective, step, teacher = prepare_student(run, summary)
+    student_result = _train_network(
+        student, cfg.student, step, cfg, cfg.epochs, run.compute, run.data, run.loaders, run.run_dir, "student", run.trackers,
+        method=objective,
+    )
+    if student_result is None:  # not rank 0: its part is done
+        return
+    student_results(run, summary, student_result, objective, teacher, student)
+
+
+def prepare_student(run: KDRun, summary: dict) -> tuple[nn.Module, nn.Module, object, nn.Module | None]:
+    """Everything `distil` needs before the student trains: the config checked, the teacher (and the
+    baseline) obtained into `summary`, the teacher's logits cached where exact, and the student and its
+    objective built from the run's seed. Returns (student, objective, training step, teacher or None).
+    The teacher's logits table and its forward pass (once per batch) come from `run.shared`."""
     cfg, compute, data, loaders = run.cfg, run.compute, run.data, run.loaders
     with_teacher, cache_logits = _check_before_training(cfg, compute, data, loaders)
     teacher = None
@@ -457,33 +508,39 @@ def distil(run: KDRun, summary: dict) -> None:
             summary["baseline"] = baseline_entry(run, cfg.student, run.run_dir / "baseline")
     cached_logits = None
     if cache_logits:
-        cached_logits = teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
+        cached_logits = run.shared.once(
+            "teacher_logits", lambda: teacher_logits(teacher, loaders.eval_loader(data.train), compute, data.info.num_classes)
+        )
         log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
     summary["teacher_logits_cached"] = cached_logits is not None
     seed_everything(cfg.seed)
     student = compute.place(build_model(cfg.student, data.info, "student"))
     objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
+    if teacher_forward is not None:
+        key = ("teacher_forward", objective.method.teacher_points)
+        teacher_forward = run.shared.once(key, lambda: once_per_batch(teacher_forward))
     step = kd_step(student_forward, None if cached_logits is not None else teacher_forward, objective, cached_logits)
-    student_result = _train_network(
-        student, cfg.student, step, cfg, cfg.epochs, compute, data, loaders, run.run_dir, "student", run.trackers, method=objective
-    )
-    if student_result is None:  # not rank 0: its part is done
-        return
-    student_result["method_params"] = count_parameters(objective)
-    summary["student"] = student_result
+    return student, objective, step, teacher
+
+
+def student_results(run: KDRun, summary: dict, result: dict, objective: nn.Module, teacher: nn.Module | None, student: nn.Module) -> None:
+    """Fill `summary` with the trained student's entry `result`, its gain over the baseline and, with a
+    teacher, compression and speed-up."""
+    result["method_params"] = count_parameters(objective)
+    summary["student"] = result
     if summary.get("baseline"):
         # what KD bought: the distilled student against the same student trained alone
-        summary["kd_gain"] = student_result["test_acc_best"] - summary["baseline"]["test_acc_best"]
+        summary["kd_gain"] = result["test_acc_best"] - summary["baseline"]["test_acc_best"]
     if teacher is not None:
         compare_with_teacher(run, summary, teacher, student)
 
 
 def compare_with_teacher(run: KDRun, summary: dict, teacher: nn.Module, student: nn.Module) -> None:
     """Compression (teacher / student parameters) and how much faster the product is: forward images/s
-    on the test split, same device and precision."""
+    on the test split, same device and precision (the teacher's measured once for the runs sharing it)."""
     compute, test = run.compute, run.loaders.test
     summary["compression"] = summary["teacher"]["params"] / summary["student"]["params"]
-    summary["teacher"]["inference_images_per_s"] = inference_rate(teacher, test, compute)
+    summary["teacher"]["inference_images_per_s"] = run.shared.once("teacher_rate", lambda: inference_rate(teacher, test, compute))
     summary["student"]["inference_images_per_s"] = inference_rate(student, test, compute)
     summary["speedup"] = summary["student"]["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]
 

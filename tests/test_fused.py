@@ -1,0 +1,102 @@
+"""Fused kd jobs (distill_cli/fused.py): students trained on shared batches give what each gives alone."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import distill_cli.tasks as tasks
+from distill_cli.checkpoint import load_checkpoint
+from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.fused import group_key, run_kd_fused
+
+from conftest import comparable_results, metrics_without_timing, on_training_step, small_kd_config, small_train_config
+
+pytestmark = pytest.mark.usefixtures("quiet_results")
+
+
+def _jobs(root) -> list:
+    """Three kd jobs of one fused group: a given teacher, a student with dropout, augmented data; they
+    differ in T, alpha and the student's learning rate."""
+    teacher_dir = root / "teacher"
+    tasks.run_train(small_train_config(root), teacher_dir)
+    teacher = TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}, checkpoint=str(teacher_dir / "best.pt"))
+    student = ModelConfig(arch="mlp", kwargs={"hidden": [16], "dropout": 0.3})
+    base = small_kd_config(root, teacher=teacher, student=student, baseline=False)
+    base = replace(base, dataset=replace(base.dataset, augment=True))
+    return [
+        replace(base, T=2.0, alpha=0.5),
+        replace(base, T=4.0, alpha=0.9),
+        replace(base, T=4.0, alpha=0.5, optimizer=replace(base.optimizer, lr=0.05)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """The jobs and their folders when each runs alone (`run_kd`)."""
+    root = tmp_path_factory.mktemp("fused")
+    cfgs = _jobs(root)
+    folders = [root / "alone" / str(n) for n in range(len(cfgs))]
+    for cfg, folder in zip(cfgs, folders):
+        tasks.run_kd(cfg, folder)
+    return cfgs, folders
+
+
+def _same_run(fused, alone) -> None:
+    """Two run folders hold the same training: metrics, summary results and best/last weights."""
+    assert metrics_without_timing(fused) == metrics_without_timing(alone)
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (fused, alone)]
+    assert summaries[0]["status"] == "completed"
+    assert comparable_results(summaries[0]) == comparable_results(summaries[1])
+    for name in ("best.pt", "last.pt"):
+        weights = [load_checkpoint(folder / name)["state_dict"] for folder in (fused, alone)]
+        assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[1])
+
+
+def test_fused_students_train_exactly_as_alone_with_one_teacher_forward_per_batch(alone, tmp_path, monkeypatch):
+    cfgs, alone_folders = alone
+    assert len({group_key(cfg) for cfg in cfgs}) == 1
+    teacher_runs = []
+    build_objective = tasks.build_objective
+
+    def counting_build_objective(*args):
+        objective, student_forward, teacher_forward = build_objective(*args)
+        return objective, student_forward, lambda images: teacher_runs.append(1) or teacher_forward(images)
+
+    monkeypatch.setattr(tasks, "build_objective", counting_build_objective)
+    folders = [tmp_path / str(n) for n in range(len(cfgs))]
+    summaries = run_kd_fused(cfgs, folders)
+    assert [s["status"] for s in summaries] == ["completed"] * 3
+    for fused, single in zip(folders, alone_folders):
+        _same_run(fused, single)
+    steps = len(metrics_without_timing(folders[0])) * len(tasks.prepare_run(cfgs[0])[2].train)
+    assert len(teacher_runs) == steps  # once per batch, not once per student
+
+
+def test_a_diverged_student_fails_alone_and_the_others_finish(alone, tmp_path, monkeypatch):
+    cfgs, alone_folders = alone
+    on_training_step(monkeypatch, 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
+    folders = [tmp_path / str(n) for n in range(len(cfgs))]
+    summaries = run_kd_fused(cfgs, folders)  # the second student's first step: its loss is NaN
+    assert [s["status"] for s in summaries] == ["completed", "failed", "completed"]
+    assert summaries[1]["error"].startswith("student epoch 1: training diverged, loss NaN/Inf at step 1")
+    assert json.loads((folders[1] / "summary.json").read_text())["error"] == summaries[1]["error"]
+    assert not (folders[1] / "last.pt").exists()
+    for n in (0, 2):
+        _same_run(folders[n], alone_folders[n])
+
+
+def test_only_jobs_with_the_same_data_and_teacher_fuse(tmp_path):
+    cfg = small_kd_config(tmp_path)
+    same = [replace(cfg, T=8.0, alpha=0.1), replace(cfg, loss={**cfg.loss, "name": "kd"}), replace(cfg, optimizer=replace(cfg.optimizer, lr=1.0))]
+    assert {group_key(other) for other in same} == {group_key(cfg)}
+    apart = [
+        replace(cfg, seed=1),
+        replace(cfg, epochs=3),
+        replace(cfg, teacher=replace(cfg.teacher, kwargs={"width": 4})),
+        replace(cfg, dataset=replace(cfg.dataset, augment=True)),
+        replace(cfg, loss={"name": "dkd"}),
+    ]
+    assert len({group_key(other) for other in [cfg, *apart]}) == len(apart) + 1
+    assert group_key(replace(cfg, peers=["mlp", "cnn"])) is None  # the training modes run alone
