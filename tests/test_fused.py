@@ -1,6 +1,8 @@
 """Fused kd jobs (distill_cli/fused.py): students trained on shared batches give what each gives alone."""
 
 import json
+import os
+import signal
 from dataclasses import replace
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import load_checkpoint
 from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.errors import Interrupted
 from distill_cli.fused import group_key, run_kd_fused
 
 from conftest import comparable_results, metrics_without_timing, on_training_step, small_kd_config, small_train_config
@@ -100,3 +103,26 @@ def test_only_jobs_with_the_same_data_and_teacher_fuse(tmp_path):
     ]
     assert len({group_key(other) for other in [cfg, *apart]}) == len(apart) + 1
     assert group_key(replace(cfg, peers=["mlp", "cnn"])) is None  # the training modes run alone
+
+
+def test_an_interrupted_fused_group_resumes_exactly_fused_or_job_by_job(alone, tmp_path, monkeypatch):
+    cfgs, alone_folders = alone
+    steps = len(tasks.prepare_run(cfgs[0])[2].train)
+
+    def interrupt(parts):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return parts
+
+    on_training_step(monkeypatch, (steps + 4) * len(cfgs) + 2, interrupt, factory="kd_step")  # epoch 2, step 5, student 2
+    folders = [tmp_path / str(n) for n in range(len(cfgs))]
+    with pytest.raises(Interrupted):
+        run_kd_fused(cfgs, folders)
+    for folder in folders:  # every student saved the same position
+        last = load_checkpoint(folder / "last.pt")
+        assert last["epoch"] == 1 and last["training"]["partial"]["steps"] == 5
+    monkeypatch.undo()
+    resumed = [replace(cfg, resume=True) for cfg in cfgs]
+    tasks.run_kd(resumed[0], folders[0])  # `distill resume` of one job folder: that job alone
+    run_kd_fused(resumed[1:], folders[1:])  # the rest of the group, fused again
+    for fused, single in zip(folders, alone_folders):
+        _same_run(fused, single)
