@@ -289,7 +289,8 @@ def made_once(cfg: KDConfig, recipe: dict, folder: Path, label: str, make: Calla
         if reused is not None:
             return reused
         make(folder)
-        return world.on_main(lambda: (cache.publish(recipe, folder / BEST), "trained"))
+        # `make` may have published it itself (run_train does)
+        return world.on_main(lambda: (cache.lookup(recipe) or cache.publish(recipe, folder / BEST), "trained"))
 
 
 def _reusable(cfg: KDConfig, cache: TeacherCache, recipe: dict, folder: Path, label: str) -> tuple[Path, str] | None:
