@@ -53,6 +53,8 @@ SHIP_OPTIONS = {
 
 # (run folder, one-line error) of each job that failed in this process; reported by main()
 FAILED_JOBS: list[tuple[str, str]] = []
+# the launchers that run a sweep's jobs in this process, one after another (the terminal is not shared)
+IN_PROCESS_LAUNCHERS = (".BasicLauncher", ".FusedLauncher")
 
 
 def _task(command: str, cfg) -> float | None:
@@ -67,21 +69,14 @@ def _task(command: str, cfg) -> float | None:
     from hydra.types import RunMode
 
     from .config import validate_config
-    from .files import write_json_atomic
     from .report import log, share_terminal
 
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir).resolve()
-    if hydra_config.mode == RunMode.MULTIRUN and not hydra_config.launcher._target_.endswith(".BasicLauncher"):
+    if hydra_config.mode == RunMode.MULTIRUN and not hydra_config.launcher._target_.endswith(IN_PROCESS_LAUNCHERS):
         share_terminal(hydra_config.job.num)
 
-    def record(summary: dict) -> None:
-        """Write how the run ended into summary.json; a disk too full for it gets a log line, not a second error."""
-        try:
-            write_json_atomic({"command": command, **summary, "config": to_plain(cfg)}, run_dir / "summary.json")
-        except (OSError, DistillError) as error:
-            log.warning(f"summary.json not written: {one_line(error)}")
-
+    record = partial(record_summary, command, cfg, run_dir)
     try:
         config = validate_config(command, cfg)
         if command in ("train", "kd") and (config.device.processes > 1 or _torchrun_world_size()):
@@ -106,6 +101,17 @@ def _task(command: str, cfg) -> float | None:
             log.error(f"job {hydra_config.job.num} failed: {message}")
         record({"status": "failed", "error": message})
         return None
+
+
+def record_summary(command: str, cfg, run_dir: Path, summary: dict) -> None:
+    """Write how a run ended into its summary.json; a disk too full for it gets a log line, not a second error."""
+    from .files import write_json_atomic
+    from .report import log
+
+    try:
+        write_json_atomic({"command": command, **summary, "config": to_plain(cfg)}, run_dir / "summary.json")
+    except (OSError, DistillError) as error:
+        log.warning(f"summary.json not written: {one_line(error)}")
 
 
 def _torchrun_world_size() -> int:

@@ -34,7 +34,7 @@ from .models.features import feature_extractor
 from .models.fold import fold_batch_norm
 from .errors import DistillError, Interrupted
 from .files import append_text, atomic_write
-from .report import EpochProgress, log
+from .report import EpochProgress, log, logging_run
 from .trackers import Trackers
 
 # a training step: (batch, 1-based epoch) -> ({"loss": total, "loss/<term>": ...}, logits)
@@ -659,7 +659,8 @@ def fit_together(trainings: list[Training], loader, streams: list[dict]) -> list
         """`action()` with training k's RNG stream in place (its failure recorded, the stream kept)."""
         set_rng_state(streams[k])
         try:
-            action()
+            with logging_run(trainings[k].run_dir):
+                action()
         except DistillError as error:
             errors[k] = error
             running.remove(k)

@@ -17,7 +17,7 @@ from .engine import Training, fit_together, rng_state
 from .errors import DistillError
 from .files import write_json_atomic
 from .modes import kd_mode
-from .report import log
+from .report import job_log_files, log, logging_run
 from .tasks import (
     KDRun,
     Shared,
@@ -60,33 +60,35 @@ def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path]) -> list[dict]:
         shared = Shared()
         jobs, trainings, streams = [], [], []
         for index, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
-            trackers = stack.enter_context(open_trackers(cfg, run_dir, "kd"))
-            run = KDRun(cfg, run_dir, compute, data, loaders, trackers, shared)
-            summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
-            summary.update(mode="single", T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
-            try:
-                student, objective, step, teacher = prepare_student(run, summary)
-                make_checkpoint = checkpoint_maker(student, cfg.student, cfg, data)
-                options = fit_options(student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student", trackers, make_checkpoint, objective)
-                trainings.append(Training(**options))
-            except DistillError as error:
-                summaries[index] = _failed(cfg, run_dir, error)
-                continue
+            with logging_run(run_dir):
+                trackers = stack.enter_context(open_trackers(cfg, run_dir, "kd"))
+                run = KDRun(cfg, run_dir, compute, data, loaders, trackers, shared)
+                summary = _run_header("kd", cfg, compute, data, loaders, run_dir)
+                summary.update(mode="single", T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
+                try:
+                    student, objective, step, teacher = prepare_student(run, summary)
+                    make_checkpoint = checkpoint_maker(student, cfg.student, cfg, data)
+                    options = fit_options(student, step, cfg, cfg.epochs, compute, data, loaders, run_dir, "student", trackers, make_checkpoint, objective)
+                    trainings.append(Training(**options))
+                except DistillError as error:
+                    summaries[index] = _failed(cfg, run_dir, error)
+                    continue
             streams.append(rng_state())  # the student's RNG stream, as its run alone starts training with it
             jobs.append((index, run, summary, student, objective, teacher))
         log.info(f"fused: {len(trainings)} students train on shared batches")
         errors = fit_together(trainings, loaders.train, streams) if trainings else []
         for (index, run, summary, student, objective, teacher), training, error in zip(jobs, trainings, errors):
-            if error is not None:
-                summaries[index] = _failed(run.cfg, run.run_dir, error)
-                continue
-            result = trained_result(student, run.cfg.student, training.best, run.run_dir / BEST, compute, data, loaders)
-            student_results(run, summary, result, objective, teacher, student)
-            summary["wall_time_s"] = time.perf_counter() - start
-            write_json_atomic(summary, run.run_dir / "summary.json")
-            run.trackers.log_summary(summary)
-            print_results(summary, per_class=run.cfg.per_class)
-            summaries[index] = summary
+            with logging_run(run.run_dir):
+                if error is not None:
+                    summaries[index] = _failed(run.cfg, run.run_dir, error)
+                    continue
+                result = trained_result(student, run.cfg.student, training.best, run.run_dir / BEST, compute, data, loaders)
+                student_results(run, summary, result, objective, teacher, student)
+                summary["wall_time_s"] = time.perf_counter() - start
+                write_json_atomic(summary, run.run_dir / "summary.json")
+                run.trackers.log_summary(summary)
+                print_results(summary, per_class=run.cfg.per_class)
+                summaries[index] = summary
     return summaries
 
 
@@ -97,3 +99,116 @@ def _failed(cfg: KDConfig, run_dir: Path, error: DistillError) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(summary, run_dir / "summary.json")
     return summary
+
+
+def launch_fused(hydra_context, task_function, config, job_overrides, initial_job_idx: int) -> list:
+    """`hydra/launcher=fused` (hydra_plugins/distill_fused_launcher): the sweep's kd jobs of one `group_key`
+    train fused (`run_kd_fused`), each in the folder Hydra's basic launcher gives it (`.hydra/`, its log file);
+    any other job (a group of one, a training mode, a config that does not validate, `distill train`) runs as
+    the basic launcher runs it. Returns Hydra's JobReturn of each job, in the sweep's order."""
+    from hydra.core.utils import configure_log, filter_overrides, setup_globals
+    from omegaconf import OmegaConf, open_dict
+
+    from .sweeps import SweepRefused
+
+    setup_globals()
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for num, overrides in enumerate(job_overrides, start=initial_job_idx):
+        job = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(job):
+            job.hydra.job.id = job.hydra.job.num = num
+        jobs.append(job)
+        processes = OmegaConf.select(job, "device.processes", default=1)
+        if processes != 1:
+            raise SweepRefused(
+                f"hydra/launcher=fused trains a sweep's jobs in this process; job {num} has device.processes={processes} "
+                "(use the basic launcher for data-parallel jobs)"
+            )
+    command = config.hydra.job.config_name
+    groups: dict[object, list[int]] = {}  # by group_key; a job that runs alone by its position
+    for position, job in enumerate(jobs):
+        key = _fusion_key(command, job)
+        groups.setdefault(position if key is None else key, []).append(position)
+    log.info(f"Launching {len(jobs)} jobs in {len(groups)} group(s) (hydra/launcher=fused)")
+    returns = {}
+    for members in groups.values():
+        for position in members:
+            log.info(f"\t#{jobs[position].hydra.job.num} : {' '.join(filter_overrides(job_overrides[position]))}")
+        if len(members) == 1:
+            returns[members[0]] = _run_job(hydra_context, task_function, jobs[members[0]])
+        else:
+            returns.update(zip(members, _run_group(hydra_context, command, [jobs[n] for n in members])))
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return [returns[position] for position in range(len(jobs))]
+
+
+def _fusion_key(command: str, job) -> str | None:
+    """The `group_key` of a sweep job's composed config; None for one that runs alone."""
+    import copy
+
+    from omegaconf import open_dict, read_write
+
+    from .config import validate_config
+
+    if command != "kd":
+        return None
+    task_config = copy.deepcopy(job)
+    with read_write(task_config), open_dict(task_config):
+        del task_config["hydra"]
+    try:
+        return group_key(validate_config(command, task_config))
+    except Exception:  # a config that does not validate runs alone, and its own run says what is wrong
+        return None
+
+
+def _run_job(hydra_context, task_function, job):
+    """One job as Hydra's basic launcher runs it: its folder, `.hydra/`, log file, then `task_function`."""
+    from hydra.core.utils import run_job
+
+    return run_job(
+        hydra_context=hydra_context, task_function=task_function, config=job,
+        job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
+    )
+
+
+def _run_group(hydra_context, command: str, jobs: list) -> list:
+    """Kd jobs of one group: each job's folder set up by Hydra (`_run_job` with a task that only validates its
+    config), then all trained fused; failures and interrupts recorded as `distill` records a job's."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from .cli import FAILED_JOBS, one_line, record_summary
+    from .config import validate_config
+    from .errors import Interrupted
+    from .runs import resume_command, search_objective
+
+    prepared: list[tuple[KDConfig, Path]] = []
+
+    def prepare(cfg) -> None:
+        prepared.append((validate_config(command, cfg), Path(HydraConfig.get().runtime.output_dir).resolve()))
+
+    returns = [_run_job(hydra_context, prepare, job) for job in jobs]
+    cfgs, run_dirs = [cfg for cfg, _ in prepared], [run_dir for _, run_dir in prepared]
+    try:
+        with job_log_files(run_dirs, command):
+            summaries = run_kd_fused(cfgs, run_dirs)
+    except KeyboardInterrupt as interrupt:
+        stopped = Interrupted.wrap(interrupt)
+        for cfg, run_dir in prepared:
+            record_summary(command, cfg, run_dir, {"status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)})
+        stopped.run_dir = run_dirs[0]
+        raise stopped from None
+    except Exception as error:  # what the jobs share failed (the data, the teacher): every job of the group failed
+        if os.environ.get("DISTILL_TRACEBACK") == "1":
+            raise
+        summaries = [{"status": "failed", "error": one_line(error)} for _ in prepared]
+        for cfg, run_dir in prepared:
+            record_summary(command, cfg, run_dir, summaries[0])
+    for job_return, run_dir, summary in zip(returns, run_dirs, summaries):
+        if summary["status"] == "failed":
+            FAILED_JOBS.append((str(run_dir), summary["error"]))
+        job_return.return_value = search_objective(summary)
+    return returns

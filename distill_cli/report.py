@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,6 +29,47 @@ def share_terminal(job: int) -> None:
     terminal: no live progress bars, and each console line starts with "[job N]" (its log file does not)."""
     global _LINE_PREFIX
     _LINE_PREFIX = f"[job {job}] "
+
+
+# the run folder whose lines are logged now, where one process runs several jobs (hydra/launcher=fused)
+_LOGGING_RUN: ContextVar[Path | None] = ContextVar("logging_run", default=None)
+
+
+@contextmanager
+def logging_run(run_dir: Path) -> Iterator[None]:
+    """Log lines in this block belong to the run in `run_dir` (see `job_log_files`)."""
+    token = _LOGGING_RUN.set(run_dir)
+    try:
+        yield
+    finally:
+        _LOGGING_RUN.reset(token)
+
+
+@contextmanager
+def job_log_files(run_dirs: list[Path], name: str) -> Iterator[None]:
+    """While jobs run together in this process, each job's log file `<run dir>/<name>.log` gets its own lines
+    (`logging_run`) and the lines they share, in place of the root logger's log file(s)."""
+    root = logging.getLogger()
+    replaced = [handler for handler in root.handlers if isinstance(handler, logging.FileHandler)]
+    formatter = replaced[0].formatter if replaced else logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s")
+    added = []
+    for run_dir in run_dirs:
+        handler = logging.FileHandler(run_dir / f"{name}.log")
+        handler.setFormatter(formatter)
+        handler.addFilter(lambda record, run_dir=run_dir: _LOGGING_RUN.get() in (None, run_dir))
+        added.append(handler)
+    for handler in replaced:
+        root.removeHandler(handler)
+    for handler in added:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in replaced:
+            root.addHandler(handler)
 
 
 _SILENT = False  # a data-parallel rank other than 0: rank 0 shows the progress

@@ -1,0 +1,17 @@
+"""`hydra/launcher=fused` (configs/hydra/launcher/fused.yaml). Hydra instantiates launchers only from the
+`hydra_plugins` package; the work is `distill_cli.fused.launch_fused` (imported when a sweep launches, so
+Hydra's scan of its plugins stays cheap)."""
+
+from hydra.plugins.launcher import Launcher
+
+
+class FusedLauncher(Launcher):
+    """Runs a sweep's kd jobs that share their data and teacher in one process, on shared batches."""
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def launch(self, job_overrides, initial_job_idx):
+        from distill_cli.fused import launch_fused
+
+        return launch_fused(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx)
