@@ -180,7 +180,7 @@ def _run_group(hydra_context, command: str, jobs: list) -> list:
 
     from hydra.core.hydra_config import HydraConfig
 
-    from .cli import FAILED_JOBS, one_line, record_summary
+    from .cli import one_line, record_summary
     from .config import validate_config
     from .errors import Interrupted
     from .runs import resume_command, search_objective
@@ -207,8 +207,6 @@ def _run_group(hydra_context, command: str, jobs: list) -> list:
         summaries = [{"status": "failed", "error": one_line(error)} for _ in prepared]
         for cfg, run_dir in prepared:
             record_summary(command, cfg, run_dir, summaries[0])
-    for job_return, run_dir, summary in zip(returns, run_dirs, summaries):
-        if summary["status"] == "failed":
-            FAILED_JOBS.append((str(run_dir), summary["error"]))
+    for job_return, summary in zip(returns, summaries):  # failed jobs: `distill` finds their summaries (runs.failed_jobs)
         job_return.return_value = search_objective(summary)
     return returns

@@ -43,6 +43,15 @@ def start_distill(*args: str, cwd: Path) -> subprocess.Popen:
     )
 
 
+def distill_in_process(monkeypatch, *args: str) -> int:
+    """`distill <args>` in this process (`cli.main`); the environment it sets for Hydra is undone after the test."""
+    from distill_cli import cli
+
+    for variable in ("HYDRA_FULL_ERROR", "DISTILL_TRACEBACK"):
+        monkeypatch.setenv(variable, "0")
+    return cli.main(list(args))
+
+
 # a quick recipe for the end-to-end sweep tests
 FAST_KD = ["teacher.kwargs.width=8", "epochs=2", "teacher_epochs=2", "student.kwargs.hidden=[8]"]
 
