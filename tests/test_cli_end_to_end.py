@@ -120,5 +120,6 @@ def test_wheel_carries_the_configs(tmp_path):
     )
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for config in ("train.yaml", "kd.yaml", "dataset/digits.yaml", "model/cnn.yaml", "hydra/job_logging/distill.yaml"):
+    for config in ("train.yaml", "kd.yaml", "dataset/digits.yaml", "model/cnn.yaml", "hydra/job_logging/distill.yaml", "hydra/launcher/fused.yaml"):
         assert f"distill_cli/configs/{config}" in names
+    assert "hydra_plugins/distill_fused_launcher/fused_launcher.py" in names  # Hydra takes launchers from hydra_plugins only

@@ -112,7 +112,7 @@ def test_an_interrupted_fused_job_resumes_alone_to_the_same_metrics(sweeps, tmp_
         os.kill(os.getpid(), signal.SIGTERM)
         return parts
 
-    on_training_step(monkeypatch, 4 * 25 + 2, interrupt, factory="kd_step")  # in epoch 2 (digits: 21 steps of 64)
+    on_training_step(monkeypatch, 4 * 25 + 2, interrupt, factory="kd_step")  # epoch 2, step 6, student 2 (digits: 20 steps of 64)
     status, sweep = _sweep(monkeypatch, basic.parent, "interrupted", "hydra/launcher=fused", *GRID)
     assert status == 128 + signal.SIGTERM
     for n in range(4):
@@ -123,6 +123,7 @@ def test_an_interrupted_fused_job_resumes_alone_to_the_same_metrics(sweeps, tmp_
     job = sweep / "1"
     assert distill_in_process(monkeypatch, "resume", str(job)) == 0
     assert _summary(job)["status"] == "completed"
+    assert "student: resuming after epoch 1 and 6 steps of epoch 2" in (job / "kd.log").read_text()  # not trained again from scratch
     assert metrics_without_timing(job) == metrics_without_timing(basic / "1")
 
 
