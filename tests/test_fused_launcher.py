@@ -144,3 +144,12 @@ def test_distill_train_sweeps_run_as_the_basic_launcher_runs_them(tmp_path, monk
     assert distill_in_process(monkeypatch, *args) == 0
     assert [_summary(sweep / str(n))["status"] for n in range(2)] == ["completed", "completed"]
     assert "[job" not in capsys.readouterr().out  # jobs run one after another in this process: no shared-terminal prefix
+
+
+def test_an_error_in_what_the_group_shares_fails_each_of_its_jobs_in_one_line(tmp_path, monkeypatch, capsys):
+    status, sweep = _sweep(monkeypatch, tmp_path, "missing", "hydra/launcher=fused", "T=2,4",
+                           "dataset=imagefolder", f"dataset.root={tmp_path / 'missing'}")
+    assert status == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(str(tmp_path / "missing") in error and "Traceback" not in error for error in errors)
+    assert [_summary(sweep / str(n))["status"] for n in range(2)] == ["failed", "failed"]
