@@ -204,9 +204,10 @@ def _run_group(hydra_context, command: str, jobs: list) -> list:
     except Exception as error:  # what the jobs share failed (the data, the teacher): every job of the group failed
         if os.environ.get("DISTILL_TRACEBACK") == "1":
             raise
-        summaries = [{"status": "failed", "error": one_line(error)} for _ in prepared]
+        failed = {"status": "failed", "error": one_line(error)}
         for cfg, run_dir in prepared:
-            record_summary(command, cfg, run_dir, summaries[0])
+            record_summary(command, cfg, run_dir, failed)
+        summaries = [failed] * len(prepared)
     for job_return, summary in zip(returns, summaries):  # failed jobs: `distill` finds their summaries (runs.failed_jobs)
         job_return.return_value = search_objective(summary)
     return returns
