@@ -477,7 +477,6 @@ def fit(
         num_classes=num_classes, run_dir=run_dir, make_checkpoint=make_checkpoint, label=label, resume_from=resume_from,
         method=method, trackers=trackers, validate=validate, save_best=save_best,
     )
-    world = compute.world
     with training.progress as progress, StopSignals() as stop:
         for epoch in range(training.done + 1, epochs + 1):
             totals = training.begin_epoch(epoch)
