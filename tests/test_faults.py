@@ -1,8 +1,9 @@
 """Faults, for real: kills, interrupts, damaged checkpoints, diverging losses and bad input.
 
 The in-process tests call the task functions; the `slow` ones run the real console script in a
-temporary directory, signal it once its first epoch has landed, resume it with `distill resume`
-and compare with an uninterrupted run of the same recipe (metrics without timings, test accuracies).
+temporary directory, signal it once its first epoch has landed, resume it with `distill resume` (in
+this process: `distill_main`) and compare with an uninterrupted run of the same recipe (metrics
+without timings, test accuracies).
 """
 
 import ast
@@ -42,7 +43,6 @@ from conftest import (
     metrics_without_timing,
     on_training_step,
     read_jsonl,
-    run_distill,
     start_distill,
 )
 
@@ -445,26 +445,26 @@ def _assert_continued(run: Path, saved: list[dict], reference: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_train_killed_with_a_damaged_last_checkpoint_resumes_exactly(tmp_path, train_reference):
+def test_train_killed_with_a_damaged_last_checkpoint_resumes_exactly(tmp_path, train_reference, distill_main):
     run = tmp_path / "run"
     process = start_distill("train", *TRAIN, "hydra.run.dir=run", cwd=tmp_path)
     _signal_when(process, tmp_path, "run/last.prev.pt", signal.SIGKILL)  # two epochs saved
     process.communicate()
     assert run_status(run) is None  # it died before it could finish
     (run / LAST).write_bytes(b"PK\x03\x04 damaged")
-    resumed = run_distill("resume", str(run), cwd=tmp_path)
+    resumed = distill_main("resume", str(run), cwd=tmp_path)
     assert f"resuming from {run.resolve() / PREVIOUS} instead" in resumed.stdout
     _assert_same_run(run, train_reference)
     assert (run / DAMAGED).read_bytes() == b"PK\x03\x04 damaged"  # kept aside, not rotated into last.prev.pt
 
     before = (run / LAST).stat().st_mtime_ns
-    done = run_distill("resume", str(run), cwd=tmp_path)  # a finished run: nothing to do
+    done = distill_main("resume", str(run), cwd=tmp_path)  # a finished run: nothing to do
     assert "already completed" in done.stdout and (run / LAST).stat().st_mtime_ns == before
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("part", ["teacher", "baseline"])
-def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, kd_reference, part):
+def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, kd_reference, distill_main, part):
     """kd trains its teacher, then the student-alone baseline, into <run>/teacher/ and <run>/baseline/. The
     cache's file lock died with the process; the resumed run continues that training, then the rest."""
     run = tmp_path / "run"
@@ -473,14 +473,14 @@ def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, k
     process.communicate()
     assert run_status(run / part) is None
     saved = _saved_history(run / part)
-    run_distill("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
+    distill_main("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
     _assert_continued(run / part, saved, kd_reference / part)
     summary = _assert_same_run(run, kd_reference)
     assert summary[part]["source"] == "trained"
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference):
+def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference, distill_main):
     process = start_distill("kd", "-m", "alpha=0.9,0.5", *KD, cwd=tmp_path)
     _signal_when(process, tmp_path, "outputs/multirun/*/*/0/metrics.jsonl", signal.SIGINT)
     line = _one_line(_finish(process), 128 + signal.SIGINT)
@@ -490,7 +490,7 @@ def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference)
     assert command == f"distill resume {job.resolve()}"
     assert not list(tmp_path.glob("outputs/multirun/*/*/1"))  # the sweep stopped
     assert run_status(job) == "interrupted"
-    run_distill(*command.split(" ", 2)[1:], cwd=tmp_path)
+    distill_main(*command.split(" ", 2)[1:], cwd=tmp_path)
     _assert_same_run(job, kd_reference)  # job 0 is alpha=0.9, the reference's alpha (loss=kd's default)
 
 
@@ -510,7 +510,7 @@ def test_sigterm_stops_cleanly_with_a_resumable_checkpoint(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="limits the file size of a running process (Linux)")
 @pytest.mark.parametrize("room", ["for small files", "for nothing"])
-def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, train_reference, room):
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, train_reference, distill_main, room):
     """The disk fills up under a running `distill train`: from then on no file may grow past the older
     checkpoint's size (the next last.pt fails; logs, metrics and summary still fit), or grow at all. The
     OS's file size limit (RLIMIT_FSIZE), set on the running process, fails those writes with EFBIG as a
@@ -540,7 +540,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
     assert len(saved) < 12
     load_checkpoint(run / BEST)  # intact (it may hold the epoch whose last.pt failed: best.pt is written first)
 
-    run_distill("resume", str(run), cwd=tmp_path)  # the failed run goes on from its last good checkpoint
+    distill_main("resume", str(run), cwd=tmp_path)  # the failed run goes on from its last good checkpoint
     _assert_continued(run, saved, train_reference)
 
 
@@ -566,9 +566,13 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
 ]
 
 
+# through the real console script, side by side: an error before Hydra starts (resume), one of Hydra's
+# own (its run folder) and one inside the job (the config); the other cases run in-process
+BY_THE_CONSOLE_SCRIPT = (0, 5, 13)
+
+
 @pytest.mark.slow
-def test_bad_input_is_one_line(tmp_path):
-    """Each case through the real console script; they run side by side (each is mostly start-up)."""
+def test_bad_input_is_one_line(tmp_path, distill_main):
     tmp = tmp_path.resolve()
     (tmp / "sweep").mkdir()
     (tmp / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
@@ -577,9 +581,11 @@ def test_bad_input_is_one_line(tmp_path):
         (tmp / "damaged" / name).write_bytes(b"PK\x03\x04 damaged")
     for name, classes in (("cnn.pt", 10), ("hundred.pt", 100)):  # teachers of the wrong kinds
         save_atomic(model_checkpoint(torch.nn.Linear(2, 2), "cnn", {"width": 8}, classes), tmp / name)
-    processes = [start_distill(*(arg.format(tmp=tmp) for arg in args), cwd=tmp) for args, _ in BAD_INPUT]
-    for process, (args, expected) in zip(processes, BAD_INPUT):
-        assert expected.format(tmp=tmp) in _one_line(_finish(process)), args
+    cases = [([arg.format(tmp=tmp) for arg in args], expected.format(tmp=tmp)) for args, expected in BAD_INPUT]
+    processes = {case: start_distill(*cases[case][0], cwd=tmp) for case in BY_THE_CONSOLE_SCRIPT}
+    for case, (args, expected) in enumerate(cases):
+        result = _finish(processes[case]) if case in processes else distill_main(*args, cwd=tmp, check=False)
+        assert expected in _one_line(result), args
     summary = json.loads((tmp / "nan" / "summary.json").read_text())
     assert summary["status"] == "failed" and "diverged" in summary["error"]
     assert not (tmp / "nan" / LAST).exists()  # nothing of the diverged epoch was saved
