@@ -19,7 +19,7 @@ from distill_cli.config import LoggerConfig, to_plain, validate_config
 from distill_cli.errors import DistillError, Interrupted
 from distill_cli.trackers import MLflow, TensorBoard, Trackers, flatten
 
-from conftest import compose_config, on_training_step, read_jsonl, run_distill, small_kd_config, small_train_config
+from conftest import compose_config, on_training_step, read_jsonl, small_kd_config, small_train_config
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -199,8 +199,8 @@ def test_logger_options_compose(command):
 
 
 @pytest.mark.slow
-def test_a_sweep_is_one_mlflow_experiment_and_runs_are_named_from_their_overrides(tmp_path):
-    run_distill(
+def test_a_sweep_is_one_mlflow_experiment_and_runs_are_named_from_their_overrides(tmp_path, distill_main):
+    distill_main(
         "train", "-m", "logger=[tensorboard,mlflow]", "seed=1,2", "epochs=1", "teacher.kwargs.width=4", "device=cpu", cwd=tmp_path
     )
     names = ["seed=1,epochs=1,teacher.kwargs.width=4,device=cpu", "seed=2,epochs=1,teacher.kwargs.width=4,device=cpu"]
