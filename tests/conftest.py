@@ -81,8 +81,9 @@ def _root_logger_kept():
         root.handlers[:], root.level = handlers, level
 
 
-@pytest.fixture
-def distill_main(monkeypatch, capsys):
+def run_distill_in_process(
+    *args: str, cwd: Path, check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`run_distill` in this process: `distill_cli.cli.main(args)` in `cwd`, as a fresh `distill` process
     would run it (CI set, no traceback switch, no earlier run's failed jobs or sweeps, Hydra's logging
     undone afterwards), without the seconds of start-up. Returns the exit status and what it printed;
@@ -90,24 +91,22 @@ def distill_main(monkeypatch, capsys):
     import distill_cli.cli as cli
     from distill_cli.sweeps import SweepWatch
 
-    def run(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        with monkeypatch.context() as patch, _root_logger_kept(), _time_limit(timeout):
-            patch.chdir(cwd)
-            patch.setattr(sys, "argv", sys.argv[:])
-            patch.setattr(logging, "raiseExceptions", logging.raiseExceptions)
-            patch.setattr(cli, "FAILED_JOBS", [])
-            patch.setattr(SweepWatch, "sweeps", [])
-            patch.setenv("CI", "1")
-            for name in ("HYDRA_FULL_ERROR", "DISTILL_TRACEBACK"):  # main sets them: set now, so undone after
-                patch.setenv(name, "0")
-                patch.delenv(name)
-            code = cli.main(list(args))
-        output = capsys.readouterr()
-        result = subprocess.CompletedProcess(["distill", *args], code, output.out, output.err)
-        return _checked(result) if check else result
-
-    return run
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, _root_logger_kept(), _time_limit(timeout):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", sys.argv[:])
+        patch.setattr(sys, "stdout", out)
+        patch.setattr(sys, "stderr", err)
+        patch.setattr(logging, "raiseExceptions", logging.raiseExceptions)
+        patch.setattr(cli, "FAILED_JOBS", [])
+        patch.setattr(SweepWatch, "sweeps", [])
+        patch.setenv("CI", "1")
+        for name in ("HYDRA_FULL_ERROR", "DISTILL_TRACEBACK"):  # main sets them: set now, so undone after
+            patch.setenv(name, "0")
+            patch.delenv(name)
+        code = cli.main(list(args))
+    result = subprocess.CompletedProcess(["distill", *args], code, out.getvalue(), err.getvalue())
+    return _checked(result) if check else result
 
 
 # a quick recipe for the end-to-end sweep tests

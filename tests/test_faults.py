@@ -2,7 +2,7 @@
 
 The in-process tests call the task functions; the `slow` ones run the real console script in a
 temporary directory, signal it once its first epoch has landed, resume it with `distill resume` (in
-this process: `distill_main`) and compare with an uninterrupted run of the same recipe (metrics
+this process: `run_distill_in_process`) and compare with an uninterrupted run of the same recipe (metrics
 without timings, test accuracies).
 """
 
@@ -43,6 +43,7 @@ from conftest import (
     metrics_without_timing,
     on_training_step,
     read_jsonl,
+    run_distill_in_process,
     start_distill,
 )
 
@@ -445,26 +446,26 @@ def _assert_continued(run: Path, saved: list[dict], reference: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_train_killed_with_a_damaged_last_checkpoint_resumes_exactly(tmp_path, train_reference, distill_main):
+def test_train_killed_with_a_damaged_last_checkpoint_resumes_exactly(tmp_path, train_reference):
     run = tmp_path / "run"
     process = start_distill("train", *TRAIN, "hydra.run.dir=run", cwd=tmp_path)
     _signal_when(process, tmp_path, "run/last.prev.pt", signal.SIGKILL)  # two epochs saved
     process.communicate()
     assert run_status(run) is None  # it died before it could finish
     (run / LAST).write_bytes(b"PK\x03\x04 damaged")
-    resumed = distill_main("resume", str(run), cwd=tmp_path)
+    resumed = run_distill_in_process("resume", str(run), cwd=tmp_path)
     assert f"resuming from {run.resolve() / PREVIOUS} instead" in resumed.stdout
     _assert_same_run(run, train_reference)
     assert (run / DAMAGED).read_bytes() == b"PK\x03\x04 damaged"  # kept aside, not rotated into last.prev.pt
 
     before = (run / LAST).stat().st_mtime_ns
-    done = distill_main("resume", str(run), cwd=tmp_path)  # a finished run: nothing to do
+    done = run_distill_in_process("resume", str(run), cwd=tmp_path)  # a finished run: nothing to do
     assert "already completed" in done.stdout and (run / LAST).stat().st_mtime_ns == before
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("part", ["teacher", "baseline"])
-def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, kd_reference, distill_main, part):
+def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, kd_reference, part):
     """kd trains its teacher, then the student-alone baseline, into <run>/teacher/ and <run>/baseline/. The
     cache's file lock died with the process; the resumed run continues that training, then the rest."""
     run = tmp_path / "run"
@@ -473,14 +474,14 @@ def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, k
     process.communicate()
     assert run_status(run / part) is None
     saved = _saved_history(run / part)
-    distill_main("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
+    run_distill_in_process("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
     _assert_continued(run / part, saved, kd_reference / part)
     summary = _assert_same_run(run, kd_reference)
     assert summary[part]["source"] == "trained"
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference, distill_main):
+def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference):
     process = start_distill("kd", "-m", "alpha=0.9,0.5", *KD, cwd=tmp_path)
     _signal_when(process, tmp_path, "outputs/multirun/*/*/0/metrics.jsonl", signal.SIGINT)
     line = _one_line(_finish(process), 128 + signal.SIGINT)
@@ -490,7 +491,7 @@ def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference,
     assert command == f"distill resume {job.resolve()}"
     assert not list(tmp_path.glob("outputs/multirun/*/*/1"))  # the sweep stopped
     assert run_status(job) == "interrupted"
-    distill_main(*command.split(" ", 2)[1:], cwd=tmp_path)
+    run_distill_in_process(*command.split(" ", 2)[1:], cwd=tmp_path)
     _assert_same_run(job, kd_reference)  # job 0 is alpha=0.9, the reference's alpha (loss=kd's default)
 
 
@@ -510,7 +511,7 @@ def test_sigterm_stops_cleanly_with_a_resumable_checkpoint(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="limits the file size of a running process (Linux)")
 @pytest.mark.parametrize("room", ["for small files", "for nothing"])
-def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, train_reference, distill_main, room):
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, train_reference, room):
     """The disk fills up under a running `distill train`: from then on no file may grow past the older
     checkpoint's size (the next last.pt fails; logs, metrics and summary still fit), or grow at all. The
     OS's file size limit (RLIMIT_FSIZE), set on the running process, fails those writes with EFBIG as a
@@ -540,7 +541,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
     assert len(saved) < 12
     load_checkpoint(run / BEST)  # intact (it may hold the epoch whose last.pt failed: best.pt is written first)
 
-    distill_main("resume", str(run), cwd=tmp_path)  # the failed run goes on from its last good checkpoint
+    run_distill_in_process("resume", str(run), cwd=tmp_path)  # the failed run goes on from its last good checkpoint
     _assert_continued(run, saved, train_reference)
 
 
@@ -572,7 +573,7 @@ BY_THE_CONSOLE_SCRIPT = (0, 5, 13)
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_line(tmp_path, distill_main):
+def test_bad_input_is_one_line(tmp_path):
     tmp = tmp_path.resolve()
     (tmp / "sweep").mkdir()
     (tmp / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
@@ -584,7 +585,7 @@ def test_bad_input_is_one_line(tmp_path, distill_main):
     cases = [([arg.format(tmp=tmp) for arg in args], expected.format(tmp=tmp)) for args, expected in BAD_INPUT]
     processes = {case: start_distill(*cases[case][0], cwd=tmp) for case in BY_THE_CONSOLE_SCRIPT}
     for case, (args, expected) in enumerate(cases):
-        result = _finish(processes[case]) if case in processes else distill_main(*args, cwd=tmp, check=False)
+        result = _finish(processes[case]) if case in processes else run_distill_in_process(*args, cwd=tmp, check=False)
         assert expected in _one_line(result), args
     summary = json.loads((tmp / "nan" / "summary.json").read_text())
     assert summary["status"] == "failed" and "diverged" in summary["error"]

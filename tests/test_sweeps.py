@@ -1,7 +1,7 @@
 """Sweeps through Hydra's plugins: parallel jobs (joblib), SLURM/local subprocesses (submitit) and an Optuna search.
 
 The joblib sweep runs through the real console script (its workers share its terminal); the others
-launch from the test's process (`distill_main`), the submitit jobs still in processes of their own."""
+launch from the test's process (`run_distill_in_process`), the submitit jobs still in processes of their own."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST_KD, assert_trained_once, run_distill
+from conftest import FAST_KD, assert_trained_once, run_distill, run_distill_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,10 @@ def test_joblib_runs_jobs_in_parallel_processes_trains_once_and_reports_their_fa
         assert "[job" not in log and f"-> {sweep / str(n)}" in log and f"-> {sweep / str(1 - n)}\n" not in log
 
 
-def test_optuna_search_picks_the_best_validation_setting(tmp_path, distill_main):
+def test_optuna_search_picks_the_best_validation_setting(tmp_path):
     sweep = tmp_path / "search"
-    distill_main("kd", "-m", "hydra/sweeper=search", "hydra.sweeper.n_trials=3", *FAST_KD, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    args = ["kd", "-m", "hydra/sweeper=search", "hydra.sweeper.n_trials=3", *FAST_KD, f"hydra.sweep.dir={sweep}"]
+    run_distill_in_process(*args, cwd=tmp_path)
     jobs = _job_summaries(sweep)
     assert len(jobs) == 3 and all(s["status"] == "completed" for s in jobs.values())
     assert len({(s["T"], s["alpha"]) for s in jobs.values()}) == 3  # the sampler proposed three settings
@@ -52,9 +53,9 @@ def test_optuna_search_picks_the_best_validation_setting(tmp_path, distill_main)
     assert any(best["best_params"] == {"T": s["T"], "alpha": s["alpha"]} for s in chosen), (best, jobs)
 
 
-def test_optuna_search_without_a_validation_split_is_refused_before_training(tmp_path, distill_main):
+def test_optuna_search_without_a_validation_split_is_refused_before_training(tmp_path):
     sweep = tmp_path / "search"
-    result = distill_main(
+    result = run_distill_in_process(
         "kd", "-m", "hydra/sweeper=search", "dataset.val_split=0", *FAST_KD, f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -63,13 +64,14 @@ def test_optuna_search_without_a_validation_split_is_refused_before_training(tmp
     assert not list(sweep.rglob("metrics.jsonl")) and not (tmp_path / "outputs" / "teacher_cache").exists()
 
 
-def test_submitit_local_launcher_runs_the_sweep_and_the_slurm_preset_composes(tmp_path, distill_main):
+def test_submitit_local_launcher_runs_the_sweep_and_the_slurm_preset_composes(tmp_path):
     sweep = tmp_path / "sweep"
-    distill_main("kd", "-m", "hydra/launcher=submitit_local", "T=2,4", *FAST_KD, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    args = ["kd", "-m", "hydra/launcher=submitit_local", "T=2,4", *FAST_KD, f"hydra.sweep.dir={sweep}"]
+    run_distill_in_process(*args, cwd=tmp_path)
     jobs = list(_job_summaries(sweep).values())
     assert sorted(s["T"] for s in jobs) == [2.0, 4.0] and all(s["status"] == "completed" for s in jobs)
     assert_trained_once(jobs, [Path(s["run_dir"]) for s in jobs])
     assert (sweep / ".submitit").is_dir()  # submitit ran them
-    printed = distill_main("kd", "hydra/launcher=slurm", "--cfg", "hydra", cwd=tmp_path).stdout
+    printed = run_distill_in_process("kd", "hydra/launcher=slurm", "--cfg", "hydra", cwd=tmp_path).stdout
     launcher = yaml.safe_load(printed)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher") and launcher["gpus_per_node"] == 1
