@@ -1,7 +1,10 @@
+import contextlib
 import itertools
 import io
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import zlib
@@ -31,8 +34,14 @@ def run_distill(*args: str, cwd: Path, check: bool = True, timeout: float = 300)
     result = subprocess.run(
         [str(DISTILL), *args], cwd=cwd, env=_distill_env(), capture_output=True, text=True, timeout=timeout
     )
-    if check and result.returncode != 0:
-        raise AssertionError(f"distill {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return _checked(result) if check else result
+
+
+def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`result`, or an AssertionError with its output where it exited non-zero."""
+    if result.returncode != 0:
+        command = " ".join(["distill", *result.args[1:]])
+        raise AssertionError(f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -50,6 +59,63 @@ def distill_in_process(monkeypatch, *args: str) -> int:
     for variable in ("HYDRA_FULL_ERROR", "DISTILL_TRACEBACK"):
         monkeypatch.setenv(variable, "0")
     return cli.main(list(args))
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Raise TimeoutError in the code inside (where it waits) once it has run for `seconds`."""
+
+    def time_out(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, time_out)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def _root_logger_kept():
+    """Undo the logging set-up done inside (Hydra's job logging: console and log-file handlers)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:], root.level = handlers, level
+
+
+def run_distill_in_process(
+    *args: str, cwd: Path, check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """`run_distill` in this process: `distill_cli.cli.main(args)` in `cwd`, as a fresh `distill` process
+    would run it (CI set, no traceback switch, no earlier run's failed jobs or sweeps, Hydra's logging
+    undone afterwards), without the seconds of start-up. Returns the exit status and what it printed;
+    a run still going after `timeout` seconds fails (a TimeoutError raised where it waits)."""
+    import distill_cli.cli as cli
+    from distill_cli.sweeps import SweepWatch
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, _root_logger_kept(), _time_limit(timeout):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", sys.argv[:])
+        patch.setattr(sys, "stdout", out)
+        patch.setattr(sys, "stderr", err)
+        patch.setattr(logging, "raiseExceptions", logging.raiseExceptions)
+        patch.setattr(cli, "FAILED_JOBS", [])
+        patch.setattr(SweepWatch, "sweeps", [])
+        patch.setenv("CI", "1")
+        for name in ("HYDRA_FULL_ERROR", "DISTILL_TRACEBACK"):  # main sets them: set now, so undone after
+            patch.setenv(name, "0")
+            patch.delenv(name)
+        code = cli.main(list(args))
+    result = subprocess.CompletedProcess(["distill", *args], code, out.getvalue(), err.getvalue())
+    return _checked(result) if check else result
 
 
 # a quick recipe for the end-to-end sweep tests

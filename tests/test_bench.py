@@ -2,14 +2,14 @@ import json
 
 import pytest
 
-from conftest import run_distill, write_image_tree
+from conftest import run_distill_in_process, write_image_tree
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("augment", [True, False])
 def test_bench_on_synthetic_prints_ratios_and_writes_json(tmp_path, augment):
-    result = run_distill(
+    result = run_distill_in_process(
         "bench", f"dataset.augment={augment}", f"dataset.color_jitter={0.3 if augment else 0}", "dataset.train_size=600", "dataset.test_size=100", "dataset.image_size=16",
         "teacher.kwargs.width=8", "student=mlp", "student.kwargs.hidden=[16]", "batch_size=32",
         "warmup_steps=1", "steps=3", "repeats=2", "reference_workers=0", cwd=tmp_path,
@@ -41,7 +41,7 @@ def test_bench_reference_reads_an_image_folder_file_by_file(tmp_path, from_files
     (here also resizing, 10 -> 8 pixels, as the run's `dataset.image_size` asks), unless told to read memory."""
     write_image_tree(tmp_path / "tree", "train", 20)
     write_image_tree(tmp_path / "tree", "test", 4)
-    result = run_distill(
+    result = run_distill_in_process(
         "bench", "dataset=imagefolder", f"dataset.root={tmp_path / 'tree'}", "dataset.image_size=8",
         f"dataset.cache_dir={tmp_path / 'cache'}", "teacher.kwargs.width=4", "student=mlp", "student.kwargs.hidden=[8]",
         "batch_size=8", "warmup_steps=1", "steps=2", "repeats=1", "reference_workers=0",
@@ -57,7 +57,7 @@ def test_bench_reference_reads_an_image_folder_file_by_file(tmp_path, from_files
 def test_bench_times_any_method_through_the_kd_wiring(tmp_path):
     """`distill bench loss=fitnet` times the method's kd step (student features, a trainable connector,
     teacher features of the folded teacher) in both loops, as `distill kd` would run it."""
-    run_distill(
+    run_distill_in_process(
         "bench", "loss=fitnet", "student=cnn", "student.kwargs.width=4", "teacher.kwargs.width=8",
         "dataset.train_size=300", "dataset.test_size=50", "dataset.image_size=16", "batch_size=32",
         "warmup_steps=1", "steps=3", "repeats=2", "reference_workers=0", cwd=tmp_path,

@@ -1,4 +1,5 @@
-"""The real console script, end to end, in a fresh directory (as a user would run it)."""
+"""End to end, in a fresh directory (as a user would run it): the real console script where the process
+itself is what is checked (the README's commands, parallel processes, `python -m`), else `run_distill_in_process`."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 from distill_cli.checkpoint import load_checkpoint
 
-from conftest import DISTILL, FAST_KD, assert_trained_once, read_jsonl, run_distill
+from conftest import DISTILL, FAST_KD, assert_trained_once, read_jsonl, run_distill, run_distill_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,7 @@ def test_train_then_kd_with_no_arguments(tmp_path):
 
 
 def test_multirun_sweep_trains_the_teacher_and_the_baseline_once(tmp_path):
-    result = run_distill("kd", "-m", "T=2,4", "alpha=0.5,0.9", *FAST_KD, cwd=tmp_path)
+    result = run_distill_in_process("kd", "-m", "T=2,4", "alpha=0.5,0.9", *FAST_KD, cwd=tmp_path)
     summaries = _summaries(tmp_path)
     assert len(summaries) == 4, result.stdout
     assert sorted((s["T"], s["alpha"]) for s in summaries) == [(2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.9)]
@@ -93,7 +94,7 @@ def test_parallel_jobs_wait_for_one_teacher_and_one_baseline(tmp_path):
 
 
 def test_failed_sweep_job_is_reported_and_others_finish(tmp_path):
-    result = run_distill("kd", "-m", "batch_size=5000,32", "alpha=0", "epochs=1", cwd=tmp_path, check=False)
+    result = run_distill_in_process("kd", "-m", "batch_size=5000,32", "alpha=0", "epochs=1", cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     (error,) = result.stderr.strip().splitlines()

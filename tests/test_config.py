@@ -11,7 +11,7 @@ from distill_cli.errors import DistillError
 from distill_cli.tasks import baseline_training_config, teacher_training_config
 from distill_cli.teacher_cache import recipe_key, teacher_recipe
 
-from conftest import compose_config, run_distill
+from conftest import compose_config, run_distill_in_process
 
 
 def test_kd_composes_with_top_level_T_and_alpha():
@@ -233,7 +233,7 @@ def test_range_checks_name_the_key(override, key):
     ],
 )
 def test_cli_rejects_bad_input_with_one_line(tmp_path, args, expected):
-    result = run_distill(*args, cwd=tmp_path, check=False)
+    result = run_distill_in_process(*args, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
     lines = result.stderr.strip().splitlines()
@@ -242,7 +242,7 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, args, expected):
 
 
 def test_cli_cfg_job_prints_config_without_running(tmp_path):
-    result = run_distill("kd", "T=2", "--cfg", "job", cwd=tmp_path)
+    result = run_distill_in_process("kd", "T=2", "--cfg", "job", cwd=tmp_path)
     assert "T: 2" in result.stdout and "alpha:" in result.stdout
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
 
@@ -258,7 +258,7 @@ def test_every_dataset_has_a_config_and_every_config_a_dataset():
 
 
 def test_distill_list_names_datasets_models_and_losses(tmp_path):
-    out = run_distill("list", cwd=tmp_path).stdout
+    out = run_distill_in_process("list", cwd=tmp_path).stdout
     for name in ("digits", "cifar100", "imagefolder", "synthetic", "mlp_small", "kd", "sgd"):
         assert name in out
 

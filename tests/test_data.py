@@ -16,7 +16,7 @@ from distill_cli.data.augment import random_color_jitter, random_crop, random_fl
 from distill_cli.data.loader import DeviceLoader
 from distill_cli.errors import DistillError
 
-from conftest import run_distill, write_image_tree, write_png
+from conftest import run_distill_in_process, write_image_tree, write_png
 
 
 # ---------------------------------------------------------------- augmentation
@@ -184,7 +184,7 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_cli_reports_missing_dataset_in_one_line(tmp_path):
-    result = run_distill("train", "dataset=cifar10", f"dataset.root={tmp_path / 'none'}", "dataset.download=false", cwd=tmp_path, check=False)
+    result = run_distill_in_process("train", "dataset=cifar10", f"dataset.root={tmp_path / 'none'}", "dataset.download=false", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "files not found under" in line

@@ -1,8 +1,9 @@
 """Faults, for real: kills, interrupts, damaged checkpoints, diverging losses and bad input.
 
 The in-process tests call the task functions; the `slow` ones run the real console script in a
-temporary directory, signal it once its first epoch has landed, resume it with `distill resume`
-and compare with an uninterrupted run of the same recipe (metrics without timings, test accuracies).
+temporary directory, signal it once its first epoch has landed, resume it with `distill resume` (in
+this process: `run_distill_in_process`) and compare with an uninterrupted run of the same recipe (metrics
+without timings, test accuracies).
 """
 
 import ast
@@ -42,7 +43,7 @@ from conftest import (
     metrics_without_timing,
     on_training_step,
     read_jsonl,
-    run_distill,
+    run_distill_in_process,
     start_distill,
 )
 
@@ -452,13 +453,13 @@ def test_train_killed_with_a_damaged_last_checkpoint_resumes_exactly(tmp_path, t
     process.communicate()
     assert run_status(run) is None  # it died before it could finish
     (run / LAST).write_bytes(b"PK\x03\x04 damaged")
-    resumed = run_distill("resume", str(run), cwd=tmp_path)
+    resumed = run_distill_in_process("resume", str(run), cwd=tmp_path)
     assert f"resuming from {run.resolve() / PREVIOUS} instead" in resumed.stdout
     _assert_same_run(run, train_reference)
     assert (run / DAMAGED).read_bytes() == b"PK\x03\x04 damaged"  # kept aside, not rotated into last.prev.pt
 
     before = (run / LAST).stat().st_mtime_ns
-    done = run_distill("resume", str(run), cwd=tmp_path)  # a finished run: nothing to do
+    done = run_distill_in_process("resume", str(run), cwd=tmp_path)  # a finished run: nothing to do
     assert "already completed" in done.stdout and (run / LAST).stat().st_mtime_ns == before
 
 
@@ -473,7 +474,7 @@ def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, k
     process.communicate()
     assert run_status(run / part) is None
     saved = _saved_history(run / part)
-    run_distill("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
+    run_distill_in_process("resume", str(run), cwd=tmp_path, timeout=120)  # a lock still held would time out here
     _assert_continued(run / part, saved, kd_reference / part)
     summary = _assert_same_run(run, kd_reference)
     assert summary[part]["source"] == "trained"
@@ -490,7 +491,7 @@ def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference)
     assert command == f"distill resume {job.resolve()}"
     assert not list(tmp_path.glob("outputs/multirun/*/*/1"))  # the sweep stopped
     assert run_status(job) == "interrupted"
-    run_distill(*command.split(" ", 2)[1:], cwd=tmp_path)
+    run_distill_in_process(*command.split(" ", 2)[1:], cwd=tmp_path)
     _assert_same_run(job, kd_reference)  # job 0 is alpha=0.9, the reference's alpha (loss=kd's default)
 
 
@@ -540,7 +541,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
     assert len(saved) < 12
     load_checkpoint(run / BEST)  # intact (it may hold the epoch whose last.pt failed: best.pt is written first)
 
-    run_distill("resume", str(run), cwd=tmp_path)  # the failed run goes on from its last good checkpoint
+    run_distill_in_process("resume", str(run), cwd=tmp_path)  # the failed run goes on from its last good checkpoint
     _assert_continued(run, saved, train_reference)
 
 
@@ -569,9 +570,13 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
 ]
 
 
+# through the real console script, side by side: an error before Hydra starts (resume), one of Hydra's
+# own (its run folder) and one inside the job (the config); the other cases run in-process
+BY_THE_CONSOLE_SCRIPT = (0, 5, 13)
+
+
 @pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path):
-    """Each case through the real console script; they run side by side (each is mostly start-up)."""
     tmp = tmp_path.resolve()
     (tmp / "sweep").mkdir()
     (tmp / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
@@ -580,9 +585,11 @@ def test_bad_input_is_one_line(tmp_path):
         (tmp / "damaged" / name).write_bytes(b"PK\x03\x04 damaged")
     for name, classes in (("cnn.pt", 10), ("hundred.pt", 100)):  # teachers of the wrong kinds
         save_atomic(model_checkpoint(torch.nn.Linear(2, 2), "cnn", {"width": 8}, classes), tmp / name)
-    processes = [start_distill(*(arg.format(tmp=tmp) for arg in args), cwd=tmp) for args, _ in BAD_INPUT]
-    for process, (args, expected) in zip(processes, BAD_INPUT):
-        assert expected.format(tmp=tmp) in _one_line(_finish(process)), args
+    cases = [([arg.format(tmp=tmp) for arg in args], expected.format(tmp=tmp)) for args, expected in BAD_INPUT]
+    processes = {case: start_distill(*cases[case][0], cwd=tmp) for case in BY_THE_CONSOLE_SCRIPT}
+    for case, (args, expected) in enumerate(cases):
+        result = _finish(processes[case]) if case in processes else run_distill_in_process(*args, cwd=tmp, check=False)
+        assert expected in _one_line(result), args
     summary = json.loads((tmp / "nan" / "summary.json").read_text())
     assert summary["status"] == "failed" and "diverged" in summary["error"]
     assert not (tmp / "nan" / LAST).exists()  # nothing of the diverged epoch was saved

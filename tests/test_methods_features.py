@@ -14,7 +14,7 @@ from distill_cli.errors import DistillError
 from distill_cli.losses.base import MethodContext, Outputs, build_method
 from distill_cli.losses.reviewkd import hierarchical_context_loss
 
-from conftest import run_distill, small_kd_config
+from conftest import run_distill_in_process, small_kd_config
 from test_losses import batch_of
 
 BATCH = 4
@@ -252,7 +252,7 @@ def test_bad_hyperparameters_name_the_key(loss, key):
 
 @pytest.mark.slow
 def test_cli_refuses_vid_for_the_default_mlp_student_in_one_line(tmp_path):
-    result = run_distill("kd", "loss=vid", cwd=tmp_path, check=False)
+    result = run_distill_in_process("kd", "loss=vid", cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     (error,) = result.stderr.strip().splitlines()

@@ -18,7 +18,7 @@ from distill_cli.errors import DistillError
 from distill_cli.models import build_model
 from distill_cli.models.cnn import cnn
 
-from conftest import metrics_without_timing, run_distill, small_kd_config, small_train_config, write_image_tree
+from conftest import metrics_without_timing, run_distill_in_process, small_kd_config, small_train_config, write_image_tree
 
 CPU = torch.device("cpu")
 INFO = DatasetInfo("toy", 3, 1, (8, 8), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
@@ -291,7 +291,7 @@ def test_auto_caches_teacher_logits_only_without_augmentation(tmp_path, quiet_re
 
 
 def test_insisting_on_cached_logits_with_augmentation_is_refused_at_start(tmp_path):
-    result = run_distill("kd", "dataset.augment=true", "cache_teacher=true", cwd=tmp_path, check=False)
+    result = run_distill_in_process("kd", "dataset.augment=true", "cache_teacher=true", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("distill kd: error: cache_teacher=true: with dataset.augment=true")

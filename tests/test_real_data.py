@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import pytest
 
-from conftest import run_distill
+from conftest import run_distill_in_process
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARCHIVE = SHARED / "data" / "cifar10-jpg.tar.gz"
@@ -102,8 +102,8 @@ def test_train_and_kd_on_real_cifar10_jpegs(tmp_path):
     assert len(classes) == 10 and all(len(list((cifar_subset / "test" / c).iterdir())) == TEST_PER_CLASS for c in classes)
     data = ["dataset=imagefolder", f"dataset.root={cifar_subset}", f"dataset.cache_dir={tmp_path / 'cache'}"]
     recipe = ["teacher.kwargs.width=16", "epochs=4"]
-    run_distill("train", *data, *recipe, cwd=tmp_path)
-    run_distill("kd", *data, *recipe, "teacher_epochs=4", "student=mlp_small", cwd=tmp_path)
+    run_distill_in_process("train", *data, *recipe, cwd=tmp_path)
+    run_distill_in_process("kd", *data, *recipe, "teacher_epochs=4", "student=mlp_small", cwd=tmp_path)
     (train_summary,) = [json.loads(p.read_text()) for p in (tmp_path / "outputs").glob("*/*_train/summary.json")]
     (kd_summary,) = [json.loads(p.read_text()) for p in (tmp_path / "outputs").glob("*/*_kd/summary.json")]
     teacher = train_summary["teacher"]

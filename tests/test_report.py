@@ -15,7 +15,7 @@ from distill_cli import cli
 from distill_cli.plots import accuracy_heatmap, report_figures
 from distill_cli.sweep_report import Job, SweepReport, aggregate, build_report, grouping_keys, job_results, summarize
 
-from conftest import run_distill, table_rows
+from conftest import run_distill_in_process, table_rows
 
 FAST = ["epochs=2", "teacher_epochs=2", "teacher.kwargs.width=8", "student.kwargs.hidden=[8]", "device=cpu"]
 
@@ -24,7 +24,7 @@ FAST = ["epochs=2", "teacher_epochs=2", "teacher.kwargs.width=8", "student.kwarg
 def sweep(tmp_path_factory) -> Path:
     """A real multirun over T and seed; its callback writes the report into the sweep folder."""
     root = tmp_path_factory.mktemp("sweep")
-    run_distill("kd", "-m", "T=2,4", "seed=0,1", *FAST, f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    run_distill_in_process("kd", "-m", "T=2,4", "seed=0,1", *FAST, f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
     return root / "sweep"
 
 
@@ -235,7 +235,7 @@ def test_no_completed_run_exits_non_zero(sweep, tmp_path, capsys):
 
 def test_train_run_reports_the_model_it_trained(sweep, tmp_path, capsys):
     run = tmp_path / "train"
-    run_distill("train", "epochs=1", "teacher.kwargs.width=8", "device=cpu", f"hydra.run.dir={run}", cwd=tmp_path)
+    run_distill_in_process("train", "epochs=1", "teacher.kwargs.width=8", "device=cpu", f"hydra.run.dir={run}", cwd=tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     (row,) = build_report([run]).rows
     assert row.stats["test_acc"].mean == summary["teacher"]["test_acc_best"]

@@ -1,9 +1,6 @@
 """Shipping the student: `distill eval`, `distill export` and `kd export=`."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +26,8 @@ from distill_cli.models import build_model
 from distill_cli.quantize import cpp_compiler
 from distill_cli.config import ModelConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_distill_in_process
+
 QUICK = Timing(calls=5, warmup=1, batch=16, repeats=2)
 DIGITS = DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), tuple(str(i) for i in range(10)))
 
@@ -42,9 +40,7 @@ def kd_run(tmp_path_factory) -> Path:
         "kd", "epochs=2", "teacher_epochs=2", "device=cpu", "teacher.kwargs.width=8", "student=cnn",
         "student.kwargs.width=4", "export=onnx", f"teacher_cache={root / 'cache'}", f"hydra.run.dir={root / 'run'}",
     ]
-    env = {**os.environ, "CI": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "distill_cli", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    run_distill_in_process(*args, cwd=root)
     return root / "run"
 
 

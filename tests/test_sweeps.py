@@ -1,4 +1,7 @@
-"""Sweeps through Hydra's plugins: parallel jobs (joblib), SLURM/local subprocesses (submitit) and an Optuna search."""
+"""Sweeps through Hydra's plugins: parallel jobs (joblib), SLURM/local subprocesses (submitit) and an Optuna search.
+
+The joblib sweep runs through the real console script (its workers share its terminal); the others
+launch from the test's process (`run_distill_in_process`), the submitit jobs still in processes of their own."""
 
 import json
 from pathlib import Path
@@ -6,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST_KD, assert_trained_once, run_distill
+from conftest import FAST_KD, assert_trained_once, run_distill, run_distill_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +20,7 @@ def _job_summaries(sweep: Path) -> dict[int, dict]:
 
 def test_joblib_runs_jobs_in_parallel_processes_trains_once_and_reports_their_failures(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["kd", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "T=2,4,0", *FAST_KD, f"hydra.sweep.dir={sweep}"]
+    args = ["kd", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "T=2,4,0", *FAST_KD, f"hydra.sweep.dir={sweep}"]
     result = run_distill(*args, cwd=tmp_path, check=False)
     # job 2 (T=0) failed in a worker process; the launching process still reports it and exits non-zero
     assert result.returncode == 1, result.stderr
@@ -27,7 +30,7 @@ def test_joblib_runs_jobs_in_parallel_processes_trains_once_and_reports_their_fa
     assert [jobs[n]["status"] for n in range(3)] == ["completed", "completed", "failed"]
     completed = [jobs[0], jobs[1]]
     assert_trained_once(completed, [Path(s["run_dir"]) for s in completed])
-    # one terminal, three processes: each console line names its job; each job's log file holds its own lines only
+    # one terminal, two worker processes: each console line names its job; each job's log file holds its own lines only
     progress = [line for line in result.stdout.splitlines() if " epoch " in line]
     assert progress and all(line.startswith(("[job 0] ", "[job 1] ")) for line in progress), progress
     for n in (0, 1):
@@ -37,7 +40,8 @@ def test_joblib_runs_jobs_in_parallel_processes_trains_once_and_reports_their_fa
 
 def test_optuna_search_picks_the_best_validation_setting(tmp_path):
     sweep = tmp_path / "search"
-    run_distill("kd", "-m", "hydra/sweeper=search", "hydra.sweeper.n_trials=3", *FAST_KD, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    args = ["kd", "-m", "hydra/sweeper=search", "hydra.sweeper.n_trials=3", *FAST_KD, f"hydra.sweep.dir={sweep}"]
+    run_distill_in_process(*args, cwd=tmp_path)
     jobs = _job_summaries(sweep)
     assert len(jobs) == 3 and all(s["status"] == "completed" for s in jobs.values())
     assert len({(s["T"], s["alpha"]) for s in jobs.values()}) == 3  # the sampler proposed three settings
@@ -51,7 +55,7 @@ def test_optuna_search_picks_the_best_validation_setting(tmp_path):
 
 def test_optuna_search_without_a_validation_split_is_refused_before_training(tmp_path):
     sweep = tmp_path / "search"
-    result = run_distill(
+    result = run_distill_in_process(
         "kd", "-m", "hydra/sweeper=search", "dataset.val_split=0", *FAST_KD, f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -62,11 +66,12 @@ def test_optuna_search_without_a_validation_split_is_refused_before_training(tmp
 
 def test_submitit_local_launcher_runs_the_sweep_and_the_slurm_preset_composes(tmp_path):
     sweep = tmp_path / "sweep"
-    run_distill("kd", "-m", "hydra/launcher=submitit_local", "T=2,4", *FAST_KD, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    args = ["kd", "-m", "hydra/launcher=submitit_local", "T=2,4", *FAST_KD, f"hydra.sweep.dir={sweep}"]
+    run_distill_in_process(*args, cwd=tmp_path)
     jobs = list(_job_summaries(sweep).values())
     assert sorted(s["T"] for s in jobs) == [2.0, 4.0] and all(s["status"] == "completed" for s in jobs)
     assert_trained_once(jobs, [Path(s["run_dir"]) for s in jobs])
     assert (sweep / ".submitit").is_dir()  # submitit ran them
-    printed = run_distill("kd", "hydra/launcher=slurm", "--cfg", "hydra", cwd=tmp_path).stdout
+    printed = run_distill_in_process("kd", "hydra/launcher=slurm", "--cfg", "hydra", cwd=tmp_path).stdout
     launcher = yaml.safe_load(printed)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher") and launcher["gpus_per_node"] == 1

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from dataclasses import replace
@@ -19,13 +20,28 @@ from distill_cli.config import LoggerConfig, to_plain, validate_config
 from distill_cli.errors import DistillError, Interrupted
 from distill_cli.trackers import MLflow, TensorBoard, Trackers, flatten
 
-from conftest import compose_config, on_training_step, read_jsonl, run_distill, small_kd_config, small_train_config
+from conftest import compose_config, on_training_step, read_jsonl, run_distill_in_process, small_kd_config, small_train_config
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
 
 def _logged(tmp_path: Path, **logger) -> LoggerConfig:
     return LoggerConfig(tensorboard=True, mlflow=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **logger)
+
+
+@pytest.fixture(scope="module")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables and nothing else (MLflow's migrations take seconds per new store)."""
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()
+    return store
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, empty_mlflow_store) -> None:
+    """The store `_logged(tmp_path)` names, made in advance (a copy of the empty one); the sweep test
+    leaves making its store to the tracker."""
+    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")
 
 
 def _tensorboard(run_dir: Path) -> EventAccumulator:
@@ -62,6 +78,7 @@ def _assert_epochs_match(tmp_path: Path, run_dir: Path) -> None:
         assert [(metric.step, metric.value) for metric in client.get_metric_history(run.info.run_id, key)] == values
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_trackers_hold_every_epoch_the_config_and_the_summary(tmp_path):
     cfg = small_train_config(tmp_path, logger=_logged(tmp_path))
     run_dir = tmp_path / "run"
@@ -89,6 +106,7 @@ def test_trackers_hold_every_epoch_the_config_and_the_summary(tmp_path):
     assert events.Scalars("teacher.test_acc_best")[-1].value == pytest.approx(summary["teacher"]["test_acc_best"])
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_kd_is_one_mlflow_run_and_its_teacher_and_baseline_have_tensorboard_runs(tmp_path):
     run_dir = tmp_path / "run"
     summary = tasks.run_kd(small_kd_config(tmp_path, logger=_logged(tmp_path)), run_dir)
@@ -126,6 +144,7 @@ def _interrupt_before_trackers(monkeypatch):
     monkeypatch.setattr(Trackers, "log_epoch", log_epoch)
 
 
+@pytest.mark.usefixtures("mlflow_store")
 @pytest.mark.parametrize("interrupt", [_interrupt_mid_epoch, _interrupt_before_trackers], ids=["mid-epoch", "before-trackers"])
 def test_resume_continues_the_tracker_runs_with_one_value_per_epoch(tmp_path, monkeypatch, interrupt):
     cfg = small_train_config(tmp_path, epochs=3, logger=_logged(tmp_path))
@@ -145,6 +164,7 @@ def test_resume_continues_the_tracker_runs_with_one_value_per_epoch(tmp_path, mo
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.usefixtures("mlflow_store")
 @pytest.mark.parametrize("tracker", [TensorBoard, MLflow], ids=["tensorboard", "mlflow"])
 def test_a_tracker_failing_mid_run_warns_once_and_training_completes(tmp_path, monkeypatch, caplog, tracker):
     real = tracker.log_epoch
@@ -200,7 +220,7 @@ def test_logger_options_compose(command):
 
 @pytest.mark.slow
 def test_a_sweep_is_one_mlflow_experiment_and_runs_are_named_from_their_overrides(tmp_path):
-    run_distill(
+    run_distill_in_process(
         "train", "-m", "logger=[tensorboard,mlflow]", "seed=1,2", "epochs=1", "teacher.kwargs.width=4", "device=cpu", cwd=tmp_path
     )
     names = ["seed=1,epochs=1,teacher.kwargs.width=4,device=cpu", "seed=2,epochs=1,teacher.kwargs.width=4,device=cpu"]
