@@ -22,6 +22,15 @@ DISTILL = Path(sys.executable).with_name("distill")  # the installed console scr
 CPU_DEVICE = DeviceConfig(type="cpu")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """A run in this process with device.threads=N sets torch's thread count for the process: undone after
+    each test, so a test's numbers do not depend on which tests ran before it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _distill_env() -> dict:
     """The environment of a non-interactive user, as under CI."""
     env = {**os.environ, "CI": "1"}

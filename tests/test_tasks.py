@@ -234,7 +234,8 @@ def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatc
 
     fp32 on the CPU: NHWC kernels add up in another order, so losses differ in the last bits (measured:
     at most 2e-7 relative after 2 epochs); 1e-4 relative leaves room for that to grow and still fails on
-    a wrong layout, which moves the losses by percents. An accuracy may differ by one image whose top two
+    a wrong layout, which moves the losses by percents. Two torch threads, whatever the environment says:
+    with one (OMP_NUM_THREADS=1) oneDNN picks other kernels and the runs drift apart by 0.8% in 2 epochs. An accuracy may differ by one image whose top two
     logits tie within rounding (none did). Three-channel images: with one channel, NCHW and NHWC batches
     are the same memory and a batch laid out wrongly would not show.
     """
@@ -251,6 +252,7 @@ def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatc
         return model
 
     monkeypatch.setattr(tasks, "build_model", recording_build_model)
+    torch.set_num_threads(2)  # restored after the test (conftest)
     dataset = DatasetConfig(
         name="synthetic", num_classes=10, channels=3, image_size=8, train_size=1280, test_size=256, augment=True
     )
