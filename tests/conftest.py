@@ -19,6 +19,11 @@ from rich.console import Console
 from distill_cli.config import DeviceConfig, KDConfig, ModelConfig, TeacherConfig, TrainConfig, config_dir, register_configs
 
 DISTILL = Path(sys.executable).with_name("distill")  # the installed console script
+
+# a suite started in the background of a non-interactive shell (`pytest &`) inherits SIGINT ignored, and
+# so would the runs it starts; the Ctrl-C tests need it delivered as in a terminal
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 CPU_DEVICE = DeviceConfig(type="cpu")
 
 
