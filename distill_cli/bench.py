@@ -34,6 +34,7 @@ from .engine import (
     build_optimizer,
     cross_entropy_step,
     seed_everything,
+    synchronise,
     teacher_logits,
 )
 from .errors import DistillError
@@ -53,11 +54,6 @@ class _NoProgress:
 
 class _NoStop:
     signum = None
-
-
-def _synchronise(compute: Compute) -> None:
-    if compute.device.type == "cuda":
-        torch.cuda.synchronize(compute.device)
 
 
 def device_name(device: torch.device) -> str:
@@ -82,10 +78,10 @@ def _timed_in_turns(runs: dict[str, Callable[[int], int]], cfg: BenchConfig, com
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(cfg.repeats):
         for name, run in runs.items():
-            _synchronise(compute)
+            synchronise(compute.device)
             start = time.perf_counter()
             images = run(cfg.steps)
-            _synchronise(compute)
+            synchronise(compute.device)
             rates[name].append(images / (time.perf_counter() - start))
     return rates
 

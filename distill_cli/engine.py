@@ -182,6 +182,12 @@ def _rank_device(device: torch.device, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
+def synchronise(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -638,14 +644,18 @@ class Training:
             raise Interrupted(signum or signal.SIGTERM, f"after {label} epoch {epoch}, saved to last.pt")
 
 
-def fit_together(trainings: list[Training], loader, streams: list[dict]) -> list[DistillError | None]:
+def fit_together(trainings: list[Training], loader, streams: list[dict], stacked=None) -> list[DistillError | None]:
     """Train several networks on the same batches of `loader` (one iteration: one data order and
     augmentation per step), each as `fit` trains it alone: its own step, optimizer, schedule, metrics and
     checkpoints, and its own global RNG stream `streams[k]` (an `rng_state()`, kept up to date here),
     swapped in around everything it does, so its dropout draws are those of a run alone. Every training
     must continue from the same position. A diverged network stops alone: its DistillError is returned in
     its place (None: finished); the others go on. SIGINT/SIGTERM: each saves last.pt, then Interrupted.
-    Single-process only. Each epoch's seconds are the wall time of the shared epoch."""
+    Single-process only. Each epoch's seconds are the wall time of the shared epoch.
+
+    `stacked` (a `stacked.StackedStudents` holding the trainings' models, whose steps use its forward): the
+    students' forward and backward passes run as one (`train_steps_stacked`) instead of one after another;
+    their steps then draw no random numbers (stacking refuses random layers), so the streams stay as they are."""
     if len({training.position for training in trainings}) > 1:
         raise DistillError(f"fused runs must continue from the same epoch and step; found {sorted({t.position for t in trainings})}")
     if trainings[0].compute.world.distributed:
@@ -673,8 +683,12 @@ def fit_together(trainings: list[Training], loader, streams: list[dict]) -> list
             start = time.perf_counter()
             stopping = False
             for batch in loader:
-                for k in list(running):
-                    as_run(k, partial(trainings[k].train_step, batch, epoch))
+                if stacked is None:
+                    for k in list(running):
+                        as_run(k, partial(trainings[k].train_step, batch, epoch))
+                else:
+                    stacked.keep([trainings[k].model for k in running])
+                    train_steps_stacked([trainings[k] for k in running], batch, epoch)
                 progress.advance()
                 stopping = stop.signum is not None
                 if stopping:
@@ -697,14 +711,35 @@ def fit_together(trainings: list[Training], loader, streams: list[dict]) -> list
 def _train_step(model, method, step: Step, batch: Batch, epoch: int, optimizer, scaler, compute: Compute, totals: EpochTotals) -> None:
     """One optimisation step of `step` on `batch` (gradients of the method's trainable parts averaged over
     the processes), added to `totals`."""
+    parts, logits = _forward_step(step, batch, epoch, optimizer, compute)
+    scaler.scale(parts["loss"]).backward()
+    _update(method, parts, logits, batch, optimizer, scaler, compute, totals)
+
+
+def _forward_step(step: Step, batch: Batch, epoch: int, optimizer, compute: Compute):
+    """The first half of a step: `step`'s terms and logits on `batch` (autocast), the gradients cleared."""
     with compute.autocast():
         parts, logits = step(batch, epoch)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(parts["loss"]).backward()
+    return parts, logits
+
+
+def _update(method, parts: dict, logits: torch.Tensor, batch: Batch, optimizer, scaler, compute: Compute, totals: EpochTotals) -> None:
+    """The second half, once the loss has been backpropagated: the optimizer's step, added to `totals`."""
     compute.world.average_gradients(method)
     scaler.step(optimizer)
     scaler.update()
     totals.add(parts, logits, batch.labels)
+
+
+def train_steps_stacked(learners: list, batch: Batch, epoch: int) -> None:
+    """One step of each of `learners` (each with `step`, `optimizer`, `scaler`, `method`, `compute`, `totals`)
+    on `batch` whose forward passes share one graph (`stacked.StackedStudents`): all the losses are
+    backpropagated in one pass, then each takes its own optimizer step."""
+    results = [_forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute) for learner in learners]
+    torch.autograd.backward([learner.scaler.scale(parts["loss"]) for learner, (parts, _) in zip(learners, results)])
+    for learner, (parts, logits) in zip(learners, results):
+        _update(learner.method, parts, logits, batch, learner.optimizer, learner.scaler, learner.compute, learner.totals)
 
 
 def _train_epoch(

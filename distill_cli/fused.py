@@ -13,9 +13,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .config import KDConfig, to_plain
-from .engine import Training, fit_together, rng_state
+from .engine import Training, fit_together, rng_state, set_rng_state
 from .errors import DistillError
 from .files import write_json_atomic
+from .losses.base import build_method
+from .models import build_model
 from .modes import kd_mode
 from .report import job_log_files, log, logging_run
 from .tasks import (
@@ -31,6 +33,7 @@ from .tasks import (
     trained_result,
 )
 from .checkpoint import BEST
+from .stacked import BATCHING, StackedStudents, choose_batching
 from .trackers import open_trackers
 
 # what a fused job may change: the objective's weights and the student's optimizer (and where it writes)
@@ -46,10 +49,12 @@ def group_key(cfg: KDConfig) -> str | None:
     return repr(sorted({**kept, "loss.name": cfg.loss["name"]}.items()))
 
 
-def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path]) -> list[dict]:
+def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path], batching: str = "sequential") -> list[dict]:
     """Run the kd jobs `cfgs` (all of one `group_key`) fused, each into its run folder as `run_kd` would:
     metrics.jsonl, last.pt, best.pt, summary.json. Returns their summaries; a job that fails (a diverged
-    student, a bad setting of its own) gets a failed summary with the one-line reason, and the others go on."""
+    student, a bad setting of its own) gets a failed summary with the one-line reason, and the others go on.
+    `batching` (`stacked.BATCHING`): how the students' passes run, see `stacked.choose_batching`;
+    "sequential" gives each job exactly the numbers of its run alone."""
     keys = {group_key(cfg) for cfg in cfgs}
     if None in keys or len(keys) > 1:
         raise DistillError("run_kd_fused: the jobs differ in more than T, alpha, loss weights and the optimizer")
@@ -58,6 +63,9 @@ def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path]) -> list[dict]:
     with ExitStack() as stack:
         compute, data, loaders = prepare_run(cfgs[0])
         shared = Shared()
+        how, why = _group_batching(batching, cfgs[0], compute, data, loaders, len(cfgs))
+        if how == "stacked":
+            shared.stacked = StackedStudents(compute)
         jobs, trainings, streams = [], [], []
         for index, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
             with logging_run(run_dir):
@@ -75,8 +83,8 @@ def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path]) -> list[dict]:
                     continue
             streams.append(rng_state())  # the student's RNG stream, as its run alone starts training with it
             jobs.append((index, run, summary, student, objective, teacher))
-        log.info(f"fused: {len(trainings)} students train on shared batches")
-        errors = fit_together(trainings, loaders.train, streams) if trainings else []
+        log.info(f"fused: {len(trainings)} students train on shared batches, {why}")
+        errors = fit_together(trainings, loaders.train, streams, shared.stacked) if trainings else []
         for (index, run, summary, student, objective, teacher), training, error in zip(jobs, trainings, errors):
             with logging_run(run.run_dir):
                 if error is not None:
@@ -92,6 +100,20 @@ def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path]) -> list[dict]:
     return summaries
 
 
+def _group_batching(batching: str, cfg: KDConfig, compute, data, loaders, count: int) -> tuple[str, str]:
+    """`stacked.choose_batching` for `count` students of `cfg`, measured with throwaway students on one
+    batch of training images; the global RNG states are left as they were (the jobs' streams start there)."""
+    if batching == "sequential":
+        return choose_batching(batching, [], (), None, compute)
+    state = rng_state()
+    try:
+        students = [compute.place(build_model(cfg.student, data.info, "student")) for _ in range(count)]
+        images = next(iter(loaders.eval_loader(data.train))).images[: cfg.batch_size]
+        return choose_batching(batching, students, build_method(dict(cfg.loss)).student_points, images, compute)
+    finally:
+        set_rng_state(state)
+
+
 def _failed(cfg: KDConfig, run_dir: Path, error: DistillError) -> dict:
     """Record a failed job's summary (as `distill` records a job that failed alone) and log it."""
     summary = {"command": "kd", "status": "failed", "error": str(error), "config": to_plain(cfg)}
@@ -101,16 +123,19 @@ def _failed(cfg: KDConfig, run_dir: Path, error: DistillError) -> dict:
     return summary
 
 
-def launch_fused(hydra_context, task_function, config, job_overrides, initial_job_idx: int) -> list:
+def launch_fused(hydra_context, task_function, config, job_overrides, initial_job_idx: int, batching: str = "auto") -> list:
     """`hydra/launcher=fused` (hydra_plugins/distill_fused_launcher): the sweep's kd jobs of one `group_key`
     train fused (`run_kd_fused`), each in the folder Hydra's basic launcher gives it (`.hydra/`, its log file);
     any other job (a group of one, a training mode, a config that does not validate, `distill train`) runs as
-    the basic launcher runs it. Returns Hydra's JobReturn of each job, in the sweep's order."""
+    the basic launcher runs it; `batching` (hydra.launcher.batching) is `run_kd_fused`'s. Returns Hydra's
+    JobReturn of each job, in the sweep's order."""
     from hydra.core.utils import configure_log, filter_overrides, setup_globals
     from omegaconf import OmegaConf, open_dict
 
     from .sweeps import SweepRefused
 
+    if batching not in BATCHING:
+        raise SweepRefused(f"hydra.launcher.batching: expected one of {', '.join(BATCHING)}, got {batching!r}")
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -139,7 +164,7 @@ def launch_fused(hydra_context, task_function, config, job_overrides, initial_jo
         if len(members) == 1:
             returns[members[0]] = _run_job(hydra_context, task_function, jobs[members[0]])
         else:
-            returns.update(zip(members, _run_group(hydra_context, command, [jobs[n] for n in members])))
+            returns.update(zip(members, _run_group(hydra_context, command, [jobs[n] for n in members], batching)))
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     return [returns[position] for position in range(len(jobs))]
 
@@ -173,7 +198,7 @@ def _run_job(hydra_context, task_function, job):
     )
 
 
-def _run_group(hydra_context, command: str, jobs: list) -> list:
+def _run_group(hydra_context, command: str, jobs: list, batching: str) -> list:
     """Kd jobs of one group: each job's folder set up by Hydra (`_run_job` with a task that only validates its
     config), then all trained fused; failures and interrupts recorded as `distill` records a job's."""
     import os
@@ -194,7 +219,7 @@ def _run_group(hydra_context, command: str, jobs: list) -> list:
     cfgs, run_dirs = [cfg for cfg, _ in prepared], [run_dir for _, run_dir in prepared]
     try:
         with job_log_files(run_dirs, command):
-            summaries = run_kd_fused(cfgs, run_dirs)
+            summaries = run_kd_fused(cfgs, run_dirs, batching)
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
         for cfg, run_dir in prepared:

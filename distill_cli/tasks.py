@@ -373,6 +373,7 @@ class Shared:
 
     def __init__(self):
         self.results: dict = {}
+        self.stacked = None  # a stacked.StackedStudents: the students' forward passes run as one
 
     def once(self, key, make: Callable[[], object]):
         """The result of `key`, made by `make()` the first time it is asked for."""
@@ -520,6 +521,8 @@ def prepare_student(run: KDRun, summary: dict) -> tuple[nn.Module, nn.Module, ob
     if teacher_forward is not None:
         key = ("teacher_forward", objective.method.teacher_points)
         teacher_forward = run.shared.once(key, lambda: once_per_batch(teacher_forward))
+    if run.shared.stacked is not None:
+        student_forward = run.shared.stacked.add(student)
     step = kd_step(student_forward, None if cached_logits is not None else teacher_forward, objective, cached_logits)
     return student, objective, step, teacher
 

@@ -16,6 +16,8 @@ from conftest import FAST_KD, comparable_results, distill_in_process, metrics_wi
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
 GRID = ["T=2,4", "alpha=0.5,0.9"]  # 4 jobs, one group
+# the fused launcher with its students one after another: each job's numbers exactly as alone
+FUSED = ["hydra/launcher=fused", "hydra.launcher.batching=sequential"]
 
 
 def _recipe(root) -> list[str]:
@@ -50,7 +52,7 @@ def sweeps(tmp_path_factory):
                     lambda images: teacher_runs.append(1) or teacher_forward(images))
 
         monkeypatch.setattr(tasks, "build_objective", counting_build_objective)
-        status, sweep = _sweep(monkeypatch, root, "fused", "hydra/launcher=fused", *GRID)
+        status, sweep = _sweep(monkeypatch, root, "fused", *FUSED, *GRID)
         assert status == 0
     return root / "basic", sweep, teacher_runs, student_runs
 
@@ -94,9 +96,9 @@ def test_a_fused_sweep_writes_its_report_and_distill_report_reads_it(sweeps, mon
 def test_seeds_make_separate_groups_and_a_diverged_job_fails_alone(tmp_path, monkeypatch, capsys):
     groups = []
     run_kd_fused = fused.run_kd_fused
-    monkeypatch.setattr(fused, "run_kd_fused", lambda cfgs, run_dirs: groups.append(len(cfgs)) or run_kd_fused(cfgs, run_dirs))
+    monkeypatch.setattr(fused, "run_kd_fused", lambda cfgs, *rest: groups.append(len(cfgs)) or run_kd_fused(cfgs, *rest))
     on_training_step(monkeypatch, 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
-    status, sweep = _sweep(monkeypatch, tmp_path, "seeds", "hydra/launcher=fused", "seed=0,1", "T=2,4")
+    status, sweep = _sweep(monkeypatch, tmp_path, "seeds", *FUSED, "seed=0,1", "T=2,4")
     assert groups == [2, 2]
     assert status == 1  # job 1 (seed 0, T=4: the group's second student) diverged at its first step
     assert [_summary(sweep / str(n))["status"] for n in range(4)] == ["completed", "failed", "completed", "completed"]
@@ -113,7 +115,7 @@ def test_an_interrupted_fused_job_resumes_alone_to_the_same_metrics(sweeps, tmp_
         return parts
 
     on_training_step(monkeypatch, 4 * 25 + 2, interrupt, factory="kd_step")  # epoch 2, step 6, student 2 (digits: 20 steps of 64)
-    status, sweep = _sweep(monkeypatch, basic.parent, "interrupted", "hydra/launcher=fused", *GRID)
+    status, sweep = _sweep(monkeypatch, basic.parent, "interrupted", *FUSED, *GRID)
     assert status == 128 + signal.SIGTERM
     for n in range(4):
         summary = _summary(sweep / str(n))
@@ -125,6 +127,24 @@ def test_an_interrupted_fused_job_resumes_alone_to_the_same_metrics(sweeps, tmp_
     assert _summary(job)["status"] == "completed"
     assert "student: resuming after epoch 1 and 6 steps of epoch 2" in (job / "kd.log").read_text()  # not trained again from scratch
     assert metrics_without_timing(job) == metrics_without_timing(basic / "1")
+
+
+def test_stacked_students_through_the_launcher_train_as_the_basic_sweep(sweeps, monkeypatch):
+    basic = sweeps[0]
+    status, sweep = _sweep(monkeypatch, basic.parent, "stacked", "hydra/launcher=fused", "hydra.launcher.batching=stacked", *GRID)
+    assert status == 0
+    assert "4 students train on shared batches, stacked" in (sweep / "0" / "kd.log").read_text()
+    for n in range(4):  # the same training up to float summation order
+        for mine, theirs in zip(metrics_without_timing(sweep / str(n)), metrics_without_timing(basic / str(n)), strict=True):
+            assert mine == pytest.approx(theirs, rel=1e-3, abs=1e-4)
+
+
+def test_a_bad_batching_setting_is_refused_before_any_job_starts(tmp_path, monkeypatch, capsys):
+    status, sweep = _sweep(monkeypatch, tmp_path, "batching", "hydra/launcher=fused", "hydra.launcher.batching=vmap", "T=2,4")
+    assert status == 1
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert "hydra.launcher.batching" in error and "'vmap'" in error
+    assert not (sweep / "0").exists()
 
 
 def test_several_processes_are_refused_before_any_job_starts(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,125 @@
+"""Stacked students (distill_cli/stacked.py): a fused group's students of one architecture run as one
+vmapped network; same training as one after another, up to float summation order."""
+
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+
+import distill_cli.fused as fused
+import distill_cli.stacked as stacked
+import distill_cli.tasks as tasks
+from distill_cli.checkpoint import load_checkpoint
+from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.engine import resolve_compute
+from distill_cli.fused import run_kd_fused
+
+from conftest import CPU_DEVICE, metrics_without_timing, on_training_step, small_kd_config, small_train_config
+
+pytestmark = pytest.mark.usefixtures("quiet_results")
+
+CNN = ModelConfig(arch="cnn", kwargs={"width": 4, "blocks": 2})  # BatchNorm: running statistics to carry
+
+
+def _jobs(root) -> list:
+    """Three kd jobs of one group with a stackable student (cnn, BatchNorm, no dropout), augmented data."""
+    teacher_dir = root / "teacher"
+    tasks.run_train(small_train_config(root), teacher_dir)
+    teacher = TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}, checkpoint=str(teacher_dir / "best.pt"))
+    base = small_kd_config(root, teacher=teacher, student=CNN, baseline=False)
+    base = replace(base, dataset=replace(base.dataset, augment=True))
+    return [
+        replace(base, T=2.0, alpha=0.5),
+        replace(base, T=4.0, alpha=0.9),
+        replace(base, T=4.0, alpha=0.5, optimizer=replace(base.optimizer, lr=0.05)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_after_another(tmp_path_factory):
+    """The jobs trained fused, one student after another (each exactly as alone)."""
+    root = tmp_path_factory.mktemp("stacked")
+    cfgs = _jobs(root)
+    folders = [root / "sequential" / str(n) for n in range(len(cfgs))]
+    assert [s["status"] for s in run_kd_fused(cfgs, folders, "sequential")] == ["completed"] * 3
+    return cfgs, folders
+
+
+def _close_run(stacked_dir, sequential_dir) -> None:
+    """The same training up to float order: metrics, weights and BatchNorm statistics."""
+    rows = [metrics_without_timing(folder) for folder in (stacked_dir, sequential_dir)]
+    assert len(rows[0]) == len(rows[1])
+    for mine, theirs in zip(*rows):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-4), key
+    weights = [load_checkpoint(folder / "last.pt")["state_dict"] for folder in (stacked_dir, sequential_dir)]
+    for key, value in weights[1].items():
+        assert torch.allclose(weights[0][key].float(), value.float(), rtol=1e-3, atol=1e-4), key
+
+
+def test_stacked_students_train_as_one_after_another(one_after_another, tmp_path, caplog):
+    cfgs, sequential = one_after_another
+    folders = [tmp_path / str(n) for n in range(len(cfgs))]
+    with caplog.at_level(logging.INFO, logger="distill"):
+        summaries = run_kd_fused(cfgs, folders, "stacked")
+    assert "3 students train on shared batches, stacked (hydra.launcher.batching=stacked)" in caplog.text
+    assert [s["status"] for s in summaries] == ["completed"] * 3
+    for mine, theirs in zip(folders, sequential):
+        _close_run(mine, theirs)
+    first = load_checkpoint(folders[0] / "last.pt")["state_dict"]
+    assert not torch.equal(first["1.running_mean"], torch.zeros_like(first["1.running_mean"]))
+
+
+def test_a_diverged_stacked_student_fails_alone(one_after_another, tmp_path, monkeypatch):
+    cfgs, sequential = one_after_another
+    on_training_step(monkeypatch, 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
+    folders = [tmp_path / str(n) for n in range(len(cfgs))]
+    summaries = run_kd_fused(cfgs, folders, "stacked")  # the second student's first step: its loss is NaN
+    assert [s["status"] for s in summaries] == ["completed", "failed", "completed"]
+    assert "training diverged" in summaries[1]["error"]
+    for n in (0, 2):
+        _close_run(folders[n], sequential[n])
+
+
+def test_auto_stacks_only_when_measured_faster(one_after_another, tmp_path, monkeypatch, caplog):
+    cfgs, _ = one_after_another
+    timings = {"sequential": 0.02, "stacked": 0.01}
+    monkeypatch.setattr(stacked, "time_both", lambda students, images, compute: dict(timings))
+    chosen = []
+    fit_together = fused.fit_together
+    monkeypatch.setattr(fused, "fit_together", lambda *args: chosen.append(args[3]) or fit_together(*args))
+    with caplog.at_level(logging.INFO, logger="distill"):
+        run_kd_fused(cfgs[:2], [tmp_path / "a0", tmp_path / "a1"], "auto")
+        timings.update(stacked=0.03)
+        run_kd_fused(cfgs[:2], [tmp_path / "b0", tmp_path / "b1"], "auto")
+    assert isinstance(chosen[0], stacked.StackedStudents) and chosen[1] is None
+    assert "stacked (measured per step on cpu: 20.0 ms one after another, 10.0 ms stacked)" in caplog.text
+    assert "one after another (measured per step on cpu: 20.0 ms one after another, 30.0 ms stacked)" in caplog.text
+
+
+def test_students_that_cannot_stack_run_one_after_another(tmp_path):
+    compute = resolve_compute(CPU_DEVICE)
+    info = tasks.prepare_run(small_kd_config(tmp_path))[1].info
+    from distill_cli.models import build_model
+
+    cnns = [build_model(CNN, info, "student") for _ in range(2)]
+    with_dropout = [build_model(ModelConfig(arch="mlp", kwargs={"hidden": [4], "dropout": 0.1}), info, "student") for _ in range(2)]
+    assert stacked.why_not_stacked(cnns, (), compute) is None
+    assert stacked.why_not_stacked(cnns[:1], (), compute) == "one student"
+    assert stacked.why_not_stacked(cnns, ("pooled",), compute) == "the method reads the student's features"
+    assert "dropout" in stacked.why_not_stacked(with_dropout, (), compute)
+    assert stacked.choose_batching("stacked", with_dropout, (), None, compute)[0] == "sequential"
+
+
+def test_measured_timings_come_from_both_ways(tmp_path):
+    compute = resolve_compute(CPU_DEVICE)
+    info = tasks.prepare_run(small_kd_config(tmp_path))[1].info
+    from distill_cli.models import build_model
+
+    students = [build_model(CNN, info, "student") for _ in range(3)]
+    before = [s.state_dict()["0.weight"].clone() for s in students]
+    seconds = stacked.time_both(students, torch.randn(8, info.channels, *info.image_size), compute, steps=1)
+    assert set(seconds) == {"sequential", "stacked"} and all(value > 0 for value in seconds.values())
+    assert all(not torch.equal(b, s.state_dict()["0.weight"]) for b, s in zip(before, students))  # both trained them
