@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,18 +31,22 @@ from .engine import (
     Compute,
     EpochTotals,
     _train_epoch,
+    _train_step,
     build_optimizer,
     cross_entropy_step,
     seed_everything,
     synchronise,
     teacher_logits,
+    train_steps_stacked,
 )
 from .errors import DistillError
 from .files import write_json_atomic
 from .kd import build_objective, check_cache_teacher, kd_step
+from .losses.base import build_method
 from .models import build_model, count_parameters
 from .report import CONSOLE
-from .tasks import prepare_run
+from .stacked import StackedStudents, why_not_stacked
+from .tasks import once_per_batch, prepare_run
 
 log = logging.getLogger("distill")
 
@@ -198,6 +202,144 @@ def _kd_case(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders) -> t
     return nn.ModuleList([student, objective]), step, cached is not None
 
 
+SWEEP_T, SWEEP_ALPHA = (2.0, 4.0, 8.0), (0.5, 0.9)  # the jobs of a timed sweep: T x alpha, in this order
+
+
+@dataclass
+class _Learner:
+    """One student of a timed sweep, with what `engine._train_step` and `train_steps_stacked` take."""
+
+    trained: nn.Module  # the student and its objective's parts
+    method: nn.Module
+    step: Callable
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    compute: Compute
+    totals: EpochTotals | None = None
+
+
+def _sweep_learners(cfg: BenchConfig, compute: Compute, data: DataSplits, teacher: nn.Module, share_teacher: bool, stacked=None) -> list[_Learner]:
+    """The `cfg.fused` students of a T x alpha sweep as `distill kd` builds each (`kd.build_objective`), from
+    the run's seed; the teacher runs every step, once per batch for them all with `share_teacher` (a fused
+    group), and `stacked` (a `StackedStudents`) makes their forward passes one."""
+    seed_everything(cfg.seed)
+    learners, shared_forward = [], None
+    for k in range(cfg.fused):
+        job = replace(cfg, T=SWEEP_T[k % len(SWEEP_T)], alpha=SWEEP_ALPHA[k // len(SWEEP_T) % len(SWEEP_ALPHA)])
+        student = compute.place(build_model(cfg.student, data.info, "student"))
+        objective, student_forward, teacher_forward = build_objective(job, data, compute, student, teacher)
+        if share_teacher:
+            shared_forward = shared_forward or once_per_batch(teacher_forward)
+            teacher_forward = shared_forward
+        if stacked is not None:
+            student_forward = stacked.add(student)
+        trained = nn.ModuleList([student, objective])
+        optimizer = build_optimizer(trained, cfg.optimizer, compute.device)
+        step = kd_step(student_forward, teacher_forward, objective)
+        learners.append(_Learner(trained, objective, step, optimizer, compute.grad_scaler(), compute))
+    return learners
+
+
+def _sweep_runner(learners: list[_Learner], loader, how: str) -> Callable[[int], int]:
+    """`steps` kd steps of every learner: "serial" (each job its own pass over the loader and its own teacher
+    forward), "fused" (one pass, the students one after another) or "stacked" (one pass, one stacked step)."""
+
+    def train(learner: _Learner, batch) -> None:
+        _train_step(None, learner.method, learner.step, batch, 1, learner.optimizer, learner.scaler, learner.compute, learner.totals)
+
+    def run(steps: int) -> int:
+        for learner in learners:
+            learner.totals = EpochTotals(learner.compute.device)
+        if how == "serial":
+            for learner in learners:
+                for batch in _cycle(loader, steps):
+                    train(learner, batch)
+        elif how == "stacked":
+            for batch in _cycle(loader, steps):
+                train_steps_stacked(learners, batch, 1)
+        else:
+            for batch in _cycle(loader, steps):
+                for learner in learners:
+                    train(learner, batch)
+        for learner in learners:
+            learner.totals.read(learner.trained)  # each job's one host sync per epoch
+        return sum(learner.totals.images for learner in learners)
+
+    return run
+
+
+def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
+    """`distill bench fused=K`: the kd steps of a K-job T x alpha sweep timed three ways in turns: one job after
+    another (each with its own data pass and teacher forward), fused with the students one after another, and
+    fused with the students stacked (when they can stack: `stacked.why_not_stacked`). Untrained teacher; the
+    teacher runs on every step, as it does with augmentation. Writes bench.json, prints the table."""
+    compute, data, loaders = prepare_run(cfg)
+    seed_everything(cfg.seed)
+    teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
+    cases = {
+        "serial": _sweep_learners(cfg, compute, data, teacher, share_teacher=False),
+        "fused": _sweep_learners(cfg, compute, data, teacher, share_teacher=True),
+    }
+    points = build_method(dict(cfg.loss)).student_points
+    not_stacked = why_not_stacked([compute.place(build_model(cfg.student, data.info, "student")) for _ in range(cfg.fused)], points, compute)
+    if not_stacked is None:
+        cases["stacked"] = _sweep_learners(cfg, compute, data, teacher, share_teacher=True, stacked=StackedStudents(compute))
+    rates = _timed_in_turns({how: _sweep_runner(learners, loaders.train, how) for how, learners in cases.items()}, cfg, compute)
+    serial = statistics.median(rates["serial"])
+    rows = {
+        how: {"images_per_s": statistics.median(repeats), "time_vs_serial": serial / statistics.median(repeats), "repeats": repeats}
+        for how, repeats in rates.items()
+    }
+    result = {
+        "command": "bench",
+        "status": "completed",
+        "case": "fused sweep",
+        "jobs": [{"T": SWEEP_T[k % len(SWEEP_T)], "alpha": SWEEP_ALPHA[k // len(SWEEP_T) % len(SWEEP_ALPHA)]} for k in range(cfg.fused)],
+        "dataset": data.info.name,
+        "teacher": {"name": cfg.teacher.label, "arch": cfg.teacher.arch, "params": count_parameters(teacher)},
+        "student": {"name": cfg.student.label, "arch": cfg.student.arch},
+        "loss": dict(cfg.loss),
+        "batch_size": cfg.batch_size,
+        "augment": asdict(loaders.train.augment) if loaders.train.augment else None,
+        "device": str(compute.device),
+        "device_name": device_name(compute.device),
+        "threads": torch.get_num_threads(),
+        "precision": compute.precision,
+        "not_stacked": not_stacked,
+        "steps": cfg.steps,
+        "repeats": cfg.repeats,
+        "results": rows,
+    }
+    write_json_atomic(result, run_dir / "bench.json")
+    CONSOLE.print(sweep_bench_table(result))
+    return result
+
+
+SWEEP_ROWS = {
+    "serial": "one job after another",
+    "fused": "fused, students one after another",
+    "stacked": "fused, students stacked",
+}
+
+
+def sweep_bench_table(result: dict) -> Group:
+    """The fused-sweep results: student images/s of all jobs together and time relative to serial jobs."""
+    jobs = len(result["jobs"])
+    table = Table(title=f"distill bench fused={jobs}: {result['dataset']}, {result['teacher']['name']} -> {result['student']['name']}, "
+                  f"batch {result['batch_size']}, median of {result['repeats']} x {result['steps']} steps per job")
+    for column in ("sweep of T x alpha", "student img/s (all jobs)", "time vs one job after another"):
+        table.add_column(column, justify="left" if column.startswith("sweep") else "right")
+    for how, row in result["results"].items():
+        table.add_row(SWEEP_ROWS[how], f"{row['images_per_s']:,.0f}", f"{row['time_vs_serial']:.2f}x")
+    notes = [
+        f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads), {result['precision']}",
+        f"augmentation: {_describe_augment(result['augment'])}; the (untrained) teacher runs on every step",
+    ]
+    if result["not_stacked"]:
+        notes.append(f"not stacked: {result['not_stacked']}")
+    return Group(table, *(Text(note) for note in notes))
+
+
 def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     """Time a train step (teacher, CE) and a kd step (student from a frozen teacher, the method of
     `cfg.loss`), fast vs reference.
@@ -211,6 +353,8 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         raise DistillError(
             "device.processes: distill bench times one process; the images/s of a data-parallel run are in its metrics.jsonl"
         )
+    if cfg.fused:
+        return run_sweep_bench(cfg, run_dir)
     compute, data, loaders = prepare_run(cfg)
     plain = Compute(compute.device, "fp32", channels_last=False, fold_frozen=False)
     seed_everything(cfg.seed)

@@ -349,11 +349,15 @@ class BenchConfig(KDConfig):
     # image folders: the reference decodes every file per sample, as torchvision's ImageFolder does;
     # false: it makes its PIL images from the decoded images in memory, as torchvision's CIFAR10 does
     reference_from_files: bool = True
+    # K >= 2: time a sweep of K kd jobs instead (T and alpha varied): one job after another vs fused
+    # (hydra/launcher=fused: one teacher forward per batch; students one after another, and stacked)
+    fused: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("steps", "repeats"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.fused == 0 or self.fused >= 2, "fused", f"the students of a fused sweep to time: 0 (off) or >= 2, got {self.fused}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.reference_workers >= 0, "reference_workers", f"must be >= 0, got {self.reference_workers}")
 

@@ -67,3 +67,39 @@ def test_bench_times_any_method_through_the_kd_wiring(tmp_path):
     assert bench["loss"] == {"name": "fitnet", "weight": 100.0, "hint": "stage2"} and bench["alpha"] == 0.0
     assert bench["student"]["name"] == "cnn" and not bench["teacher_logits_cached"]
     assert all(row["distill_images_per_s"] > 0 and row["reference_images_per_s"] > 0 for row in bench["results"].values())
+
+
+@pytest.mark.parametrize("student, ways", [("cnn", {"serial", "fused", "stacked"}), ("mlp", {"serial", "fused"})])
+def test_bench_fused_times_a_sweep_with_one_teacher_forward_per_batch(tmp_path, monkeypatch, student, ways):
+    """`distill bench fused=K`: K jobs one after another run the teacher K times per step, fused jobs once; a
+    student with dropout is not stacked (and the table says why)."""
+    import distill_cli.bench as bench
+
+    teacher_runs = []
+    build_objective = bench.build_objective
+
+    def counting_build_objective(*args):
+        objective, student_forward, teacher_forward = build_objective(*args)
+        return objective, student_forward, lambda images: teacher_runs.append(1) or teacher_forward(images)
+
+    monkeypatch.setattr(bench, "build_objective", counting_build_objective)
+    kwargs = "student.kwargs.width=4" if student == "cnn" else "student.kwargs.dropout=0.1"
+    result = run_distill_in_process(
+        "bench", "fused=3", f"student={student}", kwargs, "teacher.kwargs.width=4", "dataset.train_size=300",
+        "dataset.test_size=50", "dataset.image_size=16", "batch_size=32", "warmup_steps=1", "steps=2", "repeats=2", cwd=tmp_path,
+    )
+    (path,) = (tmp_path / "outputs").glob("*/*_bench/bench.json")
+    bench_json = json.loads(path.read_text())
+    assert set(bench_json["results"]) == ways and bench_json["jobs"][:2] == [{"T": 2.0, "alpha": 0.5}, {"T": 4.0, "alpha": 0.5}]
+    runs_per_step = 3 + (len(ways) - 1)  # serial: every job; fused (and stacked): once for all
+    assert len(teacher_runs) == (1 + 2 * 2) * runs_per_step
+    serial = bench_json["results"]["serial"]["images_per_s"]
+    for row in bench_json["results"].values():
+        assert len(row["repeats"]) == 2 and row["time_vs_serial"] == pytest.approx(serial / row["images_per_s"])
+        assert f"{row['time_vs_serial']:.2f}x" in result.stdout
+    assert ("not stacked: the student has dropout" in result.stdout) is (student == "mlp")
+
+
+def test_bench_fused_needs_two_jobs(tmp_path):
+    result = run_distill_in_process("bench", "fused=1", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "fused: the students of a fused sweep to time: 0 (off) or >= 2, got 1" in result.stderr
