@@ -283,7 +283,7 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     points = build_method(dict(cfg.loss)).student_points
     not_stacked = why_not_stacked([compute.place(build_model(cfg.student, data.info, "student")) for _ in range(cfg.fused)], points, compute)
     if not_stacked is None:
-        cases["stacked"] = _sweep_learners(cfg, compute, data, teacher, share_teacher=True, stacked=StackedStudents(compute))
+        cases["stacked"] = _sweep_learners(cfg, compute, data, teacher, share_teacher=True, stacked=StackedStudents())
     rates = _timed_in_turns({how: _sweep_runner(learners, loaders.train, how) for how, learners in cases.items()}, cfg, compute)
     serial = statistics.median(rates["serial"])
     rows = {

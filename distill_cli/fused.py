@@ -65,7 +65,7 @@ def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path], batching: str = "se
         shared = Shared()
         how, why = _group_batching(batching, cfgs[0], compute, data, loaders, len(cfgs))
         if how == "stacked":
-            shared.stacked = StackedStudents(compute)
+            shared.stacked = StackedStudents()
         jobs, trainings, streams = [], [], []
         for index, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
             with logging_run(run_dir):

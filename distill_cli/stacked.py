@@ -29,8 +29,7 @@ BATCHING = ("auto", "stacked", "sequential")
 class StackedStudents:
     """The forward pass of the students in `members`, computed once per batch for all of them."""
 
-    def __init__(self, compute):
-        self.compute = compute
+    def __init__(self):
         self.members: list[nn.Module] = []
         self._images = None
         self._logits: torch.Tensor | None = None
@@ -65,10 +64,10 @@ class StackedStudents:
         in each member as its own forward would update them."""
         template, members = self._template, self.members
         template.train(members[0].training)
-        params = {name: torch.stack([dict(m.named_parameters())[name] for m in members]) for name, _ in template.named_parameters()}
+        # in the default memory format: vmap has no batching rule for some channels_last kernels (a slow loop)
+        params = {name: torch.stack([dict(m.named_parameters())[name] for m in members]).contiguous() for name, _ in template.named_parameters()}
         buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in members]) for name, _ in template.named_buffers()}
-        memory_format = torch.channels_last if self.compute.uses_channels_last(members[0]) else torch.contiguous_format
-        images = images.contiguous(memory_format=memory_format)
+        images = images.contiguous()
 
         def one(weights, state):
             return functional_call(template, (weights, state), (images,))
@@ -104,7 +103,7 @@ def time_both(students: list[nn.Module], images: torch.Tensor, compute, steps: i
     pass copies."""
     labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
     optimizers = [torch.optim.SGD(student.parameters(), lr=1e-3) for student in students]
-    stacked = StackedStudents(compute)
+    stacked = StackedStudents()
     stacked_forwards = [stacked.add(student) for student in students]
     plain_forwards = [compute.forward(student, compile=False) for student in students]
 

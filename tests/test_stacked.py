@@ -2,6 +2,8 @@
 vmapped network; same training as one after another, up to float summation order."""
 
 import logging
+import os
+import signal
 from dataclasses import replace
 
 import pytest
@@ -13,6 +15,7 @@ import distill_cli.tasks as tasks
 from distill_cli.checkpoint import load_checkpoint
 from distill_cli.config import ModelConfig, TeacherConfig
 from distill_cli.engine import resolve_compute
+from distill_cli.errors import Interrupted
 from distill_cli.fused import run_kd_fused
 
 from conftest import CPU_DEVICE, metrics_without_timing, on_training_step, small_kd_config, small_train_config
@@ -42,7 +45,9 @@ def one_after_another(tmp_path_factory):
     root = tmp_path_factory.mktemp("stacked")
     cfgs = _jobs(root)
     folders = [root / "sequential" / str(n) for n in range(len(cfgs))]
-    assert [s["status"] for s in run_kd_fused(cfgs, folders, "sequential")] == ["completed"] * 3
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(tasks, "print_results", lambda summary, per_class=False: None)
+        assert [s["status"] for s in run_kd_fused(cfgs, folders, "sequential")] == ["completed"] * 3
     return cfgs, folders
 
 
@@ -59,17 +64,57 @@ def _close_run(stacked_dir, sequential_dir) -> None:
         assert torch.allclose(weights[0][key].float(), value.float(), rtol=1e-3, atol=1e-4), key
 
 
-def test_stacked_students_train_as_one_after_another(one_after_another, tmp_path, caplog):
-    cfgs, sequential = one_after_another
-    folders = [tmp_path / str(n) for n in range(len(cfgs))]
-    with caplog.at_level(logging.INFO, logger="distill"):
-        summaries = run_kd_fused(cfgs, folders, "stacked")
-    assert "3 students train on shared batches, stacked (hydra.launcher.batching=stacked)" in caplog.text
+@pytest.fixture(scope="module")
+def stacked_run(one_after_another, tmp_path_factory):
+    """The same jobs trained fused and stacked: their folders and what the group logged."""
+    cfgs, _ = one_after_another
+    folders = [tmp_path_factory.mktemp("stacked_run") / str(n) for n in range(len(cfgs))]
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger, level = logging.getLogger("distill"), logging.getLogger("distill").level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(tasks, "print_results", lambda summary, per_class=False: None)
+            summaries = run_kd_fused(cfgs, folders, "stacked")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert [s["status"] for s in summaries] == ["completed"] * 3
+    return folders, records
+
+
+def test_stacked_students_train_as_one_after_another(one_after_another, stacked_run):
+    _, sequential = one_after_another
+    folders, records = stacked_run
+    assert "fused: 3 students train on shared batches, stacked (hydra.launcher.batching=stacked)" in records
     for mine, theirs in zip(folders, sequential):
         _close_run(mine, theirs)
     first = load_checkpoint(folders[0] / "last.pt")["state_dict"]
     assert not torch.equal(first["1.running_mean"], torch.zeros_like(first["1.running_mean"]))
+
+
+def test_an_interrupted_stacked_group_resumes_exactly(one_after_another, stacked_run, tmp_path, monkeypatch):
+    cfgs, _ = one_after_another
+    steps = len(tasks.prepare_run(cfgs[0])[2].train)
+
+    def interrupt(parts):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return parts
+
+    on_training_step(monkeypatch, (steps + 4) * len(cfgs) + 2, interrupt, factory="kd_step")  # epoch 2, step 5
+    folders = [tmp_path / str(n) for n in range(len(cfgs))]
+    with pytest.raises(Interrupted):
+        run_kd_fused(cfgs, folders, "stacked")
+    assert load_checkpoint(folders[0] / "last.pt")["training"]["partial"]["steps"] == 5
+    monkeypatch.undo()
+    run_kd_fused([replace(cfg, resume=True) for cfg in cfgs], folders, "stacked")
+    for resumed, uninterrupted in zip(folders, stacked_run[0]):
+        assert metrics_without_timing(resumed) == metrics_without_timing(uninterrupted)
+        weights = [load_checkpoint(folder / "last.pt")["state_dict"] for folder in (resumed, uninterrupted)]
+        assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[1])
 
 
 def test_a_diverged_stacked_student_fails_alone(one_after_another, tmp_path, monkeypatch):
