@@ -10,6 +10,7 @@ import yaml
 
 import distill_cli.fused as fused
 import distill_cli.tasks as tasks
+from distill_cli.errors import DistillError
 
 from conftest import FAST_KD, comparable_results, distill_in_process, metrics_without_timing, on_training_step
 
@@ -94,7 +95,7 @@ def test_a_fused_sweep_writes_its_report_and_distill_report_reads_it(sweeps, mon
 def test_seeds_make_separate_groups_and_a_diverged_job_fails_alone(tmp_path, monkeypatch, capsys):
     groups = []
     run_kd_fused = fused.run_kd_fused
-    monkeypatch.setattr(fused, "run_kd_fused", lambda cfgs, run_dirs: groups.append(len(cfgs)) or run_kd_fused(cfgs, run_dirs))
+    monkeypatch.setattr(fused, "run_kd_fused", lambda cfgs, *args: groups.append(len(cfgs)) or run_kd_fused(cfgs, *args))
     on_training_step(monkeypatch, 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
     status, sweep = _sweep(monkeypatch, tmp_path, "seeds", "hydra/launcher=fused", "seed=0,1", "T=2,4")
     assert groups == [2, 2]
@@ -153,3 +154,24 @@ def test_an_error_in_what_the_group_shares_fails_each_of_its_jobs_in_one_line(tm
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(str(tmp_path / "missing") in error and "Traceback" not in error for error in errors)
     assert [_summary(sweep / str(n))["status"] for n in range(2)] == ["failed", "failed"]
+
+
+@pytest.mark.parametrize("budget", ["0", "-2", "lots", "nan"])
+def test_a_bad_memory_budget_is_refused_in_one_line_before_any_job_starts(budget, tmp_path, monkeypatch, capsys):
+    status, sweep = _sweep(monkeypatch, tmp_path, "budget", "hydra/launcher=fused", f"hydra.launcher.memory_gb={budget}", "T=2,4")
+    assert status == 1
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("distill kd: error: hydra.launcher.memory_gb: ") and "is not a positive number of GiB" in error
+    assert not (sweep / "0").exists()
+
+
+def test_the_memory_budget_reaches_the_group(tmp_path, monkeypatch):
+    budgets = []
+
+    def recording(cfgs, run_dirs, memory_gb):
+        budgets.append(memory_gb)
+        raise DistillError("not trained here")
+
+    monkeypatch.setattr(fused, "run_kd_fused", recording)
+    status, _ = _sweep(monkeypatch, tmp_path, "budget", "hydra/launcher=fused", "hydra.launcher.memory_gb=2", "T=2,4")
+    assert status == 1 and budgets == [2.0]
