@@ -85,10 +85,10 @@ def test_the_plan_says_what_the_students_need_and_how_they_train_in_one_line():
 def test_without_a_budget_the_plan_takes_a_share_of_the_memory_free(probe, monkeypatch, caplog):
     cfg, compute, data, loaders, _ = probe
     need = _need(probe).total
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 2.5 * need / memory.SAFETY)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 3.2 * need)  # a share of it fits 2 students, not 3
     with caplog.at_level(logging.INFO, logger="distill"):
-        assert memory.plan_fused([cfg] * 4, compute, data, loaders, None) == [[0, 1], [2, 3]]
-    assert "trained as 2 groups of 2" in caplog.text
+        assert memory.plan_fused([cfg] * 6, compute, data, loaders, None) == [[0, 1], [2, 3], [4, 5]]
+    assert f"budget {memory._size(memory.SAFETY * 3.2 * need)} on cpu: trained as 3 groups of 2" in caplog.text
     assert memory.plan_fused([cfg] * 4, compute, data, loaders, 4.5 * need / memory.GIB) == [[0, 1, 2, 3]]
 
 
