@@ -13,15 +13,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .config import KDConfig, to_plain
-from .engine import Training, fit_together, rng_state, set_rng_state
+from .data import DataSplits
+from .engine import Compute, Training, fit_together, rng_state, set_rng_state
 from .errors import DistillError
 from .files import write_json_atomic
 from .losses.base import build_method
+from .memory import checked_budget, plan_fused
 from .models import build_model
 from .modes import kd_mode
 from .report import job_log_files, log, logging_run
 from .tasks import (
     KDRun,
+    Loaders,
     Shared,
     _run_header,
     checkpoint_maker,
@@ -49,23 +52,42 @@ def group_key(cfg: KDConfig) -> str | None:
     return repr(sorted({**kept, "loss.name": cfg.loss["name"]}.items()))
 
 
-def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path], batching: str = "sequential") -> list[dict]:
+def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path], batching: str = "sequential", memory_gb: float | None = None) -> list[dict]:
     """Run the kd jobs `cfgs` (all of one `group_key`) fused, each into its run folder as `run_kd` would:
     metrics.jsonl, last.pt, best.pt, summary.json. Returns their summaries; a job that fails (a diverged
     student, a bad setting of its own) gets a failed summary with the one-line reason, and the others go on.
     `batching` (`stacked.BATCHING`): how the students' passes run, see `stacked.choose_batching`;
-    "sequential" gives each job exactly the numbers of its run alone."""
+    "sequential" gives each job exactly the numbers of its run alone. Students that would not fit
+    `memory_gb` GiB together (None: the memory free) train as consecutive sub-groups (`memory.plan_fused`),
+    one after another, each on the batches the whole group would draw, sharing the data, the teacher and
+    its cached logits."""
     keys = {group_key(cfg) for cfg in cfgs}
     if None in keys or len(keys) > 1:
         raise DistillError("run_kd_fused: the jobs differ in more than T, alpha, loss weights and the optimizer")
     start = time.perf_counter()
     summaries: list[dict | None] = [None] * len(cfgs)
+    compute, data, loaders = prepare_run(cfgs[0])
+    shared = Shared()
+    first_epoch = loaders.train.state_dict()
+    for positions in plan_fused(cfgs, compute, data, loaders, memory_gb):
+        loaders.train.load_state_dict(first_epoch)
+        group = [cfgs[n] for n in positions], [run_dirs[n] for n in positions]
+        for position, summary in zip(positions, _train_fused(*group, compute, data, loaders, shared, start, batching)):
+            summaries[position] = summary
+    return summaries
+
+
+def _train_fused(
+    cfgs: list[KDConfig], run_dirs: list[Path], compute: Compute, data: DataSplits, loaders: Loaders, shared: Shared, start: float,
+    batching: str,
+) -> list[dict]:
+    """Train the kd jobs `cfgs` fused on `loaders.train`'s batches from its current position (`run_kd_fused`
+    after the run's preparation, shared with the other sub-groups), stacked or not as `batching` decides for
+    them: their summaries, `wall_time_s` from `start`."""
+    summaries: list[dict | None] = [None] * len(cfgs)
     with ExitStack() as stack:
-        compute, data, loaders = prepare_run(cfgs[0])
-        shared = Shared()
         how, why = _group_batching(batching, cfgs[0], compute, data, loaders, len(cfgs))
-        if how == "stacked":
-            shared.stacked = StackedStudents()
+        shared.stacked = StackedStudents() if how == "stacked" else None
         jobs, trainings, streams = [], [], []
         for index, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
             with logging_run(run_dir):
@@ -123,12 +145,14 @@ def _failed(cfg: KDConfig, run_dir: Path, error: DistillError) -> dict:
     return summary
 
 
-def launch_fused(hydra_context, task_function, config, job_overrides, initial_job_idx: int, batching: str = "auto") -> list:
+def launch_fused(
+    hydra_context, task_function, config, job_overrides, initial_job_idx: int, batching: str = "auto", memory_gb=None
+) -> list:
     """`hydra/launcher=fused` (hydra_plugins/distill_fused_launcher): the sweep's kd jobs of one `group_key`
-    train fused (`run_kd_fused`), each in the folder Hydra's basic launcher gives it (`.hydra/`, its log file);
-    any other job (a group of one, a training mode, a config that does not validate, `distill train`) runs as
-    the basic launcher runs it; `batching` (hydra.launcher.batching) is `run_kd_fused`'s. Returns Hydra's
-    JobReturn of each job, in the sweep's order."""
+    train fused (`run_kd_fused` with `batching` and within `memory_gb` GiB: `hydra.launcher.batching` and
+    `.memory_gb`), each in the folder Hydra's basic launcher gives it (`.hydra/`, its log file); any other job
+    (a group of one, a training mode, a config that does not validate, `distill train`) runs as the basic
+    launcher runs it. Returns Hydra's JobReturn of each job, in the sweep's order."""
     from hydra.core.utils import configure_log, filter_overrides, setup_globals
     from omegaconf import OmegaConf, open_dict
 
@@ -136,6 +160,7 @@ def launch_fused(hydra_context, task_function, config, job_overrides, initial_jo
 
     if batching not in BATCHING:
         raise SweepRefused(f"hydra.launcher.batching: expected one of {', '.join(BATCHING)}, got {batching!r}")
+    memory_gb = checked_budget(memory_gb)
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -164,7 +189,7 @@ def launch_fused(hydra_context, task_function, config, job_overrides, initial_jo
         if len(members) == 1:
             returns[members[0]] = _run_job(hydra_context, task_function, jobs[members[0]])
         else:
-            returns.update(zip(members, _run_group(hydra_context, command, [jobs[n] for n in members], batching)))
+            returns.update(zip(members, _run_group(hydra_context, command, [jobs[n] for n in members], batching, memory_gb)))
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     return [returns[position] for position in range(len(jobs))]
 
@@ -198,7 +223,7 @@ def _run_job(hydra_context, task_function, job):
     )
 
 
-def _run_group(hydra_context, command: str, jobs: list, batching: str) -> list:
+def _run_group(hydra_context, command: str, jobs: list, batching: str, memory_gb: float | None) -> list:
     """Kd jobs of one group: each job's folder set up by Hydra (`_run_job` with a task that only validates its
     config), then all trained fused; failures and interrupts recorded as `distill` records a job's."""
     import os
@@ -219,7 +244,7 @@ def _run_group(hydra_context, command: str, jobs: list, batching: str) -> list:
     cfgs, run_dirs = [cfg for cfg, _ in prepared], [run_dir for _, run_dir in prepared]
     try:
         with job_log_files(run_dirs, command):
-            summaries = run_kd_fused(cfgs, run_dirs, batching)
+            summaries = run_kd_fused(cfgs, run_dirs, batching, memory_gb)
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
         for cfg, run_dir in prepared:

@@ -1,6 +1,7 @@
 """Fused kd jobs (distill_cli/fused.py): students trained on shared batches give what each gives alone."""
 
 import json
+import logging
 import os
 import signal
 from dataclasses import replace
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 import distill_cli.tasks as tasks
+from distill_cli import memory
 from distill_cli.checkpoint import load_checkpoint
 from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.engine import fit_together
 from distill_cli.errors import Interrupted
 from distill_cli.fused import group_key, run_kd_fused
 
@@ -126,3 +129,20 @@ def test_an_interrupted_fused_group_resumes_exactly_fused_or_job_by_job(alone, t
     run_kd_fused(resumed[1:], folders[1:])  # the rest of the group, fused again
     for fused, single in zip(folders, alone_folders):
         _same_run(fused, single)
+
+
+def test_a_group_over_its_memory_budget_trains_as_sub_groups_each_job_exactly_as_alone(alone, tmp_path, monkeypatch, caplog):
+    cfgs, alone_folders = alone
+    compute, data, loaders = tasks.prepare_run(cfgs[0])
+    batch = memory.probe_batch(loaders, data, cfgs[0].batch_size)
+    need = memory.training_bytes(cfgs[0], compute, data, batch, tasks.untrained_teacher(cfgs[0], compute, data)).total
+    fused_sizes = []
+    monkeypatch.setattr("distill_cli.fused.fit_together", lambda trainings, *args: fused_sizes.append(len(trainings)) or fit_together(trainings, *args))
+    folders = [tmp_path / str(n) for n in range(len(cfgs))]
+    with caplog.at_level(logging.INFO, logger="distill"):
+        summaries = run_kd_fused(cfgs, folders, memory_gb=2.5 * need / memory.GIB)  # two students fit, not three
+    assert f"budget {memory._size(2.5 * need)} on cpu: trained as 2 groups of 2 and 1" in caplog.text
+    assert fused_sizes == [2, 1]
+    assert [s["status"] for s in summaries] == ["completed"] * 3
+    for fused_run, single in zip(folders, alone_folders):
+        _same_run(fused_run, single)

@@ -10,6 +10,7 @@ import yaml
 
 import distill_cli.fused as fused
 import distill_cli.tasks as tasks
+from distill_cli.errors import DistillError
 
 from conftest import FAST_KD, comparable_results, distill_in_process, metrics_without_timing, on_training_step
 
@@ -173,3 +174,24 @@ def test_an_error_in_what_the_group_shares_fails_each_of_its_jobs_in_one_line(tm
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(str(tmp_path / "missing") in error and "Traceback" not in error for error in errors)
     assert [_summary(sweep / str(n))["status"] for n in range(2)] == ["failed", "failed"]
+
+
+@pytest.mark.parametrize("budget", ["0", "-2", "lots", "nan"])
+def test_a_bad_memory_budget_is_refused_in_one_line_before_any_job_starts(budget, tmp_path, monkeypatch, capsys):
+    status, sweep = _sweep(monkeypatch, tmp_path, "budget", "hydra/launcher=fused", f"hydra.launcher.memory_gb={budget}", "T=2,4")
+    assert status == 1
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("distill kd: error: hydra.launcher.memory_gb: ") and "is not a positive number of GiB" in error
+    assert not (sweep / "0").exists()
+
+
+def test_the_launcher_settings_reach_the_group(tmp_path, monkeypatch):
+    settings = []
+
+    def recording(cfgs, run_dirs, batching, memory_gb):
+        settings.append((batching, memory_gb))
+        raise DistillError("not trained here")
+
+    monkeypatch.setattr(fused, "run_kd_fused", recording)
+    status, _ = _sweep(monkeypatch, tmp_path, "budget", "hydra/launcher=fused", "hydra.launcher.memory_gb=2", "T=2,4")
+    assert status == 1 and settings == [("auto", 2.0)]
