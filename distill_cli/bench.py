@@ -202,6 +202,25 @@ def _kd_case(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders) -> t
     return nn.ModuleList([student, objective]), step, cached is not None
 
 
+def _bench_header(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders, teacher: nn.Module, student: nn.Module | None) -> dict:
+    """What every bench.json starts with: the models, the data, the machine."""
+    augment = loaders.train.augment
+    return {
+        "command": "bench",
+        "status": "completed",
+        "dataset": data.info.name,
+        "teacher": {"name": cfg.teacher.label, "arch": cfg.teacher.arch, "params": count_parameters(teacher)},
+        "student": {"name": cfg.student.label, "arch": cfg.student.arch, **({"params": count_parameters(student)} if student else {})},
+        "loss": dict(cfg.loss),
+        "batch_size": cfg.batch_size,
+        "augment": asdict(augment) if augment else None,
+        "device": str(compute.device),
+        "device_name": device_name(compute.device),
+        "threads": torch.get_num_threads(),
+        "precision": compute.precision,
+    }
+
+
 SWEEP_T, SWEEP_ALPHA = (2.0, 4.0, 8.0), (0.5, 0.9)  # the jobs of a timed sweep: T x alpha, in this order
 
 
@@ -291,20 +310,9 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         for how, repeats in rates.items()
     }
     result = {
-        "command": "bench",
-        "status": "completed",
+        **_bench_header(cfg, compute, data, loaders, teacher, student=None),
         "case": "fused sweep",
         "jobs": [{"T": SWEEP_T[k % len(SWEEP_T)], "alpha": SWEEP_ALPHA[k // len(SWEEP_T) % len(SWEEP_ALPHA)]} for k in range(cfg.fused)],
-        "dataset": data.info.name,
-        "teacher": {"name": cfg.teacher.label, "arch": cfg.teacher.arch, "params": count_parameters(teacher)},
-        "student": {"name": cfg.student.label, "arch": cfg.student.arch},
-        "loss": dict(cfg.loss),
-        "batch_size": cfg.batch_size,
-        "augment": asdict(loaders.train.augment) if loaders.train.augment else None,
-        "device": str(compute.device),
-        "device_name": device_name(compute.device),
-        "threads": torch.get_num_threads(),
-        "precision": compute.precision,
         "not_stacked": not_stacked,
         "steps": cfg.steps,
         "repeats": cfg.repeats,
@@ -387,22 +395,10 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
             "distill_repeats": rates["distill"],
             "reference_repeats": rates["reference"],
         }
-    augment = loaders.train.augment
     result = {
-        "command": "bench",
-        "status": "completed",
-        "dataset": data.info.name,
-        "teacher": {"name": cfg.teacher.label, "arch": cfg.teacher.arch, "params": count_parameters(teacher)},
-        "student": {"name": cfg.student.label, "arch": cfg.student.arch, "params": count_parameters(student)},
-        "loss": dict(cfg.loss),
+        **_bench_header(cfg, compute, data, loaders, teacher, student),
         "T": cfg.T,
         "alpha": cfg.alpha,
-        "batch_size": cfg.batch_size,
-        "augment": asdict(augment) if augment else None,
-        "device": str(compute.device),
-        "device_name": device_name(compute.device),
-        "threads": torch.get_num_threads(),
-        "precision": compute.precision,
         "pipeline": loaders.pipeline,
         "channels_last": {"teacher": compute.uses_channels_last(teacher), "student": compute.uses_channels_last(student)},
         "compile": compute.compile,

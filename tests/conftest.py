@@ -214,6 +214,23 @@ def quiet_results(monkeypatch):
     monkeypatch.setattr(distill_cli.tasks, "print_results", lambda summary, per_class=False: None)
 
 
+def fused_group(root: Path, student: ModelConfig) -> list[KDConfig]:
+    """Three kd jobs of one fused group: a teacher trained into `root/teacher`, `student`, augmented data (the
+    teacher runs every step); they differ in T, alpha and the student's learning rate."""
+    import distill_cli.tasks
+
+    teacher_dir = root / "teacher"
+    distill_cli.tasks.run_train(small_train_config(root), teacher_dir)
+    teacher = TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}, checkpoint=str(teacher_dir / "best.pt"))
+    base = small_kd_config(root, teacher=teacher, student=student, baseline=False)
+    base = replace(base, dataset=replace(base.dataset, augment=True))
+    return [
+        replace(base, T=2.0, alpha=0.5),
+        replace(base, T=4.0, alpha=0.9),
+        replace(base, T=4.0, alpha=0.5, optimizer=replace(base.optimizer, lr=0.05)),
+    ]
+
+
 def dropout_train_config(tmp_path: Path, **overrides) -> TrainConfig:
     """A quick recipe that draws randomness every step: dropout (torch's RNG) and on-device
     augmentation (the loader's generator)."""

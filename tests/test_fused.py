@@ -12,30 +12,19 @@ import torch
 import distill_cli.tasks as tasks
 from distill_cli import memory
 from distill_cli.checkpoint import load_checkpoint
-from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.config import ModelConfig
 from distill_cli.engine import fit_together
 from distill_cli.errors import Interrupted
 from distill_cli.fused import group_key, run_kd_fused
 
-from conftest import comparable_results, metrics_without_timing, on_training_step, small_kd_config, small_train_config
+from conftest import comparable_results, fused_group, metrics_without_timing, on_training_step, small_kd_config
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
 
 def _jobs(root) -> list:
-    """Three kd jobs of one fused group: a given teacher, a student with dropout, augmented data; they
-    differ in T, alpha and the student's learning rate."""
-    teacher_dir = root / "teacher"
-    tasks.run_train(small_train_config(root), teacher_dir)
-    teacher = TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}, checkpoint=str(teacher_dir / "best.pt"))
-    student = ModelConfig(arch="mlp", kwargs={"hidden": [16], "dropout": 0.3})
-    base = small_kd_config(root, teacher=teacher, student=student, baseline=False)
-    base = replace(base, dataset=replace(base.dataset, augment=True))
-    return [
-        replace(base, T=2.0, alpha=0.5),
-        replace(base, T=4.0, alpha=0.9),
-        replace(base, T=4.0, alpha=0.5, optimizer=replace(base.optimizer, lr=0.05)),
-    ]
+    """Three kd jobs of one fused group (`fused_group`) whose student has dropout (torch's RNG every step)."""
+    return fused_group(root, ModelConfig(arch="mlp", kwargs={"hidden": [16], "dropout": 0.3}))
 
 
 @pytest.fixture(scope="module")

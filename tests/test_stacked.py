@@ -13,12 +13,12 @@ import distill_cli.fused as fused
 import distill_cli.stacked as stacked
 import distill_cli.tasks as tasks
 from distill_cli.checkpoint import load_checkpoint
-from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.config import ModelConfig
 from distill_cli.engine import resolve_compute
 from distill_cli.errors import Interrupted
 from distill_cli.fused import run_kd_fused
 
-from conftest import CPU_DEVICE, metrics_without_timing, on_training_step, small_kd_config, small_train_config
+from conftest import CPU_DEVICE, fused_group, metrics_without_timing, on_training_step, small_kd_config
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -26,17 +26,8 @@ CNN = ModelConfig(arch="cnn", kwargs={"width": 4, "blocks": 2})  # BatchNorm: ru
 
 
 def _jobs(root) -> list:
-    """Three kd jobs of one group with a stackable student (cnn, BatchNorm, no dropout), augmented data."""
-    teacher_dir = root / "teacher"
-    tasks.run_train(small_train_config(root), teacher_dir)
-    teacher = TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}, checkpoint=str(teacher_dir / "best.pt"))
-    base = small_kd_config(root, teacher=teacher, student=CNN, baseline=False)
-    base = replace(base, dataset=replace(base.dataset, augment=True))
-    return [
-        replace(base, T=2.0, alpha=0.5),
-        replace(base, T=4.0, alpha=0.9),
-        replace(base, T=4.0, alpha=0.5, optimizer=replace(base.optimizer, lr=0.05)),
-    ]
+    """Three kd jobs of one fused group (`fused_group`) with a stackable student: cnn, BatchNorm, no dropout."""
+    return fused_group(root, CNN)
 
 
 @pytest.fixture(scope="module")
