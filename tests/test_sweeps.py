@@ -53,6 +53,21 @@ def test_optuna_search_picks_the_best_validation_setting(tmp_path):
     assert any(best["best_params"] == {"T": s["T"], "alpha": s["alpha"]} for s in chosen), (best, jobs)
 
 
+def test_optuna_search_trains_each_batch_of_trials_fused(tmp_path):
+    """`hydra.sweeper.n_jobs=2` hands the launcher two trials at a time: the fused launcher trains them as one
+    group, and the sampler still gets each trial's own validation accuracy."""
+    sweep = tmp_path / "search"
+    args = ["kd", "-m", "hydra/sweeper=search", "hydra/launcher=fused", "hydra.launcher.batching=sequential",
+            "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", *FAST_KD, f"hydra.sweep.dir={sweep}"]
+    run_distill_in_process(*args, cwd=tmp_path)
+    jobs = _job_summaries(sweep)
+    assert sorted(jobs) == [0, 1, 2, 3] and all(s["status"] == "completed" for s in jobs.values())
+    for n in range(4):
+        assert "fused: 2 students train on shared batches" in (sweep / str(n) / "kd.log").read_text()
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(s["student"]["val_acc_best"] for s in jobs.values()))
+
+
 def test_optuna_search_without_a_validation_split_is_refused_before_training(tmp_path):
     sweep = tmp_path / "search"
     result = run_distill_in_process(
