@@ -155,10 +155,11 @@ class LaunchRecord:
 
 
 def _read_launch(recorded: dict) -> LaunchRecord:
+    """The `LaunchRecord` in Hydra's YAML record `recorded` (a run's task overrides are read from overrides.yaml)."""
     hydra = recorded["hydra"]
     overrides = hydra["overrides"]
     return LaunchRecord(
-        hydra["job"]["config_name"], overrides["task"] or [], overrides["hydra"] or [], Path(hydra["runtime"]["cwd"]),
+        hydra["job"]["config_name"], overrides.get("task") or [], overrides["hydra"] or [], Path(hydra["runtime"]["cwd"]),
         hydra.get("sweeper", {}).get("_target_", BASIC_SWEEPER),
     )
 
