@@ -1,4 +1,4 @@
-"""Run folders: how a run ended, and how `distill resume <run dir>` continues one.
+"""Run folders: how a run ended, and how `distill resume <run dir>` continues one (or `<sweep dir>` a whole sweep).
 
 No torch here: the CLI reads run folders before it imports anything heavy.
 """
