@@ -129,3 +129,13 @@ def load_resume_checkpoint(run_dir: Path, config: dict) -> dict | None:
     if problems:
         raise DistillError(f"cannot resume {run_dir}: {'; '.join(problems)}")
     return None
+
+
+def resume_position(run_dir: Path, config: dict) -> tuple[int, int]:
+    """(epochs done, steps done of the next epoch) that the training in `run_dir` resumes from (see
+    `load_resume_checkpoint`), as `engine.Training.position` will have it; (0, 0) where nothing was saved yet."""
+    checkpoint = load_resume_checkpoint(run_dir, config)
+    if checkpoint is None:
+        return 0, 0
+    partial = checkpoint["training"]["partial"]
+    return checkpoint["epoch"], 0 if partial is None else partial["steps"]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from .config import config_dir, register_configs, to_plain
 from .errors import DistillError, Interrupted, did_you_mean
-from .runs import failed_jobs, resume_command, resumption, run_status, search_objective
+from .runs import failed_jobs, read_summary, resume_command, resumption, run_status, search_objective
 
 USAGE = """\
 usage: distill <command> [key=value ...] [-m] [hydra flags]
-       distill resume <run dir>
+       distill resume <run dir or sweep dir>
        distill report <folder>... [--by key,key] [--sort column] [--out DIR] [--no-plots]
        distill eval|export|quantize <run dir or checkpoint> [option=value ...] [config key=value ...]
 
@@ -30,7 +30,7 @@ commands:
   train     train a teacher with cross-entropy              distill train teacher=cnn epochs=20
   kd        distil a student from a teacher                 distill kd student=mlp_small T=4 alpha=0.5
   bench     images/s of train/kd steps vs a reference loop  distill bench dataset=cifar10
-  resume    continue a crashed or interrupted run           distill resume outputs/2025-01-01/12-00-00.000000_kd
+  resume    continue a crashed or interrupted run or sweep  distill resume outputs/2025-01-01/12-00-00.000000_kd
   report    table, plots, report.md/csv/json of a sweep     distill report outputs/multirun/2025-01-01/12-00-00.000000_kd
   list      list the datasets, models and losses
   eval      accuracy, ECE, MACs, latency of a run's models  distill eval outputs/2025-01-01/12-00-00.000000_kd
@@ -58,7 +58,8 @@ IN_PROCESS_LAUNCHERS = (".BasicLauncher", ".FusedLauncher")
 
 
 def _task(command: str, cfg) -> float | None:
-    """The Hydra job: validate the config, run the command; on error record a failed summary.
+    """The Hydra job: validate the config, run the command; on error record a failed summary. A job of a
+    resumed sweep that completed before is not run again (its summary stands).
 
     Errors are not raised into Hydra (which would print its own multi-line report); `main` prints
     them as one line each once every job of a sweep has run. An interrupt (Ctrl-C, SIGTERM) is
@@ -76,6 +77,9 @@ def _task(command: str, cfg) -> float | None:
     if hydra_config.mode == RunMode.MULTIRUN and not hydra_config.launcher._target_.endswith(IN_PROCESS_LAUNCHERS):
         share_terminal(hydra_config.job.num)
 
+    if _completed_before(cfg, run_dir, hydra_config):
+        log.info(f"job {hydra_config.job.num}: {run_dir} completed before; not run again")
+        return search_objective(read_summary(run_dir))
     record = partial(record_summary, command, cfg, run_dir)
     try:
         config = validate_config(command, cfg)
@@ -101,6 +105,15 @@ def _task(command: str, cfg) -> float | None:
             log.error(f"job {hydra_config.job.num} failed: {message}")
         record({"status": "failed", "error": message})
         return None
+
+
+def _completed_before(cfg, run_dir: Path, hydra_config) -> bool:
+    """Whether this is a job of a resumed sweep (`resume=true`, see `runs.sweep_resumption`) that completed."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    resumed = hydra_config.mode == RunMode.MULTIRUN and OmegaConf.select(cfg, "resume", default=False)
+    return bool(resumed) and run_status(run_dir) == "completed"
 
 
 def record_summary(command: str, cfg, run_dir: Path, summary: dict) -> None:
@@ -265,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume(args: list[str]) -> int:
-    """`distill resume <run dir>`: run the folder's command again in it, continuing from its checkpoint."""
+    """`distill resume <run dir or sweep dir>`: run the folder's command again in it, continuing from its
+    checkpoint (a sweep: each job from its own, see `runs.sweep_resumption`)."""
     if not args or args[0].startswith("-"):
-        print("usage: distill resume <run dir>", file=sys.stderr)
+        print("usage: distill resume <run dir or sweep dir>", file=sys.stderr)
         return 2
     if len(args) > 1:
         extra = " ".join(args[1:])

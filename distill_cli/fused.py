@@ -22,6 +22,7 @@ from .memory import checked_budget, plan_fused
 from .models import build_model
 from .modes import kd_mode
 from .report import job_log_files, log, logging_run
+from .runs import run_status
 from .tasks import (
     KDRun,
     Loaders,
@@ -35,7 +36,7 @@ from .tasks import (
     student_results,
     trained_result,
 )
-from .checkpoint import BEST
+from .checkpoint import BEST, resume_position
 from .stacked import BATCHING, StackedStudents, choose_batching
 from .trackers import open_trackers
 
@@ -208,9 +209,25 @@ def _fusion_key(command: str, job) -> str | None:
     with read_write(task_config), open_dict(task_config):
         del task_config["hydra"]
     try:
-        return group_key(validate_config(command, task_config))
+        cfg = validate_config(command, task_config)
+        key = group_key(cfg)
+        return _resumed_key(key, cfg, _job_dir(job)) if key is not None and cfg.resume else key
     except Exception:  # a config that does not validate runs alone, and its own run says what is wrong
         return None
+
+
+def _job_dir(job) -> Path:
+    """The folder Hydra's launchers give a sweep job (`_run_job`): hydra.sweep.dir / hydra.sweep.subdir."""
+    return Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir)
+
+
+def _resumed_key(key: str, cfg: KDConfig, run_dir: Path) -> str | None:
+    """The fusion key of a job of a resumed sweep (`resume=true`): None for one that completed (it runs alone,
+    and `cli._task` does not run it again); else `key` and the position its last.pt continues from, since the
+    students of a group continue from one position (`fit_together`; a kill -9 can land between their saves)."""
+    if run_status(run_dir) == "completed":
+        return None
+    return f"{key} from {resume_position(run_dir, to_plain(cfg))}"
 
 
 def _run_job(hydra_context, task_function, job):

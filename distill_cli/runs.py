@@ -1,4 +1,4 @@
-"""Run folders: how a run ended, and how `distill resume <run dir>` continues one.
+"""Run folders: how a run ended, and how `distill resume <run dir>` continues one (or `<sweep dir>` a whole sweep).
 
 No torch here: the CLI reads run folders before it imports anything heavy.
 """
@@ -88,7 +88,8 @@ def _quoted(path: Path) -> str:
 
 
 def resumption(run_dir: Path) -> Resumption:
-    """How to continue the run in `run_dir` (a single run or one job folder of a sweep).
+    """How to continue the run in `run_dir` (a single run or one job folder of a sweep; a sweep folder:
+    `sweep_resumption`).
 
     The command and overrides come from the folder's `.hydra/` (as Hydra recorded them), plus
     `resume=true`, `hydra.run.dir=<run_dir>` and `hydra.output_subdir=null` (the record of the
@@ -100,21 +101,83 @@ def resumption(run_dir: Path) -> Resumption:
     if not run_dir.is_dir():
         raise DistillError(f"{run_dir} is not a folder")
     if not hydra_file.is_file() or not overrides_file.is_file():
-        hint = ": it is a sweep folder; resume its job folders (0/, 1/, ...)" if (run_dir / "multirun.yaml").is_file() else ""
-        raise DistillError(f"{run_dir} is not a distill run folder (no .hydra/hydra.yaml and .hydra/overrides.yaml){hint}")
-    try:
-        hydra = yaml.safe_load(hydra_file.read_text())["hydra"]
-        command = hydra["job"]["config_name"]
-        hydra_overrides = hydra["overrides"]["hydra"] or []
-        cwd = Path(hydra["runtime"]["cwd"])
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
-        raise DistillError(f"{run_dir}: cannot read its .hydra/ record ({type(error).__name__}: {error})") from None
-    if command not in COMMANDS:
-        raise DistillError(f"{run_dir} is a run of {command!r}; distill resume continues {' and '.join(COMMANDS)} runs")
-    if not cwd.is_dir():
-        raise DistillError(f"{run_dir} was started in {cwd}, which no longer exists")
+        if (run_dir / "multirun.yaml").is_file() or any(run_dir.glob("[0-9]*/.hydra/hydra.yaml")):
+            return sweep_resumption(run_dir)
+        raise DistillError(f"{run_dir} is not a distill run folder (no .hydra/hydra.yaml and .hydra/overrides.yaml) nor a sweep folder")
+    record = _launch_record(run_dir, hydra_file, "its .hydra/ record")
+    overrides = _recorded(run_dir, overrides_file, "its .hydra/ record", lambda listed: list(listed or []))
     arguments = [o for o in overrides if _key(o) != "resume"]
-    arguments += [o for o in hydra_overrides if _key(o) not in _PLACEMENT]
+    arguments += [o for o in record.hydra_overrides if _key(o) not in _PLACEMENT]
     arguments += ["resume=true", f"hydra.run.dir={_quoted(run_dir.resolve())}", "hydra.output_subdir=null"]
-    return Resumption(command, arguments, cwd)
+    return Resumption(record.command, arguments, record.cwd)
+
+
+# overrides that place a sweep or pick the mode: a resumed sweep sets its own (its job folders stay where they were)
+_SWEEP_PLACEMENT = {"hydra.sweep.dir", "hydra.mode"}
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def sweep_resumption(sweep_dir: Path) -> Resumption:
+    """How to continue the whole sweep in `sweep_dir` after a kill: its command line as `multirun.yaml` records
+    it, `distill <command> -m <overrides> resume=true hydra.sweep.dir=<sweep_dir>`, run in the directory it was
+    started from, with the launcher it was started with. Each job then sees `resume=true`: one that completed is
+    not run again, one with a checkpoint continues from it, one never started starts (`cli._task`,
+    `fused.launch_fused`). A search (hydra/sweeper=search, Optuna) is refused: re-launched, it would sample new
+    trials rather than finish these (its study lives in the process that was killed)."""
+    sweep_dir = Path(sweep_dir)
+    multirun = sweep_dir / "multirun.yaml"
+    if not multirun.is_file():
+        raise DistillError(
+            f"{sweep_dir} has job folders but no multirun.yaml (Hydra writes it when a sweep starts), so its command "
+            f"line is unknown; resume its jobs one at a time: distill resume {sweep_dir}/<n>"
+        )
+    record = _launch_record(sweep_dir, multirun, "its multirun.yaml")
+    if record.sweeper != BASIC_SWEEPER:
+        raise DistillError(
+            f"{sweep_dir} is a search ({record.sweeper.rsplit('.', 1)[-1]}): re-launched it would sample new trials "
+            f"instead of finishing these; resume its trials one at a time: distill resume {sweep_dir}/<n>"
+        )
+    arguments = ["-m", *(o for o in record.task_overrides if _key(o) != "resume")]
+    arguments += [o for o in record.hydra_overrides if _key(o) not in _SWEEP_PLACEMENT]
+    arguments += ["resume=true", f"hydra.sweep.dir={_quoted(sweep_dir.resolve())}"]
+    return Resumption(record.command, arguments, record.cwd)
+
+
+@dataclass
+class LaunchRecord:
+    """How Hydra recorded a launch (a run's `.hydra/hydra.yaml`, a sweep's `multirun.yaml`)."""
+
+    command: str
+    task_overrides: list[str]
+    hydra_overrides: list[str]
+    cwd: Path
+    sweeper: str
+
+
+def _read_launch(recorded: dict) -> LaunchRecord:
+    """The `LaunchRecord` in Hydra's YAML record `recorded` (a run's task overrides are read from overrides.yaml)."""
+    hydra = recorded["hydra"]
+    overrides = hydra["overrides"]
+    return LaunchRecord(
+        hydra["job"]["config_name"], overrides.get("task") or [], overrides["hydra"] or [], Path(hydra["runtime"]["cwd"]),
+        hydra.get("sweeper", {}).get("_target_", BASIC_SWEEPER),
+    )
+
+
+def _recorded(folder: Path, path: Path, what: str, read):
+    """`read(<the YAML file at path>)`, or one line naming `what` (of `folder`) where it cannot be read."""
+    try:
+        return read(yaml.safe_load(path.read_text()))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as error:
+        raise DistillError(f"{folder}: cannot read {what} ({type(error).__name__}: {error})") from None
+
+
+def _launch_record(folder: Path, path: Path, what: str) -> LaunchRecord:
+    """The launch Hydra recorded in `path` (of `folder`), checked: a train or kd launch, from a directory
+    that still exists."""
+    record = _recorded(folder, path, what, _read_launch)
+    if record.command not in COMMANDS:
+        raise DistillError(f"{folder} is a run of {record.command!r}; distill resume continues {' and '.join(COMMANDS)} runs")
+    if not record.cwd.is_dir():
+        raise DistillError(f"{folder} was started in {record.cwd}, which no longer exists")
+    return record

