@@ -130,16 +130,6 @@ def test_an_interrupted_fused_job_resumes_alone_to_the_same_metrics(sweeps, tmp_
     assert metrics_without_timing(job) == metrics_without_timing(basic / "1")
 
 
-def test_stacked_students_through_the_launcher_train_as_the_basic_sweep(sweeps, monkeypatch):
-    basic = sweeps[0]
-    status, sweep = _sweep(monkeypatch, basic.parent, "stacked", "hydra/launcher=fused", "hydra.launcher.batching=stacked", *GRID)
-    assert status == 0
-    assert "4 students train on shared batches, stacked" in (sweep / "0" / "kd.log").read_text()
-    for n in range(4):  # the same training up to float summation order
-        for mine, theirs in zip(metrics_without_timing(sweep / str(n)), metrics_without_timing(basic / str(n)), strict=True):
-            assert mine == pytest.approx(theirs, rel=1e-3, abs=1e-4)
-
-
 def test_a_bad_batching_setting_is_refused_before_any_job_starts(tmp_path, monkeypatch, capsys):
     status, sweep = _sweep(monkeypatch, tmp_path, "batching", "hydra/launcher=fused", "hydra.launcher.batching=vmap", "T=2,4")
     assert status == 1
@@ -176,7 +166,7 @@ def test_an_error_in_what_the_group_shares_fails_each_of_its_jobs_in_one_line(tm
     assert [_summary(sweep / str(n))["status"] for n in range(2)] == ["failed", "failed"]
 
 
-@pytest.mark.parametrize("budget", ["0", "-2", "lots", "nan"])
+@pytest.mark.parametrize("budget", ["0", "lots"])  # every bad value: tests/test_fused_memory.py
 def test_a_bad_memory_budget_is_refused_in_one_line_before_any_job_starts(budget, tmp_path, monkeypatch, capsys):
     status, sweep = _sweep(monkeypatch, tmp_path, "budget", "hydra/launcher=fused", f"hydra.launcher.memory_gb={budget}", "T=2,4")
     assert status == 1
@@ -194,4 +184,7 @@ def test_the_launcher_settings_reach_the_group(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fused, "run_kd_fused", recording)
     status, _ = _sweep(monkeypatch, tmp_path, "budget", "hydra/launcher=fused", "hydra.launcher.memory_gb=2", "T=2,4")
-    assert status == 1 and settings == [("auto", 2.0)]
+    assert status == 1 and settings == [("auto", 2.0)]  # the defaults: auto, null
+    settings.clear()
+    status, _ = _sweep(monkeypatch, tmp_path, "stacked", "hydra/launcher=fused", "hydra.launcher.batching=stacked", "T=2,4")
+    assert status == 1 and settings == [("stacked", None)]

@@ -19,8 +19,8 @@ from conftest import DISTILL, FAST_KD, comparable_results, distill_in_process, m
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quiet_results", "no_plots")]
 
-# 9 jobs; fused: 3 groups of 3 (one per dropout: dropout draws from each student's RNG stream), one teacher
-GRID = ["student.kwargs.dropout=0,0.1,0.2", "T=2,4,8"]
+# 6 jobs; fused: 2 groups of 3 (one per dropout: dropout draws from each student's RNG stream), one teacher
+GRID = ["student.kwargs.dropout=0.1,0.2", "T=2,4,8"]
 
 # the fault injection of the killed sweep: SIGKILL right after the KILL_AFTER_SAVES-th last.pt written
 KILL = '''
@@ -93,7 +93,6 @@ def test_a_killed_fused_sweep_resumes_to_the_metrics_of_the_sweep_never_killed(r
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [(sweep / str(n) / "summary.json").is_file() for n in range(3)] == [True] * 3
     assert [(sweep / str(n) / "last.pt").is_file() for n in range(3, 6)] == [True, True, False]
-    assert not (sweep / "6").exists()
     completed = {n: (sweep / str(n) / "summary.json").stat().st_mtime_ns for n in range(3)}
     before = [resumption(sweep), resumption(sweep / "3")]
 
@@ -102,22 +101,22 @@ def test_a_killed_fused_sweep_resumes_to_the_metrics_of_the_sweep_never_killed(r
     monkeypatch.setattr(fused, "run_kd_fused", lambda cfgs, run_dirs, *rest: groups.append([d.name for d in run_dirs]) or run_kd_fused(cfgs, run_dirs, *rest))
     monkeypatch.chdir(root / "inject")  # from elsewhere, a relative path: the sweep runs again where it was started
     assert distill_in_process(monkeypatch, "resume", "../killed") == 0
-    assert groups == [["3", "4"], ["6", "7", "8"]]  # job 5 (no last.pt: from scratch) is at another position: alone
+    assert groups == [["3", "4"]]  # job 5 (no last.pt: from scratch) is at another position: alone
     assert {n: (sweep / str(n) / "summary.json").stat().st_mtime_ns for n in range(3)} == completed  # not run again
     for n in (3, 4):
         assert "student: resuming after epoch 1\n" in (sweep / str(n) / "kd.log").read_text()
     assert "resuming" not in (sweep / "5" / "kd.log").read_text()
-    _assert_as_uninterrupted(sweep, reference, {n: n for n in range(9)})
+    _assert_as_uninterrupted(sweep, reference, {n: n for n in range(6)})
     assert [resumption(sweep), resumption(sweep / "3")] == before  # the records the re-launch wrote resume as the first did
     report = json.loads((sweep / "report.json").read_text())  # the sweep report counts every job
-    assert sum(row["n"] for row in report["rows"]) == 9
+    assert sum(row["n"] for row in report["rows"]) == 6
 
 
 def test_a_sweep_of_the_basic_launcher_stopped_mid_job_resumes(reference, monkeypatch):
     root = reference.parent
     monkeypatch.chdir(root)
     sweep = root / "basic"
-    args = ["kd", "-m", "student.kwargs.dropout=0.1", "T=2,4,8", *_recipe(root), f"hydra.sweep.dir={sweep}"]  # reference jobs 3-5
+    args = ["kd", "-m", "student.kwargs.dropout=0.1", "T=2,4,8", *_recipe(root), f"hydra.sweep.dir={sweep}"]  # reference jobs 0-2
     on_training_step(monkeypatch, 2 * 20 + 25, lambda parts: os.kill(os.getpid(), signal.SIGTERM) or parts, factory="kd_step")
     assert distill_in_process(monkeypatch, *args) == 128 + signal.SIGTERM  # job 1, epoch 2, step 5 (20 steps an epoch)
     assert not (sweep / "2").exists()
@@ -128,7 +127,7 @@ def test_a_sweep_of_the_basic_launcher_stopped_mid_job_resumes(reference, monkey
     assert distill_in_process(monkeypatch, "resume", str(sweep)) == 0
     assert (sweep / "0" / "summary.json").stat().st_mtime_ns == completed
     assert "student: resuming after epoch 1 and 5 steps of epoch 2" in (sweep / "1" / "kd.log").read_text()
-    _assert_as_uninterrupted(sweep, reference, {0: 3, 1: 4, 2: 5})
+    _assert_as_uninterrupted(sweep, reference, {0: 0, 1: 1, 2: 2})
 
 
 def _multirun(sweep, cwd, sweeper: str = BASIC_SWEEPER) -> None:

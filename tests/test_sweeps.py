@@ -58,11 +58,11 @@ def test_optuna_search_trains_each_batch_of_trials_fused(tmp_path):
     group, and the sampler still gets each trial's own validation accuracy."""
     sweep = tmp_path / "search"
     args = ["kd", "-m", "hydra/sweeper=search", "hydra/launcher=fused", "hydra.launcher.batching=sequential",
-            "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", *FAST_KD, f"hydra.sweep.dir={sweep}"]
+            "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", *FAST_KD, f"hydra.sweep.dir={sweep}"]
     run_distill_in_process(*args, cwd=tmp_path)
     jobs = _job_summaries(sweep)
-    assert sorted(jobs) == [0, 1, 2, 3] and all(s["status"] == "completed" for s in jobs.values())
-    for n in range(4):
+    assert sorted(jobs) == [0, 1] and all(s["status"] == "completed" for s in jobs.values())
+    for n in range(2):
         assert "fused: 2 students train on shared batches" in (sweep / str(n) / "kd.log").read_text()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(s["student"]["val_acc_best"] for s in jobs.values()))
