@@ -224,6 +224,11 @@ def _bench_header(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders,
 SWEEP_T, SWEEP_ALPHA = (2.0, 4.0, 8.0), (0.5, 0.9)  # the jobs of a timed sweep: T x alpha, in this order
 
 
+def sweep_job(k: int) -> dict[str, float]:
+    """T and alpha of job `k` of a timed sweep (T varies fastest, as in `distill kd -m T=2,4,8 alpha=0.5,0.9`)."""
+    return {"T": SWEEP_T[k % len(SWEEP_T)], "alpha": SWEEP_ALPHA[k // len(SWEEP_T) % len(SWEEP_ALPHA)]}
+
+
 @dataclass
 class _Learner:
     """One student of a timed sweep, with what `engine._train_step` and `train_steps_stacked` take."""
@@ -244,7 +249,7 @@ def _sweep_learners(cfg: BenchConfig, compute: Compute, data: DataSplits, teache
     seed_everything(cfg.seed)
     learners, shared_forward = [], None
     for k in range(cfg.fused):
-        job = replace(cfg, T=SWEEP_T[k % len(SWEEP_T)], alpha=SWEEP_ALPHA[k // len(SWEEP_T) % len(SWEEP_ALPHA)])
+        job = replace(cfg, **sweep_job(k))
         student = compute.place(build_model(cfg.student, data.info, "student"))
         objective, student_forward, teacher_forward = build_objective(job, data, compute, student, teacher)
         if share_teacher:
@@ -312,7 +317,7 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     result = {
         **_bench_header(cfg, compute, data, loaders, teacher, student=None),
         "case": "fused sweep",
-        "jobs": [{"T": SWEEP_T[k % len(SWEEP_T)], "alpha": SWEEP_ALPHA[k // len(SWEEP_T) % len(SWEEP_ALPHA)]} for k in range(cfg.fused)],
+        "jobs": [sweep_job(k) for k in range(cfg.fused)],
         "not_stacked": not_stacked,
         "steps": cfg.steps,
         "repeats": cfg.repeats,
