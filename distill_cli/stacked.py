@@ -64,18 +64,20 @@ class StackedStudents:
         in each member as its own forward would update them."""
         template, members = self._template, self.members
         template.train(members[0].training)
+        weights = [dict(member.named_parameters()) for member in members]
+        states = [dict(member.named_buffers()) for member in members]
         # in the default memory format: vmap has no batching rule for some channels_last kernels (a slow loop)
-        params = {name: torch.stack([dict(m.named_parameters())[name] for m in members]).contiguous() for name, _ in template.named_parameters()}
-        buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in members]) for name, _ in template.named_buffers()}
+        params = {name: torch.stack([w[name] for w in weights]).contiguous() for name in weights[0]}
+        buffers = {name: torch.stack([b[name] for b in states]) for name in states[0]}
         images = images.contiguous()
 
-        def one(weights, state):
-            return functional_call(template, (weights, state), (images,))
+        def one(member_params, member_buffers):
+            return functional_call(template, (member_params, member_buffers), (images,))
 
         logits = vmap(one, randomness="error")(params, buffers)
         with torch.no_grad():
-            for k, member in enumerate(members):
-                for name, buffer in member.named_buffers():
+            for k, state in enumerate(states):
+                for name, buffer in state.items():
                     buffer.copy_(buffers[name][k])
         return logits
 
