@@ -1,6 +1,6 @@
 import contextlib
-import itertools
 import io
+import itertools
 import json
 import logging
 import os
@@ -16,7 +16,15 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from distill_cli.config import DeviceConfig, KDConfig, ModelConfig, TeacherConfig, TrainConfig, config_dir, register_configs
+from distill_cli.core.config import (
+    DeviceConfig,
+    KDConfig,
+    ModelConfig,
+    TeacherConfig,
+    TrainConfig,
+    config_dir,
+    register_configs,
+)
 
 DISTILL = Path(sys.executable).with_name("distill")  # the installed console script
 
@@ -68,7 +76,7 @@ def start_distill(*args: str, cwd: Path) -> subprocess.Popen:
 
 def distill_in_process(monkeypatch, *args: str) -> int:
     """`distill <args>` in this process (`cli.main`); the environment it sets for Hydra is undone after the test."""
-    from distill_cli import cli
+    from distill_cli.cli import main as cli
 
     for variable in ("HYDRA_FULL_ERROR", "DISTILL_TRACEBACK"):
         monkeypatch.setenv(variable, "0")
@@ -111,8 +119,8 @@ def run_distill_in_process(
     would run it (CI set, no traceback switch, no earlier run's failed jobs or sweeps, Hydra's logging
     undone afterwards), without the seconds of start-up. Returns the exit status and what it printed;
     a run still going after `timeout` seconds fails (a TimeoutError raised where it waits)."""
-    import distill_cli.cli as cli
-    from distill_cli.sweeps import SweepWatch
+    from distill_cli.cli import main as cli
+    from distill_cli.sweeps.callbacks import SweepWatch
 
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, _root_logger_kept(), _time_limit(timeout):
@@ -209,18 +217,21 @@ def small_kd_config(tmp_path: Path, **overrides) -> KDConfig:
 @pytest.fixture
 def quiet_results(monkeypatch):
     """Skip printing the rich results table in in-process task tests."""
-    import distill_cli.tasks
+    import distill_cli.runs.fused
+    import distill_cli.runs.kd
+    import distill_cli.runs.train
 
-    monkeypatch.setattr(distill_cli.tasks, "print_results", lambda summary, per_class=False: None)
+    for module in (distill_cli.runs.train, distill_cli.runs.kd, distill_cli.runs.fused):
+        monkeypatch.setattr(module, "print_results", lambda summary, per_class=False: None)
 
 
 def fused_group(root: Path, student: ModelConfig) -> list[KDConfig]:
     """Three kd jobs of one fused group: a teacher trained into `root/teacher`, `student`, augmented data (the
     teacher runs every step); they differ in T, alpha and the student's learning rate."""
-    import distill_cli.tasks
+    from distill_cli.runs.train import run_train
 
     teacher_dir = root / "teacher"
-    distill_cli.tasks.run_train(small_train_config(root), teacher_dir)
+    run_train(small_train_config(root), teacher_dir)
     teacher = TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}, checkpoint=str(teacher_dir / "best.pt"))
     base = small_kd_config(root, teacher=teacher, student=student, baseline=False)
     base = replace(base, dataset=replace(base.dataset, augment=True))
@@ -241,11 +252,13 @@ def dropout_train_config(tmp_path: Path, **overrides) -> TrainConfig:
 
 def on_training_step(monkeypatch, call: int, action, factory: str = "cross_entropy_step", module=None) -> None:
     """Make the `call`-th training step (counted from 1, over all epochs) that the step factory
-    `<module>.<factory>` builds (default module `distill_cli.tasks`: `cross_entropy_step`; `kd_step` for a
+    `<module>.<factory>` builds (`cross_entropy_step` in `distill_cli.runs.train`, the default; `kd_step` (in
+    `distill_cli.kd.wiring`, the default for it) for a
     kd student) run `action(parts) -> parts`."""
-    import distill_cli.tasks
+    import distill_cli.kd.wiring
+    import distill_cli.runs.train
 
-    module = module or distill_cli.tasks
+    module = module or (distill_cli.kd.wiring if factory == "kd_step" else distill_cli.runs.train)
     real = getattr(module, factory)
     counter = itertools.count(1)
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from conftest import run_distill_in_process, write_image_tree
 
 pytestmark = pytest.mark.slow
@@ -73,16 +72,16 @@ def test_bench_times_any_method_through_the_kd_wiring(tmp_path):
 def test_bench_fused_times_a_sweep_with_one_teacher_forward_per_batch(tmp_path, monkeypatch, student, ways):
     """`distill bench fused=K`: K jobs one after another run the teacher K times per step, fused jobs once; a
     student with dropout is not stacked (and the table says why)."""
-    import distill_cli.bench as bench
+    import distill_cli.kd.wiring as wiring
 
     teacher_runs = []
-    build_objective = bench.build_objective
+    build_objective = wiring.build_objective
 
     def counting_build_objective(*args):
         objective, student_forward, teacher_forward = build_objective(*args)
         return objective, student_forward, lambda images: teacher_runs.append(1) or teacher_forward(images)
 
-    monkeypatch.setattr(bench, "build_objective", counting_build_objective)
+    monkeypatch.setattr(wiring, "build_objective", counting_build_objective)
     kwargs = "student.kwargs.width=4" if student == "cnn" else "student.kwargs.dropout=0.1"
     result = run_distill_in_process(
         "bench", "fused=3", f"student={student}", kwargs, "teacher.kwargs.width=4", "dataset.train_size=300",

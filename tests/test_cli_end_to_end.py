@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    DISTILL,
+    FAST_KD,
+    assert_trained_once,
+    read_jsonl,
+    run_distill,
+    run_distill_in_process,
+)
 
-from distill_cli.checkpoint import load_checkpoint
-
-from conftest import DISTILL, FAST_KD, assert_trained_once, read_jsonl, run_distill, run_distill_in_process
+from distill_cli.core.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -5,13 +5,19 @@ import typing
 from dataclasses import fields, is_dataclass
 
 import pytest
-
-from distill_cli.config import SYNTHETIC_ONLY, DatasetConfig, KDConfig, TrainConfig, config_dir, validate_config
-from distill_cli.errors import DistillError
-from distill_cli.tasks import baseline_training_config, teacher_training_config
-from distill_cli.teacher_cache import recipe_key, teacher_recipe
-
 from conftest import compose_config, run_distill_in_process
+
+from distill_cli.core.config import (
+    SYNTHETIC_ONLY,
+    DatasetConfig,
+    KDConfig,
+    TrainConfig,
+    config_dir,
+    validate_config,
+)
+from distill_cli.core.errors import DistillError
+from distill_cli.runs.teacher_cache import recipe_key, teacher_recipe
+from distill_cli.runs.teachers import baseline_training_config, teacher_training_config
 
 
 def test_kd_composes_with_top_level_T_and_alpha():
@@ -278,7 +284,7 @@ def test_every_experiment_preset_composes_and_validates(name):
 def test_kd_presets_reuse_the_teacher_their_train_preset_caches(name):
     """`distill train experiment=<teacher preset>` then `distill kd experiment=<pair preset>` must hit the
     teacher cache: the kd preset's teacher recipe is the train preset's."""
-    from distill_cli.tasks import teacher_training_config
+    from distill_cli.runs.teachers import teacher_training_config
 
     kd = validate_config("kd", compose_config("kd", [f"experiment={name}"]))
     teacher_preset = next(t for t in TEACHER_PRESETS if name.startswith(t + "_"))

@@ -10,12 +10,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-import distill_cli.tasks as tasks
-from distill_cli.checkpoint import LAST, load_checkpoint
-from distill_cli.config import DeviceConfig, ModelConfig
-from distill_cli.errors import Interrupted
-
 from conftest import (
     comparable_results,
     dropout_train_config,
@@ -25,6 +19,12 @@ from conftest import (
     small_kd_config,
     small_train_config,
 )
+
+from distill_cli.core.checkpoint import LAST, load_checkpoint
+from distill_cli.core.config import DeviceConfig, ModelConfig
+from distill_cli.core.errors import Interrupted
+from distill_cli.runs.kd import run_kd
+from distill_cli.runs.train import run_train
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -65,10 +65,10 @@ def _assert_trained_at(run_dir, precision: str, epochs: int = 2) -> None:
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_train_and_kd_run_on_cuda_at_half_precision(tmp_path, precision):
-    train = tasks.run_train(small_train_config(tmp_path, device=_cuda(precision)), tmp_path / "train")
+    train = run_train(small_train_config(tmp_path, device=_cuda(precision)), tmp_path / "train")
     kd_cfg = small_kd_config(tmp_path, device=_cuda(precision), student=ModelConfig(arch="mlp", kwargs={"hidden": [32]}))
     # augmented: the frozen teacher runs in every kd step (its logits cannot be cached)
-    kd = tasks.run_kd(replace(kd_cfg, dataset=replace(kd_cfg.dataset, augment=True)), tmp_path / "kd")
+    kd = run_kd(replace(kd_cfg, dataset=replace(kd_cfg.dataset, augment=True)), tmp_path / "kd")
     for summary in (train, kd):
         assert (summary["device"], summary["precision"], summary["pipeline"]) == ("cuda", precision, "device")
     assert kd["teacher"]["source"] == "trained" and not kd["teacher_logits_cached"]
@@ -84,7 +84,7 @@ def test_interrupted_cuda_run_resumes_like_the_uninterrupted_one(tmp_path, monke
     """Dropout draws from the CUDA generator and augmentation from the loader's CUDA generator: a resume
     that did not restore them (or the GradScaler) would train on different masks, views or scales."""
     cfg = dropout_train_config(tmp_path, device=_cuda(precision, deterministic=True))
-    reference = tasks.run_train(cfg, tmp_path / "reference")
+    reference = run_train(cfg, tmp_path / "reference")
 
     def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
         os.kill(os.getpid(), signal.SIGINT)
@@ -92,11 +92,11 @@ def test_interrupted_cuda_run_resumes_like_the_uninterrupted_one(tmp_path, monke
 
     on_training_step(monkeypatch, 25, interrupt)
     with pytest.raises(Interrupted):
-        tasks.run_train(cfg, tmp_path / "run")
+        run_train(cfg, tmp_path / "run")
     monkeypatch.undo()
     training = load_checkpoint(tmp_path / "run" / LAST)["training"]
     assert training["partial"]["steps"] == 5 and "cuda" in training["rng"]
-    resumed = tasks.run_train(replace(cfg, resume=True), tmp_path / "run")
+    resumed = run_train(replace(cfg, resume=True), tmp_path / "run")
     # deterministic algorithms: equal up to float rounding, if CUDA leaves any difference at all
     rows, reference_rows = metrics_without_timing(tmp_path / "run"), metrics_without_timing(tmp_path / "reference")
     assert len(rows) == len(reference_rows) == 3

@@ -8,16 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_distill_in_process, write_image_tree, write_png
 
-from distill_cli.config import DatasetConfig
-from distill_cli.data import DATASETS, Augment, DataSplits, RawDataset, Split, load_dataset, training_augment
+from distill_cli.core.config import DatasetConfig
+from distill_cli.core.errors import DistillError
+from distill_cli.data import (
+    DATASETS,
+    Augment,
+    DataSplits,
+    RawDataset,
+    Split,
+    load_dataset,
+    training_augment,
+)
 from distill_cli.data import imagefolder as imagefolder_module
 from distill_cli.data.augment import random_color_jitter, random_crop, random_flip
 from distill_cli.data.loader import DeviceLoader
-from distill_cli.errors import DistillError
-
-from conftest import run_distill_in_process, write_image_tree, write_png
-
 
 # ---------------------------------------------------------------- augmentation
 

@@ -19,15 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from distill_cli import tasks
-from distill_cli.checkpoint import LAST, load_checkpoint
-from distill_cli.config import validate_config
-from distill_cli.data import Augment, DatasetInfo
-from distill_cli.data.loader import DeviceLoader, StreamLoader
-from distill_cli.errors import DistillError
-from distill_cli.teacher_cache import teacher_recipe
-
 from conftest import (
     DISTILL,
     compose_config,
@@ -36,6 +27,15 @@ from conftest import (
     run_distill,
     small_train_config,
 )
+
+from distill_cli.core.checkpoint import LAST, load_checkpoint
+from distill_cli.core.config import validate_config
+from distill_cli.core.errors import DistillError
+from distill_cli.data import Augment, DatasetInfo
+from distill_cli.data.loader import DeviceLoader, StreamLoader
+from distill_cli.runs.kd import run_kd
+from distill_cli.runs.teacher_cache import teacher_recipe
+from distill_cli.runs.train import run_train
 
 # ---------------------------------------------------------------- sharded loaders (in-process)
 
@@ -89,8 +89,8 @@ def _world_primitives(rank: int, init_file: str, results) -> None:
     """Rank `rank` of 2 (gloo): what the World primitives give each rank."""
     import torch.distributed as dist
 
-    from distill_cli.distributed import World
-    from distill_cli.engine import EpochTotals
+    from distill_cli.training.loop import EpochTotals
+    from distill_cli.training.world import World
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     world = World(rank=rank, size=2, joined=True)
@@ -144,7 +144,7 @@ def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path
     ],
 )
 def test_what_several_processes_cannot_do_is_refused_before_any_starts(tmp_path, monkeypatch, capsys, overrides, message):
-    from distill_cli import cli
+    from distill_cli.cli import main as cli
 
     monkeypatch.chdir(tmp_path)
     for variable in ("HYDRA_FULL_ERROR", "DISTILL_TRACEBACK"):  # main() sets them for Hydra: undone after the test
@@ -159,8 +159,8 @@ def test_what_several_processes_cannot_do_is_refused_before_any_starts(tmp_path,
 INJECT = '''
 import os, time
 if "RANK" in os.environ:
-    import distill_cli.engine as engine
-    train_epoch = engine._train_epoch
+    import distill_cli.training.loop as loop
+    train_epoch = loop.train_epoch
 
     def injected(model, method, step, epoch, *args, **kwargs):
         failing = os.environ.get("FAIL_EPOCH") == str(epoch) and os.environ.get("FAIL_LABEL", "student") == args[4].label
@@ -174,7 +174,7 @@ if "RANK" in os.environ:
 
         return train_epoch(model, method, slowed, epoch, *args, **kwargs)
 
-    engine._train_epoch = injected
+    loop.train_epoch = injected
 '''
 
 
@@ -184,7 +184,7 @@ def ddp(tmp_path_factory):
     draws would differ from one process's), and their run in 2 processes of batch 32 ("two")."""
     root = tmp_path_factory.mktemp("ddp")
     teacher_dir = root / "teacher"
-    tasks.run_train(small_train_config(root), teacher_dir)
+    run_train(small_train_config(root), teacher_dir)
     overrides = [
         f"teacher.checkpoint={teacher_dir / 'best.pt'}", "teacher=cnn", "teacher.kwargs.width=8", "teacher.kwargs.blocks=2",
         "student=mlp", "student.kwargs.hidden=[8]", "student.kwargs.dropout=0", "dataset.augment=true",
@@ -241,7 +241,7 @@ def test_two_processes_of_half_the_batch_train_what_one_process_does(ddp, tmp_pa
     float rounding (the teacher's logits are computed per rank, the loss reduced in another order)."""
     root, overrides = ddp
     two, one = root / "two", tmp_path / "one"
-    tasks.run_kd(validate_config("kd", compose_config("kd", [*overrides, "batch_size=64"])), one)
+    run_kd(validate_config("kd", compose_config("kd", [*overrides, "batch_size=64"])), one)
     rows_two, rows_one = metrics_without_timing(two), metrics_without_timing(one)
     assert len(rows_two) == len(rows_one) == 3
     for row_two, row_one in zip(rows_two, rows_one):
@@ -320,4 +320,4 @@ def test_torchrun_of_distill_itself_trains_teacher_and_baseline_with_every_rank(
     monkeypatch.chdir(tmp_path)
     cfg = validate_config("kd", compose_config("kd", [*overrides, "batch_size=32"]))
     with pytest.raises(DistillError, match="written by 2 training process.*this run has 1"):
-        tasks.run_kd(replace(cfg, resume=True), run)
+        run_kd(replace(cfg, resume=True), run)

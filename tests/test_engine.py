@@ -3,12 +3,17 @@ import pickle
 import pytest
 import torch
 
-from distill_cli.checkpoint import FORMAT_VERSION, load_checkpoint, model_checkpoint, save_atomic
-from distill_cli.config import OptimizerConfig
+from distill_cli.core.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    model_checkpoint,
+    save_atomic,
+)
+from distill_cli.core.config import OptimizerConfig
+from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo, Split
 from distill_cli.data.loader import DeviceLoader
-from distill_cli.engine import lr_factor
-from distill_cli.errors import DistillError
+from distill_cli.training.optim import lr_factor
 
 
 def test_cosine_schedule_with_warmup():

@@ -25,17 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.core.override_parser.overrides_parser import OverridesParser
-
-import distill_cli.tasks as tasks
-from distill_cli.checkpoint import BEST, DAMAGED, LAST, PREVIOUS, load_checkpoint, load_resume_checkpoint, model_checkpoint, save_atomic, save_last
-from distill_cli.config import validate_config
-from distill_cli.data import Augment, DatasetInfo, Split
-from distill_cli.data.loader import DeviceLoader, StreamLoader
-from distill_cli.engine import check_finite, rng_state, set_rng_state
-from distill_cli.errors import DistillError, Interrupted
-from distill_cli.runs import resumption, run_status
-
 from conftest import (
     comparable_results,
     compose_config,
@@ -46,6 +35,28 @@ from conftest import (
     run_distill_in_process,
     start_distill,
 )
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from distill_cli.core.checkpoint import (
+    BEST,
+    DAMAGED,
+    LAST,
+    PREVIOUS,
+    load_checkpoint,
+    load_resume_checkpoint,
+    model_checkpoint,
+    save_atomic,
+    save_last,
+)
+from distill_cli.core.config import validate_config
+from distill_cli.core.errors import DistillError, Interrupted
+from distill_cli.core.run_folders import resumption, run_status
+from distill_cli.data import Augment, DatasetInfo, Split
+from distill_cli.data.loader import DeviceLoader, StreamLoader
+from distill_cli.runs.commands import RUNNERS
+from distill_cli.runs.train import run_train
+from distill_cli.training.loop import check_finite
+from distill_cli.training.rng import rng_state, set_rng_state
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distill_cli"
 
@@ -283,7 +294,7 @@ def test_resumption_replays_the_overrides_into_the_same_folder(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, signum):
     cfg = dropout_train_config(tmp_path)
-    reference = tasks.run_train(cfg, tmp_path / "reference")
+    reference = run_train(cfg, tmp_path / "reference")
 
     def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
         os.kill(os.getpid(), signum)
@@ -291,7 +302,7 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monk
 
     on_training_step(monkeypatch, 25, interrupt)
     with pytest.raises(Interrupted) as stopped:
-        tasks.run_train(cfg, tmp_path / "run")
+        run_train(cfg, tmp_path / "run")
     assert stopped.value.signum == signum
     assert stopped.value.where == "teacher epoch 2 step 5/20, saved to last.pt"
     last = load_checkpoint(tmp_path / "run" / LAST)
@@ -299,7 +310,7 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monk
     assert [row["epoch"] for row in metrics_without_timing(tmp_path / "run")] == [1]
 
     monkeypatch.undo()
-    resumed = tasks.run_train(replace(cfg, resume=True), tmp_path / "run")
+    resumed = run_train(replace(cfg, resume=True), tmp_path / "run")
     assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "reference")
     assert comparable_results(resumed) == comparable_results(reference)
 
@@ -335,7 +346,7 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
     if second_during == "save":
         monkeypatch.setattr(torch, "save", save_then_ctrl_c)
     with pytest.raises(Interrupted) as stopped:
-        tasks.run_train(dropout_train_config(tmp_path), run)
+        run_train(dropout_train_config(tmp_path), run)
     monkeypatch.undo()
     assert (stopped.value.signum, stopped.value.where) == (signal.SIGINT, "a second signal: stopped without saving")
     assert reached == ["went on after the first"] + (["saving"] if second_during == "save" else [])
@@ -349,7 +360,7 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     on_training_step(monkeypatch, 23, lambda parts: {name: value * float("nan") for name, value in parts.items()})
     with pytest.raises(DistillError) as error:
-        tasks.run_train(dropout_train_config(tmp_path), tmp_path / "run")
+        run_train(dropout_train_config(tmp_path), tmp_path / "run")
     # NaN weights after step 3 of epoch 2 make every later loss NaN too: 18 of the 20 steps
     assert str(error.value).startswith("teacher epoch 2: training diverged, loss NaN/Inf at step 3 (18 of 20 steps)")
     assert "last.pt holds epoch 1" in str(error.value)
@@ -383,7 +394,7 @@ def _reference(tmp_path_factory, command: str, overrides: list[str]) -> Path:
     """An uninterrupted run of the config `distill <command> <overrides>` composes, run in-process."""
     run_dir = tmp_path_factory.mktemp(f"{command}_reference")
     cfg = validate_config(command, compose_config(command, overrides))
-    tasks.COMMANDS[command](replace(cfg, teacher_cache=str(run_dir / "cache")), run_dir)
+    RUNNERS[command](replace(cfg, teacher_cache=str(run_dir / "cache")), run_dir)
     return run_dir
 
 

@@ -1,4 +1,4 @@
-"""Fused kd jobs (distill_cli/fused.py): students trained on shared batches give what each gives alone."""
+"""Fused kd jobs (distill_cli/runs/fused.py): students trained on shared batches give what each gives alone."""
 
 import json
 import logging
@@ -8,16 +8,24 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import (
+    comparable_results,
+    fused_group,
+    metrics_without_timing,
+    on_training_step,
+    small_kd_config,
+)
 
-import distill_cli.tasks as tasks
-from distill_cli import memory
-from distill_cli.checkpoint import load_checkpoint
-from distill_cli.config import ModelConfig
-from distill_cli.engine import fit_together
-from distill_cli.errors import Interrupted
-from distill_cli.fused import group_key, run_kd_fused
-
-from conftest import comparable_results, fused_group, metrics_without_timing, on_training_step, small_kd_config
+import distill_cli.kd.wiring as wiring
+from distill_cli.core.checkpoint import load_checkpoint
+from distill_cli.core.config import ModelConfig
+from distill_cli.core.errors import Interrupted
+from distill_cli.kd.wiring import untrained_teacher
+from distill_cli.runs import memory
+from distill_cli.runs.fused import group_key, run_kd_fused
+from distill_cli.runs.kd import run_kd
+from distill_cli.training.loop import fit_together
+from distill_cli.training.setup import prepare_run
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -34,7 +42,7 @@ def alone(tmp_path_factory):
     cfgs = _jobs(root)
     folders = [root / "alone" / str(n) for n in range(len(cfgs))]
     for cfg, folder in zip(cfgs, folders):
-        tasks.run_kd(cfg, folder)
+        run_kd(cfg, folder)
     return cfgs, folders
 
 
@@ -53,27 +61,29 @@ def test_fused_students_train_exactly_as_alone_with_one_teacher_forward_per_batc
     cfgs, alone_folders = alone
     assert len({group_key(cfg) for cfg in cfgs}) == 1
     teacher_runs = []
-    build_objective = tasks.build_objective
+    build_objective = wiring.build_objective
 
     def counting_build_objective(*args):
         objective, student_forward, teacher_forward = build_objective(*args)
         return objective, student_forward, lambda images: teacher_runs.append(1) or teacher_forward(images)
 
-    monkeypatch.setattr(tasks, "build_objective", counting_build_objective)
+    monkeypatch.setattr(wiring, "build_objective", counting_build_objective)
     folders = [tmp_path / str(n) for n in range(len(cfgs))]
     summaries = run_kd_fused(cfgs, folders)
     assert [s["status"] for s in summaries] == ["completed"] * 3
     for fused, single in zip(folders, alone_folders):
         _same_run(fused, single)
-    steps = len(metrics_without_timing(folders[0])) * len(tasks.prepare_run(cfgs[0])[2].train)
-    assert len(teacher_runs) == steps  # once per batch, not once per student
+    steps = len(metrics_without_timing(folders[0])) * len(prepare_run(cfgs[0])[2].train)
+    # once per batch, not once per student; and once on the memory plan's probe batch, for all the students
+    assert len(teacher_runs) == steps + 1
 
 
 def test_a_diverged_student_fails_alone_and_the_others_finish(alone, tmp_path, monkeypatch):
     cfgs, alone_folders = alone
-    on_training_step(monkeypatch, 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
+    # the second student's first step (after each student's probe step in the memory plan, runs/memory.py): its loss is NaN
+    on_training_step(monkeypatch, len(cfgs) + 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
     folders = [tmp_path / str(n) for n in range(len(cfgs))]
-    summaries = run_kd_fused(cfgs, folders)  # the second student's first step: its loss is NaN
+    summaries = run_kd_fused(cfgs, folders)
     assert [s["status"] for s in summaries] == ["completed", "failed", "completed"]
     assert summaries[1]["error"].startswith("student epoch 1: training diverged, loss NaN/Inf at step 1")
     assert json.loads((folders[1] / "summary.json").read_text())["error"] == summaries[1]["error"]
@@ -99,13 +109,14 @@ def test_only_jobs_with_the_same_data_and_teacher_fuse(tmp_path):
 
 def test_an_interrupted_fused_group_resumes_exactly_fused_or_job_by_job(alone, tmp_path, monkeypatch):
     cfgs, alone_folders = alone
-    steps = len(tasks.prepare_run(cfgs[0])[2].train)
+    steps = len(prepare_run(cfgs[0])[2].train)
 
     def interrupt(parts):
         os.kill(os.getpid(), signal.SIGTERM)
         return parts
 
-    on_training_step(monkeypatch, (steps + 4) * len(cfgs) + 2, interrupt, factory="kd_step")  # epoch 2, step 5, student 2
+    # epoch 2, step 5, student 2, after each student's probe step in the memory plan (runs/memory.py)
+    on_training_step(monkeypatch, len(cfgs) + (steps + 4) * len(cfgs) + 2, interrupt, factory="kd_step")
     folders = [tmp_path / str(n) for n in range(len(cfgs))]
     with pytest.raises(Interrupted):
         run_kd_fused(cfgs, folders)
@@ -114,7 +125,7 @@ def test_an_interrupted_fused_group_resumes_exactly_fused_or_job_by_job(alone, t
         assert last["epoch"] == 1 and last["training"]["partial"]["steps"] == 5
     monkeypatch.undo()
     resumed = [replace(cfg, resume=True) for cfg in cfgs]
-    tasks.run_kd(resumed[0], folders[0])  # `distill resume` of one job folder: that job alone
+    run_kd(resumed[0], folders[0])  # `distill resume` of one job folder: that job alone
     run_kd_fused(resumed[1:], folders[1:])  # the rest of the group, fused again
     for fused, single in zip(folders, alone_folders):
         _same_run(fused, single)
@@ -122,11 +133,11 @@ def test_an_interrupted_fused_group_resumes_exactly_fused_or_job_by_job(alone, t
 
 def test_a_group_over_its_memory_budget_trains_as_sub_groups_each_job_exactly_as_alone(alone, tmp_path, monkeypatch, caplog):
     cfgs, alone_folders = alone
-    compute, data, loaders = tasks.prepare_run(cfgs[0])
+    compute, data, loaders = prepare_run(cfgs[0])
     batch = memory.probe_batch(loaders, data, cfgs[0].batch_size)
-    need = memory.training_bytes(cfgs[0], compute, data, batch, tasks.untrained_teacher(cfgs[0], compute, data)).total
+    need = memory.training_bytes(cfgs[0], compute, data, batch, untrained_teacher(cfgs[0], compute, data)).total
     fused_sizes = []
-    monkeypatch.setattr("distill_cli.fused.fit_together", lambda trainings, *args: fused_sizes.append(len(trainings)) or fit_together(trainings, *args))
+    monkeypatch.setattr("distill_cli.runs.fused.fit_together", lambda trainings, *args: fused_sizes.append(len(trainings)) or fit_together(trainings, *args))
     folders = [tmp_path / str(n) for n in range(len(cfgs))]
     with caplog.at_level(logging.INFO, logger="distill"):
         summaries = run_kd_fused(cfgs, folders, memory_gb=2.5 * need / memory.GIB)  # two students fit, not three

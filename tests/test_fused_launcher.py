@@ -1,5 +1,5 @@
 """`hydra/launcher=fused`: a sweep's kd jobs that share data and teacher train in one process, each job's
-folder as the basic launcher makes it (hydra_plugins/distill_fused_launcher, distill_cli/fused.launch_fused)."""
+folder as the basic launcher makes it (hydra_plugins/distill_fused_launcher, distill_cli/sweeps/fused_launcher.py)."""
 
 import json
 import os
@@ -7,12 +7,17 @@ import signal
 
 import pytest
 import yaml
+from conftest import (
+    FAST_KD,
+    comparable_results,
+    distill_in_process,
+    metrics_without_timing,
+    on_training_step,
+)
 
-import distill_cli.fused as fused
-import distill_cli.tasks as tasks
-from distill_cli.errors import DistillError
-
-from conftest import FAST_KD, comparable_results, distill_in_process, metrics_without_timing, on_training_step
+import distill_cli.kd.wiring as wiring
+import distill_cli.sweeps.fused_launcher as fused
+from distill_cli.core.errors import DistillError
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -45,14 +50,14 @@ def sweeps(tmp_path_factory):
     teacher_runs, student_runs = [], []
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert _sweep(monkeypatch, root, "basic", *GRID)[0] == 0
-        build_objective = tasks.build_objective
+        build_objective = wiring.build_objective
 
         def counting_build_objective(*args):
             objective, student_forward, teacher_forward = build_objective(*args)
             return (objective, lambda images: student_runs.append(1) or student_forward(images),
                     lambda images: teacher_runs.append(1) or teacher_forward(images))
 
-        monkeypatch.setattr(tasks, "build_objective", counting_build_objective)
+        monkeypatch.setattr(wiring, "build_objective", counting_build_objective)
         status, sweep = _sweep(monkeypatch, root, "fused", *FUSED, *GRID)
         assert status == 0
     return root / "basic", sweep, teacher_runs, student_runs
@@ -98,7 +103,8 @@ def test_seeds_make_separate_groups_and_a_diverged_job_fails_alone(tmp_path, mon
     groups = []
     run_kd_fused = fused.run_kd_fused
     monkeypatch.setattr(fused, "run_kd_fused", lambda cfgs, *rest: groups.append(len(cfgs)) or run_kd_fused(cfgs, *rest))
-    on_training_step(monkeypatch, 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
+    # the first group's second student's first step, after the memory plan's probe step of each of its 2 students
+    on_training_step(monkeypatch, 2 + 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
     status, sweep = _sweep(monkeypatch, tmp_path, "seeds", *FUSED, "seed=0,1", "T=2,4")
     assert groups == [2, 2]
     assert status == 1  # job 1 (seed 0, T=4: the group's second student) diverged at its first step
@@ -115,7 +121,8 @@ def test_an_interrupted_fused_job_resumes_alone_to_the_same_metrics(sweeps, tmp_
         os.kill(os.getpid(), signal.SIGTERM)
         return parts
 
-    on_training_step(monkeypatch, 4 * 25 + 2, interrupt, factory="kd_step")  # epoch 2, step 6, student 2 (digits: 20 steps of 64)
+    # epoch 2, step 6, student 2 (digits: 20 steps of 64), after the memory plan's probe step of each of the 4 students
+    on_training_step(monkeypatch, 4 + 4 * 25 + 2, interrupt, factory="kd_step")
     status, sweep = _sweep(monkeypatch, basic.parent, "interrupted", *FUSED, *GRID)
     assert status == 128 + signal.SIGTERM
     for n in range(4):

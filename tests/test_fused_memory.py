@@ -1,4 +1,4 @@
-"""The memory budget of a fused group (distill_cli/memory.py): each student's need measured on its real
+"""The memory budget of a fused group (distill_cli/runs/memory.py): each student's need measured on its real
 networks, and the split of a group that would not fit into consecutive sub-groups."""
 
 import logging
@@ -6,13 +6,12 @@ import os
 from dataclasses import replace
 
 import pytest
-
-from distill_cli import memory
-from distill_cli.config import ModelConfig
-from distill_cli.errors import DistillError
-from distill_cli.tasks import prepare_run
-
 from conftest import small_kd_config
+
+from distill_cli.core.config import ModelConfig
+from distill_cli.core.errors import DistillError
+from distill_cli.runs import memory
+from distill_cli.training.setup import prepare_run
 
 DIGITS_PIXELS, CLASSES, HIDDEN = 8 * 8, 10, 16
 

@@ -4,16 +4,16 @@ training, and the teacher checkpoint's arguments."""
 
 import pytest
 import torch
+from conftest import small_kd_config, small_train_config
 
-from distill_cli import tasks
-from distill_cli.config import ModelConfig, TeacherConfig
+from distill_cli.core.config import ModelConfig, TeacherConfig
+from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo
-from distill_cli.engine import Compute
-from distill_cli.errors import DistillError
 from distill_cli.models import build_model
 from distill_cli.models.features import FeatureTaps, feature_points
-
-from conftest import small_kd_config, small_train_config
+from distill_cli.runs.kd import run_kd
+from distill_cli.runs.train import run_train
+from distill_cli.training.compute import Compute
 
 CIFAR = DatasetInfo("cifar", 10, 3, (32, 32), (0.5,) * 3, (0.25,) * 3, tuple(map(str, range(10))))
 CPU = Compute(torch.device("cpu"), "fp32", channels_last=None)
@@ -78,7 +78,7 @@ def test_a_bad_student_argument_fails_before_the_teacher_trains(tmp_path):
     """`distill kd teacher_epochs=5 +student.kwargs.nosuch=1` must not train a teacher and a baseline first."""
     cfg = small_kd_config(tmp_path, student=ModelConfig("mlp", {"hidden": [4], "nosuch": 1}))
     with pytest.raises(DistillError, match="student.kwargs.nosuch: not an argument"):
-        tasks.run_kd(cfg, tmp_path / "run")
+        run_kd(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "teacher").exists() and not (tmp_path / "cache").exists()
 
 
@@ -92,28 +92,28 @@ def test_a_bad_student_argument_fails_before_the_teacher_trains(tmp_path):
 )
 def test_sizes_that_make_no_network_are_refused_naming_the_key(tmp_path, student, message):
     with pytest.raises(DistillError, match=message):
-        tasks.run_kd(small_kd_config(tmp_path, student=student), tmp_path / "run")
+        run_kd(small_kd_config(tmp_path, student=student), tmp_path / "run")
     assert not (tmp_path / "cache").exists()
 
 
 def test_feature_method_with_a_student_without_feature_maps_fails_before_training(tmp_path):
     cfg = small_kd_config(tmp_path, loss={"name": "fitnet"})
     with pytest.raises(DistillError, match=r"^loss=fitnet: student=mlp has no feature point 'stage2' \(it has: pooled\)"):
-        tasks.run_kd(cfg, tmp_path / "run")
+        run_kd(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()
 
 
 def test_teacher_checkpoint_with_other_arguments_than_teacher_is_refused(tmp_path):
-    tasks.run_train(small_train_config(tmp_path), tmp_path / "teacher")
+    run_train(small_train_config(tmp_path), tmp_path / "teacher")
     path = str(tmp_path / "teacher" / "best.pt")
     other = TeacherConfig(arch="cnn", kwargs={"width": 16, "blocks": 2}, checkpoint=path)
     with pytest.raises(DistillError, match=r"holds cnn\(blocks=2, width=8\) but teacher= is cnn\(blocks=2, width=16\)"):
-        tasks.run_kd(small_kd_config(tmp_path, teacher=other), tmp_path / "kd")
+        run_kd(small_kd_config(tmp_path, teacher=other), tmp_path / "kd")
     assert not (tmp_path / "kd" / "baseline").exists()
 
 
 def test_baseline_progress_lines_say_baseline(tmp_path, caplog, quiet_results):
     caplog.set_level("INFO", logger="distill")
-    tasks.run_kd(small_kd_config(tmp_path, epochs=1, teacher_epochs=1), tmp_path / "run")
+    run_kd(small_kd_config(tmp_path, epochs=1, teacher_epochs=1), tmp_path / "run")
     lines = [r.getMessage() for r in caplog.records if " epoch 1/1 " in r.getMessage()]
     assert [line.split()[0] for line in lines] == ["teacher", "baseline", "student"]

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_cli.errors import DistillError
-from distill_cli.losses import LOSSES
-from distill_cli.losses.base import Objective, Outputs, build_method, kd_loss
+from distill_cli.core.errors import DistillError
 from distill_cli.data.loader import Batch
+from distill_cli.losses import LOSSES
+from distill_cli.losses.base import Objective, build_method, kd_loss
+from distill_cli.models.features import Outputs
 
 
 def _softmax(values, T):
@@ -127,7 +128,7 @@ def test_unknown_method_suggests_names():
 def test_every_method_has_a_yaml_with_its_defaults_and_a_docstring():
     from omegaconf import OmegaConf
 
-    from distill_cli.config import config_dir
+    from distill_cli.core.config import config_dir
     from distill_cli.losses.base import hyperparameters
 
     yamls = {path.stem: path for path in (config_dir() / "loss").glob("*.yaml")}

@@ -1,4 +1,4 @@
-"""Every KD method, through the wiring `distill kd` uses (`distill_cli.kd`): training steps on each model
+"""Every KD method, through the wiring `distill kd` uses (`distill_cli.kd.wiring`): training steps on each model
 family, every trainable part reached by gradients, fp32 terms from low-precision outputs."""
 
 import copy
@@ -8,20 +8,27 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import (
+    comparable_results,
+    metrics_without_timing,
+    on_training_step,
+    small_kd_config,
+)
 
-from distill_cli import tasks
-from distill_cli.checkpoint import LAST, load_checkpoint
-from distill_cli.config import DatasetConfig, KDConfig, ModelConfig, TeacherConfig
+from distill_cli.core.checkpoint import LAST, load_checkpoint
+from distill_cli.core.config import DatasetConfig, KDConfig, ModelConfig, TeacherConfig
+from distill_cli.core.errors import DistillError, Interrupted
 from distill_cli.data import load_dataset
 from distill_cli.data.loader import Batch
-from distill_cli.engine import Compute, build_optimizer
-from distill_cli.errors import DistillError, Interrupted
-from distill_cli.kd import build_objective, check_cache_teacher, kd_step
+from distill_cli.kd.teachers import CACHED, LIVE, teacher_supply
+from distill_cli.kd.wiring import wire_kd
 from distill_cli.losses import LOSSES
-from distill_cli.losses.base import Outputs, build_method
+from distill_cli.losses.base import build_method
 from distill_cli.models import build_model
-
-from conftest import comparable_results, metrics_without_timing, on_training_step, small_kd_config
+from distill_cli.models.features import Outputs
+from distill_cli.runs.kd import run_kd
+from distill_cli.training.compute import Compute
+from distill_cli.training.optim import build_optimizer
 
 CPU = Compute(torch.device("cpu"), "fp32", channels_last=None)
 METHODS = LOSSES.names()
@@ -54,11 +61,11 @@ def _config(method: str, teacher=("resnet_cifar", {"depth": 8}), student=("resne
 
 
 def _wired(cfg: KDConfig, data, compute: Compute = CPU):
+    """The student, objective and kd step `distill kd` wires (`wire_kd`) with an untrained teacher."""
     torch.manual_seed(0)
-    student = compute.place(build_model(cfg.student, data.info, "student"))
     teacher = compute.place(build_model(cfg.teacher, data.info, "teacher")).eval().requires_grad_(False)
-    objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
-    return student, objective, kd_step(student_forward, teacher_forward, objective)
+    wired = wire_kd(cfg, data, compute, teacher, seed=0)
+    return wired.student, wired.objective, wired.step
 
 
 def _batch(data, size: int = 8, start: int = 0) -> Batch:
@@ -151,11 +158,11 @@ def test_feature_methods_refuse_a_network_without_feature_maps_naming_it(method,
 def test_teacher_logits_are_cached_only_for_methods_that_read_logits_alone(method, data):
     _, objective, _ = _wired(_config(method), data)
     logits_only = not objective.method.teacher_points
-    assert check_cache_teacher(_config(method), objective, augmented=False) == logits_only
-    assert not check_cache_teacher(_config(method), objective, augmented=True)
+    assert (teacher_supply(_config(method), augmented=False) == CACHED) == logits_only
+    assert teacher_supply(_config(method), augmented=True) == LIVE
     if not logits_only:
         with pytest.raises(DistillError, match=f"cache_teacher=true: loss={method} reads the teacher's features"):
-            check_cache_teacher(_config(method, cache_teacher="true"), objective, augmented=False)
+            teacher_supply(_config(method, cache_teacher="true"), augmented=False)
 
 
 def test_method_parts_sit_on_the_objective_and_build_with_published_defaults():
@@ -175,13 +182,13 @@ def test_an_interrupted_method_run_resumes_exactly(tmp_path, monkeypatch, loss):
     cfg = small_kd_config(
         tmp_path, student=ModelConfig("cnn", {"width": 4}), loss=loss, alpha=0.0, teacher_epochs=1, baseline=False
     )
-    reference = tasks.run_kd(cfg, tmp_path / "reference")
+    reference = run_kd(cfg, tmp_path / "reference")
     on_training_step(monkeypatch, 25, lambda parts: os.kill(os.getpid(), signal.SIGINT) or parts, factory="kd_step")
     with pytest.raises(Interrupted):
-        tasks.run_kd(cfg, tmp_path / "run")
+        run_kd(cfg, tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / LAST)["training"]["partial"]["steps"] == 5  # epoch 2, step 5 of 20
     monkeypatch.undo()
-    resumed = tasks.run_kd(replace(cfg, resume=True), tmp_path / "run")
+    resumed = run_kd(replace(cfg, resume=True), tmp_path / "run")
     assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "reference")
     assert comparable_results(resumed)["student"] == comparable_results(reference)["student"]
     method_states = [load_checkpoint(folder / LAST)["training"]["method"] for folder in (tmp_path / "reference", tmp_path / "run")]

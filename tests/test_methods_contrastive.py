@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from distill_cli.data.loader import Batch
-from distill_cli.errors import DistillError
-from distill_cli.losses.base import MethodContext, Outputs, build_method
 from test_losses import batch_of
+
+from distill_cli.core.errors import DistillError
+from distill_cli.data.loader import Batch
+from distill_cli.losses.base import MethodContext, build_method
+from distill_cli.models.features import Outputs
 
 STUDENT_DIM, TEACHER_DIM = 5, 7  # pooled sizes: the methods must take them from the context
 

@@ -5,17 +5,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from distill_cli import tasks
-from distill_cli.checkpoint import LAST, load_checkpoint
-from distill_cli.config import ModelConfig
-from distill_cli.errors import DistillError
-from distill_cli.losses.base import MethodContext, Outputs, build_method
-from distill_cli.losses.reviewkd import hierarchical_context_loss
-
 from conftest import run_distill_in_process, small_kd_config
 from test_losses import batch_of
+from torch import nn
+
+from distill_cli.core.checkpoint import LAST, load_checkpoint
+from distill_cli.core.config import ModelConfig
+from distill_cli.core.errors import DistillError
+from distill_cli.losses.base import MethodContext, build_method
+from distill_cli.losses.reviewkd import hierarchical_context_loss
+from distill_cli.models.features import Outputs
+from distill_cli.runs.kd import run_kd
 
 BATCH = 4
 # A student with two stages and a teacher with three: stages pair from the deepest back, so the teacher's
@@ -118,7 +118,7 @@ def test_vid_variances_are_trained_with_the_student_and_saved_in_last_pt(tmp_pat
         teacher_epochs=1,
         baseline=False,
     )
-    tasks.run_kd(cfg, tmp_path / "run")
+    run_kd(cfg, tmp_path / "run")
     method_state = load_checkpoint(tmp_path / "run" / LAST)["training"]["method"]
     log_scales = {name: value for name, value in method_state.items() if "log_scales" in name}
     assert len(log_scales) == 2  # the cnn's two stages

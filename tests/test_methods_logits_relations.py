@@ -7,14 +7,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-import distill_cli.tasks as tasks
-from distill_cli.config import DatasetConfig
-from distill_cli.errors import DistillError
-from distill_cli.losses.base import MethodContext, Outputs, build_method, kd_loss
-
 from conftest import small_kd_config
 from test_losses import batch_of
+
+from distill_cli.core.config import DatasetConfig
+from distill_cli.core.errors import DistillError
+from distill_cli.losses.base import MethodContext, build_method, kd_loss
+from distill_cli.models.features import Outputs
+from distill_cli.runs.kd import run_kd
 
 
 def stages(*features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -105,7 +105,7 @@ def test_dkd_refuses_a_two_class_dataset_before_training(tmp_path):
     dataset = DatasetConfig(name="synthetic", num_classes=2, channels=1, image_size=8, train_size=64, test_size=16)
     cfg = small_kd_config(tmp_path, dataset=dataset, loss={"name": "dkd"}, alpha=0.0, batch_size=16)
     with pytest.raises(DistillError, match=r"^loss=dkd: dataset=synthetic has 2 classes; .*needs at least 3"):
-        tasks.run_kd(cfg, tmp_path / "run")
+        run_kd(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()  # refused before any teacher was trained
     build_method({"name": "dkd"}).setup(context(num_classes=3))  # three classes are enough
 

@@ -8,9 +8,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from distill_cli.config import ModelConfig, config_dir
+from distill_cli.core.config import ModelConfig, config_dir
+from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo
-from distill_cli.errors import DistillError
 from distill_cli.models import build_model, count_parameters
 from distill_cli.models.features import FeatureTaps, default_feature_layers
 from distill_cli.models.fold import fold_batch_norm

@@ -1,4 +1,4 @@
-"""The training modes of `distill kd` (distill_cli/modes/), called as plain functions: a teacher ensemble,
+"""The training modes of `distill kd` (distill_cli/runs/modes/), called as plain functions: a teacher ensemble,
 deep mutual learning, born-again generations and a teacher-assistant chain; their bad input."""
 
 import json
@@ -19,25 +19,27 @@ from conftest import (
     table_rows,
 )
 
-import distill_cli.modes.mutual as mutual
-import distill_cli.tasks as tasks
-from distill_cli.checkpoint import (
+import distill_cli.kd.wiring as wiring
+import distill_cli.runs.common as common
+import distill_cli.runs.modes.mutual as mutual
+from distill_cli.core.checkpoint import (
     BEST,
     LAST,
     load_checkpoint,
     model_checkpoint,
     save_atomic,
 )
-from distill_cli.cli import one_line
-from distill_cli.config import ModelConfig, TeacherConfig, validate_config
+from distill_cli.core.config import ModelConfig, TeacherConfig, validate_config
+from distill_cli.core.console import results_table
+from distill_cli.core.errors import DistillError, Interrupted, one_line
 from distill_cli.data import DatasetInfo
-from distill_cli.errors import DistillError, Interrupted
-from distill_cli.evaluate import load_model
 from distill_cli.models import build_model
-from distill_cli.modes.assistants import chain_teacher_recipe
-from distill_cli.report import results_table
-from distill_cli.sweep_report import job_results, models_of
-from distill_cli.teacher_cache import recipe_key
+from distill_cli.models.checkpoints import model_from_checkpoint
+from distill_cli.runs.kd import run_kd
+from distill_cli.runs.modes.assistants import chain_teacher_recipe
+from distill_cli.runs.teacher_cache import recipe_key
+from distill_cli.sweeps.results import job_results, models_of
+from distill_cli.training.setup import prepare_run
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -45,20 +47,20 @@ pytestmark = pytest.mark.usefixtures("quiet_results")
 def _record_fits(monkeypatch) -> list[str]:
     """The run folders `fit` trains into, in order (folder names relative to the test's tmp_path)."""
     trained = []
-    fit = tasks.fit
+    fit = common.fit
 
     def recording_fit(*args, **options):
         trained.append(options["run_dir"])
         return fit(*args, **options)
 
-    monkeypatch.setattr(tasks, "fit", recording_fit)
+    monkeypatch.setattr(common, "fit", recording_fit)
     return trained
 
 
 def _probabilities(checkpoints: list[str], loader, info, T: float = 1.0, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's weighted average of the models' softmax(logits / T), by position, computed apart from
     the run (the models loaded from their checkpoints, fp32, no BatchNorm folding); and the labels."""
-    models = [load_model(path, info)[0] for path in checkpoints]
+    models = [model_from_checkpoint(path, info)[0] for path in checkpoints]
     weights = weights or [1.0] * len(models)
     average = torch.zeros(loader.num_images, info.num_classes)
     labels = torch.zeros(loader.num_images, dtype=torch.long)
@@ -81,16 +83,16 @@ def test_ensemble_target_is_the_weighted_average_of_the_members_softened_probabi
     teacher = TeacherConfig(arch="ensemble", name="ensemble", members=members, weights=[1.0, 3.0])
     cfg = small_kd_config(tmp_path, teacher=teacher, T=3.0)
     tables = []
-    kd_step = tasks.kd_step
-    monkeypatch.setattr(tasks, "kd_step", lambda *args: tables.append(args[3]) or kd_step(*args))
-    summary = tasks.run_kd(cfg, tmp_path / "run")
+    kd_step = wiring.kd_step
+    monkeypatch.setattr(wiring, "kd_step", lambda *args: tables.append(args[3]) or kd_step(*args))
+    summary = run_kd(cfg, tmp_path / "run")
 
     ensemble = summary["teacher"]
     assert [m["source"] for m in ensemble["members"]] == ["trained", "trained"]
     assert [m["weight"] for m in ensemble["members"]] == [0.25, 0.75]
     assert (tmp_path / "run" / "teacher1" / BEST).is_file() and (tmp_path / "run" / "teacher2" / BEST).is_file()
     checkpoints = [m["checkpoint"] for m in ensemble["members"]]
-    _, data, loaders = tasks.prepare_run(cfg)
+    _, data, loaders = prepare_run(cfg)
     expected, _ = _probabilities(checkpoints, loaders.eval_loader(data.train), data.info, cfg.T, [1.0, 3.0])
     (table,) = tables  # the teacher logits of every transfer image, cached: what the student learns from
     assert summary["teacher_logits_cached"]
@@ -106,7 +108,7 @@ def test_ensemble_target_is_the_weighted_average_of_the_members_softened_probabi
     assert roles == ["teacher", "member 1 (weight 0.25)", "member 2 (weight 0.75)", "student", "student alone"]
     assert models_of(summary) == "ensemble of mlp_small + cnn -> mlp"
 
-    dkd = tasks.run_kd(replace(cfg, loss={"name": "dkd", "warmup": 1}, alpha=0.0), tmp_path / "dkd")
+    dkd = run_kd(replace(cfg, loss={"name": "dkd", "warmup": 1}, alpha=0.0), tmp_path / "dkd")
     assert [m["source"] for m in dkd["teacher"]["members"]] == ["cache", "cache"]
     assert "loss/dkd_nckd" in read_jsonl(tmp_path / "dkd" / "metrics.jsonl")[0]
 
@@ -127,7 +129,7 @@ def _mutual_config(tmp_path):
 def _record_trained_weights(monkeypatch) -> dict[int, list[torch.Tensor]]:
     """Per network the mutual mode builds (by id): its weights at each training-mode forward pass."""
     seen = {}
-    build = mutual.build_model
+    build = wiring.build_model
 
     def recording_build(*args):
         model = build(*args)
@@ -138,14 +140,14 @@ def _record_trained_weights(monkeypatch) -> dict[int, list[torch.Tensor]]:
         )
         return model
 
-    monkeypatch.setattr(mutual, "build_model", recording_build)
+    monkeypatch.setattr(wiring, "build_model", recording_build)
     return seen
 
 
 def test_mutual_learning_updates_every_peer_every_step_and_resumes_exactly(tmp_path, monkeypatch):
     cfg = _mutual_config(tmp_path)
     seen = _record_trained_weights(monkeypatch)
-    reference = tasks.run_kd(cfg, tmp_path / "reference")
+    reference = run_kd(cfg, tmp_path / "reference")
     steps = cfg.epochs * (reference["data"]["train_images"] // cfg.batch_size)
     trained = [weights for weights in seen.values() if weights]
     assert len(trained) == 2 and [len(weights) for weights in trained] == [steps, steps]
@@ -172,10 +174,10 @@ def test_mutual_learning_updates_every_peer_every_step_and_resumes_exactly(tmp_p
 
     on_training_step(monkeypatch, 25, interrupt, factory="mutual_step", module=mutual)
     with pytest.raises(Interrupted, match="peers epoch 2 step 5/20"):
-        tasks.run_kd(cfg, tmp_path / "run")
+        run_kd(cfg, tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / LAST)["training"]["partial"]["steps"] == 5
     monkeypatch.undo()
-    resumed = tasks.run_kd(replace(cfg, resume=True), tmp_path / "run")
+    resumed = run_kd(replace(cfg, resume=True), tmp_path / "run")
     assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "reference")
     for peer in ("peer1", "peer2"):
         ours, theirs = (load_checkpoint(tmp_path / run / peer / BEST) for run in ("run", "reference"))
@@ -192,7 +194,7 @@ def test_mutual_learning_updates_every_peer_every_step_and_resumes_exactly(tmp_p
 
 def test_born_again_generation_k_is_taught_by_generation_k_minus_1_and_resume_keeps_finished_ones(tmp_path, monkeypatch):
     cfg = small_kd_config(tmp_path, generations=3)
-    reference = tasks.run_kd(cfg, tmp_path / "reference")
+    reference = run_kd(cfg, tmp_path / "reference")
     generations = [json.loads((tmp_path / "reference" / f"gen{k}" / "summary.json").read_text()) for k in (1, 2, 3)]
     assert generations[0]["teacher"]["checkpoint"] == reference["teacher"]["checkpoint"]  # the run's teacher
     for k, (before, after) in enumerate(zip(generations, generations[1:]), 1):  # generation k+1's teacher: k's best.pt
@@ -202,7 +204,7 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1_and_resume_ke
     assert [row["test_acc_best"] for row in reference["generations"]] == [g["student"]["test_acc_best"] for g in generations]
     assert reference["student"]["checkpoint"] == generations[2]["student"]["checkpoint"]
     assert reference["kd_gain"] == pytest.approx(reference["student"]["test_acc_best"] - reference["baseline"]["test_acc_best"])
-    _, data, loaders = tasks.prepare_run(cfg)
+    _, data, loaders = prepare_run(cfg)
     together, labels = _probabilities([g["student"]["checkpoint"] for g in generations], loaders.test, data.info)
     assert reference["generations_ensemble"]["test_acc"] == pytest.approx((together.argmax(1) == labels).float().mean().item())
     roles = [row[0] for row in table_rows(results_table(reference))]
@@ -214,10 +216,10 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1_and_resume_ke
 
     on_training_step(monkeypatch, 45, interrupt, factory="kd_step")
     with pytest.raises(Interrupted, match="student epoch 1 step 5/20"):
-        tasks.run_kd(cfg, tmp_path / "run")
+        run_kd(cfg, tmp_path / "run")
     monkeypatch.undo()
     trained = _record_fits(monkeypatch)
-    resumed = tasks.run_kd(replace(cfg, resume=True), tmp_path / "run")
+    resumed = run_kd(replace(cfg, resume=True), tmp_path / "run")
     assert [path.name for path in trained] == ["gen2", "gen3"]  # generation 1 finished before: kept
     for k in (1, 2, 3):
         assert metrics_without_timing(tmp_path / "run" / f"gen{k}") == metrics_without_timing(tmp_path / "reference" / f"gen{k}")
@@ -230,7 +232,7 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1_and_resume_ke
 def test_assistant_chain_caches_each_step_so_a_second_run_trains_only_its_student(tmp_path, monkeypatch):
     cfg = small_kd_config(tmp_path, assistants=["mlp_small"])
     trained = _record_fits(monkeypatch)
-    first = tasks.run_kd(cfg, tmp_path / "one")
+    first = run_kd(cfg, tmp_path / "one")
     assert [path.relative_to(tmp_path).as_posix() for path in trained] == ["one/teacher", "one/assistant1", "one/baseline", "one"]
     teacher, assistant = first["chain"]
     assert (teacher["role"], teacher["source"], assistant["role"], assistant["source"]) == ("teacher", "trained", "assistant 1", "trained")
@@ -242,13 +244,13 @@ def test_assistant_chain_caches_each_step_so_a_second_run_trains_only_its_studen
     assert models_of(first) == "cnn -> mlp_small -> mlp"
 
     trained.clear()
-    second = tasks.run_kd(cfg, tmp_path / "two")
+    second = run_kd(cfg, tmp_path / "two")
     assert [path.relative_to(tmp_path).as_posix() for path in trained] == ["two"]  # no teacher, assistant or baseline
     assert [(link["source"], link["checkpoint"]) for link in second["chain"]] == [("cache", link["checkpoint"]) for link in first["chain"]]
     assert second["student"]["test_acc_best"] == first["student"]["test_acc_best"]
 
     trained.clear()  # another teacher is another chain: the assistant's recipe holds its teacher's
-    third = tasks.run_kd(replace(cfg, teacher_epochs=3), tmp_path / "three")
+    third = run_kd(replace(cfg, teacher_epochs=3), tmp_path / "three")
     assert [path.relative_to(tmp_path).as_posix() for path in trained] == ["three/teacher", "three/assistant1", "three"]
     assert third["chain"][1]["checkpoint"] != assistant["checkpoint"]
 
@@ -326,5 +328,5 @@ def test_modes_refuse_bad_input_before_anything_trains(tmp_path, monkeypatch, ca
         "born-again alone": small_kd_config(tmp_path, generations=2, alpha=0.0),
     }.get(case) or small_kd_config(tmp_path, teacher=TeacherConfig("ensemble", checkpoints=ensemble[case]))
     with pytest.raises(DistillError, match=f"^{line}") as error:
-        tasks.run_kd(cfg, tmp_path / "run")
+        run_kd(cfg, tmp_path / "run")
     assert "\n" not in str(error.value) and trained == [] and not (tmp_path / "cache").exists()

@@ -6,19 +6,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    metrics_without_timing,
+    run_distill_in_process,
+    small_kd_config,
+    small_train_config,
+    write_image_tree,
+)
 
-from distill_cli import tasks
-from distill_cli.config import DatasetConfig, DeviceConfig, OptimizerConfig, TeacherConfig
+from distill_cli.core.config import (
+    DatasetConfig,
+    DeviceConfig,
+    OptimizerConfig,
+    TeacherConfig,
+)
+from distill_cli.core.errors import DistillError
 from distill_cli.data import Augment, DatasetInfo, Split, load_dataset
 from distill_cli.data.augment import augment_one
 from distill_cli.data.imagefolder import FileSplit
 from distill_cli.data.loader import DeviceLoader, StreamLoader, choose_pipeline
-from distill_cli.engine import Compute, build_optimizer
-from distill_cli.errors import DistillError
 from distill_cli.models import build_model
 from distill_cli.models.cnn import cnn
-
-from conftest import metrics_without_timing, run_distill_in_process, small_kd_config, small_train_config, write_image_tree
+from distill_cli.runs.kd import run_kd
+from distill_cli.runs.train import run_train
+from distill_cli.training.compute import Compute
+from distill_cli.training.optim import build_optimizer
 
 CPU = torch.device("cpu")
 INFO = DatasetInfo("toy", 3, 1, (8, 8), mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
@@ -262,7 +274,7 @@ def test_training_is_identical_on_both_pipelines_without_augmentation(tmp_path, 
     for pipeline in ("device", "stream"):
         cfg = small_train_config(tmp_path, teacher_cache=str(tmp_path / pipeline / "cache"))
         cfg = replace(cfg, dataset=replace(cfg.dataset, pipeline=pipeline, workers=1))
-        summaries[pipeline] = tasks.run_train(cfg, tmp_path / pipeline)
+        summaries[pipeline] = run_train(cfg, tmp_path / pipeline)
     assert summaries["stream"]["pipeline"] == "stream" and summaries["device"]["pipeline"] == "device"
     assert metrics_without_timing(tmp_path / "device") == metrics_without_timing(tmp_path / "stream")
     assert summaries["device"]["teacher"]["test_acc_best"] == summaries["stream"]["teacher"]["test_acc_best"] > 0.5
@@ -275,7 +287,7 @@ def test_cached_teacher_logits_train_the_same_student(tmp_path, quiet_results):
     runs = {}
     for cache in ("true", "false"):
         cfg = small_kd_config(tmp_path, cache_teacher=cache, baseline=False)
-        runs[cache] = tasks.run_kd(cfg, tmp_path / cache)
+        runs[cache] = run_kd(cfg, tmp_path / cache)
     assert runs["true"]["teacher_logits_cached"] and not runs["false"]["teacher_logits_cached"]
     cached, computed = (metrics_without_timing(tmp_path / cache) for cache in ("true", "false"))
     for a, b in zip(cached, computed):
@@ -286,8 +298,8 @@ def test_cached_teacher_logits_train_the_same_student(tmp_path, quiet_results):
 def test_auto_caches_teacher_logits_only_without_augmentation(tmp_path, quiet_results):
     cfg = small_kd_config(tmp_path, baseline=False, epochs=1)
     augmented = replace(cfg, dataset=replace(cfg.dataset, augment=True))
-    assert tasks.run_kd(cfg, tmp_path / "plain")["teacher_logits_cached"]
-    assert not tasks.run_kd(augmented, tmp_path / "augmented")["teacher_logits_cached"]
+    assert run_kd(cfg, tmp_path / "plain")["teacher_logits_cached"]
+    assert not run_kd(augmented, tmp_path / "augmented")["teacher_logits_cached"]
 
 
 def test_insisting_on_cached_logits_with_augmentation_is_refused_at_start(tmp_path):
@@ -416,7 +428,7 @@ def test_each_kernels_first_step_has_the_right_size(name, impl):
 def test_compiled_training_saves_plain_weights(tmp_path, quiet_results):
     cfg = small_train_config(tmp_path, teacher=TeacherConfig(arch="mlp", kwargs={"hidden": [16]}), epochs=1)
     cfg = replace(cfg, device=DeviceConfig(type="cpu", compile=True))
-    summary = tasks.run_train(cfg, tmp_path / "run")
+    summary = run_train(cfg, tmp_path / "run")
     assert summary["teacher"]["test_acc_best"] > 0.3
     weights = torch.load(Path(summary["teacher"]["checkpoint"]), weights_only=True)["state_dict"]
     assert weights and not any(key.startswith("_orig_mod") for key in weights)

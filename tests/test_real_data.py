@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-
 from conftest import run_distill_in_process
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -9,13 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_distill_in_process, table_rows
 from PIL import Image
 
-from distill_cli import cli
-from distill_cli.plots import accuracy_heatmap, report_figures
-from distill_cli.sweep_report import Job, SweepReport, aggregate, build_report, grouping_keys, job_results, summarize
-
-from conftest import run_distill_in_process, table_rows
+from distill_cli.cli import main as cli
+from distill_cli.sweeps.plots import accuracy_heatmap, report_figures
+from distill_cli.sweeps.results import (
+    Job,
+    SweepReport,
+    aggregate,
+    build_report,
+    grouping_keys,
+    job_results,
+    summarize,
+)
 
 FAST = ["epochs=2", "teacher_epochs=2", "teacher.kwargs.width=8", "student.kwargs.hidden=[8]", "device=cpu"]
 
@@ -62,7 +69,7 @@ def test_means_and_stds_over_seeds_match_the_summaries(sweep):
 
 
 def test_table_shows_mean_std_and_n(sweep):
-    from distill_cli.sweep_report import rich_table
+    from distill_cli.sweeps.report import rich_table
 
     report = build_report([sweep])
     rows = table_rows(rich_table(report))
@@ -186,7 +193,7 @@ def test_overlapping_folders_count_each_run_once(sweep):
 
 def test_report_imports_neither_torch_nor_matplotlib_without_plots(sweep, tmp_path):
     code = (
-        "import sys; from distill_cli import cli; "
+        "import sys; from distill_cli.cli import main as cli; "
         f"assert cli.main(['report', {str(sweep)!r}, '--no-plots', '--out', {str(tmp_path)!r}]) == 0; "
         "assert not {'torch', 'matplotlib'} & set(sys.modules), sorted({'torch', 'matplotlib'} & set(sys.modules))"
     )

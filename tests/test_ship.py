@@ -5,28 +5,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_distill_in_process
 from torch import nn
 
-import distill_cli.export as export
-from distill_cli.checkpoint import load_checkpoint, save_atomic
-from distill_cli.cli import main
-from distill_cli.config import DatasetConfig
+import distill_cli.ship.export as export
+from distill_cli.cli.main import main
+from distill_cli.core.checkpoint import load_checkpoint, save_atomic
+from distill_cli.core.config import DatasetConfig, ModelConfig
+from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo, load_dataset
-from distill_cli.errors import DistillError
-from distill_cli.evaluate import (
+from distill_cli.models import build_model
+from distill_cli.models.checkpoints import model_from_checkpoint
+from distill_cli.ship.evaluate import (
     Timing,
     calibration_error,
     flops_per_image,
-    load_model,
     peak_activation_bytes,
     quality,
     run_eval,
 )
-from distill_cli.models import build_model
-from distill_cli.quantize import cpp_compiler
-from distill_cli.config import ModelConfig
-
-from conftest import run_distill_in_process
+from distill_cli.ship.quantize import cpp_compiler
 
 QUICK = Timing(calls=5, warmup=1, batch=16, repeats=2)
 DIGITS = DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), tuple(str(i) for i in range(10)))
@@ -131,7 +129,7 @@ def test_kd_export_onnx_reproduces_pytorch_on_real_images(kd_run):
 
     summary = json.loads((kd_run / "summary.json").read_text())
     assert summary["export"]["file"] == str(kd_run / "best.onnx") and summary["export"]["max_abs_diff"] <= 1e-4
-    model, _ = load_model(kd_run / "best.pt", DIGITS)
+    model, _ = model_from_checkpoint(kd_run / "best.pt", DIGITS)
     images, _ = digits_test_images()
     session = onnxruntime.InferenceSession(str(kd_run / "best.onnx"), providers=["CPUExecutionProvider"])
     for batch in (images[:1], images):  # the batch axis is dynamic
@@ -145,7 +143,7 @@ def test_export_pt2_reproduces_pytorch_on_real_images(kd_run, tmp_path, capsys):
     record = json.loads((tmp_path / "student.pt2.json").read_text())
     assert record["class_agreement"] == 1.0 and record["max_abs_diff"] <= 1e-4 and record["images"] == 256
     program = torch.export.load(str(tmp_path / "student.pt2")).module()
-    model, _ = load_model(kd_run / "best.pt", DIGITS)
+    model, _ = model_from_checkpoint(kd_run / "best.pt", DIGITS)
     images, _ = digits_test_images()
     torch.testing.assert_close(program(images[:3]), model(images[:3]), atol=1e-5, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt2", "student.pt2.json"]
@@ -224,7 +222,7 @@ def test_bad_checkpoints_are_one_line_naming_file_and_reason(kd_run, tmp_path, c
 
 
 def test_kd_export_format_is_checked_before_training():
-    from distill_cli.config import KDConfig
+    from distill_cli.core.config import KDConfig
 
     with pytest.raises(DistillError, match="export"):
         KDConfig(student=ModelConfig(arch="mlp"), export="tflite")
@@ -251,7 +249,7 @@ def test_int8_digits_teacher_stays_within_the_stated_drop(kd_run, tmp_path, caps
 
 
 def test_the_quantized_graph_holds_int8_weights():
-    from distill_cli.quantize import graph_tensors, quantize_int8
+    from distill_cli.ship.quantize import graph_tensors, quantize_int8
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
@@ -264,7 +262,7 @@ def test_the_quantized_graph_holds_int8_weights():
 
 
 def test_a_model_the_flow_cannot_capture_is_named(tmp_path):
-    from distill_cli.quantize import quantize_int8
+    from distill_cli.ship.quantize import quantize_int8
 
     with pytest.raises(DistillError, match=r"^branchy cannot be quantized with the PT2E flow"):
         quantize_int8(_Branchy(), torch.randn(8, 1, 8, 8), "branchy")

@@ -1,4 +1,4 @@
-"""Stacked students (distill_cli/stacked.py): a fused group's students of one architecture run as one
+"""Stacked students (distill_cli/training/stacked.py): a fused group's students of one architecture run as one
 vmapped network; same training as one after another, up to float summation order."""
 
 import logging
@@ -8,17 +8,22 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import (
+    CPU_DEVICE,
+    fused_group,
+    metrics_without_timing,
+    on_training_step,
+    small_kd_config,
+)
 
-import distill_cli.fused as fused
-import distill_cli.stacked as stacked
-import distill_cli.tasks as tasks
-from distill_cli.checkpoint import load_checkpoint
-from distill_cli.config import ModelConfig
-from distill_cli.engine import resolve_compute
-from distill_cli.errors import Interrupted
-from distill_cli.fused import run_kd_fused
-
-from conftest import CPU_DEVICE, fused_group, metrics_without_timing, on_training_step, small_kd_config
+import distill_cli.runs.fused as fused
+import distill_cli.training.stacked as stacked
+from distill_cli.core.checkpoint import load_checkpoint
+from distill_cli.core.config import ModelConfig
+from distill_cli.core.errors import Interrupted
+from distill_cli.runs.fused import run_kd_fused
+from distill_cli.training.compute import resolve_compute
+from distill_cli.training.setup import prepare_run
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -37,7 +42,7 @@ def one_after_another(tmp_path_factory):
     cfgs = _jobs(root)
     folders = [root / "sequential" / str(n) for n in range(len(cfgs))]
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(tasks, "print_results", lambda summary, per_class=False: None)
+        monkeypatch.setattr(fused, "print_results", lambda summary, per_class=False: None)
         assert [s["status"] for s in run_kd_fused(cfgs, folders, "sequential")] == ["completed"] * 3
     return cfgs, folders
 
@@ -68,7 +73,7 @@ def stacked_run(one_after_another, tmp_path_factory):
     logger.setLevel(logging.INFO)
     try:
         with pytest.MonkeyPatch.context() as monkeypatch:
-            monkeypatch.setattr(tasks, "print_results", lambda summary, per_class=False: None)
+            monkeypatch.setattr(fused, "print_results", lambda summary, per_class=False: None)
             summaries = run_kd_fused(cfgs, folders, "stacked")
     finally:
         logger.removeHandler(handler)
@@ -89,13 +94,14 @@ def test_stacked_students_train_as_one_after_another(one_after_another, stacked_
 
 def test_an_interrupted_stacked_group_resumes_exactly(one_after_another, stacked_run, tmp_path, monkeypatch):
     cfgs, _ = one_after_another
-    steps = len(tasks.prepare_run(cfgs[0])[2].train)
+    steps = len(prepare_run(cfgs[0])[2].train)
 
     def interrupt(parts):
         os.kill(os.getpid(), signal.SIGTERM)
         return parts
 
-    on_training_step(monkeypatch, (steps + 4) * len(cfgs) + 2, interrupt, factory="kd_step")  # epoch 2, step 5
+    # epoch 2, step 5, after each student's probe step in the memory plan (runs/memory.py)
+    on_training_step(monkeypatch, len(cfgs) + (steps + 4) * len(cfgs) + 2, interrupt, factory="kd_step")
     folders = [tmp_path / str(n) for n in range(len(cfgs))]
     with pytest.raises(Interrupted):
         run_kd_fused(cfgs, folders, "stacked")
@@ -110,9 +116,10 @@ def test_an_interrupted_stacked_group_resumes_exactly(one_after_another, stacked
 
 def test_a_diverged_stacked_student_fails_alone(one_after_another, tmp_path, monkeypatch):
     cfgs, sequential = one_after_another
-    on_training_step(monkeypatch, 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
+    # the second student's first step (after each student's probe step in the memory plan, runs/memory.py): its loss is NaN
+    on_training_step(monkeypatch, len(cfgs) + 2, lambda parts: {**parts, "loss": parts["loss"] * float("nan")}, factory="kd_step")
     folders = [tmp_path / str(n) for n in range(len(cfgs))]
-    summaries = run_kd_fused(cfgs, folders, "stacked")  # the second student's first step: its loss is NaN
+    summaries = run_kd_fused(cfgs, folders, "stacked")
     assert [s["status"] for s in summaries] == ["completed", "failed", "completed"]
     assert "training diverged" in summaries[1]["error"]
     for n in (0, 2):
@@ -137,7 +144,7 @@ def test_auto_stacks_only_when_measured_faster(one_after_another, tmp_path, monk
 
 def test_students_that_cannot_stack_run_one_after_another(tmp_path):
     compute = resolve_compute(CPU_DEVICE)
-    info = tasks.prepare_run(small_kd_config(tmp_path))[1].info
+    info = prepare_run(small_kd_config(tmp_path))[1].info
     from distill_cli.models import build_model
 
     cnns = [build_model(CNN, info, "student") for _ in range(2)]
@@ -151,7 +158,7 @@ def test_students_that_cannot_stack_run_one_after_another(tmp_path):
 
 def test_measured_timings_come_from_both_ways(tmp_path):
     compute = resolve_compute(CPU_DEVICE)
-    info = tasks.prepare_run(small_kd_config(tmp_path))[1].info
+    info = prepare_run(small_kd_config(tmp_path))[1].info
     from distill_cli.models import build_model
 
     students = [build_model(CNN, info, "student") for _ in range(3)]

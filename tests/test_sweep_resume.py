@@ -1,5 +1,5 @@
 """`distill resume <sweep dir>`: a whole sweep continued after a kill, with the launcher it was started with
-(runs.sweep_resumption, cli._task, fused._resumed_key): completed jobs are not run again, the others continue
+(core.run_folders.sweep_resumption, cli.main._task, sweeps.fused_launcher._resumed_key): completed jobs are not run again, the others continue
 or start, and every job ends with the metrics of the sweep run without the kill."""
 
 import json
@@ -10,12 +10,18 @@ from functools import partial
 
 import pytest
 import yaml
+from conftest import (
+    DISTILL,
+    FAST_KD,
+    comparable_results,
+    distill_in_process,
+    metrics_without_timing,
+    on_training_step,
+)
 
-import distill_cli.fused as fused
-import distill_cli.sweep_report as sweep_report
-from distill_cli.runs import BASIC_SWEEPER, resumption
-
-from conftest import DISTILL, FAST_KD, comparable_results, distill_in_process, metrics_without_timing, on_training_step
+import distill_cli.sweeps.callbacks as callbacks
+import distill_cli.sweeps.fused_launcher as fused
+from distill_cli.core.run_folders import BASIC_SWEEPER, resumption
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quiet_results", "no_plots")]
 
@@ -28,9 +34,9 @@ import os
 import signal
 
 if "KILL_AFTER_SAVES" in os.environ:
-    import distill_cli.engine as engine
+    import distill_cli.training.loop as loop
 
-    save_last, saves = engine.save_last, []
+    save_last, saves = loop.save_last, []
 
     def save_then_kill(checkpoint, run_dir):
         save_last(checkpoint, run_dir)
@@ -38,7 +44,7 @@ if "KILL_AFTER_SAVES" in os.environ:
         if len(saves) == int(os.environ["KILL_AFTER_SAVES"]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    engine.save_last = save_then_kill
+    loop.save_last = save_then_kill
 '''
 
 
@@ -49,7 +55,7 @@ def _recipe(root) -> list[str]:
 
 def _report_without_plots(monkeypatch) -> None:
     """The sweep report of each sweep without its plots (seconds of matplotlib that these tests do not check)."""
-    monkeypatch.setattr(sweep_report, "write_report", partial(sweep_report.write_report, plots=False))
+    monkeypatch.setattr(callbacks, "write_report", partial(callbacks.write_report, plots=False))
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import FAST_KD, assert_trained_once, run_distill, run_distill_in_process
 
 pytestmark = pytest.mark.slow

@@ -5,29 +5,51 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import (
+    metrics_without_timing,
+    read_jsonl,
+    small_kd_config,
+    small_train_config,
+    table_rows,
+)
 
-import distill_cli.engine as engine
-import distill_cli.tasks as tasks
-from distill_cli.checkpoint import load_checkpoint, save_atomic
-from distill_cli.config import DatasetConfig, DeviceConfig, ModelConfig, TeacherConfig
+import distill_cli.kd.wiring as wiring
+import distill_cli.models.checkpoints as model_checkpoints
+import distill_cli.runs.common as common
+import distill_cli.runs.student as student_mode
+import distill_cli.runs.train as runs_train
+import distill_cli.training.loop as loop
+from distill_cli.core.checkpoint import load_checkpoint, save_atomic
+from distill_cli.core.config import (
+    DatasetConfig,
+    DeviceConfig,
+    ModelConfig,
+    TeacherConfig,
+)
+from distill_cli.core.console import (
+    CONSOLE,
+    per_class_table,
+    print_results,
+    results_table,
+)
+from distill_cli.core.errors import DistillError
 from distill_cli.data import load_dataset
-from distill_cli.engine import evaluate
-from distill_cli.errors import DistillError
 from distill_cli.models import build_model
-from distill_cli.report import CONSOLE, per_class_table, print_results, results_table
-
-from conftest import metrics_without_timing, read_jsonl, small_kd_config, small_train_config, table_rows
+from distill_cli.runs.kd import run_kd
+from distill_cli.runs.train import run_train
+from distill_cli.training.metrics import evaluate
+from distill_cli.training.setup import prepare_run
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):
     cfg = small_train_config(tmp_path)
-    first = tasks.run_train(cfg, tmp_path / "a")
-    second = tasks.run_train(cfg, tmp_path / "b")
+    first = run_train(cfg, tmp_path / "a")
+    second = run_train(cfg, tmp_path / "b")
     assert metrics_without_timing(tmp_path / "a") == metrics_without_timing(tmp_path / "b")
     assert first["teacher"]["test_acc_best"] == second["teacher"]["test_acc_best"]
-    third = tasks.run_train(replace(cfg, seed=1), tmp_path / "c")
+    third = run_train(replace(cfg, seed=1), tmp_path / "c")
     assert metrics_without_timing(tmp_path / "c") != metrics_without_timing(tmp_path / "a")
     assert third["teacher"]["params"] == first["teacher"]["params"]
 
@@ -36,13 +58,13 @@ def _record_epoch_weights(monkeypatch) -> dict[int, dict]:
     """Every epoch's weights as `fit` saves them to last.pt, by epoch (copied: the saved tensors share
     the model's storage)."""
     weights = {}
-    save_last = engine.save_last
+    save_last = loop.save_last
 
     def recording_save_last(checkpoint: dict, run_dir) -> None:
         weights[checkpoint["epoch"]] = {name: value.clone() for name, value in checkpoint["state_dict"].items()}
         save_last(checkpoint, run_dir)
 
-    monkeypatch.setattr(engine, "save_last", recording_save_last)
+    monkeypatch.setattr(loop, "save_last", recording_save_last)
     return weights
 
 
@@ -60,10 +82,10 @@ def test_best_checkpoint_is_picked_on_validation_split(tmp_path, monkeypatch):
     weights = _record_epoch_weights(monkeypatch)
     cfg = small_train_config(tmp_path, epochs=5)
     cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=0.1, schedule="step", milestones=[0.4], gamma=5.0))
-    summary = tasks.run_train(cfg, tmp_path / "run")["teacher"]
+    summary = run_train(cfg, tmp_path / "run")["teacher"]
 
     # every epoch's weights scored here on the validation and test splits, apart from the run
-    compute, data, loaders = tasks.prepare_run(cfg)
+    compute, data, loaders = prepare_run(cfg)
     model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
 
     def accuracy(epoch: int, split) -> float:
@@ -91,7 +113,7 @@ def test_best_checkpoint_is_picked_on_validation_split(tmp_path, monkeypatch):
 def test_without_validation_split_best_is_last(tmp_path):
     cfg = small_train_config(tmp_path)
     cfg = replace(cfg, dataset=replace(cfg.dataset, val_split=0.0))
-    summary = tasks.run_train(cfg, tmp_path / "run")
+    summary = run_train(cfg, tmp_path / "run")
     assert summary["teacher"]["selection"] == "last"
     assert summary["teacher"]["best_epoch"] == cfg.epochs
     assert summary["teacher"]["test_acc_best"] == summary["teacher"]["test_acc_last"]
@@ -99,10 +121,10 @@ def test_without_validation_split_best_is_last(tmp_path):
 
 def test_alpha_zero_builds_no_teacher(tmp_path, monkeypatch):
     built = []
-    real_build = tasks.build_model
-    monkeypatch.setattr(tasks, "build_model", lambda cfg, info, key: built.append(key) or real_build(cfg, info, key))
-    monkeypatch.setattr(tasks, "_obtain_teacher", lambda *a: pytest.fail("alpha=0 must not look for a teacher"))
-    summary = tasks.run_kd(small_kd_config(tmp_path, alpha=0.0), tmp_path / "run")
+    real_build = wiring.build_model
+    monkeypatch.setattr(wiring, "build_model", lambda cfg, info, key: built.append(key) or real_build(cfg, info, key))
+    monkeypatch.setattr(student_mode, "obtain_teacher", lambda *a: pytest.fail("alpha=0 must not look for a teacher"))
+    summary = run_kd(small_kd_config(tmp_path, alpha=0.0), tmp_path / "run")
     assert set(built) == {"student"}  # checked before training, then built to train
     assert summary["teacher"] is None and "compression" not in summary
     assert not (tmp_path / "cache").exists()
@@ -110,22 +132,22 @@ def test_alpha_zero_builds_no_teacher(tmp_path, monkeypatch):
 
 def test_kd_trains_teacher_once_then_reuses_the_cache(tmp_path):
     cfg = small_kd_config(tmp_path)
-    first = tasks.run_kd(cfg, tmp_path / "one")
+    first = run_kd(cfg, tmp_path / "one")
     assert first["teacher"]["source"] == "trained"
     assert (tmp_path / "one" / "teacher" / "best.pt").is_file()  # the teacher's own run folder
-    second = tasks.run_kd(replace(cfg, T=2.0, alpha=0.9), tmp_path / "two")
+    second = run_kd(replace(cfg, T=2.0, alpha=0.9), tmp_path / "two")
     assert second["teacher"]["source"] == "cache"
     assert second["teacher"]["checkpoint"] == first["teacher"]["checkpoint"]
     assert not (tmp_path / "two" / "teacher").exists()
     # a different teacher recipe is a different cache entry
-    third = tasks.run_kd(replace(cfg, teacher_epochs=3), tmp_path / "three")
+    third = run_kd(replace(cfg, teacher_epochs=3), tmp_path / "three")
     assert third["teacher"]["source"] == "trained"
     assert third["teacher"]["checkpoint"] != first["teacher"]["checkpoint"]
 
 
 def test_train_publishes_to_the_cache_kd_uses(tmp_path):
-    train = tasks.run_train(small_train_config(tmp_path), tmp_path / "train")
-    kd = tasks.run_kd(small_kd_config(tmp_path), tmp_path / "kd")
+    train = run_train(small_train_config(tmp_path), tmp_path / "train")
+    kd = run_kd(small_kd_config(tmp_path), tmp_path / "kd")
     assert kd["teacher"]["source"] == "cache"
     assert kd["teacher"]["test_acc"] == pytest.approx(train["teacher"]["test_acc_best"])
 
@@ -133,7 +155,7 @@ def test_train_publishes_to_the_cache_kd_uses(tmp_path):
 def test_kd_summary_records_what_was_used(tmp_path):
     cfg = small_kd_config(tmp_path, T=3.0, alpha=0.7)
     cfg = replace(cfg, teacher=replace(cfg.teacher, name="narrow_cnn"), student=replace(cfg.student, name="tiny_mlp"))
-    summary = tasks.run_kd(cfg, tmp_path / "run")
+    summary = run_kd(cfg, tmp_path / "run")
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert (on_disk["T"], on_disk["alpha"], on_disk["status"]) == (3.0, 0.7, "completed")
@@ -177,9 +199,9 @@ def _record_classes(monkeypatch) -> dict:
         seen["evaluated"].append(classes(loader))
         return evaluate(model, loader, *args)
 
-    fit, evaluate = tasks.fit, tasks.evaluate
-    monkeypatch.setattr(tasks, "fit", recording_fit)
-    monkeypatch.setattr(tasks, "evaluate", recording_evaluate)
+    fit, evaluate = common.fit, common.evaluate
+    monkeypatch.setattr(common, "fit", recording_fit)
+    monkeypatch.setattr(common, "evaluate", recording_evaluate)
     return seen
 
 
@@ -189,7 +211,7 @@ def test_excluded_classes_leave_the_transfer_set_only(tmp_path, monkeypatch):
     seen = _record_classes(monkeypatch)
     cfg = small_kd_config(tmp_path)
     cfg = replace(cfg, dataset=replace(cfg.dataset, exclude_classes=[3]))
-    summary = tasks.run_kd(cfg, tmp_path / "run")
+    summary = run_kd(cfg, tmp_path / "run")
     assert summary["teacher"]["source"] == "trained"
     every, but_3 = set(range(10)), set(range(10)) - {3}
     assert seen.pop("teacher") == {"train": every, "val": every}
@@ -240,7 +262,7 @@ def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatc
     are the same memory and a batch laid out wrongly would not show.
     """
     layouts = []
-    build_model = tasks.build_model
+    build_model = wiring.build_model
 
     def recording_build_model(cfg, info, key):
         model = build_model(cfg, info, key)
@@ -251,7 +273,8 @@ def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatc
         layouts.append((model, inputs))
         return model
 
-    monkeypatch.setattr(tasks, "build_model", recording_build_model)
+    for module in (runs_train, wiring, model_checkpoints):  # the teacher trained, the networks checked, the teacher loaded, the student
+        monkeypatch.setattr(module, "build_model", recording_build_model)
     torch.set_num_threads(2)  # restored after the test (conftest)
     dataset = DatasetConfig(
         name="synthetic", num_classes=10, channels=3, image_size=8, train_size=1280, test_size=256, augment=True
@@ -266,7 +289,7 @@ def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatc
             baseline=False,
             device=DeviceConfig(type="cpu", channels_last=channels_last),
         )
-        summaries[channels_last] = tasks.run_kd(cfg, tmp_path / str(channels_last) / "run")
+        summaries[channels_last] = run_kd(cfg, tmp_path / str(channels_last) / "run")
         # every model (teacher trained, teacher loaded for kd, student) and every batch it saw, laid out as asked
         assert len(layouts) == 5  # student and teacher checked before training, then as above
         for model, inputs in layouts:
@@ -287,64 +310,64 @@ def test_channels_last_on_and_off_train_to_the_same_metrics(tmp_path, monkeypatc
 
 
 def test_teacher_checkpoint_is_loaded_and_checked(tmp_path):
-    tasks.run_train(small_train_config(tmp_path), tmp_path / "teacher")
+    run_train(small_train_config(tmp_path), tmp_path / "teacher")
     path = tmp_path / "teacher" / "best.pt"
     cfg = small_kd_config(tmp_path, teacher=TeacherConfig(arch="cnn", kwargs={"width": 8, "blocks": 2}, checkpoint=str(path)))
-    summary = tasks.run_kd(cfg, tmp_path / "kd")
+    summary = run_kd(cfg, tmp_path / "kd")
     assert summary["teacher"]["source"] == "checkpoint" and summary["teacher"]["checkpoint"] == str(path.resolve())
 
     wrong_arch = replace(cfg, teacher=TeacherConfig(arch="mlp", checkpoint=str(path)))
     with pytest.raises(DistillError, match=r"holds cnn\(blocks=2, width=8\) but teacher= is mlp\(\)"):
-        tasks.run_kd(wrong_arch, tmp_path / "kd2")
+        run_kd(wrong_arch, tmp_path / "kd2")
 
     checkpoint = load_checkpoint(path)
     checkpoint["num_classes"] = 100
     save_atomic(checkpoint, tmp_path / "hundred.pt")
     wrong_classes = replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(tmp_path / "hundred.pt")))
     with pytest.raises(DistillError, match="predicts 100 classes but dataset digits has 10"):
-        tasks.run_kd(wrong_classes, tmp_path / "kd3")
+        run_kd(wrong_classes, tmp_path / "kd3")
 
     with pytest.raises(DistillError, match="checkpoint not found"):
-        tasks.run_kd(replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(tmp_path / "nope.pt"))), tmp_path / "kd4")
+        run_kd(replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(tmp_path / "nope.pt"))), tmp_path / "kd4")
 
 
 def test_unknown_model_argument_and_arch_are_named(tmp_path):
     with pytest.raises(DistillError, match=r"student.kwargs.depth: not an argument of model 'mlp'"):
-        tasks.run_kd(small_kd_config(tmp_path, alpha=0.0, student=ModelConfig("mlp", {"depth": 3})), tmp_path / "a")
+        run_kd(small_kd_config(tmp_path, alpha=0.0, student=ModelConfig("mlp", {"depth": 3})), tmp_path / "a")
     with pytest.raises(DistillError, match=r"unknown model 'mpl': did you mean 'mlp'"):
-        tasks.run_kd(small_kd_config(tmp_path, alpha=0.0, student=ModelConfig("mpl")), tmp_path / "b")
+        run_kd(small_kd_config(tmp_path, alpha=0.0, student=ModelConfig("mpl")), tmp_path / "b")
 
 
 def test_batch_larger_than_training_set_is_refused(tmp_path):
     with pytest.raises(DistillError, match="larger than the training split"):
-        tasks.run_train(small_train_config(tmp_path, batch_size=100_000), tmp_path / "run")
+        run_train(small_train_config(tmp_path, batch_size=100_000), tmp_path / "run")
 
 
 def test_fp16_on_cpu_is_refused(tmp_path):
     cfg = small_train_config(tmp_path)
     cfg = replace(cfg, device=replace(cfg.device, type="cpu", precision="fp16"))
     with pytest.raises(DistillError, match="fp16 needs CUDA"):
-        tasks.run_train(cfg, tmp_path / "run")
+        run_train(cfg, tmp_path / "run")
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     cfg = small_train_config(tmp_path)
     cfg = replace(cfg, device=replace(cfg.device, type="cpu", precision="bf16"))
-    summary = tasks.run_train(cfg, tmp_path / "run")
+    summary = run_train(cfg, tmp_path / "run")
     assert summary["precision"] == "bf16" and summary["teacher"]["test_acc_best"] > 0.5  # chance is 0.1
 
 
 def test_kd_reports_its_gain_over_the_same_student_trained_alone(tmp_path):
     cfg = small_kd_config(tmp_path)
-    first = tasks.run_kd(cfg, tmp_path / "one")
+    first = run_kd(cfg, tmp_path / "one")
     baseline = first["baseline"]
     assert baseline["source"] == "trained" and baseline["arch"] == cfg.student.arch
     assert first["kd_gain"] == pytest.approx(first["student"]["test_acc_best"] - baseline["test_acc_best"])
     # the baseline is `distill kd alpha=0` of the same recipe: same accuracy, computed independently
-    alone = tasks.run_kd(replace(cfg, alpha=0.0), tmp_path / "alone")
+    alone = run_kd(replace(cfg, alpha=0.0), tmp_path / "alone")
     assert alone["student"]["test_acc_best"] == pytest.approx(baseline["test_acc_best"])
     assert "baseline" not in alone and "kd_gain" not in alone
     # another T/alpha reuses the cached baseline; baseline=false skips it
-    second = tasks.run_kd(replace(cfg, T=2.0), tmp_path / "two")
+    second = run_kd(replace(cfg, T=2.0), tmp_path / "two")
     assert second["baseline"]["source"] == "cache" and second["baseline"]["checkpoint"] == baseline["checkpoint"]
-    assert "baseline" not in tasks.run_kd(replace(cfg, baseline=False), tmp_path / "three")
+    assert "baseline" not in run_kd(replace(cfg, baseline=False), tmp_path / "three")

@@ -10,17 +10,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import (
+    compose_config,
+    on_training_step,
+    read_jsonl,
+    run_distill_in_process,
+    small_kd_config,
+    small_train_config,
+)
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-import distill_cli.tasks as tasks
-from distill_cli.cli import one_line
-from distill_cli.config import LoggerConfig, to_plain, validate_config
-from distill_cli.errors import DistillError, Interrupted
-from distill_cli.trackers import MLflow, TensorBoard, Trackers, flatten
-
-from conftest import compose_config, on_training_step, read_jsonl, run_distill_in_process, small_kd_config, small_train_config
+from distill_cli.core.config import LoggerConfig, to_plain, validate_config
+from distill_cli.core.errors import DistillError, Interrupted, one_line
+from distill_cli.runs.kd import run_kd
+from distill_cli.runs.train import run_train
+from distill_cli.training.trackers import MLflow, TensorBoard, Trackers, flatten
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -82,7 +88,7 @@ def _assert_epochs_match(tmp_path: Path, run_dir: Path) -> None:
 def test_trackers_hold_every_epoch_the_config_and_the_summary(tmp_path):
     cfg = small_train_config(tmp_path, logger=_logged(tmp_path))
     run_dir = tmp_path / "run"
-    summary = tasks.run_train(cfg, run_dir)
+    summary = run_train(cfg, run_dir)
     _assert_epochs_match(tmp_path, run_dir)
 
     client, run = _mlflow(tmp_path, run_dir)
@@ -109,7 +115,7 @@ def test_trackers_hold_every_epoch_the_config_and_the_summary(tmp_path):
 @pytest.mark.usefixtures("mlflow_store")
 def test_kd_is_one_mlflow_run_and_its_teacher_and_baseline_have_tensorboard_runs(tmp_path):
     run_dir = tmp_path / "run"
-    summary = tasks.run_kd(small_kd_config(tmp_path, logger=_logged(tmp_path)), run_dir)
+    summary = run_kd(small_kd_config(tmp_path, logger=_logged(tmp_path)), run_dir)
     _assert_epochs_match(tmp_path, run_dir)
     client, run = _mlflow(tmp_path, run_dir)
     assert (run.data.tags["command"], run.data.tags["student"]) == ("kd", "mlp")
@@ -151,12 +157,12 @@ def test_resume_continues_the_tracker_runs_with_one_value_per_epoch(tmp_path, mo
     run_dir = tmp_path / "run"
     interrupt(monkeypatch)
     with pytest.raises(Interrupted):
-        tasks.run_train(cfg, run_dir)
+        run_train(cfg, run_dir)
     monkeypatch.undo()
     client, run = _mlflow(tmp_path, run_dir)
     assert run.info.status == "KILLED"
 
-    tasks.run_train(replace(cfg, resume=True), run_dir)
+    run_train(replace(cfg, resume=True), run_dir)
     assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
     _assert_epochs_match(tmp_path, run_dir)
     client, resumed = _mlflow(tmp_path, run_dir)
@@ -177,7 +183,7 @@ def test_a_tracker_failing_mid_run_warns_once_and_training_completes(tmp_path, m
     monkeypatch.setattr(tracker, "log_epoch", log_epoch)
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="distill"):
-        summary = tasks.run_train(small_train_config(tmp_path, epochs=3, logger=_logged(tmp_path)), run_dir)
+        summary = run_train(small_train_config(tmp_path, epochs=3, logger=_logged(tmp_path)), run_dir)
     name = {TensorBoard: "tensorboard", MLflow: "mlflow"}[tracker]
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith(f"logger={name} failed (OSError:")
@@ -194,14 +200,14 @@ def test_a_tracker_failing_mid_run_warns_once_and_training_completes(tmp_path, m
 def test_a_missing_tracker_package_stops_at_start_up_naming_the_extra(tmp_path, monkeypatch, package):
     monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
     with pytest.raises(DistillError) as error:
-        tasks.run_train(small_train_config(tmp_path, logger=_logged(tmp_path)), tmp_path / "run")
+        run_train(small_train_config(tmp_path, logger=_logged(tmp_path)), tmp_path / "run")
     assert one_line(error.value) == f"logger={package} needs the {package} package: pip install 'distill-cli[{package}]'"
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_only_rank_zero_logs(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    tasks.run_train(small_train_config(tmp_path, epochs=1, logger=_logged(tmp_path)), tmp_path / "run")
+    run_train(small_train_config(tmp_path, epochs=1, logger=_logged(tmp_path)), tmp_path / "run")
     assert not (tmp_path / "run" / "tb").exists() and not (tmp_path / "mlflow.db").exists()
 
 

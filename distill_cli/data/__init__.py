@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import DatasetConfig
-from ..errors import DistillError
-from ..registry import Registry
+from ..core.config import DatasetConfig
+from ..core.errors import DistillError
+from ..core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import save_atomic
-from ..config import DatasetConfig
-from ..errors import DistillError
+from ..core.checkpoint import save_atomic
+from ..core.config import DatasetConfig
+from ..core.errors import DistillError
 from . import DATASETS, Augment, DatasetInfo, RawDataset, Split, channel_stats
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import DatasetConfig
-from ..errors import DistillError
+from ..core.config import DatasetConfig
+from ..core.errors import DistillError
 from . import Augment, DatasetInfo
 from .augment import apply, augment_one
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DatasetConfig
+from ..core.config import DatasetConfig
 from . import DATASETS, Augment, DatasetInfo, RawDataset, Split
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DatasetConfig
-from ..errors import DistillError
+from ..core.config import DatasetConfig
+from ..core.errors import DistillError
 from . import DATASETS, Augment, DatasetInfo, RawDataset, Split
 
 

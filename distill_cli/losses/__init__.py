@@ -12,7 +12,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ..registry import Registry
+from omegaconf import OmegaConf
+
+from ..core.config import config_dir
+from ..core.registry import Registry
 
 
 def _register_all() -> None:
@@ -28,10 +31,6 @@ LOSSES: Registry = Registry("loss", _register_all)
 def method_catalogue() -> list[tuple[str, str, str]]:
     """(name, what it computes, its published defaults) of every method: the class docstring's first
     line and `configs/loss/<name>.yaml` (alpha and the `loss.*` hyperparameters)."""
-    from omegaconf import OmegaConf
-
-    from ..config import config_dir
-
     rows = []
     for name in LOSSES.names():
         config = OmegaConf.to_container(OmegaConf.load(config_dir() / "loss" / f"{name}.yaml"))

@@ -20,21 +20,15 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DistillError
-
-
-@dataclass
-class Outputs:
-    """What one forward pass of a network hands a method: its logits and the feature points asked for."""
-
-    logits: Tensor
-    features: dict[str, Tensor] = field(default_factory=dict)
+from ..core.errors import DistillError
+from ..models.features import Outputs, stage_points
+from . import LOSSES
 
 
 @dataclass
@@ -93,8 +87,6 @@ def stage_pairs(student: dict, teacher: dict) -> list[tuple[str, str]]:
     """(student stage, teacher stage) names among the keys of `student` and `teacher` (features or their
     shapes), shallow to deep, paired from the deepest stage back: the deeper net's first stages are left
     out (pairing from the first stage would match a deep net's early stages with a shallow net's late ones)."""
-    from ..models.features import stage_points
-
     pairs = list(zip(reversed(stage_points(student)), reversed(stage_points(teacher))))
     return pairs[::-1]
 
@@ -126,8 +118,6 @@ def _coerce(key: str, value, annotation):
 def build_method(loss: dict) -> Method:
     """The method `loss["name"]` with the other `loss.*` keys as its hyperparameters (checked: unknown
     keys, types and ranges fail naming the key)."""
-    from . import LOSSES
-
     name = loss.get("name")
     method = LOSSES.get(name)
     accepted = hyperparameters(method)

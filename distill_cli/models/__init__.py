@@ -11,10 +11,10 @@ import warnings
 
 from torch import nn
 
-from ..config import ModelConfig
+from ..core.config import ModelConfig
+from ..core.errors import DistillError
+from ..core.registry import Registry
 from ..data import DatasetInfo
-from ..errors import DistillError
-from ..registry import Registry
 
 
 def _register_all() -> None:

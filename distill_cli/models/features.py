@@ -12,14 +12,15 @@ given no layer names.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import DistillError, did_you_mean
 from ..data import DatasetInfo
-from ..errors import DistillError, did_you_mean
 
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -183,3 +184,11 @@ def feature_extractor(model: nn.Module, info: DatasetInfo, points: Iterable[str]
         nodes[available[point]] = point
     extractor = create_feature_extractor(model, return_nodes=nodes)
     return extractor.train(model.training)
+
+
+@dataclass
+class Outputs:
+    """What one forward pass of a network hands a method: its logits and the feature points asked for."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)

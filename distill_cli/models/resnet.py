@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..core.errors import DistillError
 from ..data import DatasetInfo
-from ..errors import DistillError
 from . import MODELS
 from .layers import classifier_head, conv_bn, resolution_stages, zoo_net
 

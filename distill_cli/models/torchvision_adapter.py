@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core.errors import DistillError, did_you_mean
 from ..data import DatasetInfo
-from ..errors import DistillError, did_you_mean
 from . import MODELS
 
 

@@ -1,0 +1,429 @@
+"""Structured config schemas, registered with Hydra's ConfigStore.
+
+The YAML under `configs/` supplies values; these dataclasses supply the keys and types, so a typo
+or a wrong type fails at start-up naming the key, and the range checks in `__post_init__` run when
+a task converts its config with `to_object` (done first thing in every command).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+from .errors import DistillError, did_you_mean
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # distill_cli/
+
+
+def config_dir() -> Path:
+    """The `configs/` folder: inside the package for a wheel install, at the repo top otherwise."""
+    packaged = PACKAGE_DIR / "configs"
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "configs"
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise DistillError(f"{key}: {message}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+SYNTHETIC_ONLY = ("num_classes", "channels", "train_size", "test_size")
+
+
+@dataclass
+class DatasetConfig:
+    """Which dataset, where it lives, how it is split and augmented; see `distill_cli/data/`."""
+
+    name: str = "digits"
+    # where torchvision datasets are (or are downloaded to); for imagefolder the tree's top folder
+    root: str = "data"
+    download: bool = True
+    # fraction of the training set held out for picking best.pt (never the test split); 0 = use the last epoch
+    val_split: float = 0.1
+    # fraction held out for testing, for datasets that ship no test split (digits, test-less image folders)
+    test_split: float = 0.2
+    # the splits depend on this seed only, so every run (teacher and student) sees the same split
+    split_seed: int = 0
+    # the dataset's augmentation preset (crop with padding / jitter, flip), applied on the device
+    augment: bool = False
+    # with augment=true: also jitter brightness, contrast and saturation by factors in [1 - s, 1 + s]
+    # (torchvision's ColorJitter(s, s, s)); 0 = off
+    color_jitter: float = 0.0
+    # classes dropped from the training (transfer) set only; validation and test keep them
+    exclude_classes: list[int] = field(default_factory=list)
+    # imagefolder: resize to this square size (null: keep the files' size); synthetic: the image size
+    image_size: Optional[int] = None
+    # imagefolder: decoded uint8 tensors are cached here, keyed by source folder, split and size
+    cache_dir: str = "data/cache"
+    # synthetic only (set in configs/dataset/synthetic.yaml; null = not applicable): the generated data's
+    # classes, channels and split sizes. Every other dataset brings its own (see the summary's "data")
+    num_classes: Optional[int] = None
+    channels: Optional[int] = None
+    train_size: Optional[int] = None
+    test_size: Optional[int] = None
+    # how batches reach the model: device = the whole split as uint8 on the compute device, augmented
+    # there in batches; stream = DataLoader workers read (image folders: decode) and augment each
+    # sample, pinned non-blocking copies; auto = device when the decoded splits fit in device_max_gb
+    # (on a GPU, also in a quarter of its memory)
+    pipeline: str = "auto"
+    device_max_gb: float = 8.0
+    # DataLoader worker processes of the stream pipeline; null = min(8, CPU count)
+    workers: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _choice("dataset.pipeline", self.pipeline, ("auto", "device", "stream"))
+        _check(self.device_max_gb > 0, "dataset.device_max_gb", f"must be > 0, got {self.device_max_gb}")
+        _check(self.workers is None or self.workers >= 0, "dataset.workers", f"must be >= 0, got {self.workers}")
+        _check(0 <= self.color_jitter <= 1, "dataset.color_jitter", f"must be in [0, 1], got {self.color_jitter}")
+        _check(
+            self.augment or not self.color_jitter,
+            "dataset.color_jitter",
+            "is part of the augmentation; set dataset.augment=true as well",
+        )
+        _check(0 <= self.val_split < 1, "dataset.val_split", f"must be in [0, 1), got {self.val_split}")
+        _check(0 < self.test_split < 1, "dataset.test_split", f"must be in (0, 1), got {self.test_split}")
+        _check(self.image_size is None or self.image_size >= 1, "dataset.image_size", "must be >= 1")
+        for key in SYNTHETIC_ONLY:
+            value = getattr(self, key)
+            if self.name == "synthetic":
+                _check(value is not None and value >= 1, f"dataset.{key}", f"must be >= 1 for dataset=synthetic, got {value}")
+            else:
+                _check(value is None, f"dataset.{key}", f"only dataset=synthetic takes it; {self.name} brings its own")
+
+
+@dataclass
+class ModelConfig:
+    """An architecture from the model registry and its keyword arguments."""
+
+    arch: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # the option the user chose (teacher=resnet20: "resnet20", set from the file name in configs/model/),
+    # shown in results; a label only: models are built and cached by arch and kwargs
+    name: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """The chosen option's name, or the architecture for a config built without one."""
+        return self.name or self.arch
+
+
+ENSEMBLE = "ensemble"  # teacher=ensemble: the teacher is the average of teacher.members / teacher.checkpoints
+
+
+def model_option(entry: Any, key: str) -> ModelConfig:
+    """A model option as `teacher=` takes it (`configs/model/<name>.yaml`), given as its name or as
+    `{name: <option>, kwargs: {...}}` (arguments over the option's); `key` names the entry in errors."""
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    _check(
+        isinstance(entry, dict) and isinstance(entry.get("name"), str) and set(entry) <= {"name", "kwargs"},
+        key,
+        f"expected a model option (cnn) or {{name: cnn, kwargs: {{width: 8}}}}, got {entry!r}",
+    )
+    options = sorted(path.stem for path in (config_dir() / "model").glob("*.yaml"))
+    name = entry["name"]
+    _check(name in options, key, f"{name!r} is no model option; {did_you_mean(name, options)}")
+    node = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{name}.yaml"))
+    kwargs = {**node.get("kwargs", {}), **(entry.get("kwargs") or {})}
+    return ModelConfig(arch=node["arch"], kwargs=kwargs, name=name)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    # a checkpoint to load instead of training (or reusing a cached) teacher
+    checkpoint: Optional[str] = None
+    # teacher=ensemble: its members, model options each obtained like a teacher (given, cached or trained
+    # once): [cnn, mlp] or [{name: cnn, kwargs: {width: 12}}, ...]; and/or checkpoints of trained ones
+    members: list[Any] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    # the members' weights in the averaged probabilities (members first, then checkpoints); [] = equal
+    weights: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        count = len(self.members) + len(self.checkpoints)
+        if self.arch != ENSEMBLE:
+            _check(not count and not self.weights, "teacher.members", f"only teacher=ensemble takes members (teacher={self.label})")
+            return
+        _check(count > 0, "teacher.members", "an empty ensemble: name its teachers (teacher.members=[cnn,mlp] and/or teacher.checkpoints=[a.pt,b.pt])")
+        _check(self.checkpoint is None, "teacher.checkpoint", "teacher=ensemble takes teacher.checkpoints=[...], one per member")
+        for index, entry in enumerate(self.members):
+            model_option(entry, f"teacher.members[{index}]")
+        weights_ok = all(math.isfinite(w) and w > 0 for w in self.weights)
+        _check(not self.weights or (len(self.weights) == count and weights_ok), "teacher.weights",
+               f"one weight > 0 per member ({count}), got {self.weights}")
+
+    def ensemble_members(self) -> list[ModelConfig]:
+        """teacher=ensemble's members given as model options."""
+        return [model_option(entry, f"teacher.members[{index}]") for index, entry in enumerate(self.members)]
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and its learning-rate schedule (stepped once per epoch)."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    # step schedule: epochs, as fractions of the run, at which the lr is multiplied by gamma
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    # update kernel: fused (one kernel for all parameters), foreach (batched ops), loop (per parameter);
+    # auto = fused on CUDA and CPU, torch's default elsewhere
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("optimizer.name", self.name, ("sgd", "adam", "adamw"))
+        _choice("optimizer.impl", self.impl, ("auto", "fused", "foreach", "loop"))
+        _choice("optimizer.schedule", self.schedule, ("cosine", "step", "constant"))
+        _check(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_epochs >= 0, "optimizer.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(all(0 < m < 1 for m in self.milestones), "optimizer.milestones", "must be fractions in (0, 1)")
+
+
+@dataclass
+class DeviceConfig:
+    """Where and in which precision to compute."""
+
+    # auto picks CUDA when present, else CPU; or name one: cpu, cuda, cuda:1, mps
+    type: str = "auto"
+    # auto = bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a GradScaler (CUDA only)
+    precision: str = "auto"
+    # torch.use_deterministic_algorithms; on CPU runs are reproducible either way
+    deterministic: bool = False
+    # CPU threads for torch; 0 keeps torch's default
+    threads: int = 0
+    # conv nets and their input batches in channels_last (NHWC) memory; null = auto: conv nets with
+    # convolutions of >= 8 output channels on median (narrower ones are slower so), not on MPS
+    channels_last: Optional[bool] = None
+    # torch.compile the models' training and teacher forward passes (first steps pay the compile time)
+    compile: bool = False
+    # data-parallel training processes on this machine, started with torchrun (one per GPU, or CPU
+    # processes with gloo); batch_size is per process, so a step trains on batch_size x processes images.
+    # Under your own `torchrun ... -m distill_cli` leave it at 1: torchrun's world size counts
+    processes: int = 1
+    # with several processes on GPUs: BatchNorm statistics over the whole step's batch (SyncBatchNorm)
+    # instead of each process's share
+    sync_batchnorm: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("device.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _check(self.threads >= 0, "device.threads", f"must be >= 0, got {self.threads}")
+        _check(self.processes >= 1, "device.processes", f"must be >= 1, got {self.processes}")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers beside metrics.jsonl (`logger=tensorboard`, `mlflow`, `[tensorboard,mlflow]`).
+
+    Execution only: they record a run, never change what it trains. See `distill_cli/training/trackers.py`."""
+
+    # scalars per epoch and the summary as hparams under <run dir>/tb/<run name>/
+    tensorboard: bool = False
+    # a run per job: params (the config), metrics per epoch, the summary, best.pt and summary.json
+    mlflow: bool = False
+    # MLflow's tracking store: a SQLite file (created on first use) or a tracking server's http(s)://
+    tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    # the MLflow experiment; null = one per sweep (named after its folder), else the command's name
+    experiment: Optional[str] = None
+    # the run's name in both trackers; null = the job's overrides (T=2,alpha=0.9), or the command's name
+    name: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    """Keys shared by every command."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    epochs: int = 30
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    seed: int = 0
+    # where trained teachers are kept, keyed by their recipe, for later kd runs to reuse
+    teacher_cache: str = "outputs/teacher_cache"
+    # print test accuracy per class (always on when dataset.exclude_classes is set)
+    per_class: bool = False
+    # continue the run in hydra.run.dir from its last checkpoint (set by `distill resume <run dir>`)
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """`distill train`: train a teacher with cross-entropy."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+# the training modes of `distill kd` beyond one student and one teacher, and the key that turns each on
+# (their code: distill_cli/runs/modes/)
+MODE_KEYS = {"mutual": "peers", "born_again": "generations", "assistants": "assistants"}
+
+
+@dataclass
+class KDConfig(RunConfig):
+    """`distill kd`: distil a student from a teacher."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    # the KD method: {"name": <registered method>, <its hyperparameters>}; checked against the method's
+    # constructor (`losses.base.build_method`), its published defaults in configs/loss/<name>.yaml
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "kd"})
+    T: float = 4.0
+    alpha: float = 0.5
+    # epochs for the teacher when kd has to train it (same optimizer, batch size and seed as the run)
+    teacher_epochs: int = 30
+    # also train (once per recipe, cached) the same student alone and report what KD bought over it
+    baseline: bool = True
+    # compute the teacher's logits once for the whole transfer set and skip its forward pass in every
+    # step: auto = when that is exact (dataset.augment=false: every epoch shows the same images);
+    # true insists (an error with augmentation on), false always runs the teacher
+    cache_teacher: str = "auto"
+    # at the end of the run, export the student's best.pt to best.onnx or best.pt2 (see `distill export`)
+    export: Optional[str] = None
+    # deep mutual learning: these networks (model options, as `student=` takes) train together from
+    # scratch, each on CE + the method's terms against each other one's predictions; [] = off
+    peers: list[Any] = field(default_factory=list)
+    # born-again networks: generation k (k >= 2) is the student again, taught by generation k-1's best.pt
+    generations: int = 1
+    # teacher assistants: teacher -> assistants[0] -> ... -> student, each step a cached kd run
+    assistants: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.cache_teacher = str(self.cache_teacher).lower()
+        _choice("cache_teacher", self.cache_teacher, ("auto", "true", "false"))
+        if self.export is not None:
+            _choice("export", self.export, ("onnx", "pt2"))
+        _check(math.isfinite(self.T) and self.T > 0, "T", f"temperature must be a finite number > 0, got {self.T}")
+        _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
+        _check(isinstance(self.loss.get("name"), str), "loss.name", "name the KD method (loss=<method>; see distill list)")
+        _check(self.teacher_epochs >= 1, "teacher_epochs", f"must be >= 1, got {self.teacher_epochs}")
+        _check(self.generations >= 1, "generations", f"must be >= 1 (1: no born-again generations), got {self.generations}")
+        _check(len(self.peers) != 1, "peers", f"deep mutual learning needs two or more networks, got one ({self.peers[0] if self.peers else ''})")
+        for key in ("peers", "assistants"):
+            for index, entry in enumerate(getattr(self, key)):
+                model_option(entry, f"{key}[{index}]")
+        modes = [MODE_KEYS[mode] for mode in self.modes_asked()]
+        _check(len(modes) <= 1, ", ".join(modes), "pick one training mode: peers (mutual learning), generations (born-again) or assistants")
+        if self.peers:
+            teacherless = self.teacher.arch != ENSEMBLE and self.teacher.checkpoint is None
+            _check(teacherless, "peers", "mutual learning trains its peers from scratch with no teacher; leave teacher= as it is")
+        if self.assistants:
+            _check(self.teacher.arch != ENSEMBLE, "assistants", "a chain starts from one teacher, not teacher=ensemble")
+
+    def modes_asked(self) -> list[str]:
+        """The training modes this config turns on (`MODE_KEYS`); validation allows at most one."""
+        asked = {"mutual": bool(self.peers), "born_again": self.generations > 1, "assistants": bool(self.assistants)}
+        return [mode for mode, on in asked.items() if on]
+
+    @property
+    def mode(self) -> str:
+        """The training mode of this kd run: "single" (one student, one teacher) or one of `MODE_KEYS`."""
+        return next(iter(self.modes_asked()), "single")
+
+    def peer_models(self) -> list[ModelConfig]:
+        """The networks of mutual learning (`peers`)."""
+        return [model_option(entry, f"peers[{index}]") for index, entry in enumerate(self.peers)]
+
+    def assistant_models(self) -> list[ModelConfig]:
+        """The teacher assistants of the chain, from the teacher's end."""
+        return [model_option(entry, f"assistants[{index}]") for index, entry in enumerate(self.assistants)]
+
+
+@dataclass
+class BenchConfig(KDConfig):
+    """`distill bench`: images/s of the train and kd steps, against a plain per-sample reference loop."""
+
+    warmup_steps: int = 5
+    steps: int = 30
+    repeats: int = 5
+    # DataLoader workers of the reference loop (the usual tutorial setting)
+    reference_workers: int = 2
+    # image folders: the reference decodes every file per sample, as torchvision's ImageFolder does;
+    # false: it makes its PIL images from the decoded images in memory, as torchvision's CIFAR10 does
+    reference_from_files: bool = True
+    # K >= 2: time a sweep of K kd jobs instead (T and alpha varied): one job after another vs fused
+    # (hydra/launcher=fused: one teacher forward per batch; students one after another, and stacked)
+    fused: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("steps", "repeats"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.fused == 0 or self.fused >= 2, "fused", f"the students of a fused sweep to time: 0 (off) or >= 2, got {self.fused}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.reference_workers >= 0, "reference_workers", f"must be >= 0, got {self.reference_workers}")
+
+
+# the config of each command that Hydra composes (`kind="hydra"` in commands.COMMANDS)
+SCHEMAS = {"train": TrainConfig, "kd": KDConfig, "bench": BenchConfig}
+
+
+def register_configs() -> None:
+    """Store the schemas and expose every `configs/model/*.yaml` as both a teacher and a student option.
+
+    `teacher=<arch>` and `student=<arch>` therefore accept exactly the same names, and adding a model
+    is one Python file (the registered module) plus one YAML in `configs/model/`. Each option's `name`
+    is its file name, so results say `resnet20` rather than its architecture `resnet_cifar`.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for command, schema in SCHEMAS.items():
+        store.store(name=f"{command}_schema", node=schema)
+    for path in sorted((config_dir() / "model").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        node.name = path.stem
+        for group in ("teacher", "student"):
+            store.store(group=group, name=path.stem, node=node)
+    store.store(group="teacher", name=ENSEMBLE, node={"arch": ENSEMBLE, "name": ENSEMBLE})
+
+
+def _unknown_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:
+    unknown = []
+    for key, value in values.items():
+        if key not in schema:
+            unknown.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(schema[key], dict) and key not in ("kwargs", "loss"):
+            unknown += _unknown_keys(value, schema[key], f"{prefix}{key}.")
+    return unknown
+
+
+def validate_config(command: str, cfg: Any) -> RunConfig:
+    """The composed config as its schema dataclass: unknown keys (also ones added with `+key=`),
+    wrong types and out-of-range values raise, naming the key. Model `kwargs` and the method's `loss.*`
+    keys stay open here; they are checked against the model's and the method's arguments."""
+    schema = SCHEMAS[command]
+    unknown = _unknown_keys(
+        OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(OmegaConf.structured(schema))
+    )
+    if unknown:
+        raise DistillError(f"{unknown[0]}: not a key of the {command} config")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+
+
+def to_plain(config: Any) -> Any:
+    """A JSON-ready dict of a config dataclass (or DictConfig)."""
+    if is_dataclass(config):
+        return asdict(config)
+    return OmegaConf.to_container(config, resolve=True)

@@ -1,0 +1,110 @@
+"""The objective of a kd run: the method of `loss=` with the Hinton term (T, alpha), the feature points both
+networks hand it, and the kd step that feeds it the teacher's and the student's outputs.
+
+`build_objective` checks everything a method needs (hyperparameters, feature points of both models,
+the dataset) on the networks as built, so a bad config fails before any network trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.config import KDConfig
+from ..data import DataSplits
+from ..losses.base import MethodContext, Objective, build_method
+from ..models.features import Outputs, feature_points, stage_points
+from ..training.compute import Compute
+from ..training.loop import Step
+
+
+def _expand(points: tuple[str, ...], model: nn.Module, data: DataSplits) -> tuple[str, ...]:
+    """`points` with "stages" replaced by the model's `stage1`..`stageN` and "last_stage" by its deepest
+    stage. A model without stages keeps "stage1", which the extractor then refuses, naming the model."""
+    if not {"stages", "last_stage"} & set(points):
+        return points
+    stages = stage_points(feature_points(model, data.info)) or ["stage1"]
+    expanded: list[str] = []
+    for point in points:
+        expanded += {"stages": stages, "last_stage": stages[-1:]}.get(point, [point])
+    return tuple(expanded)
+
+
+@torch.no_grad()
+def _probe(forward, model: nn.Module, data: DataSplits, compute: Compute) -> dict[str, torch.Size]:
+    """The shapes (without the batch axis) of the feature points `forward` returns, from a dummy batch."""
+    info = data.info
+    training = model.training
+    model.eval()
+    try:
+        images = torch.zeros(2, info.channels, *info.image_size, device=compute.device, dtype=compute.input_dtype)
+        with compute.autocast():
+            outputs = forward(images)
+    finally:
+        model.train(training)
+    return {name: value.shape[1:] for name, value in outputs.features.items()}
+
+
+def objective_of(cfg: KDConfig) -> Objective:
+    """The objective `cfg` asks for, not yet set up on networks: what it reads (a teacher, its features)."""
+    return Objective(build_method(dict(cfg.loss)), cfg.T, cfg.alpha)
+
+
+def needs_teacher(cfg: KDConfig) -> bool:
+    """Whether `cfg`'s objective reads a teacher: the Hinton term (alpha > 0) or the method itself."""
+    return objective_of(cfg).needs_teacher
+
+
+def build_objective(
+    cfg: KDConfig, data: DataSplits, compute: Compute, student: nn.Module, teacher: nn.Module | None
+) -> tuple[Objective, "callable", "callable | None"]:
+    """The objective of `cfg.loss`, with the student's forward pass returning the method's feature
+    points and, when the objective needs a teacher, the frozen teacher's (BatchNorm folded,
+    inference mode). Both networks are as placed on the device; `teacher` may be an untrained
+    network of the right architecture (to check a config before the teacher is trained).
+    """
+    objective = objective_of(cfg)
+    method = objective.method
+    if method.needs_teacher and teacher is None:
+        raise ValueError("build_objective: the method needs a teacher")
+    name = cfg.loss["name"]
+    student_points = _expand(method.student_points, student, data)
+    student_forward = compute.outputs(student, data.info, student_points, f"loss={name}: student={cfg.student.label}")
+    teacher_forward = None
+    shapes = {}
+    if teacher is not None and objective.needs_teacher:
+        teacher_points = _expand(method.teacher_points, teacher, data)
+        teacher_forward = compute.frozen_forward(
+            teacher, points=teacher_points, info=data.info, role=f"loss={name}: teacher={cfg.teacher.label}"
+        )
+        shapes = _probe(teacher_forward, teacher, data, compute)
+    context = MethodContext(
+        num_classes=data.info.num_classes,
+        num_train=len(data.train),
+        train_labels=data.train.labels.to(compute.device),
+        student=_probe(student_forward, student, data, compute),
+        teacher=shapes,
+        epochs=cfg.epochs,
+        dataset=data.info.name,
+    )
+    method.student_points, method.teacher_points = student_points, tuple(shapes)
+    method.setup(context)
+    return objective.to(compute.device), student_forward, teacher_forward
+
+
+def kd_step(
+    student_forward, teacher_forward, objective: Objective, cached_teacher_logits: torch.Tensor | None = None
+) -> Step:
+    """A training step of the student: the teacher's outputs (run, or its logits looked up by image
+    position in `cached_teacher_logits`), the student's, and the objective's terms."""
+
+    def step(batch, epoch: int):
+        teacher = None
+        if cached_teacher_logits is not None:
+            teacher = Outputs(cached_teacher_logits[batch.index])
+        elif teacher_forward is not None:
+            teacher = teacher_forward(batch.images)
+        student = student_forward(batch.images)
+        return objective(student, teacher, batch, epoch), student.logits
+
+    return step

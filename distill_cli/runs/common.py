@@ -1,0 +1,200 @@
+"""What the run commands share: fitting a network with the run's optimizer, schedule, checkpoints and
+resume; the summary entry of a trained network; a run's header; and `KDRun`, what every part of a kd run
+(each training mode, each fused job) works with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..core.checkpoint import (
+    BEST,
+    load_checkpoint,
+    load_resume_checkpoint,
+    model_checkpoint,
+)
+from ..core.config import (
+    KDConfig,
+    ModelConfig,
+    RunConfig,
+    to_plain,
+)
+from ..data import DataSplits
+from ..kd.teachers import Shared
+from ..models import count_parameters
+from ..training.compute import Compute
+from ..training.loop import FitResult, fit
+from ..training.metrics import evaluate
+from ..training.optim import build_optimizer, build_scheduler
+from ..training.setup import Loaders
+from ..training.trackers import Trackers
+
+log = logging.getLogger("distill")
+
+
+def fit_options(
+    model: nn.Module,
+    step,
+    cfg: RunConfig,
+    epochs: int,
+    compute: Compute,
+    data: DataSplits,
+    loaders: Loaders,
+    run_dir: Path,
+    label: str,
+    trackers: Trackers,
+    make_checkpoint: Callable[[dict], dict],
+    method: nn.Module | None = None,
+    **fit_options,
+) -> dict:
+    """`fit`'s (and `Training`'s) arguments for `model` (and `method`'s trainable parts, with the same optimizer)
+    with the run's optimizer and schedule; with `cfg.resume`, from the run's last checkpoint. `fit_options`
+    go to `fit` as they are."""
+    trained = model if method is None else nn.ModuleList([model, method])
+    optimizer = build_optimizer(trained, cfg.optimizer, compute.device)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
+    # with several processes rank 0 reads the checkpoint and every rank gets it
+    resume_from = compute.world.on_main(lambda: load_resume_checkpoint(run_dir, to_plain(cfg))) if cfg.resume else None
+    return dict(
+        model=model,
+        step=step,
+        train_loader=loaders.train,
+        val_loader=loaders.val,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        compute=compute,
+        epochs=epochs,
+        num_classes=data.info.num_classes,
+        run_dir=run_dir,
+        make_checkpoint=make_checkpoint,
+        label=label,
+        resume_from=resume_from,
+        method=method,
+        trackers=trackers,
+        **fit_options,
+    )
+
+
+def fit_network(*args, **options) -> FitResult:
+    """`fit` with `fit_options(*args, **options)`."""
+    return fit(**fit_options(*args, **options))
+
+
+def checkpoint_maker(model: nn.Module, model_cfg: ModelConfig, cfg: RunConfig, data: DataSplits) -> Callable[[dict], dict]:
+    """`make_checkpoint` for `fit`: `model`'s weights, what rebuilds it, and the run's config."""
+    config = to_plain(cfg)
+
+    def make_checkpoint(state: dict) -> dict:
+        return model_checkpoint(
+            model, model_cfg.arch, model_cfg.kwargs, data.info.num_classes, dataset=data.info.name, config=config, **state
+        )
+
+    return make_checkpoint
+
+
+def trained_result(
+    model: nn.Module, model_cfg: ModelConfig, result: FitResult, best_path: Path, compute: Compute, data: DataSplits, loaders: Loaders
+) -> dict:
+    """The summary entry of a trained network: test accuracy of its last weights (as `model` holds them)
+    and of `best_path`'s, which it leaves loaded."""
+    last = evaluate(model, loaders.test, compute, data.info.num_classes)
+    model.load_state_dict(load_checkpoint(best_path)["state_dict"])
+    best = evaluate(model, loaders.test, compute, data.info.num_classes)
+    return {
+        "name": model_cfg.label,
+        "arch": model_cfg.arch,
+        "kwargs": dict(model_cfg.kwargs),
+        "params": count_parameters(model),
+        "test_acc_best": best.overall,
+        "test_acc_last": last.overall,
+        "test_acc_per_class": dict(zip(data.info.class_names, best.per_class)),
+        "best_epoch": result.best_epoch,
+        "val_acc_best": result.best_val_acc,
+        "selection": result.selection,
+        "checkpoint": str(best_path),
+    }
+
+
+def train_network(
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    step,
+    cfg: RunConfig,
+    epochs: int,
+    compute: Compute,
+    data: DataSplits,
+    loaders: Loaders,
+    run_dir: Path,
+    label: str,
+    trackers: Trackers,
+    method: nn.Module | None = None,
+) -> dict | None:
+    """Fit `model` (see `fit_network`), then report test accuracy of its best and last checkpoints;
+    leaves the best weights loaded. With several processes every one trains; rank 0 alone tests and
+    returns the result (None elsewhere)."""
+    make_checkpoint = checkpoint_maker(model, model_cfg, cfg, data)
+    result = fit_network(model, step, cfg, epochs, compute, data, loaders, run_dir, label, trackers, make_checkpoint, method)
+    if not compute.world.is_main:
+        return None
+    return trained_result(model, model_cfg, result, run_dir / BEST, compute, data, loaders)
+
+
+def _data_facts(data: DataSplits) -> dict:
+    """What the run's data is, as loaded: classes, image shape and split sizes (train: the transfer set,
+    after any excluded classes)."""
+    info = data.info
+    return {
+        "num_classes": info.num_classes,
+        "channels": info.channels,
+        "image_size": list(info.image_size),
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "test_images": len(data.test),
+    }
+
+
+def run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits, loaders: Loaders, run_dir: Path) -> dict:
+    log.info(
+        f"distill {command}: {data.info.name} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)}) "
+        f"on {compute.device} {compute.precision}, {loaders.pipeline} pipeline -> {run_dir}"
+    )
+    return {
+        "command": command,
+        "status": "completed",
+        "dataset": data.info.name,
+        "device": str(compute.device),
+        "precision": compute.precision,
+        "pipeline": loaders.pipeline,
+        "processes": compute.world.size,  # data-parallel; a step's batch is batch_size x processes
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "exclude_classes": list(cfg.dataset.exclude_classes),
+        "data": _data_facts(data),
+        "run_dir": str(run_dir),
+    }
+
+
+@dataclass
+class KDRun:
+    """What every part of a kd run works with: its config, folder, device, data, loaders and trackers, and
+    what it shares with the runs fused with it (`Shared`)."""
+
+    cfg: KDConfig
+    run_dir: Path
+    compute: Compute
+    data: DataSplits
+    loaders: Loaders
+    trackers: Trackers
+    shared: Shared = field(default_factory=Shared)
+    # a whole `distill kd` run of another config into a folder, returning its summary (`runs.kd.run_kd`):
+    # how born-again generations and assistant links run theirs
+    nested: Callable[[KDConfig, Path], dict] | None = None
+
+    def evaluate(self, model: nn.Module):
+        """`model`'s test accuracy (overall and per class)."""
+        return evaluate(model, self.loaders.test, self.compute, self.data.info.num_classes)

@@ -1,0 +1,79 @@
+"""The plain kd mode: one student distilled from one teacher (or an ensemble of teachers) into the run
+folder, with what it is compared against: the teacher, the same student trained alone (the baseline),
+compression and speed-up. A fused group's jobs each run `prepare_student` and `student_results` too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..kd.teachers import CACHED, NONE, teacher_supply
+from ..kd.wiring import KDWiring, Link, wire_kd
+from ..models import count_parameters
+from ..training.metrics import inference_rate
+from .common import KDRun, log, train_network
+from .teachers import baseline_entry, obtain_teacher
+
+
+def links(cfg) -> list[Link]:
+    """What the plain mode wires: the student taught by the run's teacher."""
+    return [Link(cfg)]
+
+
+def distil(run: KDRun, summary: dict) -> None:
+    """One student from one teacher (or an ensemble of teachers) with the method `cfg.loss`, into the run
+    folder; fills `summary` with teacher, baseline, student, KD gain, compression and speed-up."""
+    cfg = run.cfg
+    wired, teacher = prepare_student(run, summary)
+    student_result = train_network(
+        wired.student, cfg.student, wired.step, cfg, cfg.epochs, run.compute, run.data, run.loaders, run.run_dir, "student",
+        run.trackers, method=wired.objective,
+    )
+    if student_result is None:  # not rank 0: its part is done
+        return
+    student_results(run, summary, student_result, wired.objective, teacher, wired.student)
+
+
+def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | None]:
+    """Everything `distil` needs before the student trains, its config checked (`kd.wiring.check_kd`): the
+    teacher (and the baseline) obtained into `summary`, then the student wired (`kd.wiring.wire_kd`) from
+    the run's seed, the teacher's logits table and its forward pass (once per batch) shared through
+    `run.shared`. Returns the wiring and the teacher (None: the objective reads none)."""
+    cfg, data, loaders = run.cfg, run.data, run.loaders
+    supply = teacher_supply(cfg, loaders.train.augment is not None)
+    teacher = None
+    summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
+    if supply != NONE:
+        teacher, summary["teacher"] = obtain_teacher(run)
+        if cfg.baseline:
+            summary["baseline"] = baseline_entry(run, cfg.student, run.run_dir / "baseline")
+    transfer = loaders.eval_loader(data.train) if supply == CACHED else None
+    wired = wire_kd(
+        cfg, data, run.compute, teacher, supply=supply, transfer=transfer, shared=run.shared, seed=cfg.seed, stacked=run.shared.stacked
+    )
+    if wired.supply == CACHED:
+        log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
+    summary["teacher_logits_cached"] = wired.supply == CACHED
+    return wired, teacher
+
+
+def student_results(run: KDRun, summary: dict, result: dict, objective: nn.Module, teacher: nn.Module | None, student: nn.Module) -> None:
+    """Fill `summary` with the trained student's entry `result`, its gain over the baseline and, with a
+    teacher, compression and speed-up."""
+    result["method_params"] = count_parameters(objective)
+    summary["student"] = result
+    if summary.get("baseline"):
+        # what KD bought: the distilled student against the same student trained alone
+        summary["kd_gain"] = result["test_acc_best"] - summary["baseline"]["test_acc_best"]
+    if teacher is not None:
+        compare_with_teacher(run, summary, teacher, student)
+
+
+def compare_with_teacher(run: KDRun, summary: dict, teacher: nn.Module, student: nn.Module) -> None:
+    """Compression (teacher / student parameters) and how much faster the product is: forward images/s
+    on the test split, same device and precision (the teacher's measured once for the runs sharing it)."""
+    compute, test = run.compute, run.loaders.test
+    summary["compression"] = summary["teacher"]["params"] / summary["student"]["params"]
+    summary["teacher"]["inference_images_per_s"] = run.shared.once("teacher_rate", lambda: inference_rate(teacher, test, compute))
+    summary["student"]["inference_images_per_s"] = inference_rate(student, test, compute)
+    summary["speedup"] = summary["student"]["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]

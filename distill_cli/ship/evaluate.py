@@ -1,0 +1,380 @@
+"""`distill eval <run folder or checkpoint>`: the numbers a deployment decision needs.
+
+Quality on the test split (accuracy overall and per class, confusion matrix, expected calibration
+error), cost (parameters, bytes on disk, multiply-adds per image counted by torch's FlopCounterMode,
+peak activation memory of a forward pass) and speed (batch-1 latency, throughput at a large batch) on
+the CPU and, when present, the GPU. A kd run folder gives teacher, student and student alone in one table.
+`distill export` and `distill quantize` reuse the loading, prediction and measurement functions here.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..core.checkpoint import BEST, load_checkpoint
+from ..core.config import SYNTHETIC_ONLY, RunConfig, validate_config
+from ..core.console import CONSOLE
+from ..core.errors import DistillError
+from ..core.files import atomic_write, write_json_atomic
+from ..data import DatasetInfo
+from ..models import count_parameters
+from ..models.checkpoints import model_from_checkpoint
+from ..models.fold import fold_batch_norm
+from ..training.compute import Compute, device_name
+from ..training.setup import prepare_run
+
+ECE_BINS = 15
+
+
+@dataclass
+class Subject:
+    """What a ship command works on: the run's config and the (role, checkpoint) pairs to load."""
+
+    config: RunConfig
+    checkpoints: list[tuple[str, Path]]
+    folder: Path  # the run folder, or the folder holding the checkpoint
+
+
+def _run_config(config: dict, overrides: list[str], source: Path) -> RunConfig:
+    """The run's recorded config with `overrides` (key=value) merged on, validated; fp32 on the CPU unless overridden."""
+    command = "kd" if "student" in config else "train"
+    dataset = config.get("dataset") or {}
+    if dataset.get("name") != "synthetic":  # runs recorded before these keys became synthetic-only
+        config = {**config, "dataset": {k: v for k, v in dataset.items() if k not in SYNTHETIC_ONLY}}
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(overrides))
+    except Exception as error:
+        raise DistillError(f"{source}: cannot apply {' '.join(overrides)} ({str(error).splitlines()[0]})") from None
+    cfg = validate_config(command, merged)
+    if not any(o.startswith("device.type=") for o in overrides):
+        cfg.device.type = "cpu"  # accuracy on the CPU; timings add the GPU themselves (gpu=true)
+    cfg.device.precision = "fp32"
+    return cfg
+
+
+def _kd_partner(run_dir: Path, part: str, summary: dict) -> Path | None:
+    """The teacher's or baseline's best.pt of a kd run: its sub-folder, else the checkpoint its summary names."""
+    if (run_dir / part / BEST).is_file():
+        return run_dir / part / BEST
+    recorded = (summary.get(part) or {}).get("checkpoint")
+    return Path(recorded) if recorded and Path(recorded).is_file() else None
+
+
+def subject(path: str | Path, overrides: list[str]) -> Subject:
+    """A run folder (its `.hydra/config.yaml`; a kd run brings its teacher and student-alone baseline) or one checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / ".hydra" / "config.yaml"
+        if not config_file.is_file() or not (path / BEST).is_file():
+            raise DistillError(f"{path} is not a distill run folder (no .hydra/config.yaml and best.pt)")
+        try:
+            config = yaml.safe_load(config_file.read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise DistillError(f"{config_file}: cannot read it ({type(error).__name__})") from None
+        cfg = _run_config(config, overrides, path)
+        if "student" not in config:
+            return Subject(cfg, [("teacher", path / BEST)], path)
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+        checkpoints = [("teacher", _kd_partner(path, "teacher", summary)), ("student", path / BEST)]
+        checkpoints.append(("student alone", _kd_partner(path, "baseline", summary)))
+        return Subject(cfg, [(role, p) for role, p in checkpoints if p is not None], path)
+    checkpoint = load_checkpoint(path)
+    return Subject(_run_config(checkpoint.get("config") or {}, overrides, path), [("model", path)], path.parent)
+
+
+@torch.inference_mode()
+def predict(forward: Callable[[torch.Tensor], torch.Tensor], loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logits (on the CPU) of `forward` over every batch of `loader`, and the labels."""
+    logits, labels = [], []
+    for batch in loader:
+        logits.append(torch.as_tensor(forward(batch.images)).float().cpu())
+        labels.append(batch.labels.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
+    confidence, predicted = probabilities.max(1)
+    hits = (predicted == labels).float()
+    which = (confidence * bins).long().clamp(max=bins - 1)
+    count = torch.bincount(which, minlength=bins).float()
+    gap = torch.bincount(which, hits - confidence, minlength=bins).abs()
+    return (gap.sum() / count.sum()).item()
+
+
+def quality(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...]) -> dict:
+    """Accuracy overall and per class, the confusion matrix (rows: true class, columns: predicted) and the ECE."""
+    n = len(class_names)
+    predicted = logits.argmax(1)
+    confusion = torch.bincount(labels * n + predicted, minlength=n * n).view(n, n)
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    return {
+        "test_acc": (predicted == labels).float().mean().item(),
+        "test_acc_per_class": dict(zip(class_names, per_class.tolist())),
+        "ece": calibration_error(logits.softmax(1), labels),
+        "confusion": confusion.tolist(),
+    }
+
+
+def serialized_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of `tensors` as torch.save writes them."""
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getbuffer().nbytes
+
+
+@torch.inference_mode()
+def flops_per_image(model: nn.Module, image: torch.Tensor) -> int:
+    """FLOPs of one forward pass on one image as FlopCounterMode counts them: 2 per multiply-add of the
+    convolutions and matrix products (normalisation, activations and pooling are not counted)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(image[:1])
+    return counter.get_total_flops()
+
+
+class _LiveMemory(TorchDispatchMode):
+    """Tracks the bytes held by the tensors the operators create, freed as they die; keeps the peak."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}  # views of these are not new memory
+        self.references: dict[int, int] = {}  # storage address -> live tensors on it
+        self.sizes: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        address = storage.data_ptr()
+        if not address or address in self.existing:
+            return
+        if address not in self.references:
+            self.references[address], self.sizes[address] = 0, storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self.references[address] += 1
+        weakref.finalize(tensor, self._release, address)
+
+    def _release(self, address: int) -> None:
+        self.references[address] -= 1
+        if not self.references[address]:
+            del self.references[address]
+            self.current -= self.sizes.pop(address)
+
+
+@torch.inference_mode()
+def peak_activation_bytes(model: nn.Module, image: torch.Tensor) -> int:
+    """Peak bytes of the tensors alive at once during a batch-1 forward pass on the CPU, counting every
+    tensor an operator returns until it is freed (activations; not the weights, not the input image)."""
+    image = image[:1].cpu().clone()
+    tracker = _LiveMemory([image, *model.parameters(), *model.buffers()])
+    with tracker:
+        model(image)
+    return tracker.peak
+
+
+@dataclass
+class Timing:
+    """How latency and throughput are measured: `calls` timed batch-1 calls after `warmup`, and the
+    median of `repeats` timed calls at batch `batch`."""
+
+    calls: int = 200
+    warmup: int = 20
+    batch: int = 256
+    repeats: int = 10
+
+
+@torch.inference_mode()
+def speed(forward: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device, timing: Timing, precision: str = "fp32") -> dict:
+    """Batch-1 latency (median and p90, ms) and throughput (images/s at batch `timing.batch`) of `forward` on
+    real `images` (repeated to fill the batch), on `device`, with the thread count and device named."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batch = images.repeat(-(-timing.batch // len(images)), 1, 1, 1)[: timing.batch].to(device)
+    one = batch[:1].clone()
+    for _ in range(timing.warmup):
+        forward(one)
+    sync()
+    latencies = []
+    for _ in range(timing.calls):
+        start = time.perf_counter()
+        forward(one)
+        sync()
+        latencies.append(1e3 * (time.perf_counter() - start))
+    forward(batch)
+    rates = []
+    for _ in range(timing.repeats):
+        sync()
+        start = time.perf_counter()
+        forward(batch)
+        sync()
+        rates.append(len(batch) / (time.perf_counter() - start))
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "latency_ms_median": statistics.median(latencies),
+        "latency_ms_p90": statistics.quantiles(latencies, n=10)[-1],
+        "throughput_images_per_s": statistics.median(rates),
+        "throughput_batch": len(batch),
+    }
+
+
+def timing_devices(gpu: bool) -> list[torch.device]:
+    """The CPU and, with `gpu` and CUDA present, the GPU."""
+    return [torch.device("cpu")] + ([torch.device("cuda")] if gpu and torch.cuda.is_available() else [])
+
+
+def model_speed(model: nn.Module, images: torch.Tensor, timing: Timing, gpu: bool, compute: Compute) -> dict:
+    """`speed` of `model` as deployed (eval mode, BatchNorm folded, the run's memory format) on each timing device."""
+    results = {}
+    for device in timing_devices(gpu):
+        placed = Compute(device, "fp32", channels_last=compute.channels_last)
+        results[device.type] = speed(placed.forward(placed.place(fold_batch_norm(copy.deepcopy(model))), compile=False), images, device, timing)
+    return results
+
+
+def first_images(loader, count: int) -> torch.Tensor:
+    """The first `count` normalised images of `loader`, float32 NCHW on the CPU."""
+    images = []
+    for batch in loader:
+        images.append(batch.images.float().cpu().contiguous())
+        if sum(len(i) for i in images) >= count:
+            break
+    return torch.cat(images)[:count]
+
+
+def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> dict:
+    """Everything `distill eval` reports about one fp32 model."""
+    logits, labels = predict(compute.forward(compute.place(model), compile=False), loader)
+    model = model.cpu()
+    images = first_images(loader, timing.batch)
+    flops = flops_per_image(model, images)
+    return {
+        "role": role,
+        "name": name,
+        "checkpoint": str(checkpoint),
+        **quality(logits, labels, info.class_names),
+        "params": count_parameters(model),
+        "size_bytes": serialized_bytes(model.state_dict()),
+        "flops": flops,
+        "macs": flops // 2,
+        "peak_activation_bytes": peak_activation_bytes(model, images),
+        "speed": model_speed(model, images, timing, gpu, compute),
+    }
+
+
+def run_eval(path: str | Path, overrides: list[str], out: str | None = None, gpu: bool = True, timing: Timing = Timing()) -> dict:
+    """`distill eval`: measure each model of the run folder (or the one checkpoint); write eval.json and
+    confusion.png into `out` (default: `<run folder>/eval`) and print the table."""
+    sub = subject(path, overrides)
+    compute, data, loaders = prepare_run(sub.config)
+    models = [(role, checkpoint, *model_from_checkpoint(checkpoint, data.info)) for role, checkpoint in sub.checkpoints]
+    rows = [measure(role, name, checkpoint, model, loaders.test, data.info, compute, timing, gpu) for role, checkpoint, model, name in models]
+    result = {
+        "command": "eval",
+        "dataset": data.info.name,
+        "test_images": len(data.test),
+        "class_names": list(data.info.class_names),
+        "timing": timing.__dict__,
+        "models": rows,
+    }
+    folder = Path(out) if out else sub.folder / "eval"
+    write_json_atomic(result, folder / "eval.json")
+    save_confusion(rows, data.info.class_names, folder / "confusion.png")
+    CONSOLE.print(eval_table(result))
+    CONSOLE.print(f"wrote {folder / 'eval.json'} and {folder / 'confusion.png'}")
+    return result
+
+
+def save_confusion(rows: list[dict], class_names, path: Path) -> None:
+    """One confusion-matrix heatmap per model, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 1.6 + 0.45 * len(class_names)
+    figure, axes = plt.subplots(1, len(rows), figsize=(size * len(rows), size), squeeze=False)
+    for axis, row in zip(axes[0], rows):
+        confusion = torch.tensor(row["confusion"]).numpy()
+        axis.imshow(confusion, cmap="Blues")
+        for (i, j), value in zip(((i, j) for i in range(len(class_names)) for j in range(len(class_names))), confusion.flatten().tolist()):
+            axis.text(j, i, value, ha="center", va="center", fontsize=6, color="white" if value > confusion.max() / 2 else "black")
+        axis.set_title(f"{row['role']}: {row['name']}\naccuracy {row['test_acc']:.2%}", fontsize=8)
+        axis.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=6)
+        axis.set_yticks(range(len(class_names)), class_names, fontsize=6)
+        axis.set_xlabel("predicted", fontsize=7)
+        axis.set_ylabel("true", fontsize=7)
+    figure.tight_layout()
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
+    plt.close(figure)
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def eval_table(result: dict) -> Group:
+    """One row per model: accuracy, ECE, cost and speed on each timed device; the methods underneath."""
+    rows = result["models"]
+    devices = list(rows[0]["speed"])
+    table = Table(title=f"distill eval: {result['dataset']}, {result['test_images']:,} test images")
+    columns = ["role", "model", "test acc", "ECE", "params", "size", "MMACs/img", "act. mem"]
+    for device in devices:
+        columns += [f"{device} b1 ms (p90)", f"{device} img/s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("role", "model") else "right")
+    for row in rows:
+        cells = [
+            row["role"], row["name"], f"{row['test_acc']:.2%}", f"{row['ece']:.3f}", f"{row['params']:,}",
+            human_bytes(row["size_bytes"]), f"{row['macs'] / 1e6:.2f}", human_bytes(row["peak_activation_bytes"]),
+        ]
+        for device in devices:
+            timed = row["speed"].get(device)
+            cells += ["-", "-"] if timed is None else [
+                f"{timed['latency_ms_median']:.3f} ({timed['latency_ms_p90']:.3f})", f"{timed['throughput_images_per_s']:,.0f}"
+            ]
+        table.add_row(*cells)
+    notes = [
+        "MMACs/img: millions of multiply-adds per image = FlopCounterMode FLOPs / 2 (convolutions and matrix "
+        "products only); act. mem: peak bytes of the tensors a batch-1 forward holds at once (CPU)",
+        "ECE: expected calibration error, 15 equal-width confidence bins; size: the weights as torch.save writes them",
+    ]
+    for device in devices:
+        timed = rows[0]["speed"][device]
+        notes.append(
+            f"{device}: {timed['device_name']}, {timed['threads']} threads, {timed['precision']}, BatchNorm folded; "
+            f"batch-1 latency median (p90) of {result['timing']['calls']} calls after {result['timing']['warmup']} "
+            f"warm-up, throughput median of {result['timing']['repeats']} calls at batch {timed['throughput_batch']}"
+        )
+    return Group(table, *(Text(note) for note in notes))

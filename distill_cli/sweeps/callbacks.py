@@ -1,0 +1,56 @@
+"""Hydra callbacks of the launching process of a sweep (registered in configs/hydra_settings.yaml)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from ..core.commands import SUMMARY_COMMANDS
+from ..core.console import log
+from ..core.errors import one_line
+from .report import print_report, write_report
+from .results import build_report
+
+
+class SweepRefused(BaseException):
+    """A sweep whose settings cannot work, found before any job starts. A BaseException: Hydra turns a
+    callback's Exceptions into warnings and carries on, and this must stop the sweep (`main` prints it)."""
+
+
+class SweepWatch(Callback):
+    """Checks a multirun's sweeper settings before any job starts, and notes where it puts its jobs, so that
+    `distill` also reports the jobs that failed in other processes (a parallel launcher: joblib, submitit)."""
+
+    # (sweep folder, start time) of each multirun launched by this process
+    sweeps: list[tuple[Path, float]] = []
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if "optuna" in config.hydra.sweeper._target_:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # Hydra logs the study's settings itself
+            if config.dataset.val_split == 0:
+                raise SweepRefused(
+                    "hydra/sweeper=optuna maximises validation accuracy, and dataset.val_split=0 leaves no "
+                    "validation split (the test split is never used to choose)"
+                )
+        SweepWatch.sweeps.append((Path(config.hydra.sweep.dir), time.time()))
+
+
+class SweepReportCallback(Callback):
+    """Print the sweep report and write it (report.md/csv/json, plots/) into the sweep folder."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if config.hydra.job.config_name not in SUMMARY_COMMANDS:  # bench sweeps have no summaries
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            report = build_report([sweep_dir])
+            print_report(report)
+            write_report(report, sweep_dir)
+        except Exception as error:  # the sweep's results stand without the report
+            log.warning(f"sweep report not written: {one_line(error)}")
+            return
+        log.info(f"sweep report: {sweep_dir / 'report.md'}")

@@ -1,0 +1,59 @@
+"""The training engine: device and precision set-up, optimiser and schedule, the epoch loop.
+
+A training step is any callable `step(batch, epoch) -> (loss_parts, logits)`; `fit` runs it
+under autocast, accumulates losses and accuracy on the device (one host sync per epoch), evaluates
+on the validation split, appends `metrics.jsonl` and writes `last.pt` / `best.pt` atomically.
+`last.pt` carries everything needed to continue the run exactly (see `fit`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..core.config import OptimizerConfig
+from ..core.errors import DistillError
+
+
+def _optimizer_kernel(impl: str, device: torch.device) -> dict:
+    """The fused/foreach keyword for `optimizer.impl` (auto: fused where torch has it, on CUDA and CPU)."""
+    if impl == "auto":
+        impl = "fused" if device.type in ("cuda", "cpu") else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}.get(impl, {})
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over `model`'s trainable parameters with the `optimizer.impl` kernel; no weight
+    decay on biases and norm parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kernel = _optimizer_kernel(cfg.impl, device)
+    try:
+        if cfg.name == "sgd":
+            nesterov = cfg.nesterov and cfg.momentum > 0
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, **kernel)
+        optimizer_class = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        return optimizer_class(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kernel)
+    except RuntimeError as error:  # e.g. no fused kernel for this device
+        raise DistillError(f"optimizer.impl={cfg.impl}: {str(error).strip().splitlines()[0]}") from None
+
+
+def lr_factor(cfg: OptimizerConfig, epoch: int, epochs: int) -> float:
+    """The learning-rate multiplier for 0-based `epoch`: linear warm-up, then the schedule."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(epoch >= round(m * epochs) for m in cfg.milestones)
+    progress = (epoch - cfg.warmup_epochs) / max(1, epochs - cfg.warmup_epochs)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, epochs: int):
+    """A per-epoch LambdaLR following `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch, epochs))

@@ -1,0 +1,60 @@
+"""The commands as plain functions: `run_train(cfg, run_dir)` and `run_kd(cfg, run_dir)`.
+
+They take validated config dataclasses and a run folder, so tests can call them without Hydra.
+Each writes metrics.jsonl, last.pt, best.pt and summary.json into its run folder and returns the summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..core.config import (
+    RunConfig,
+)
+from ..core.errors import DistillError
+from ..data import DataSplits, load_dataset, training_augment
+from ..data.loader import Loader, build_loader, choose_pipeline
+from .compute import Compute, resolve_compute
+from .world import world as current_world
+
+
+@dataclass
+class Loaders:
+    train: Loader
+    val: Loader | None
+    test: Loader
+    eval_loader: Callable[[object], Loader]  # an unshuffled, unaugmented loader over any split of the run
+    pipeline: str  # device | stream
+
+
+def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
+    """Resolve device, precision and kernels, load the data and build the run's loaders (device or stream pipeline)."""
+    world = current_world()
+    compute = resolve_compute(cfg.device, world)
+    data = load_dataset(cfg.dataset)
+    if cfg.batch_size * world.size > len(data.train):
+        processes = f" x {world.size} processes" if world.size > 1 else ""
+        raise DistillError(f"batch_size={cfg.batch_size}{processes} is larger than the training split ({len(data.train)} images)")
+    pipeline = choose_pipeline(cfg.dataset, [data.train, data.val, data.test], compute.device)
+    # batches come in channels_last unless it is off: most conv nets use it (see Compute.uses_channels_last)
+    options = {"workers": cfg.dataset.workers, "dtype": compute.input_dtype, "channels_last": compute.channels_last is not False}
+
+    def eval_loader(split) -> Loader:
+        return build_loader(pipeline, split, data.info, cfg.eval_batch_size, compute.device, **options)
+
+    train = build_loader(
+        pipeline,
+        data.train,
+        data.info,
+        cfg.batch_size,
+        compute.device,
+        shuffle=True,
+        drop_last=True,
+        seed=cfg.seed,
+        augment=training_augment(cfg.dataset, data.info),
+        shard=(world.rank, world.size),
+        **options,
+    )
+    val = eval_loader(data.val) if len(data.val) else None
+    return compute, data, Loaders(train, val, eval_loader(data.test), eval_loader, pipeline)

@@ -1,0 +1,204 @@
+"""Data-parallel training with torch.distributed: one process per device, launched by torchrun.
+
+Two ways in, one engine:
+- `torchrun --nproc_per_node=N -m distill_cli kd ...` (one node or many, torchrun's rendezvous flags):
+  every process runs `distill`; rank 0 composes the config with Hydra, makes the run folder and hands
+  (command, validated config, run folder) to the other ranks (`lead` / `follow`), which never touch
+  Hydra, so there is one run folder and one log.
+- `distill kd device.processes=N`: the Hydra job starts `torchrun --standalone` itself (`launch`) on this
+  machine, each process running `distributed.main`.
+
+In training (engine.fit) each rank takes its slice of every global batch (loaders: `Loader(shard=...)`),
+the student is wrapped in DistributedDataParallel (`World.wrap`), a KD method's trainable parts have
+their gradients averaged (`World.average_gradients`), epoch metrics are summed over ranks, and rank 0
+alone reads and writes files; what other ranks need from a file (a checkpoint to resume, a teacher) rank 0
+broadcasts (`World.on_main`), so ranks on other nodes need no shared filesystem, only the data.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core.errors import DistillError
+
+T = TypeVar("T")
+
+
+_ERROR_KEY = "distill/error"  # in torchrun's store: the first rank's one-line error
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    joined: bool = False  # in a torch.distributed process group (torchrun started it; also with one process)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether training goes through torch.distributed (DDP, collectives), even as its only process."""
+        return self.joined
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that reads and writes the run's files and logs."""
+        return self.rank == 0
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's `value` (any picklable object) on every rank."""
+        if not self.distributed:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+        return box[0]
+
+    def on_main(self, work: Callable[[], T]) -> T:
+        """`work()` run on rank 0 and its result broadcast; a DistillError there is raised on every rank,
+        so all ranks take the same path (a file only rank 0 can read, a check only it makes)."""
+        if not self.distributed:
+            return work()
+        result: tuple[str, Any] = ("", None)
+        if self.is_main:
+            try:
+                result = ("ok", work())
+            except DistillError as error:
+                self.broadcast(("error", str(error)))
+                raise
+        kind, value = self.broadcast(result)
+        if kind == "error":
+            raise DistillError(value)
+        return value
+
+    def gather(self, value: T) -> list[T] | None:
+        """Every rank's `value`, as a list in rank order on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.size if self.is_main else None
+        dist.gather_object(value, values, dst=0)
+        return values
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (every rank gets the same answer)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over ranks (in place; returned)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`'s elementwise minimum over ranks (in place; returned)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
+    def wrap(self, model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
+        """`model` in DistributedDataParallel (gradients averaged over ranks in backward, rank 0's
+        BatchNorm statistics broadcast at each forward; with `sync_batchnorm`, BatchNorm layers computing
+        their statistics over every rank's batch); `model` itself when training alone."""
+        if not self.distributed:
+            return model
+        if sync_batchnorm:  # the layers are replaced; their weights and statistics stay the model's
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device = next(model.parameters()).device
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def average_gradients(self, module: nn.Module) -> None:
+        """Average the gradients of `module`'s trainable parameters over ranks (a KD method's parts:
+        DDP wraps the student, whose forward it sees, not the loss)."""
+        if not self.distributed:
+            return
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.size
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    def report_error(self, message: str) -> None:
+        """Leave the one-line error `root_cause` gave where the other ranks find it; the first one wins."""
+        if self.distributed:
+            try:
+                store = dist.distributed_c10d._get_default_store()
+                store.compare_set(_ERROR_KEY, "", message)
+            except Exception:  # the store is gone too: the launcher reports the exit codes
+                pass
+
+    def root_cause(self, message: str, error: BaseException) -> str:
+        """The error to report for `error` on this rank: its own message (naming the rank), unless it is
+        only the communication failure another rank's death or error caused; then that rank's message."""
+        if not self.distributed:
+            return message
+        if not _communication_failure(error):
+            return f"rank {self.rank}: {message}"
+        for _ in range(20):  # the failing rank writes its message as it exits
+            try:
+                store = dist.distributed_c10d._get_default_store()
+                if store.check([_ERROR_KEY]):
+                    return store.get(_ERROR_KEY).decode()
+            except Exception:
+                break
+            time.sleep(0.25)
+        return f"rank {self.rank}: lost contact with another rank (it died or was killed): {message}"
+
+
+SINGLE = World()
+
+
+_world = SINGLE
+
+
+def world() -> World:
+    """The world this process trains in (`join` sets it; SINGLE otherwise)."""
+    return _world
+
+
+def _communication_failure(error: BaseException) -> bool:
+    return isinstance(error, (dist.DistBackendError, dist.DistNetworkError)) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in ("Connection closed", "Gloo", "NCCL", "Broken pipe"))
+    )
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process (as one rank of one or more)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def join() -> World:
+    """Join the process group torchrun set up (gloo for CPU tensors, NCCL for CUDA ones when there is a
+    GPU) and return this process's `World`; SINGLE when torchrun did not start this process."""
+    global _world
+    if not launched_by_torchrun():
+        return SINGLE
+    if not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    _world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), joined=True)
+    return _world
+
+
+def leave() -> None:
+    """Leave the process group (at the end of a rank's work)."""
+    global _world
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _world = SINGLE
