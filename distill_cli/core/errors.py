@@ -1,4 +1,6 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The one exception type the CLI turns into a one-line message and a non-zero exit, the interrupt that
+stops a run with its checkpoint saved, and `one_line`: the one-line message of any error.
+"""
 
 from __future__ import annotations
 

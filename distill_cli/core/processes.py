@@ -1,8 +1,4 @@
-"""`distill <command> [overrides]`: a thin layer that hands each command to Hydra.
-
-Hydra keeps its usual behaviour (composition, `-m` sweeps, `--cfg job`, `--help`, run folders,
-logging); this module only picks the primary config, and turns every error into one line on
-stderr and a non-zero exit. Set HYDRA_FULL_ERROR=1 to see the traceback instead.
+"""Whether torchrun started this process, read from its environment (no torch here: the CLI asks first).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 `load_dataset(cfg)` turns that into seeded train/val/test splits with the dataset's metadata
 (classes, channels, image size, normalisation, augmentation preset), so models and loaders adapt
 to the data without being told.
+
+May import: `core` and other `data` modules.
 """
 
 from __future__ import annotations

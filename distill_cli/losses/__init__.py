@@ -5,6 +5,8 @@ builds its trainable parts once it knows their shapes, and returns its weighted 
 Hinton soft-target term (top-level `T`, `alpha`) and cross-entropy are added around any method by
 `Objective`, so `loss=crd alpha=0.9` is CRD plus Hinton KD. Each method's published defaults live in
 `configs/loss/<name>.yaml`.
+
+May import: `core`, `data`, `models` and other `losses` modules.
 """
 
 from __future__ import annotations

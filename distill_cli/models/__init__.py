@@ -2,6 +2,8 @@
 
 `build_model` adapts every architecture to the dataset (input channels, image size, classes)
 so a config names only the architecture and its own hyperparameters.
+
+May import: `core`, `data` and other `models` modules.
 """
 
 from __future__ import annotations

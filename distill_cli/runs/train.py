@@ -1,7 +1,5 @@
-"""The commands as plain functions: `run_train(cfg, run_dir)` and `run_kd(cfg, run_dir)`.
-
-They take validated config dataclasses and a run folder, so tests can call them without Hydra.
-Each writes metrics.jsonl, last.pt, best.pt and summary.json into its run folder and returns the summary.
+"""`distill train` as a plain function: `run_train(cfg, run_dir)` trains a teacher with cross-entropy into the
+run folder and publishes it to the teacher cache (kd trains its teachers and its baseline through here).
 """
 
 from __future__ import annotations

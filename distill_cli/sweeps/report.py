@@ -1,8 +1,5 @@
-"""`distill report <folder>...`: one table over the runs of a sweep (or of several), seeds folded into mean +- std.
-
-collect_jobs reads the run folders, build_report groups them by the settings that vary and aggregates
-the completed ones, and write_report writes report.md (with the plots of `plots.py`), report.csv and
-report.json. No torch here, and matplotlib only once plots are drawn: the command starts fast.
+"""`distill report <folder>...`: the table of `results.build_report`, printed and written as report.md
+(with the plots of `plots.py`), report.csv and report.json. matplotlib only once plots are drawn.
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from ..core.console import CONSOLE
 from ..core.files import write_json_atomic, write_text_atomic
 from .results import RESULTS, Row, Stat, SweepReport
 
@@ -65,8 +63,6 @@ def rich_table(report: SweepReport) -> Table:
 
 def print_report(report: SweepReport) -> None:
     """The title, the table, and a line per note (unfinished runs, mixed datasets)."""
-    from ..core.console import CONSOLE
-
     CONSOLE.print(report.title, style="bold", highlight=False)
     table = rich_table(report)
     # wider than the console: printed whole (the terminal wraps the lines) rather than cut

@@ -1,8 +1,5 @@
-"""`distill report <folder>...`: one table over the runs of a sweep (or of several), seeds folded into mean +- std.
-
-collect_jobs reads the run folders, build_report groups them by the settings that vary and aggregates
-the completed ones, and write_report writes report.md (with the plots of `plots.py`), report.csv and
-report.json. No torch here, and matplotlib only once plots are drawn: the command starts fast.
+"""The results of a sweep (or of several): the run folders read (`collect_jobs`), grouped by the settings
+that vary and aggregated over seeds into mean +- std (`build_report`). No torch here: `distill report` starts fast.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""The training engine: device and precision set-up, optimiser and schedule, the epoch loop.
-
-A training step is any callable `step(batch, epoch) -> (loss_parts, logits)`; `fit` runs it
-under autocast, accumulates losses and accuracy on the device (one host sync per epoch), evaluates
-on the validation split, appends `metrics.jsonl` and writes `last.pt` / `best.pt` atomically.
-`last.pt` carries everything needed to continue the run exactly (see `fit`).
+"""Where and how to compute: the resolved device, precision and kernel choices of a run (`Compute`), and
+the forward passes built from them (trained, with feature points, frozen with BatchNorm folded).
 """
 
 from __future__ import annotations

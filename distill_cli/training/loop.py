@@ -1,9 +1,10 @@
-"""The training engine: device and precision set-up, optimiser and schedule, the epoch loop.
+"""The training loop: it knows no KD method, only a step.
 
 A training step is any callable `step(batch, epoch) -> (loss_parts, logits)`; `fit` runs it
 under autocast, accumulates losses and accuracy on the device (one host sync per epoch), evaluates
 on the validation split, appends `metrics.jsonl` and writes `last.pt` / `best.pt` atomically.
-`last.pt` carries everything needed to continue the run exactly (see `fit`).
+`last.pt` carries everything needed to continue the run exactly (see `fit`). `fit_together` trains
+several networks on shared batches (fused sweeps).
 """
 
 from __future__ import annotations

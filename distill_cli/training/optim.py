@@ -1,9 +1,4 @@
-"""The training engine: device and precision set-up, optimiser and schedule, the epoch loop.
-
-A training step is any callable `step(batch, epoch) -> (loss_parts, logits)`; `fit` runs it
-under autocast, accumulates losses and accuracy on the device (one host sync per epoch), evaluates
-on the validation split, appends `metrics.jsonl` and writes `last.pt` / `best.pt` atomically.
-`last.pt` carries everything needed to continue the run exactly (see `fit`).
+"""The optimiser (SGD, Adam, AdamW with a fused/foreach kernel) and its per-epoch learning-rate schedule.
 """
 
 from __future__ import annotations

@@ -1,9 +1,4 @@
-"""The training engine: device and precision set-up, optimiser and schedule, the epoch loop.
-
-A training step is any callable `step(batch, epoch) -> (loss_parts, logits)`; `fit` runs it
-under autocast, accumulates losses and accuracy on the device (one host sync per epoch), evaluates
-on the validation split, appends `metrics.jsonl` and writes `last.pt` / `best.pt` atomically.
-`last.pt` carries everything needed to continue the run exactly (see `fit`).
+"""Seeding and the state of every global random number generator (saved in last.pt for an exact resume).
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""The commands as plain functions: `run_train(cfg, run_dir)` and `run_kd(cfg, run_dir)`.
-
-They take validated config dataclasses and a run folder, so tests can call them without Hydra.
-Each writes metrics.jsonl, last.pt, best.pt and summary.json into its run folder and returns the summary.
+"""A run's set-up before anything is built: the device, precision and kernels resolved, the data loaded
+and the run's loaders (device or stream pipeline, sharded over data-parallel processes).
 """
 
 from __future__ import annotations

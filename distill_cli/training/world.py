@@ -1,18 +1,12 @@
-"""Data-parallel training with torch.distributed: one process per device, launched by torchrun.
+"""Data-parallel training with torch.distributed: this process's place among the training processes
+(`World`) and what they do together.
 
-Two ways in, one engine:
-- `torchrun --nproc_per_node=N -m distill_cli kd ...` (one node or many, torchrun's rendezvous flags):
-  every process runs `distill`; rank 0 composes the config with Hydra, makes the run folder and hands
-  (command, validated config, run folder) to the other ranks (`lead` / `follow`), which never touch
-  Hydra, so there is one run folder and one log.
-- `distill kd device.processes=N`: the Hydra job starts `torchrun --standalone` itself (`launch`) on this
-  machine, each process running `distributed.main`.
-
-In training (engine.fit) each rank takes its slice of every global batch (loaders: `Loader(shard=...)`),
-the student is wrapped in DistributedDataParallel (`World.wrap`), a KD method's trainable parts have
-their gradients averaged (`World.average_gradients`), epoch metrics are summed over ranks, and rank 0
-alone reads and writes files; what other ranks need from a file (a checkpoint to resume, a teacher) rank 0
-broadcasts (`World.on_main`), so ranks on other nodes need no shared filesystem, only the data.
+In training (`training.loop.fit`) each rank takes its slice of every global batch (loaders:
+`Loader(shard=...)`), the student is wrapped in DistributedDataParallel (`World.wrap`), a KD method's
+trainable parts have their gradients averaged (`World.average_gradients`), epoch metrics are summed over
+ranks, and rank 0 alone reads and writes files; what other ranks need from a file (a checkpoint to
+resume, a teacher) rank 0 broadcasts (`World.on_main`), so ranks on other nodes need no shared filesystem,
+only the data. How the processes are started is the CLI's (`cli/torchrun.py`).
 """
 
 from __future__ import annotations
