@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.errors import DistillError
+from ..core.processes import torchrun_world_size
 
 T = TypeVar("T")
 
@@ -173,16 +174,11 @@ def _communication_failure(error: BaseException) -> bool:
     )
 
 
-def launched_by_torchrun() -> bool:
-    """Whether torchrun started this process (as one rank of one or more)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def join() -> World:
     """Join the process group torchrun set up (gloo for CPU tensors, NCCL for CUDA ones when there is a
     GPU) and return this process's `World`; SINGLE when torchrun did not start this process."""
     global _world
-    if not launched_by_torchrun():
+    if not torchrun_world_size():
         return SINGLE
     if not dist.is_initialized():
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
