@@ -18,9 +18,9 @@ from conftest import (
 from distill_cli.core.checkpoint import LAST, load_checkpoint
 from distill_cli.core.config import DatasetConfig, KDConfig, ModelConfig, TeacherConfig
 from distill_cli.core.errors import DistillError, Interrupted
-from distill_cli.data import load_dataset
+from distill_cli.data import Augment, load_dataset
 from distill_cli.data.loader import Batch
-from distill_cli.kd.teachers import CACHED, LIVE, teacher_supply
+from distill_cli.kd.teachers import CACHED, LIVE, VIEWS, teacher_supply
 from distill_cli.kd.wiring import wire_kd
 from distill_cli.losses import LOSSES
 from distill_cli.losses.base import build_method
@@ -158,11 +158,14 @@ def test_feature_methods_refuse_a_network_without_feature_maps_naming_it(method,
 def test_teacher_logits_are_cached_only_for_methods_that_read_logits_alone(method, data):
     _, objective, _ = _wired(_config(method), data)
     logits_only = not objective.method.teacher_points
-    assert (teacher_supply(_config(method), augmented=False) == CACHED) == logits_only
-    assert teacher_supply(_config(method), augmented=True) == LIVE
+    assert (teacher_supply(_config(method), None) == CACHED) == logits_only
+    crop_and_flip = Augment(pad=1, flip=True)  # 18 views an image: stored when the method reads logits alone
+    assert teacher_supply(_config(method), crop_and_flip, 100, 10) == (VIEWS if logits_only else LIVE)
+    assert teacher_supply(_config(method), Augment(pad=1, color_jitter=0.2), 100, 10) == LIVE  # views not enumerable
     if not logits_only:
-        with pytest.raises(DistillError, match=f"cache_teacher=true: loss={method} reads the teacher's features"):
-            teacher_supply(_config(method, cache_teacher="true"), augmented=False)
+        for cache in ("true", "views"):
+            with pytest.raises(DistillError, match=f"cache_teacher={cache}: loss={method} reads the teacher's features"):
+                teacher_supply(_config(method, cache_teacher=cache), crop_and_flip if cache == "views" else None, 100, 10)
 
 
 def test_method_parts_sit_on_the_objective_and_build_with_published_defaults():

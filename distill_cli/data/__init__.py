@@ -31,6 +31,14 @@ class Augment:
     def active(self) -> bool:
         return bool(self.pad or self.flip or self.color_jitter)
 
+    @property
+    def view_count(self) -> int:
+        """How many different views of an image the preset makes: (2 pad + 1)^2 crops x 2 with flips; 0
+        when they cannot be enumerated (colour jitter draws from a continuum) or there is no augmentation."""
+        if self.color_jitter or not self.active:
+            return 0
+        return (2 * self.pad + 1) ** 2 * (2 if self.flip else 1)
+
 
 @dataclass
 class DatasetInfo:

@@ -7,11 +7,14 @@ the dataset) on the networks as built, so a bad config fails before any network 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ..core.config import KDConfig
 from ..data import DataSplits
+from ..data.loader import Batch
 from ..losses.base import MethodContext, Objective, build_method
 from ..models.features import Outputs, feature_points, stage_points
 from ..training.compute import Compute
@@ -92,18 +95,13 @@ def build_objective(
     return objective.to(compute.device), student_forward, teacher_forward
 
 
-def kd_step(
-    student_forward, teacher_forward, objective: Objective, cached_teacher_logits: torch.Tensor | None = None
-) -> Step:
-    """A training step of the student: the teacher's outputs (run, or its logits looked up by image
-    position in `cached_teacher_logits`), the student's, and the objective's terms."""
+def kd_step(student_forward, teacher_outputs: Callable[[Batch], Outputs] | None, objective: Objective) -> Step:
+    """A training step of the student: the teacher's outputs for the batch (`teacher_outputs`: the teacher run,
+    or its logits looked up, see `kd.teachers`; None: the objective reads no teacher), the student's, and
+    the objective's terms."""
 
     def step(batch, epoch: int):
-        teacher = None
-        if cached_teacher_logits is not None:
-            teacher = Outputs(cached_teacher_logits[batch.index])
-        elif teacher_forward is not None:
-            teacher = teacher_forward(batch.images)
+        teacher = teacher_outputs(batch) if teacher_outputs is not None else None
         student = student_forward(batch.images)
         return objective(student, teacher, batch, epoch), student.logits
 

@@ -33,7 +33,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         compute, data, loaders = prepare_run(cfg)
         summary = run_header("kd", cfg, compute, data, loaders, run_dir)
         summary.update(mode=cfg.mode, T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
-        check_kd(mode.links(cfg), data, compute, augmented=loaders.train.augment is not None)
+        check_kd(mode.links(cfg), data, compute, loaders.train.augment)
         mode.train(KDRun(cfg, run_dir, compute, data, loaders, trackers, nested=run_kd), summary)
         if not compute.world.is_main:  # rank 0 reports for every process
             return None

@@ -122,7 +122,8 @@ def probe_batch(loaders: Loaders, data: DataSplits, batch_size: int) -> Batch:
     and the batch size, to measure a step on."""
     batch = next(iter(loaders.eval_loader(data.train)))
     count = min(PROBE_IMAGES, batch_size, len(batch.labels))
-    return Batch(*(part[:count].clone() for part in batch))  # its own storage: saved views count as theirs
+    # its own storage: saved views count as theirs
+    return Batch(*(None if part is None else part[:count].clone() for part in batch))
 
 
 def available_bytes(device: torch.device) -> int:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kd.teachers import CACHED, NONE, teacher_supply
+from ..kd.teachers import CACHED, LIVE, NONE, VIEWS, teacher_supply
 from ..kd.wiring import KDWiring, Link, wire_kd
 from ..models import count_parameters
 from ..training.metrics import inference_rate
 from .common import KDRun, log, train_network
+from .teacher_views import teacher_view_store
 from .teachers import baseline_entry, obtain_teacher
 
 
@@ -40,20 +41,28 @@ def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | No
     the run's seed, the teacher's logits table and its forward pass (once per batch) shared through
     `run.shared`. Returns the wiring and the teacher (None: the objective reads none)."""
     cfg, data, loaders = run.cfg, run.data, run.loaders
-    supply = teacher_supply(cfg, loaders.train.augment is not None)
+    supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes)
     teacher = None
     summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
     if supply != NONE:
         teacher, summary["teacher"] = obtain_teacher(run)
         if cfg.baseline:
             summary["baseline"] = baseline_entry(run, cfg.student, run.run_dir / "baseline")
+    views = None
+    if supply == VIEWS:
+        views = run.shared.once("teacher_views", lambda: teacher_view_store(run, teacher, run.shared.students))
+        supply = VIEWS if views is not None else LIVE
     transfer = loaders.eval_loader(data.train) if supply == CACHED else None
     wired = wire_kd(
-        cfg, data, run.compute, teacher, supply=supply, transfer=transfer, shared=run.shared, seed=cfg.seed, stacked=run.shared.stacked
+        cfg, data, run.compute, teacher, supply=supply, transfer=transfer, views=views, shared=run.shared, seed=cfg.seed,
+        stacked=run.shared.stacked,
     )
     if wired.supply == CACHED:
         log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
+    if wired.supply == VIEWS:
+        log.info(f"teacher: logits of every view of the {len(data.train)} transfer images stored; kd steps skip the teacher")
     summary["teacher_logits_cached"] = wired.supply == CACHED
+    summary["teacher_supply"] = wired.supply
     return wired, teacher
 
 
