@@ -204,6 +204,7 @@ def _bench_header(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders,
 
 
 VIEWS_ROW = "kd (teacher views)"  # the kd step reading the teacher-view store (cache_teacher=views)
+STUDENT_ROW = "train (student)"  # the student's plain train step: the kd step reading the store costs this plus the loss
 SWEEP_T, SWEEP_ALPHA = (2.0, 4.0, 8.0), (0.5, 0.9)  # the jobs of a timed sweep: T x alpha, in this order
 
 
@@ -363,9 +364,14 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         ),
         "kd": ((kd_fast.trained, kd_fast.step), (kd_reference.trained, kd_reference.step)),
     }
-    if supply == VIEWS:
+    if supply == VIEWS:  # the kd step without the teacher, and what it is compared with: the student alone
         kd_views = _kd_case(cfg, compute, data, loaders, VIEWS)
         cases[VIEWS_ROW] = ((kd_views.trained, kd_views.step), (kd_reference.trained, kd_reference.step))
+        alone, reference_alone = (build_student(cfg.student, data, where) for where in (compute, plain))
+        cases[STUDENT_ROW] = (
+            (alone, cross_entropy_step(compute.forward(alone))),
+            (reference_alone, cross_entropy_step(plain.forward(reference_alone))),
+        )
     rows = {}
     for name, ((model, step), (reference_model, reference_step)) in cases.items():
         runs = {
