@@ -48,30 +48,27 @@ def teacher_supply(cfg: KDConfig, augment: Augment | None, num_images: int = 0, 
             "cache_teacher=true: with dataset.augment=true each epoch shows new views, and one cached logit per "
             "image is not what the teacher says about them; use cache_teacher=views, dataset.augment=false or cache_teacher=auto"
         )
-    if cfg.cache_teacher == "views":
+    size = view_store_bytes(cfg, augment, num_images, num_classes) if augment is not None and augment.view_count else None
+    fits = size is not None and size <= cfg.teacher_views_max_gb * GIB
+    if cfg.cache_teacher == "views" and not fits:
         if augment is None:
             raise DistillError("cache_teacher=views: the transfer set is not augmented, one view per image; use cache_teacher=auto")
-        if not augment.view_count:
+        if size is None:
             raise DistillError(
                 "cache_teacher=views: colour jitter draws from a continuum of views, which cannot be enumerated; "
                 "use dataset.color_jitter=0 or cache_teacher=auto"
             )
-        size = view_store_bytes(cfg, augment, num_images, num_classes)
-        if size > cfg.teacher_views_max_gb * GIB:
-            raise DistillError(
-                f"cache_teacher=views: the store of {augment.view_count} views x {num_images} images x {num_classes} "
-                f"classes needs {size / GIB:.2f} GiB, over teacher_views_max_gb={cfg.teacher_views_max_gb:g}; raise it, "
-                "or use teacher_views_dtype=float16 or cache_teacher=auto"
-            )
+        raise DistillError(
+            f"cache_teacher=views: the store of {augment.view_count} views x {num_images} images x {num_classes} "
+            f"classes needs {size / GIB:.2f} GiB, over teacher_views_max_gb={cfg.teacher_views_max_gb:g}; raise it, "
+            "or use teacher_views_dtype=float16 or cache_teacher=auto"
+        )
     if not objective.needs_teacher:
         return NONE
     if objective.reads_teacher_features or cfg.cache_teacher == "false":
         return LIVE
     if augment is None:
         return CACHED
-    if cfg.cache_teacher == "views":
-        return VIEWS
-    fits = augment.view_count and view_store_bytes(cfg, augment, num_images, num_classes) <= cfg.teacher_views_max_gb * GIB
     return VIEWS if fits else LIVE
 
 
