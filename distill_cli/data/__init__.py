@@ -118,6 +118,9 @@ def _drop_classes(split: Split, classes: list[int], info: DatasetInfo) -> Split:
 def load_dataset(cfg: DatasetConfig) -> DataSplits:
     """Load `cfg.name`; carve test (if the dataset has none) and validation splits, seeded; drop excluded classes."""
     raw = DATASETS.get(cfg.name)(cfg)
+    classes = raw.info.class_names
+    if len(classes) < 2:
+        raise DistillError(f"dataset {cfg.name} has {len(classes)} class ({', '.join(classes)}); classification needs at least 2")
     generator = torch.Generator().manual_seed(cfg.split_seed)
     train, test = raw.train, raw.test
     if test is None:
