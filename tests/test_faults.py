@@ -252,7 +252,7 @@ def test_resume_refuses_a_changed_config_a_newer_format_and_code(tmp_path):
 
     torch.save({**_checkpoint(3), "payload": RunsCode()}, tmp_path / PREVIOUS)
     (tmp_path / LAST).unlink()
-    with pytest.raises(DistillError, match="cannot resume .*cannot load checkpoint .*last.prev.pt"):
+    with pytest.raises(DistillError, match="cannot resume .*last.prev.pt is not a checkpoint distill can load safely"):
         load_resume_checkpoint(tmp_path, {"seed": 0})
     assert not (tmp_path / "pwned").exists()
 
