@@ -18,10 +18,10 @@ from ..data.augment import views_of
 from ..data.loader import Batch
 from ..models.features import Outputs
 from ..training.compute import Compute
+from ..training.device_memory import GIB
 from .objective import objective_of
 
 NONE, LIVE, CACHED, VIEWS = "none", "live", "cached logits", "teacher views"  # the teacher supplies
-GIB = 2**30
 
 
 def view_store_bytes(cfg: KDConfig, augment: Augment, num_images: int, num_classes: int) -> int:

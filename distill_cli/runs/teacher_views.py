@@ -23,7 +23,8 @@ from torch import nn
 
 from ..core.checkpoint import save_atomic
 from ..core.files import write_json_atomic
-from ..kd.teachers import GIB, teacher_view_logits, view_store_bytes, views_pay
+from ..kd.teachers import teacher_view_logits, view_store_bytes, views_pay
+from ..training.device_memory import GIB
 from .common import KDRun, log
 from .teacher_cache import recipe_key, teacher_recipe
 from .teachers import teacher_training_config
