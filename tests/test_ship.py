@@ -1,11 +1,13 @@
 """Shipping the student: `distill eval`, `distill export` and `kd export=`."""
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_distill_in_process
+from conftest import run_distill_in_process, small_kd_config
 from torch import nn
 
 import distill_cli.ship.export as export
@@ -14,8 +16,10 @@ from distill_cli.core.checkpoint import load_checkpoint, save_atomic
 from distill_cli.core.config import DatasetConfig, ModelConfig
 from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo, load_dataset
+from distill_cli.kd.teachers import Shared
 from distill_cli.models import build_model
 from distill_cli.models.checkpoints import model_from_checkpoint
+from distill_cli.runs.student import compare_with_teacher
 from distill_cli.ship.evaluate import (
     Timing,
     calibration_error,
@@ -25,6 +29,7 @@ from distill_cli.ship.evaluate import (
     run_eval,
 )
 from distill_cli.ship.quantize import cpp_compiler
+from distill_cli.training.setup import prepare_run
 
 QUICK = Timing(calls=5, warmup=1, batch=16, repeats=2)
 DIGITS = DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), tuple(str(i) for i in range(10)))
@@ -86,6 +91,60 @@ def test_quality_confusion_matrix_and_per_class_accuracy():
     assert result["confusion"] == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]  # rows: true class
     assert result["test_acc"] == pytest.approx(4 / 6)
     assert result["test_acc_per_class"] == pytest.approx({"a": 0.5, "b": 0.5, "c": 1.0})
+
+
+# ---------------------------------------------------------------- speed-up
+
+
+class _BusyMachine:
+    """A clock for timing without timing: a forward pass takes `cost` per image times the machine's load,
+    which grows 5% with every pass (other jobs taking the cores)."""
+
+    def __init__(self):
+        self.now, self.load, self.batches = 0.0, 1.0, []
+
+    def run(self, images: torch.Tensor, cost: float) -> None:
+        self.now += cost * len(images) * self.load
+        self.load *= 1.05
+        self.batches.append(len(images))
+
+
+MACHINE = _BusyMachine()
+
+
+def _busy_forward(images: torch.Tensor, cost: float) -> torch.Tensor:
+    MACHINE.run(images, cost)
+    return images.flatten(1)[:, :10]
+
+
+torch.fx.wrap("_busy_forward")  # traced (and BatchNorm-folded) as a call, run on every forward
+
+
+class _Costly(nn.Module):
+    """A network whose forward pass takes `cost` per image on MACHINE's clock."""
+
+    def __init__(self, cost: float):
+        super().__init__()
+        self.cost = cost
+
+    def forward(self, images):
+        return _busy_forward(images, self.cost)
+
+
+@pytest.mark.parametrize("teacher_cost, speedup", [(2.0, 2.0), (1.0, 1.0)], ids=["half the cost", "identical"])
+def test_the_speed_up_holds_still_while_the_machine_gets_busier(tmp_path, monkeypatch, teacher_cost, speedup):
+    """The kd summary's speed-up times teacher and student in turns at a fixed batch: a load that grows over
+    the measurement falls on both alike (timed one after the other, it read 1.6x for 2x, 0.8x for 1x)."""
+    global MACHINE
+    MACHINE = _BusyMachine()
+    monkeypatch.setattr(time, "perf_counter", lambda: MACHINE.now)
+    compute, _, loaders = prepare_run(small_kd_config(tmp_path))
+    run = SimpleNamespace(compute=compute, loaders=loaders, shared=Shared())
+    summary = {"teacher": {"params": 2}, "student": {"params": 1}}
+    compare_with_teacher(run, summary, _Costly(teacher_cost), _Costly(1.0))
+    assert summary["speedup"] == pytest.approx(speedup, rel=0.1)
+    assert summary["speedup"] == pytest.approx(summary["student"]["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"])
+    assert set(MACHINE.batches) == {256}  # a fixed batch of test images (digits has 359), not the test split
 
 
 # ---------------------------------------------------------------- eval

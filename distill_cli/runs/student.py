@@ -10,7 +10,7 @@ from torch import nn
 from ..kd.teachers import CACHED, LIVE, NONE, VIEWS, teacher_supply
 from ..kd.wiring import KDWiring, Link, wire_kd
 from ..models import count_parameters
-from ..training.metrics import inference_rate
+from ..ship.evaluate import Timing, first_images, throughputs
 from .common import KDRun, log, train_network
 from .teacher_views import teacher_view_store
 from .teachers import baseline_entry, obtain_teacher
@@ -21,9 +21,10 @@ def links(cfg) -> list[Link]:
     return [Link(cfg)]
 
 
-def distil(run: KDRun, summary: dict) -> None:
+def distil(run: KDRun, summary: dict) -> nn.Module | None:
     """One student from one teacher (or an ensemble of teachers) with the method `cfg.loss`, into the run
-    folder; fills `summary` with teacher, baseline, student, KD gain, compression and speed-up."""
+    folder; fills `summary` with teacher, baseline, student, KD gain, compression and speed-up. Returns the
+    trained student (None on a data-parallel rank other than 0)."""
     cfg = run.cfg
     wired, teacher = prepare_student(run, summary)
     student_result = train_network(
@@ -31,8 +32,9 @@ def distil(run: KDRun, summary: dict) -> None:
         run.trackers, method=wired.objective,
     )
     if student_result is None:  # not rank 0: its part is done
-        return
+        return None
     student_results(run, summary, student_result, wired.objective, teacher, wired.student)
+    return wired.student
 
 
 def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | None]:
@@ -78,11 +80,17 @@ def student_results(run: KDRun, summary: dict, result: dict, objective: nn.Modul
         compare_with_teacher(run, summary, teacher, student)
 
 
+# how the speed-up is timed: 3 warm-up calls of each network, then the median of 10 rounds of one call of
+# each in turn, at a fixed batch of 256 test images (docs/shipping.md: the spread this holds it to)
+SPEEDUP_TIMING = Timing(warmup=3, batch=256, repeats=10)
+
+
 def compare_with_teacher(run: KDRun, summary: dict, teacher: nn.Module, student: nn.Module) -> None:
-    """Compression (teacher / student parameters) and how much faster the product is: forward images/s
-    on the test split, same device and precision (the teacher's measured once for the runs sharing it)."""
-    compute, test = run.compute, run.loaders.test
+    """Compression (teacher / student parameters) and how much faster the product is: forward images/s of
+    both as deployed (`ship.evaluate.throughputs`: timed in turns at a fixed batch of test images), on the
+    run's device and precision."""
     summary["compression"] = summary["teacher"]["params"] / summary["student"]["params"]
-    summary["teacher"]["inference_images_per_s"] = run.shared.once("teacher_rate", lambda: inference_rate(teacher, test, compute))
-    summary["student"]["inference_images_per_s"] = inference_rate(student, test, compute)
-    summary["speedup"] = summary["student"]["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]
+    images = first_images(run.loaders.test, SPEEDUP_TIMING.batch)
+    rates = throughputs([teacher, student], images, run.compute, SPEEDUP_TIMING)
+    summary["teacher"]["inference_images_per_s"], summary["student"]["inference_images_per_s"] = rates
+    summary["speedup"] = rates[1] / rates[0]

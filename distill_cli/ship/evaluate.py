@@ -4,12 +4,12 @@ Quality on the test split (accuracy overall and per class, confusion matrix, exp
 error), cost (parameters, bytes on disk, multiply-adds per image counted by torch's FlopCounterMode,
 peak activation memory of a forward pass) and speed (batch-1 latency, throughput at a large batch) on
 the CPU and, when present, the GPU. A kd run folder gives teacher, student and student alone in one table.
-`distill export` and `distill quantize` reuse the loading, prediction and measurement functions here.
+`distill export`, `distill quantize` and the kd summary's speed-up (`throughputs`) reuse the loading,
+prediction and measurement functions here.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import statistics
@@ -39,7 +39,7 @@ from ..data import DatasetInfo
 from ..models import count_parameters
 from ..models.checkpoints import model_from_checkpoint
 from ..models.fold import fold_batch_norm
-from ..training.compute import Compute, device_name
+from ..training.compute import Compute, device_name, synchronise
 from ..training.setup import prepare_run
 
 ECE_BINS = 15
@@ -213,30 +213,37 @@ class Timing:
     repeats: int = 10
 
 
+def timed_turns(forwards: list[Callable[[torch.Tensor], object]], images: torch.Tensor, device: torch.device, warmup: int, rounds: int) -> list[list[float]]:
+    """Seconds of each timed call of each forward on `images`: `warmup` untimed calls of each, then `rounds`
+    rounds in which each forward is called once, in turn, so that load coming and going on the machine
+    falls on all of them alike."""
+    for forward in forwards:
+        for _ in range(warmup):
+            forward(images)
+    synchronise(device)
+    seconds = [[] for _ in forwards]
+    for _ in range(rounds):
+        for forward, times in zip(forwards, seconds):
+            start = time.perf_counter()
+            forward(images)
+            synchronise(device)
+            times.append(time.perf_counter() - start)
+    return seconds
+
+
+def fixed_batch(images: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """A batch of `size` images on `device`: `images` repeated to fill it."""
+    return images.repeat(-(-size // len(images)), 1, 1, 1)[:size].to(device)
+
+
 @torch.inference_mode()
 def speed(forward: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device, timing: Timing, precision: str = "fp32") -> dict:
     """Batch-1 latency (median and p90, ms) and throughput (images/s at batch `timing.batch`) of `forward` on
     real `images` (repeated to fill the batch), on `device`, with the thread count and device named."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    batch = images.repeat(-(-timing.batch // len(images)), 1, 1, 1)[: timing.batch].to(device)
-    one = batch[:1].clone()
-    for _ in range(timing.warmup):
-        forward(one)
-    sync()
-    latencies = []
-    for _ in range(timing.calls):
-        start = time.perf_counter()
-        forward(one)
-        sync()
-        latencies.append(1e3 * (time.perf_counter() - start))
-    forward(batch)
-    rates = []
-    for _ in range(timing.repeats):
-        sync()
-        start = time.perf_counter()
-        forward(batch)
-        sync()
-        rates.append(len(batch) / (time.perf_counter() - start))
+    batch = fixed_batch(images, timing.batch, device)
+    (latencies,) = timed_turns([forward], batch[:1].clone(), device, timing.warmup, timing.calls)
+    (seconds,) = timed_turns([forward], batch, device, 1, timing.repeats)
+    latencies = [1e3 * s for s in latencies]
     return {
         "device": str(device),
         "device_name": device_name(device),
@@ -244,9 +251,32 @@ def speed(forward: Callable[[torch.Tensor], object], images: torch.Tensor, devic
         "precision": precision,
         "latency_ms_median": statistics.median(latencies),
         "latency_ms_p90": statistics.quantiles(latencies, n=10)[-1],
-        "throughput_images_per_s": statistics.median(rates),
+        "throughput_images_per_s": len(batch) / statistics.median(seconds),
         "throughput_batch": len(batch),
     }
+
+
+def deployed(model: nn.Module, compute: Compute) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model` as deployed: a copy in eval mode with BatchNorm folded, on `compute`'s device in its memory
+    format, run under its precision (autocast)."""
+    forward = compute.forward(compute.place(fold_batch_norm(model)), compile=False)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with compute.autocast():
+            return forward(images)
+
+    return run
+
+
+def throughputs(models: list[nn.Module], images: torch.Tensor, compute: Compute, timing: Timing) -> list[float]:
+    """Images/s of each of `models` as deployed (`deployed`) at batch `timing.batch` of real `images`: the
+    median of `timing.repeats` rounds in which each model runs once in turn, after `timing.warmup` calls of
+    each. Timed in turns, their ratio holds still when the machine's load changes."""
+    batch = fixed_batch(images, timing.batch, compute.device)
+    forwards = [deployed(model, compute) for model in models]
+    with torch.inference_mode():
+        seconds = timed_turns(forwards, batch, compute.device, timing.warmup, timing.repeats)
+    return [len(batch) / statistics.median(times) for times in seconds]
 
 
 def timing_devices(gpu: bool) -> list[torch.device]:
@@ -255,12 +285,11 @@ def timing_devices(gpu: bool) -> list[torch.device]:
 
 
 def model_speed(model: nn.Module, images: torch.Tensor, timing: Timing, gpu: bool, compute: Compute) -> dict:
-    """`speed` of `model` as deployed (eval mode, BatchNorm folded, the run's memory format) on each timing device."""
-    results = {}
-    for device in timing_devices(gpu):
-        placed = Compute(device, "fp32", channels_last=compute.channels_last)
-        results[device.type] = speed(placed.forward(placed.place(fold_batch_norm(copy.deepcopy(model))), compile=False), images, device, timing)
-    return results
+    """`speed` of `model` as deployed (`deployed`, fp32) on each timing device."""
+    return {
+        device.type: speed(deployed(model, Compute(device, "fp32", channels_last=compute.channels_last)), images, device, timing)
+        for device in timing_devices(gpu)
+    }
 
 
 def first_images(loader, count: int) -> torch.Tensor:
