@@ -1,7 +1,9 @@
 """Shipping the student: `distill eval`, `distill export` and `kd export=`."""
 
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +13,7 @@ from conftest import run_distill_in_process, small_kd_config
 from torch import nn
 
 import distill_cli.ship.export as export
+import distill_cli.ship.quantize as quantize
 from distill_cli.cli.main import main
 from distill_cli.core.checkpoint import load_checkpoint, save_atomic
 from distill_cli.core.config import DatasetConfig, ModelConfig
@@ -28,7 +31,7 @@ from distill_cli.ship.evaluate import (
     quality,
     run_eval,
 )
-from distill_cli.ship.quantize import cpp_compiler
+from distill_cli.ship.programs import cpp_compiler
 from distill_cli.training.setup import prepare_run
 
 QUICK = Timing(calls=5, warmup=1, batch=16, repeats=2)
@@ -206,6 +209,11 @@ def test_export_pt2_reproduces_pytorch_on_real_images(kd_run, tmp_path, capsys):
     images, _ = digits_test_images()
     torch.testing.assert_close(program(images[:3]), model(images[:3]), atol=1e-5, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt2", "student.pt2.json"]
+    # the program carries what distill eval needs to run it again: the same accuracy as the checkpoint
+    result = run_eval(tmp_path / "student.pt2", [], out=str(tmp_path / "eval"), timing=QUICK)
+    (row,) = result["models"]
+    assert (row["role"], row["name"]) == ("fp32", "cnn(blocks=2, width=4)")
+    assert row["test_acc"] == json.loads((kd_run / "summary.json").read_text())["student"]["test_acc_best"]
 
 
 class _Branchy(nn.Module):
@@ -293,9 +301,22 @@ def test_kd_export_format_is_checked_before_training():
 INT8_MAX_DROP = 0.02
 
 
+TORCH_WARNING = "<enum 'KernelPreference'> is an Enum subclass ... (what importing torchao logs)"
+
+
 @pytest.mark.skipif(cpp_compiler() is None, reason="Inductor needs a C++ compiler (g++ or clang++) for the int8 kernels")
-def test_int8_digits_teacher_stays_within_the_stated_drop(kd_run, tmp_path, capsys):
-    assert main(["quantize", str(kd_run / "teacher" / "best.pt"), f"out={tmp_path}", "calls=3", "batch=16", "calibration=256"]) == 0
+def test_int8_digits_teacher_stays_within_the_stated_drop_and_its_program_evaluates_the_same(kd_run, tmp_path, capsys, monkeypatch):
+    quantize_int8 = quantize.quantize_int8
+
+    def quantize_with_torch_warnings(*args):  # what torch prints on its own while quantizing (once per process)
+        logging.getLogger("torch.utils._pytree").warning(TORCH_WARNING)
+        logging.getLogger("torch._inductor").warning("No CUDA runtime is found")
+        warnings.warn("a Python warning from torch", UserWarning)
+        return quantize_int8(*args)
+
+    monkeypatch.setattr(quantize, "quantize_int8", quantize_with_torch_warnings)
+    checkpoint = kd_run / "teacher" / "best.pt"
+    assert main(["quantize", str(checkpoint), f"out={tmp_path}", "calls=3", "batch=16", "calibration=256"]) == 0
     result = json.loads((tmp_path / "quantize.json").read_text())
     fp32, int8 = result["models"]
     assert (fp32["role"], int8["role"]) == ("fp32", "int8") and result["calibration_images"] == 256
@@ -304,7 +325,25 @@ def test_int8_digits_teacher_stays_within_the_stated_drop(kd_run, tmp_path, caps
     assert result["accuracy_drop"] == pytest.approx(fp32["test_acc"] - int8["test_acc"])
     assert int8["size_bytes"] < fp32["size_bytes"] / 2  # one byte per weight instead of four
     assert int8["speed"]["cpu"]["precision"] == "int8" and int8["speed"]["cpu"]["throughput_images_per_s"] > 0
-    assert "accuracy drop" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "accuracy drop" in printed.out
+    # torch's own warnings go to quantize.log, not among the table
+    assert "KernelPreference" not in printed.out + printed.err and "CUDA" not in printed.out + printed.err
+    assert printed.err == "" and "torch's own warnings:" in printed.out
+    log = (tmp_path / "quantize.log").read_text()
+    assert TORCH_WARNING in log and "No CUDA runtime is found" in log and "a Python warning from torch" in log
+
+    # the int8 model is written beside the checkpoint, and distill eval measures that file as quantize did
+    program = checkpoint.with_suffix(".int8.pt2")
+    assert int8["file"] == str(program) and int8["file_bytes"] == program.stat().st_size
+    assert json.loads(program.with_name(program.name + ".json").read_text())["max_abs_diff"] <= 1e-5  # the graph itself
+    assert main(["eval", str(program), f"out={tmp_path / 'eval'}", "calls=3", "batch=16"]) == 0
+    (row,) = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
+    assert (row["role"], row["name"], row["params"]) == ("int8", int8["name"], fp32["params"])
+    assert (row["test_acc"], row["ece"], row["confusion"]) == (int8["test_acc"], int8["ece"], int8["confusion"])
+    assert row["size_bytes"] == program.stat().st_size and row["macs"] == fp32["macs"]
+    assert row["speed"]["cpu"]["precision"] == "int8" and row["speed"]["cpu"]["latency_ms_median"] > 0
+    assert "KernelPreference" not in capsys.readouterr().err
 
 
 def test_the_quantized_graph_holds_int8_weights():

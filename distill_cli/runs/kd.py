@@ -14,6 +14,7 @@ from ..kd.wiring import check_kd
 from ..models.checkpoints import model_from_checkpoint
 from ..ship.evaluate import first_images
 from ..ship.export import CHECK_IMAGES, FORMATS, check_format, describe, export_checked
+from ..ship.programs import program_record
 from ..training.setup import Loaders, prepare_run
 from ..training.trackers import open_trackers
 from .common import KDRun, log, run_header
@@ -49,6 +50,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
 def _export_student(fmt: str, best: Path, data: DataSplits, loaders: Loaders) -> dict:
     """`export=onnx|pt2`: the student's best.pt as best.onnx / best.pt2 beside it, checked against PyTorch (`distill export`)."""
     model, _ = model_from_checkpoint(best, data.info)
-    result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, best.with_suffix(FORMATS[fmt]), atol=1e-4)
+    images = first_images(loaders.test, CHECK_IMAGES)
+    result = export_checked(model, images, fmt, best.with_suffix(FORMATS[fmt]), atol=1e-4, record=program_record(best, model, "fp32"))
     log.info(f"exported {describe(result)}")
     return result

@@ -3,9 +3,10 @@
 Quality on the test split (accuracy overall and per class, confusion matrix, expected calibration
 error), cost (parameters, bytes on disk, multiply-adds per image counted by torch's FlopCounterMode,
 peak activation memory of a forward pass) and speed (batch-1 latency, throughput at a large batch) on
-the CPU and, when present, the GPU. A kd run folder gives teacher, student and student alone in one table.
-`distill export`, `distill quantize` and the kd summary's speed-up (`throughputs`) reuse the loading,
-prediction and measurement functions here.
+the CPU and, when present, the GPU. A kd run folder gives teacher, student and student alone in one table;
+a `.pt2` program of `distill quantize` (int8) or `distill export` is measured as saved. `distill export`,
+`distill quantize` and the kd summary's speed-up (`throughputs`) reuse the loading, prediction and
+measurement functions here.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.checkpoint import BEST, load_checkpoint
 from ..core.config import SYNTHETIC_ONLY, RunConfig, validate_config
-from ..core.console import CONSOLE
+from ..core.console import CONSOLE, library_log
 from ..core.errors import DistillError
 from ..core.files import atomic_write, write_json_atomic
 from ..data import DatasetInfo
@@ -41,6 +42,7 @@ from ..models.checkpoints import model_from_checkpoint
 from ..models.fold import fold_batch_norm
 from ..training.compute import Compute, device_name, synchronise
 from ..training.setup import prepare_run
+from .programs import distill_record, load_program, program_forward
 
 ECE_BINS = 15
 
@@ -79,9 +81,18 @@ def _kd_partner(run_dir: Path, part: str, summary: dict) -> Path | None:
     return Path(recorded) if recorded and Path(recorded).is_file() else None
 
 
+def subject_folder(path: Path) -> Path:
+    """The run folder, or the folder holding the checkpoint or program."""
+    return path if path.is_dir() else path.parent
+
+
 def subject(path: str | Path, overrides: list[str]) -> Subject:
-    """A run folder (its `.hydra/config.yaml`; a kd run brings its teacher and student-alone baseline) or one checkpoint."""
+    """A run folder (its `.hydra/config.yaml`; a kd run brings its teacher and student-alone baseline), one
+    checkpoint, or a program (`.pt2`, see `ship.programs`)."""
     path = Path(path)
+    if path.suffix == ".pt2" and path.is_file():
+        record = distill_record(path)
+        return Subject(_run_config(record["config"], overrides, path), [(record["precision"], path)], path.parent)
     if path.is_dir():
         config_file = path / ".hydra" / "config.yaml"
         if not config_file.is_file() or not (path / BEST).is_file():
@@ -322,13 +333,48 @@ def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, in
     }
 
 
+def measure_program(role: str, path: Path, loader, info: DatasetInfo, timing: Timing) -> dict:
+    """Everything `distill eval` reports about a program (`ship.programs`), on the CPU; an int8 one compiled
+    by Inductor as `distill quantize` timed it. Its size is the file's; its activation memory is not
+    measured (an eager run of an int8 program holds float tensors the compiled one does not)."""
+    record, module = distill_record(path), load_program(path)
+    if record["num_classes"] != info.num_classes:
+        raise DistillError(f"{path} predicts {record['num_classes']} classes, but {info.name} has {info.num_classes}")
+    forward = program_forward(path, module, record)
+    logits, labels = predict(forward, loader)
+    images = first_images(loader, timing.batch)
+    flops = flops_per_image(module, images)
+    return {
+        "role": role,
+        "name": record["name"],
+        "checkpoint": str(path),
+        **quality(logits, labels, info.class_names),
+        "params": record["params"],
+        "size_bytes": path.stat().st_size,
+        "flops": flops,
+        "macs": flops // 2,
+        "peak_activation_bytes": None,
+        "speed": {"cpu": speed(forward, images, torch.device("cpu"), timing, record["precision"])},
+    }
+
+
+def measure_file(role: str, path: Path, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> dict:
+    """`measure` of a checkpoint's model, or `measure_program` of a program."""
+    if path.suffix == ".pt2":
+        return measure_program(role, path, loader, info, timing)
+    model, name = model_from_checkpoint(path, info)
+    return measure(role, name, path, model, loader, info, compute, timing, gpu)
+
+
 def run_eval(path: str | Path, overrides: list[str], out: str | None = None, gpu: bool = True, timing: Timing = Timing()) -> dict:
-    """`distill eval`: measure each model of the run folder (or the one checkpoint); write eval.json and
-    confusion.png into `out` (default: `<run folder>/eval`) and print the table."""
-    sub = subject(path, overrides)
-    compute, data, loaders = prepare_run(sub.config)
-    models = [(role, checkpoint, *model_from_checkpoint(checkpoint, data.info)) for role, checkpoint in sub.checkpoints]
-    rows = [measure(role, name, checkpoint, model, loaders.test, data.info, compute, timing, gpu) for role, checkpoint, model, name in models]
+    """`distill eval`: measure each model of the run folder (or the one checkpoint or program); write eval.json
+    and confusion.png into `out` (default: `<run folder>/eval`), torch's own warnings into eval.log there,
+    and print the table."""
+    folder = Path(out) if out else subject_folder(Path(path)) / "eval"
+    with library_log(folder / "eval.log") as logged:
+        sub = subject(path, overrides)
+        compute, data, loaders = prepare_run(sub.config)
+        rows = [measure_file(role, checkpoint, loaders.test, data.info, compute, timing, gpu) for role, checkpoint in sub.checkpoints]
     result = {
         "command": "eval",
         "dataset": data.info.name,
@@ -337,11 +383,10 @@ def run_eval(path: str | Path, overrides: list[str], out: str | None = None, gpu
         "timing": timing.__dict__,
         "models": rows,
     }
-    folder = Path(out) if out else sub.folder / "eval"
     write_json_atomic(result, folder / "eval.json")
     save_confusion(rows, data.info.class_names, folder / "confusion.png")
     CONSOLE.print(eval_table(result))
-    CONSOLE.print(f"wrote {folder / 'eval.json'} and {folder / 'confusion.png'}")
+    CONSOLE.print(f"wrote {folder / 'eval.json'} and {folder / 'confusion.png'}{logged.mention()}")
     return result
 
 
@@ -369,7 +414,9 @@ def save_confusion(rows: list[dict], class_names, path: Path) -> None:
     plt.close(figure)
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
@@ -394,15 +441,18 @@ def eval_table(result: dict) -> Group:
                 f"{timed['latency_ms_median']:.3f} ({timed['latency_ms_p90']:.3f})", f"{timed['throughput_images_per_s']:,.0f}"
             ]
         table.add_row(*cells)
+    program = rows[0]["peak_activation_bytes"] is None  # a .pt2 file (`measure_program`)
     notes = [
         "MMACs/img: millions of multiply-adds per image = FlopCounterMode FLOPs / 2 (convolutions and matrix "
         "products only); act. mem: peak bytes of the tensors a batch-1 forward holds at once (CPU)",
-        "ECE: expected calibration error, 15 equal-width confidence bins; size: the weights as torch.save writes them",
+        "ECE: expected calibration error, 15 equal-width confidence bins; size: "
+        + ("the program file" if program else "the weights as torch.save writes them"),
     ]
     for device in devices:
         timed = rows[0]["speed"][device]
         notes.append(
-            f"{device}: {timed['device_name']}, {timed['threads']} threads, {timed['precision']}, BatchNorm folded; "
+            f"{device}: {timed['device_name']}, {timed['threads']} threads, {timed['precision']}, "
+            f"{'the program as saved (int8: compiled by Inductor)' if program else 'BatchNorm folded'}; "
             f"batch-1 latency median (p90) of {result['timing']['calls']} calls after {result['timing']['warmup']} "
             f"warm-up, throughput median of {result['timing']['repeats']} calls at batch {timed['throughput_batch']}"
         )
