@@ -183,6 +183,29 @@ def test_eval_of_one_checkpoint_through_the_cli(kd_run, tmp_path, capsys):
     assert result["timing"]["calls"] == 3 and result["models"][0]["speed"]["cpu"]["throughput_batch"] == 8
 
 
+MODE_RUNS = {  # a training mode whose run folder has no top-level best.pt, and the roles eval reports
+    "mutual learning": (["peers=[mlp_small,mlp]", "student.kwargs.dropout=0.0"], ["peer1", "peer2", "peer1 alone", "peer2 alone"]),
+    "born-again": (["generations=2", "teacher.kwargs.width=8"], ["teacher", "generation 1", "generation 2", "student alone"]),
+}
+
+
+@pytest.mark.parametrize("mode", MODE_RUNS)
+def test_eval_of_a_mutual_learning_or_born_again_run_folder_reports_each_peer_or_generation(mode, tmp_path):
+    overrides, roles = MODE_RUNS[mode]
+    args = ["kd", *overrides, "epochs=1", "teacher_epochs=1", "device=cpu", f"teacher_cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    run_distill_in_process(*args, cwd=tmp_path)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    result = run_eval(tmp_path / "run", [], out=str(tmp_path / "eval"), gpu=False, timing=QUICK)
+    rows = {row["role"]: row for row in result["models"]}
+    assert list(rows) == roles
+    trained = summary.get("peers") or summary.get("generations")
+    for row, entry in zip(result["models"], [summary["teacher"]] * ("teacher" in rows) + trained):
+        assert row["test_acc"] == pytest.approx(entry.get("test_acc_best", entry.get("test_acc")), abs=1e-6)
+    alone = [row for role, row in rows.items() if role.endswith("alone")]
+    baselines = [peer["baseline"] for peer in summary["peers"]] if summary.get("peers") else [summary["baseline"]]
+    assert [row["test_acc"] for row in alone] == pytest.approx([b["test_acc_best"] for b in baselines], abs=1e-6)
+
+
 # ---------------------------------------------------------------- export
 
 

@@ -3,10 +3,10 @@
 Quality on the test split (accuracy overall and per class, confusion matrix, expected calibration
 error), cost (parameters, bytes on disk, multiply-adds per image counted by torch's FlopCounterMode,
 peak activation memory of a forward pass) and speed (batch-1 latency, throughput at a large batch) on
-the CPU and, when present, the GPU. A kd run folder gives teacher, student and student alone in one table;
-a `.pt2` program of `distill quantize` (int8) or `distill export` is measured as saved. `distill export`,
-`distill quantize` and the kd summary's speed-up (`throughputs`) reuse the loading, prediction and
-measurement functions here.
+the CPU and, when present, the GPU. A kd run folder gives teacher, student and student alone in one table
+(mutual learning: each peer and peer alone; born-again networks: each generation); a `.pt2` program of
+`distill quantize` (int8) or `distill export` is measured as saved. `distill export`, `distill quantize`
+and the kd summary's speed-up (`throughputs`) reuse the loading, prediction and measurement functions here.
 """
 
 from __future__ import annotations
@@ -73,12 +73,42 @@ def _run_config(config: dict, overrides: list[str], source: Path) -> RunConfig:
     return cfg
 
 
-def _kd_partner(run_dir: Path, part: str, summary: dict) -> Path | None:
-    """The teacher's or baseline's best.pt of a kd run: its sub-folder, else the checkpoint its summary names."""
-    if (run_dir / part / BEST).is_file():
-        return run_dir / part / BEST
-    recorded = (summary.get(part) or {}).get("checkpoint")
-    return Path(recorded) if recorded and Path(recorded).is_file() else None
+def _partner(folder: Path, recorded: dict | None) -> Path | None:
+    """The best.pt of a network a kd run compares with (its teacher, a student alone): in its sub-folder
+    `folder` when it trained there, else the checkpoint its summary entry `recorded` names (the cache)."""
+    if (folder / BEST).is_file():
+        return folder / BEST
+    checkpoint = (recorded or {}).get("checkpoint")
+    return Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+
+
+def _summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_models(run_dir: Path, config: dict) -> tuple[Path | None, list[tuple[str, Path]], list[tuple[str, Path | None]]]:
+    """The networks of a run folder: the teacher's best.pt (None: none, or not found), the (role, best.pt)
+    of each network the run trained, and of each one trained alone (None: not found). A train run: its
+    model. A kd run: its student, teacher and student alone; mutual learning (`peers=`): each peer
+    (`<run>/peer<i>/`) and each peer alone; born-again networks (`generations=`): each generation
+    (`<run>/gen<k>/`), with generation 1's teacher and student alone."""
+    summary = _summary(run_dir)
+    if "student" not in config:
+        return None, [("teacher", run_dir / BEST)], []
+    if config.get("peers"):
+        labels = [f"peer{i}" for i in range(1, len(config["peers"]) + 1)]
+        rows = summary.get("peers") or [{} for _ in labels]
+        alone = [(f"{label} alone", _partner(run_dir / f"baseline{i}", row.get("baseline"))) for i, (label, row) in enumerate(zip(labels, rows), 1)]
+        return None, [(label, run_dir / label / BEST) for label in labels], alone
+    if (config.get("generations") or 1) > 1:
+        first, summary = run_dir / "gen1", _summary(run_dir / "gen1")
+        generations = [(f"generation {k}", run_dir / f"gen{k}" / BEST) for k in range(1, config["generations"] + 1)]
+        return _partner(first / "teacher", summary.get("teacher")), generations, [("student alone", _partner(first / "baseline", summary.get("baseline")))]
+    alone = [("student alone", _partner(run_dir / "baseline", summary.get("baseline")))]
+    return _partner(run_dir / "teacher", summary.get("teacher")), [("student", run_dir / BEST)], alone
 
 
 def subject_folder(path: Path) -> Path:
@@ -87,32 +117,28 @@ def subject_folder(path: Path) -> Path:
 
 
 def subject(path: str | Path, overrides: list[str]) -> Subject:
-    """A run folder (its `.hydra/config.yaml`; a kd run brings its teacher and student-alone baseline), one
-    checkpoint, or a program (`.pt2`, see `ship.programs`)."""
+    """A run folder (its `.hydra/config.yaml`; the networks of `run_models`, teacher first), one checkpoint,
+    or a program (`.pt2`, see `ship.programs`): the config to rebuild its data with and the models to measure."""
     path = Path(path)
     if path.suffix == ".pt2" and path.is_file():
         record = distill_record(path)
         return Subject(_run_config(record["config"], overrides, path), [(record["precision"], path)], path.parent)
-    if path.is_dir():
-        config_file = path / ".hydra" / "config.yaml"
-        if not config_file.is_file() or not (path / BEST).is_file():
-            raise DistillError(f"{path} is not a distill run folder (no .hydra/config.yaml and best.pt)")
-        try:
-            config = yaml.safe_load(config_file.read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise DistillError(f"{config_file}: cannot read it ({type(error).__name__})") from None
-        cfg = _run_config(config, overrides, path)
-        if "student" not in config:
-            return Subject(cfg, [("teacher", path / BEST)], path)
-        try:
-            summary = json.loads((path / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {}
-        checkpoints = [("teacher", _kd_partner(path, "teacher", summary)), ("student", path / BEST)]
-        checkpoints.append(("student alone", _kd_partner(path, "baseline", summary)))
-        return Subject(cfg, [(role, p) for role, p in checkpoints if p is not None], path)
-    checkpoint = load_checkpoint(path)
-    return Subject(_run_config(checkpoint.get("config") or {}, overrides, path), [("model", path)], path.parent)
+    if not path.is_dir():
+        checkpoint = load_checkpoint(path)
+        return Subject(_run_config(checkpoint.get("config") or {}, overrides, path), [("model", path)], path.parent)
+    config_file = path / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise DistillError(f"{path} is not a distill run folder (no .hydra/config.yaml and best.pt)")
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise DistillError(f"{config_file}: cannot read it ({type(error).__name__})") from None
+    teacher, trained, alone = run_models(path, config)
+    trained = [(role, checkpoint) for role, checkpoint in trained if checkpoint.is_file()]
+    if not trained:
+        raise DistillError(f"{path} is not a distill run folder (no .hydra/config.yaml and best.pt)")
+    checkpoints = ([("teacher", teacher)] if teacher else []) + trained + [(role, checkpoint) for role, checkpoint in alone if checkpoint]
+    return Subject(_run_config(config, overrides, path), checkpoints, path)
 
 
 @torch.inference_mode()
