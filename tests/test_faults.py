@@ -496,13 +496,17 @@ def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, k
 def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference):
     process = start_distill("kd", "-m", "alpha=0.9,0.5", *KD, cwd=tmp_path)
     _signal_when(process, tmp_path, "outputs/multirun/*/*/0/metrics.jsonl", signal.SIGINT)
-    line = _one_line(_finish(process), 128 + signal.SIGINT)
+    result = _finish(process)
+    line = _one_line(result, 128 + signal.SIGINT)
     (job,) = tmp_path.glob("outputs/multirun/*/*/0")
     assert line.startswith("distill kd: interrupted by SIGINT (") and "saved to last.pt" in line
     command = line.split("; resume with: ")[1]
     assert command == f"distill resume {job.resolve()}"
     assert not list(tmp_path.glob("outputs/multirun/*/*/1"))  # the sweep stopped
     assert run_status(job) == "interrupted"
+    # the sweep report of what finished, written on Ctrl-C: here no job had finished, and it says so
+    assert "sweep interrupted before any job finished: no sweep report in" in result.stdout
+    assert not (job.parent / "report.md").exists()
     run_distill_in_process(*command.split(" ", 2)[1:], cwd=tmp_path)
     _assert_same_run(job, kd_reference)  # job 0 is alpha=0.9, the reference's alpha (loss=kd's default)
 
