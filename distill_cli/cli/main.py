@@ -19,7 +19,7 @@ from ..core.commands import BY_NAME, command_lines
 from ..core.config import config_dir, register_configs, validate_config
 from ..core.console import CONSOLE, log, share_terminal
 from ..core.errors import DistillError, Interrupted, did_you_mean, one_line
-from ..core.processes import torchrun_world_size
+from ..core.processes import available_cpus, jobs_at_once, threads_per_job, torchrun_world_size
 from ..core.run_folders import (
     failed_jobs,
     read_summary,
@@ -78,6 +78,8 @@ def _task(command: str, cfg) -> float | None:
     record = partial(record_summary, command, cfg, run_dir)
     try:
         config = validate_config(command, cfg)
+        if hydra_config.mode == RunMode.MULTIRUN:
+            share_cores(config, jobs_at_once(hydra_config.launcher))
         if BY_NAME[command].processes and (config.device.processes > 1 or torchrun_world_size()):
             return search_objective(run_distributed(command, config, run_dir))
         return search_objective(runner(command)(config, run_dir))
@@ -100,6 +102,23 @@ def _task(command: str, cfg) -> float | None:
             log.error(f"job {hydra_config.job.num} failed: {message}")
         record({"status": "failed", "error": message})
         return None
+
+
+def share_cores(config, jobs: int) -> None:
+    """A sweep job that runs beside `jobs` - 1 others in processes of this machine (joblib's n_jobs) gets its
+    share of the cores: device.threads = cores // (jobs x device.processes), said in one log line. Without it
+    a job's threads depend on the shell: joblib sets OMP/MKL_NUM_THREADS to cores // n_jobs in its workers
+    only where the shell has not set them, and a shell that sets them to every core oversubscribes the CPU
+    (measured 5-10x slower, docs/sweeps.md). An explicit device.threads wins."""
+    device = getattr(config, "device", None)
+    if device is None or jobs < 2 or device.threads:
+        return
+    device.threads = threads_per_job(jobs, device.processes)
+    processes = f" x {device.processes} processes" if device.processes > 1 else ""
+    log.info(
+        f"device.threads={device.threads}: the {available_cpus()} cores split among the {jobs} jobs{processes} that "
+        f"run at once (hydra.launcher.n_jobs); set device.threads to choose"
+    )
 
 
 def _completed_before(cfg, run_dir: Path, hydra_config) -> bool:

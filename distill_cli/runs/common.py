@@ -161,7 +161,8 @@ def _data_facts(data: DataSplits) -> dict:
 def run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits, loaders: Loaders, run_dir: Path) -> dict:
     log.info(
         f"distill {command}: {data.info.name} (train {len(data.train)}, val {len(data.val)}, test {len(data.test)}) "
-        f"on {compute.device} {compute.precision}, {loaders.pipeline} pipeline -> {run_dir}"
+        f"on {compute.device} {compute.precision} ({compute.threads} CPU thread{'s' if compute.threads != 1 else ''}), "
+        f"{loaders.pipeline} pipeline -> {run_dir}"
     )
     return {
         "command": command,
@@ -169,6 +170,7 @@ def run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits,
         "dataset": data.info.name,
         "device": str(compute.device),
         "precision": compute.precision,
+        "threads": compute.threads,  # torch's CPU threads (device.threads, or a parallel sweep job's share)
         "pipeline": loaders.pipeline,
         "processes": compute.world.size,  # data-parallel; a step's batch is batch_size x processes
         "seed": cfg.seed,

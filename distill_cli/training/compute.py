@@ -34,6 +34,7 @@ class Compute:
     fold_frozen: bool = True  # frozen models run with BatchNorm folded (see `frozen_forward`)
     world: World = SINGLE  # the data-parallel processes this one trains with (see distributed.py)
     sync_batchnorm: bool = False  # with several processes: BatchNorm over the whole step's batch
+    threads: int = 0  # torch's intra-op CPU threads in this process (device.threads, or torch's default)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -118,7 +119,8 @@ def _as_outputs(extracted: dict[str, torch.Tensor]) -> Outputs:
 
 def resolve_compute(cfg: DeviceConfig, world: World = SINGLE) -> Compute:
     """Pick the device (`auto`: CUDA when present; with several processes, GPU number local rank) and
-    precision (`auto`: bf16 on CUDA, else fp32)."""
+    precision (`auto`: bf16 on CUDA, else fp32), and set torch's CPU threads to `device.threads` (0: torch's
+    default; a parallel sweep's jobs arrive here with their share of the cores, see `cli.main.share_cores`)."""
     if cfg.type == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -143,7 +145,8 @@ def resolve_compute(cfg: DeviceConfig, world: World = SINGLE) -> Compute:
         torch.backends.cudnn.benchmark = not cfg.deterministic
     channels_last = False if cfg.channels_last is None and device.type == "mps" else cfg.channels_last
     return Compute(
-        device, precision, channels_last=channels_last, compile=cfg.compile, world=world, sync_batchnorm=cfg.sync_batchnorm
+        device, precision, channels_last=channels_last, compile=cfg.compile, world=world, sync_batchnorm=cfg.sync_batchnorm,
+        threads=torch.get_num_threads(),
     )
 
 
