@@ -5,12 +5,14 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import (
+    DISTILL,
     compose_config,
     on_training_step,
     read_jsonl,
@@ -19,11 +21,13 @@ from conftest import (
     small_train_config,
 )
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from distill_cli.core.config import LoggerConfig, to_plain, validate_config
 from distill_cli.core.errors import DistillError, Interrupted, one_line
+from distill_cli.core.processes import available_cpus
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
 from distill_cli.training.trackers import MLflow, TensorBoard, Trackers, flatten
@@ -225,15 +229,119 @@ def test_logger_options_compose(command):
 
 
 @pytest.mark.slow
-def test_a_sweep_is_one_mlflow_experiment_and_runs_are_named_from_their_overrides(tmp_path):
-    run_distill_in_process(
-        "train", "-m", "logger=[tensorboard,mlflow]", "seed=1,2", "epochs=1", "teacher.kwargs.width=4", "device=cpu", cwd=tmp_path
+def test_a_joblib_sweep_shares_the_cores_and_logs_one_mlflow_run_per_job_named_by_what_varies(tmp_path):
+    """Two jobs at once in worker processes, started from a shell that gives every process all the cores
+    (OMP_NUM_THREADS and MKL_NUM_THREADS, which joblib passes on where the shell sets them): each job trains
+    with its share, says so, and makes its own MLflow run in the new store (the first makes its tables),
+    named by what the sweep varies (not the absolute teacher_cache path), with every epoch of its
+    metrics.jsonl."""
+    cores = available_cpus()
+    store = tmp_path / "mlflow.db"
+    result = subprocess.run(
+        [str(DISTILL), "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logger=[tensorboard,mlflow]",
+         f"logger.tracking_uri=sqlite:///{store}", "seed=1,2", "epochs=2", "teacher.kwargs.width=4", "device=cpu",
+         f"teacher_cache={tmp_path / 'cache'}"],
+        cwd=tmp_path, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores)}, capture_output=True, text=True, timeout=600,
     )
-    names = ["seed=1,epochs=1,teacher.kwargs.width=4,device=cpu", "seed=2,epochs=1,teacher.kwargs.width=4,device=cpu"]
+    assert result.returncode == 0, result.stderr
     jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/[01]"))
-    assert [[folder.name for folder in (job / "tb").iterdir()] for job in jobs] == [[name] for name in names]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    share = max(1, cores // 2)
+    assert [json.loads((job / "summary.json").read_text())["threads"] for job in jobs] == [share, share]
+    assert f"[job 0] device.threads={share}: the {cores} cores split among the 2 jobs" in result.stdout
+    assert [[folder.name for folder in (job / "tb").iterdir()] for job in jobs] == [["seed=1"], ["seed=2"]]
+    client = MlflowClient(f"sqlite:///{store}")
     (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
     assert experiment.name == str(jobs[0].parent.relative_to(tmp_path))
-    runs = client.search_runs([experiment.experiment_id])
-    assert sorted(run.info.run_name for run in runs) == names
+    assert sorted(run.info.run_name for run in client.search_runs([experiment.experiment_id])) == ["seed=1", "seed=2"]
+    for job in jobs:
+        _assert_epochs_match(tmp_path, job)
+
+
+def test_runs_are_named_by_what_the_sweep_varies_with_paths_cut_short(tmp_path, monkeypatch):
+    """A job's name: the overrides of the keys its sweep varies (on the command line as saved in multirun.yaml,
+    or in hydra.sweeper.params); a single run: its overrides, with paths cut to their last two parts."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from distill_cli.training import trackers
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    checkpoint = "teacher.checkpoint=/work/runs/2026-12-01/teacher/best.pt"
+    command_line = ["T=2,4", "alpha=range(0.5,1,0.25)", "loss=choice(kd,dkd)", "+seed=0", checkpoint, "epochs=3", "logger=mlflow"]
+    OmegaConf.save({"hydra": {"overrides": {"task": command_line}}}, sweep / "multirun.yaml")
+    job = ["T=4", "alpha=0.75", "loss=dkd", "+seed=0", checkpoint, "epochs=3", "logger=mlflow"]
+
+    def names(mode, task, params=None):
+        hydra = OmegaConf.create({"mode": mode, "overrides": {"task": task}, "sweep": {"dir": str(sweep)}, "sweeper": {"params": params}})
+        monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
+        return trackers._job_names("kd")
+
+    assert names(RunMode.MULTIRUN, job) == {"name": "T=4,alpha=0.75,loss=dkd", "experiment": str(sweep)}
+    assert names(RunMode.MULTIRUN, job, params={"epochs": "3,6"})["name"] == "T=4,alpha=0.75,loss=dkd,epochs=3"
+    assert names(RunMode.RUN, job) == {"name": "T=4,alpha=0.75,loss=dkd,+seed=0,teacher.checkpoint=teacher/best.pt,epochs=3", "experiment": "kd"}
+    assert names(RunMode.RUN, ["logger=mlflow"])["name"] == "kd"
+    (sweep / "multirun.yaml").unlink()  # a sweeper that saves none, and no params: every override names the job
+    assert names(RunMode.MULTIRUN, job)["name"] == "T=4,alpha=0.75,loss=dkd,+seed=0,teacher.checkpoint=teacher/best.pt,epochs=3"
+
+_KEYS = ("loss", "train_acc", "val_acc", "lr", "images_per_s")
+
+
+def _log_as_job(job: int, store: Path, epochs: int, barrier, failures) -> None:
+    """One sweep job's MLflow tracker (in a forked process): made, then each epoch and the summary logged at
+    the same moment as the other jobs' (a barrier before each); an error goes to `failures`."""
+    try:
+        cfg = small_train_config(store.parent, logger=LoggerConfig(mlflow=True, tracking_uri=f"sqlite:///{store}"))
+        run_dir = store.parent / str(job)
+        run_dir.mkdir()
+        (run_dir / "best.pt").write_bytes(b"weights")
+        (run_dir / "summary.json").write_text("{}")
+        barrier.wait(120)
+        tracker = MLflow(cfg, run_dir, "train", {"name": f"seed={job}", "experiment": "sweep"})
+        tracker.start([])
+        for epoch in range(1, epochs + 1):
+            barrier.wait(120)
+            tracker.log_epoch({"epoch": epoch, **{key: float(100 * job + epoch) for key in _KEYS}}, epoch)
+        barrier.wait(120)
+        tracker.log_summary({"epochs": epochs, "teacher": {"test_acc": job / 10}})
+        tracker.close("FINISHED")
+    except BaseException as error:  # noqa: BLE001 - whatever it is, the test names it
+        barrier.abort()  # the other jobs stop waiting for this one
+        failures.put(f"job {job}: {type(error).__name__}: {one_line(error)}")
+        raise
+
+
+@pytest.mark.parametrize(
+    "store_made", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["store-made", "store-new"]
+)
+def test_parallel_jobs_log_to_one_sqlite_store_at_the_same_moments(tmp_path, empty_mlflow_store, store_made):
+    """Four processes make their runs in one store (made before, or new: the first job makes its tables, with
+    MLflow's migrations taking seconds) and log each epoch at the same moment: no "database is locked" nor a
+    race, one run per job, every value of every epoch there."""
+    import multiprocessing
+
+    jobs, epochs, store = 4, 5, tmp_path / "mlflow.db"
+    if store_made:
+        shutil.copyfile(empty_mlflow_store, store)
+    context = multiprocessing.get_context("fork")  # MLflow is imported already; spawned processes would import it again
+    barrier, failures = context.Barrier(jobs), context.Queue()
+    processes = [context.Process(target=_log_as_job, args=(job, store, epochs, barrier, failures)) for job in range(jobs)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+        process.kill()  # a no-op unless it hangs
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert errors == [] and [process.exitcode for process in processes] == [0] * jobs
+    client = MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == [f"seed={job}" for job in range(jobs)]
+    for run in runs:
+        job = int(run.info.run_name.removeprefix("seed="))
+        assert run.info.status == "FINISHED" and run.data.metrics["teacher.test_acc"] == job / 10
+        for key in _KEYS:
+            history = [(metric.step, metric.value) for metric in client.get_metric_history(run.info.run_id, key)]
+            assert sorted(history) == [(epoch, 100 * job + epoch) for epoch in range(1, epochs + 1)]

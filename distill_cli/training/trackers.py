@@ -220,7 +220,10 @@ class Trackers:
 
 
 def _job_names(command: str) -> dict:
-    """A fresh run's name (its overrides) and MLflow experiment (its sweep's folder, or the command)."""
+    """A fresh run's name and MLflow experiment: in a sweep, the job's overrides of the keys the sweep varies
+    (`seed=1,T=4`) in an experiment named by the sweep's folder; alone (or where nothing varies), its
+    overrides; the command where there are none. Paths in a name are cut to their last two parts (the full
+    config is in the run's params)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -228,8 +231,45 @@ def _job_names(command: str) -> dict:
         return {"name": command, "experiment": command}
     hydra = HydraConfig.get()
     # what sets this job apart: not resume=, nor the trackers' own settings
-    overrides = ",".join(o for o in hydra.overrides.task if not o.startswith(("resume=", "logger=", "logger.")))
-    return {"name": overrides or command, "experiment": hydra.sweep.dir if hydra.mode == RunMode.MULTIRUN else command}
+    overrides = [o for o in hydra.overrides.task if not o.startswith(("resume=", "logger=", "logger."))]
+    if hydra.mode != RunMode.MULTIRUN:
+        return {"name": _name(overrides) or command, "experiment": command}
+    varied = _swept_keys(hydra)
+    varying = [o for o in overrides if _override_key(o) in varied]
+    return {"name": _name(varying or overrides) or command, "experiment": hydra.sweep.dir}
+
+
+def _override_key(override: str) -> str:
+    """The key an override sets (`+a.b=1`, `~a.b`, `a/b=c` -> `a.b`, `a.b`, `a/b`)."""
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def _swept_keys(hydra) -> set[str]:
+    """The keys a sweep varies: those of its sweep overrides (`seed=0,1,2`, `T=range(1,5)`, `choice(...)`) on
+    the command line, as Hydra's sweeper saved them in `<sweep dir>/multirun.yaml`, and those of
+    `hydra.sweeper.params` (a sweeper's search space: Optuna's, or the basic sweeper's). Empty when
+    neither can be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    keys = set(OmegaConf.select(hydra, "sweeper.params", default=None) or {})
+    try:
+        saved = OmegaConf.load(Path(hydra.sweep.dir) / "multirun.yaml").hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in saved])
+    except Exception:  # no multirun.yaml (a sweeper that does not save one), or one Hydra cannot parse
+        return keys
+    return keys | {_override_key(o.input_line) for o in parsed if o.is_sweep_override() and o.input_line}
+
+
+def _name(overrides: list[str]) -> str:
+    """Overrides as a run name: `a=1,b=2`, a path cut to its last two parts (`teacher.checkpoint=run/best.pt`)."""
+    short = []
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if equals and "/" in value and not value.startswith(("[", "{", "'", '"')):
+            value = "/".join(Path(value).parts[-2:])
+        short.append(f"{key}{equals}{value}")
+    return ",".join(short)
 
 
 @contextmanager
