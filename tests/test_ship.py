@@ -24,12 +24,14 @@ from distill_cli.models import build_model
 from distill_cli.models.checkpoints import model_from_checkpoint
 from distill_cli.runs.student import compare_with_teacher
 from distill_cli.ship.evaluate import (
+    Measured,
     Timing,
     calibration_error,
     flops_per_image,
     peak_activation_bytes,
     quality,
     run_eval,
+    timed,
 )
 from distill_cli.ship.programs import cpp_compiler
 from distill_cli.training.setup import prepare_run
@@ -150,6 +152,17 @@ def test_the_speed_up_holds_still_while_the_machine_gets_busier(tmp_path, monkey
     assert set(MACHINE.batches) == {256}  # a fixed batch of test images (digits has 359), not the test split
 
 
+def test_distill_eval_times_its_models_in_turns(monkeypatch):
+    """eval's speed-up over the teacher on the same busy machine: latency and throughput of all models timed in turns."""
+    global MACHINE
+    MACHINE = _BusyMachine()
+    monkeypatch.setattr(time, "perf_counter", lambda: MACHINE.now)
+    measured = [Measured({"role": role}, {"cpu": _Costly(cost)}) for role, cost in (("teacher", 2.0), ("student", 1.0))]
+    rows = timed(measured, torch.zeros(4, 1, 8, 8), QUICK)
+    assert [row["speed"]["cpu"]["speedup"] for row in rows] == pytest.approx([1.0, 2.0], rel=0.1)
+    assert rows[1]["speed"]["cpu"]["latency_ms_median"] == pytest.approx(rows[0]["speed"]["cpu"]["latency_ms_median"] / 2, rel=0.1)
+
+
 # ---------------------------------------------------------------- eval
 
 
@@ -169,10 +182,12 @@ def test_eval_of_a_kd_run_folder_is_one_three_way_table(kd_run, tmp_path, capsys
         timed = row["speed"]["cpu"]
         assert 0 < timed["latency_ms_median"] <= timed["latency_ms_p90"] and timed["throughput_images_per_s"] > 0
         assert timed["threads"] == torch.get_num_threads() and timed["throughput_batch"] == QUICK.batch
+        # timed in turns with the teacher: the speed-up over it, the summary's figure as distill eval measures it
+        assert timed["speedup"] == pytest.approx(timed["throughput_images_per_s"] / rows["teacher"]["speed"]["cpu"]["throughput_images_per_s"])
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["models"][1]["name"] == "cnn(blocks=2, width=4)"
     assert (tmp_path / "eval" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
-    assert "alone" in table and "MMACs/img" in table and "multiply-adds" in table
+    assert "alone" in table and "MMACs/img" in table and "multiply-adds" in table and "speed-up" in table
 
 
 def test_eval_of_one_checkpoint_through_the_cli(kd_run, tmp_path, capsys):

@@ -274,23 +274,26 @@ def fixed_batch(images: torch.Tensor, size: int, device: torch.device) -> torch.
 
 
 @torch.inference_mode()
-def speed(forward: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device, timing: Timing, precision: str = "fp32") -> dict:
-    """Batch-1 latency (median and p90, ms) and throughput (images/s at batch `timing.batch`) of `forward` on
-    real `images` (repeated to fill the batch), on `device`, with the thread count and device named."""
+def speeds(forwards: list[Callable[[torch.Tensor], object]], images: torch.Tensor, device: torch.device, timing: Timing, precisions: list[str]) -> list[dict]:
+    """Batch-1 latency (median and p90, ms) and throughput (images/s at batch `timing.batch`) of each of
+    `forwards` on real `images` (repeated to fill the batch), on `device`, the forwards timed in turns
+    (`timed_turns`) so that their ratios hold still; with the thread count and device named."""
     batch = fixed_batch(images, timing.batch, device)
-    (latencies,) = timed_turns([forward], batch[:1].clone(), device, timing.warmup, timing.calls)
-    (seconds,) = timed_turns([forward], batch, device, 1, timing.repeats)
-    latencies = [1e3 * s for s in latencies]
-    return {
-        "device": str(device),
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-        "precision": precision,
-        "latency_ms_median": statistics.median(latencies),
-        "latency_ms_p90": statistics.quantiles(latencies, n=10)[-1],
-        "throughput_images_per_s": len(batch) / statistics.median(seconds),
-        "throughput_batch": len(batch),
-    }
+    latencies = timed_turns(forwards, batch[:1].clone(), device, timing.warmup, timing.calls)
+    seconds = timed_turns(forwards, batch, device, 1, timing.repeats)
+    return [
+        {
+            "device": str(device),
+            "device_name": device_name(device),
+            "threads": torch.get_num_threads(),
+            "precision": precision,
+            "latency_ms_median": 1e3 * statistics.median(ms),
+            "latency_ms_p90": 1e3 * statistics.quantiles(ms, n=10)[-1],
+            "throughput_images_per_s": len(batch) / statistics.median(times),
+            "throughput_batch": len(batch),
+        }
+        for ms, times, precision in zip(latencies, seconds, precisions)
+    ]
 
 
 def deployed(model: nn.Module, compute: Compute) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -321,12 +324,30 @@ def timing_devices(gpu: bool) -> list[torch.device]:
     return [torch.device("cpu")] + ([torch.device("cuda")] if gpu and torch.cuda.is_available() else [])
 
 
-def model_speed(model: nn.Module, images: torch.Tensor, timing: Timing, gpu: bool, compute: Compute) -> dict:
-    """`speed` of `model` as deployed (`deployed`, fp32) on each timing device."""
-    return {
-        device.type: speed(deployed(model, Compute(device, "fp32", channels_last=compute.channels_last)), images, device, timing)
-        for device in timing_devices(gpu)
-    }
+@dataclass
+class Measured:
+    """A model's row of `distill eval` before it is timed, and how it runs on each timing device."""
+
+    row: dict
+    forwards: dict[str, Callable[[torch.Tensor], object]]  # device type -> the model's forward there
+    precision: str = "fp32"
+
+
+def timed(measured: list[Measured], images: torch.Tensor, timing: Timing) -> list[dict]:
+    """The rows of `measured`, each with its `speed` on each device it runs on, all models timed in turns
+    there (`speeds`); where the first row is the teacher, each row's throughput over the teacher's
+    (`speedup`)."""
+    for device in dict.fromkeys(kind for one in measured for kind in one.forwards):
+        runs = [one for one in measured if device in one.forwards]
+        results = speeds([one.forwards[device] for one in runs], images, torch.device(device), timing, [one.precision for one in runs])
+        for one, result in zip(runs, results):
+            one.row.setdefault("speed", {})[device] = result
+    teacher = measured[0].row["speed"] if measured[0].row["role"] == "teacher" else {}
+    for one in measured:
+        for device, result in one.row["speed"].items():
+            if device in teacher:
+                result["speedup"] = result["throughput_images_per_s"] / teacher[device]["throughput_images_per_s"]
+    return [one.row for one in measured]
 
 
 def first_images(loader, count: int) -> torch.Tensor:
@@ -339,13 +360,14 @@ def first_images(loader, count: int) -> torch.Tensor:
     return torch.cat(images)[:count]
 
 
-def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> dict:
-    """Everything `distill eval` reports about one fp32 model."""
+def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> Measured:
+    """Everything `distill eval` reports about one fp32 model but its speed (see `timed`): as deployed (`deployed`,
+    fp32, the run's memory format) on each timing device."""
     logits, labels = predict(compute.forward(compute.place(model), compile=False), loader)
     model = model.cpu()
     images = first_images(loader, timing.batch)
     flops = flops_per_image(model, images)
-    return {
+    row = {
         "role": role,
         "name": name,
         "checkpoint": str(checkpoint),
@@ -355,22 +377,22 @@ def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, in
         "flops": flops,
         "macs": flops // 2,
         "peak_activation_bytes": peak_activation_bytes(model, images),
-        "speed": model_speed(model, images, timing, gpu, compute),
     }
+    devices = timing_devices(gpu)
+    return Measured(row, {device.type: deployed(model, Compute(device, "fp32", channels_last=compute.channels_last)) for device in devices})
 
 
-def measure_program(role: str, path: Path, loader, info: DatasetInfo, timing: Timing) -> dict:
-    """Everything `distill eval` reports about a program (`ship.programs`), on the CPU; an int8 one compiled
-    by Inductor as `distill quantize` timed it. Its size is the file's; its activation memory is not
-    measured (an eager run of an int8 program holds float tensors the compiled one does not)."""
+def measure_program(role: str, path: Path, loader, info: DatasetInfo) -> Measured:
+    """Everything `distill eval` reports about a program (`ship.programs`) but its speed, on the CPU; an int8 one
+    compiled by Inductor as `distill quantize` timed it. Its size is the file's; its activation memory is
+    not measured (an eager run of an int8 program holds float tensors the compiled one does not)."""
     record, module = distill_record(path), load_program(path)
     if record["num_classes"] != info.num_classes:
         raise DistillError(f"{path} predicts {record['num_classes']} classes, but {info.name} has {info.num_classes}")
     forward = program_forward(path, module, record)
     logits, labels = predict(forward, loader)
-    images = first_images(loader, timing.batch)
-    flops = flops_per_image(module, images)
-    return {
+    flops = flops_per_image(module, first_images(loader, 1))
+    row = {
         "role": role,
         "name": record["name"],
         "checkpoint": str(path),
@@ -380,14 +402,14 @@ def measure_program(role: str, path: Path, loader, info: DatasetInfo, timing: Ti
         "flops": flops,
         "macs": flops // 2,
         "peak_activation_bytes": None,
-        "speed": {"cpu": speed(forward, images, torch.device("cpu"), timing, record["precision"])},
     }
+    return Measured(row, {"cpu": forward}, record["precision"])
 
 
-def measure_file(role: str, path: Path, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> dict:
+def measure_file(role: str, path: Path, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> Measured:
     """`measure` of a checkpoint's model, or `measure_program` of a program."""
     if path.suffix == ".pt2":
-        return measure_program(role, path, loader, info, timing)
+        return measure_program(role, path, loader, info)
     model, name = model_from_checkpoint(path, info)
     return measure(role, name, path, model, loader, info, compute, timing, gpu)
 
@@ -400,7 +422,8 @@ def run_eval(path: str | Path, overrides: list[str], out: str | None = None, gpu
     with library_log(folder / "eval.log") as logged:
         sub = subject(path, overrides)
         compute, data, loaders = prepare_run(sub.config)
-        rows = [measure_file(role, checkpoint, loaders.test, data.info, compute, timing, gpu) for role, checkpoint in sub.checkpoints]
+        measured = [measure_file(role, checkpoint, loaders.test, data.info, compute, timing, gpu) for role, checkpoint in sub.checkpoints]
+        rows = timed(measured, first_images(loaders.test, timing.batch), timing)
     result = {
         "command": "eval",
         "dataset": data.info.name,
@@ -452,8 +475,9 @@ def eval_table(result: dict) -> Group:
     devices = list(rows[0]["speed"])
     table = Table(title=f"distill eval: {result['dataset']}, {result['test_images']:,} test images")
     columns = ["role", "model", "test acc", "ECE", "params", "size", "MMACs/img", "act. mem"]
+    speedup = "speedup" in rows[0]["speed"][devices[0]]  # timed against a teacher (`timed`)
     for device in devices:
-        columns += [f"{device} b1 ms (p90)", f"{device} img/s"]
+        columns += [f"{device} b1 ms (p90)", f"{device} img/s", *([f"{device} speed-up"] if speedup else [])]
     for column in columns:
         table.add_column(column, justify="left" if column in ("role", "model") else "right")
     for row in rows:
@@ -462,9 +486,10 @@ def eval_table(result: dict) -> Group:
             human_bytes(row["size_bytes"]), f"{row['macs'] / 1e6:.2f}", human_bytes(row["peak_activation_bytes"]),
         ]
         for device in devices:
-            timed = row["speed"].get(device)
-            cells += ["-", "-"] if timed is None else [
-                f"{timed['latency_ms_median']:.3f} ({timed['latency_ms_p90']:.3f})", f"{timed['throughput_images_per_s']:,.0f}"
+            timed_here = row["speed"].get(device)
+            cells += ["-"] * (2 + speedup) if timed_here is None else [
+                f"{timed_here['latency_ms_median']:.3f} ({timed_here['latency_ms_p90']:.3f})",
+                f"{timed_here['throughput_images_per_s']:,.0f}", *([f"{timed_here['speedup']:.2f}x"] if speedup else []),
             ]
         table.add_row(*cells)
     program = rows[0]["peak_activation_bytes"] is None  # a .pt2 file (`measure_program`)
@@ -475,11 +500,12 @@ def eval_table(result: dict) -> Group:
         + ("the program file" if program else "the weights as torch.save writes them"),
     ]
     for device in devices:
-        timed = rows[0]["speed"][device]
+        first = rows[0]["speed"][device]
         notes.append(
-            f"{device}: {timed['device_name']}, {timed['threads']} threads, {timed['precision']}, "
+            f"{device}: {first['device_name']}, {first['threads']} threads, {first['precision']}, "
             f"{'the program as saved (int8: compiled by Inductor)' if program else 'BatchNorm folded'}; "
             f"batch-1 latency median (p90) of {result['timing']['calls']} calls after {result['timing']['warmup']} "
-            f"warm-up, throughput median of {result['timing']['repeats']} calls at batch {timed['throughput_batch']}"
+            f"warm-up, throughput median of {result['timing']['repeats']} calls at batch {first['throughput_batch']}; "
+            f"the models timed in turns{', speed-up: throughput over the teacher' if speedup else ''}"
         )
     return Group(table, *(Text(note) for note in notes))

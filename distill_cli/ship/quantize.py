@@ -36,7 +36,7 @@ from .evaluate import (
     predict,
     quality,
     serialized_bytes,
-    speed,
+    speeds,
     subject,
 )
 from .export import export_checked
@@ -90,7 +90,8 @@ def run_quantize(path: str | Path, overrides: list[str], options: dict) -> dict:
 
 
 def quantize_checkpoint(source: Path, sub: Subject, options: dict) -> dict:
-    """fp32 and int8 measured (`run_quantize`), and the int8 program written beside `source`."""
+    """fp32 and int8 measured (`run_quantize`), timed in turns on the CPU, and the int8 program written
+    beside `source`."""
     compute, data, loaders = prepare_run(sub.config)
     model, name = model_from_checkpoint(source, data.info)
     timing = Timing(calls=options["calls"], batch=options["batch"])
@@ -101,16 +102,17 @@ def quantize_checkpoint(source: Path, sub: Subject, options: dict) -> dict:
     forward = compiled(graph)
     with torch.no_grad():
         logits, labels = predict(forward, loaders.test)
-        int8 = {
-            "role": "int8",
-            "name": name,
-            "checkpoint": str(source),
-            **quality(logits, labels, data.info.class_names),
-            "params": fp32["params"],
-            "size_bytes": serialized_bytes(graph_tensors(graph)),
-            "macs": fp32["macs"],
-            "speed": {"cpu": speed(forward, test_images, torch.device("cpu"), timing, "int8")},
-        }
+    int8 = {
+        "role": "int8",
+        "name": name,
+        "checkpoint": str(source),
+        **quality(logits, labels, data.info.class_names),
+        "params": fp32.row["params"],
+        "size_bytes": serialized_bytes(graph_tensors(graph)),
+        "macs": fp32.row["macs"],
+    }
+    cpu = torch.device("cpu")
+    fp32.row["speed"], int8["speed"] = ({"cpu": result} for result in speeds([fp32.forwards["cpu"], forward], test_images, cpu, timing, ["fp32", "int8"]))
     program = export_checked(graph, test_images, "pt2", source.with_suffix(PROGRAM_SUFFIX), atol=1e-5, record=program_record(source, model, "int8"))
     int8.update(file=program["file"], file_bytes=program["bytes"])
     return {
@@ -120,8 +122,8 @@ def quantize_checkpoint(source: Path, sub: Subject, options: dict) -> dict:
         "calibration_images": len(calibration),
         "flow": "torchao PT2E, X86InductorQuantizer (static, int8 activations per tensor, weights per channel), Inductor",
         "timing": timing.__dict__,
-        "accuracy_drop": fp32["test_acc"] - int8["test_acc"],
-        "models": [fp32, int8],
+        "accuracy_drop": fp32.row["test_acc"] - int8["test_acc"],
+        "models": [fp32.row, int8],
     }
 
 
@@ -139,7 +141,8 @@ def quantize_table(result: dict) -> Group:
     notes = [
         f"accuracy drop {100 * result['accuracy_drop']:+.2f} points; calibrated on {result['calibration_images']} training images",
         f"{result['flow']}; fp32: eager, BatchNorm folded",
-        f"cpu: {timed['device_name']}, {timed['threads']} threads; size: the weights as torch.save writes them (int8: the graph's tensors)",
+        f"cpu: {timed['device_name']}, {timed['threads']} threads, fp32 and int8 timed in turns; size: the weights as torch.save "
+        "writes them (int8: the graph's tensors)",
         f"int8 program: {int8['file']} ({human_bytes(int8['file_bytes'])}, torch.export; distill eval runs it)",
     ]
     return Group(table, *(Text(note) for note in notes))
