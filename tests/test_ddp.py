@@ -175,6 +175,15 @@ if "RANK" in os.environ:
         return train_epoch(model, method, slowed, epoch, *args, **kwargs)
 
     loop.train_epoch = injected
+
+    import distill_cli.training.world as world
+    root_cause = world.World.root_cause
+
+    def slow_root_cause(self, message, error):  # the launcher's SIGTERM arrives while the error is handled
+        time.sleep(float(os.environ.get("ROOT_CAUSE_DELAY", "0")) * (os.environ["RANK"] == "0"))
+        return root_cause(self, message, error)
+
+    world.World.root_cause = slow_root_cause
 '''
 
 
@@ -304,7 +313,7 @@ def test_torchrun_of_distill_itself_trains_teacher_and_baseline_with_every_rank(
     path = os.pathsep.join(filter(None, [str(root / "inject"), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "distill_cli", "kd", *overrides, "batch_size=32"],
-        cwd=tmp_path, env={**os.environ, "CI": "1", "PYTHONPATH": path, "FAIL_EPOCH": "3"}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env={**os.environ, "CI": "1", "PYTHONPATH": path, "FAIL_EPOCH": "3", "ROOT_CAUSE_DELAY": "2"}, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
     [day] = (tmp_path / "outputs").glob("2*")

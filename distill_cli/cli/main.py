@@ -18,7 +18,7 @@ from pathlib import Path
 from ..core.commands import BY_NAME, command_lines
 from ..core.config import config_dir, register_configs, validate_config
 from ..core.console import CONSOLE, log, share_terminal
-from ..core.errors import DistillError, Interrupted, did_you_mean, one_line
+from ..core.errors import DistillError, Interrupted, StopSignals, did_you_mean, one_line
 from ..core.processes import available_cpus, jobs_at_once, threads_per_job, torchrun_world_size
 from ..core.run_folders import (
     failed_jobs,
@@ -86,22 +86,33 @@ def _task(command: str, cfg) -> float | None:
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
         stopped.run_dir = run_dir
-        record({"status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)})
+        with StopSignals():  # a second signal (the launcher's SIGTERM after Ctrl-C) waits for the summary
+            record({"status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)})
         raise stopped from None
     except Exception as error:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
             raise
-        message = one_line(error)
-        if torchrun_world_size():  # the rank whose error stopped the others, not their lost connection
-            from ..training.world import world
-
-            message = world().root_cause(message, error)
-            world().report_error(message)
-        FAILED_JOBS.append((str(run_dir), message))
-        if hydra_config.mode == RunMode.MULTIRUN:
-            log.error(f"job {hydra_config.job.num} failed: {message}")
-        record({"status": "failed", "error": message})
+        # torchrun sends SIGTERM to every rank once one has failed: it must not cut this record short
+        with StopSignals():
+            _record_failure(error, run_dir, hydra_config, record)
         return None
+
+
+def _record_failure(error: Exception, run_dir: Path, hydra_config, record) -> None:
+    """The failed job's one line (under torchrun: the rank whose error stopped the others, not their lost
+    connection), kept for `main` to print and written to the run's summary."""
+    from hydra.types import RunMode
+
+    message = one_line(error)
+    if torchrun_world_size():
+        from ..training.world import world
+
+        message = world().root_cause(message, error)
+        world().report_error(message)
+    FAILED_JOBS.append((str(run_dir), message))
+    if hydra_config.mode == RunMode.MULTIRUN:
+        log.error(f"job {hydra_config.job.num} failed: {message}")
+    record({"status": "failed", "error": message})
 
 
 def share_cores(config, jobs: int) -> None:

@@ -1,5 +1,5 @@
 """The one exception type the CLI turns into a one-line message and a non-zero exit, the interrupt that
-stops a run with its checkpoint saved, and `one_line`: the one-line message of any error.
+stops a run with its checkpoint saved (`StopSignals` defers it to a safe point), and `one_line`: the one-line message of any error.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 import signal
+import threading
 from collections.abc import Iterable
 
 
@@ -42,6 +43,29 @@ class Interrupted(KeyboardInterrupt):
 
     def describe(self) -> str:
         return f"interrupted by {signal.Signals(self.signum).name}" + (f" ({self.where})" if self.where else "")
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `signum`: training stops at the next step boundary
+    and saves a checkpoint. A second signal interrupts at once. Only the main thread can catch signals."""
+
+    def __enter__(self) -> "StopSignals":
+        self.signum: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of a background job
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum, "a second signal: stopped without saving")
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def one_line(error: BaseException) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from torch import nn
 
 from ..core.checkpoint import BEST, save_atomic, save_last
 from ..core.console import EpochProgress, log, logging_run
-from ..core.errors import DistillError, Interrupted
+from ..core.errors import DistillError, Interrupted, StopSignals
 from ..core.files import append_text, atomic_write
 from ..data.loader import Batch
 from .compute import Compute
@@ -121,29 +120,6 @@ def check_finite(read: dict, steps: int, tolerate_bad_steps: bool, where: str, s
     raise DistillError(
         f"{where}: training diverged, {what}; stopped without saving this epoch, {saved} (a lower optimizer.lr may help)"
     )
-
-
-class StopSignals:
-    """While active, SIGINT and SIGTERM only set `signum`: training stops at the next step boundary
-    and saves a checkpoint. A second signal interrupts at once. Only the main thread can catch signals."""
-
-    def __enter__(self) -> "StopSignals":
-        self.signum: int | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of a background job
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            raise Interrupted(signum, "a second signal: stopped without saving")
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
