@@ -22,6 +22,7 @@ from ..core.errors import DistillError, Interrupted, did_you_mean, one_line
 from ..core.processes import available_cpus, jobs_at_once, threads_per_job, torchrun_world_size
 from ..core.run_folders import (
     failed_jobs,
+    obtained,
     read_summary,
     record_summary,
     resume_command,
@@ -86,7 +87,7 @@ def _task(command: str, cfg) -> float | None:
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
         stopped.run_dir = run_dir
-        record({"status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)})
+        record({**obtained(interrupt), "status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)})
         raise stopped from None
     except Exception as error:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
@@ -100,7 +101,7 @@ def _task(command: str, cfg) -> float | None:
         FAILED_JOBS.append((str(run_dir), message))
         if hydra_config.mode == RunMode.MULTIRUN:
             log.error(f"job {hydra_config.job.num} failed: {message}")
-        record({"status": "failed", "error": message})
+        record({**obtained(error), "status": "failed", "error": message})  # with what it obtained before failing
         return None
 
 
