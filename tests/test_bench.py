@@ -102,3 +102,19 @@ def test_bench_fused_times_a_sweep_with_one_teacher_forward_per_batch(tmp_path, 
 def test_bench_fused_needs_two_jobs(tmp_path):
     result = run_distill_in_process("bench", "fused=1", cwd=tmp_path, check=False)
     assert result.returncode == 1 and "fused: the students of a fused sweep to time: 0 (off) or >= 2, got 1" in result.stderr
+
+
+def test_bench_times_the_kd_step_reading_the_teacher_view_store(tmp_path):
+    """With crop and flip (views that can be stored) the kd step is also timed reading the teacher-view store,
+    beside the kd step that runs the teacher, against the same reference loop."""
+    result = run_distill_in_process(
+        "bench", "dataset.augment=true", "dataset.train_size=300", "dataset.test_size=50", "dataset.image_size=16",
+        "teacher.kwargs.width=8", "student=mlp", "student.kwargs.hidden=[16]", "batch_size=32",
+        "warmup_steps=1", "steps=2", "repeats=1", "reference_workers=0", cwd=tmp_path,
+    )
+    (path,) = (tmp_path / "outputs").glob("*/*_bench/bench.json")
+    bench = json.loads(path.read_text())
+    assert list(bench["results"]) == ["train", "kd", "kd (teacher views)", "train (student)"]
+    views, live = bench["results"]["kd (teacher views)"], bench["results"]["kd"]
+    assert views["reference_images_per_s"] > 0 and views["distill_images_per_s"] > 0 and live["distill_images_per_s"] > 0
+    assert "kd (teacher views)" in result.stdout

@@ -237,6 +237,39 @@ def test_imagefolder_errors_name_the_expected_layout(tmp_path):
         load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "c")))
 
 
+def test_imagefolder_refuses_a_class_folder_without_images_naming_it(tmp_path):
+    cfg = DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "c"), image_size=8)
+    write_image_tree(tmp_path, "train", 12, classes=("a", "c"))
+    (tmp_path / "train" / "b").mkdir()  # 12 images in a/ and c/, none in b/: b is not silently left out
+    with pytest.raises(DistillError, match=rf"^dataset.root: the class folder {tmp_path}/train/b has no images \(.bmp, .gif, "):
+        load_dataset(cfg)
+    (tmp_path / "train" / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "d").mkdir()
+    with pytest.raises(DistillError, match=rf"^dataset.root: the class folders b, d of {tmp_path}/train have no images"):
+        load_dataset(cfg)
+    write_image_tree(tmp_path, "train", 12, classes=("b", "d"))  # (the colours of a and c: images alike will do)
+    write_image_tree(tmp_path, "test", 2, classes=("a",))
+    (tmp_path / "test" / "c").mkdir()  # a test class may be missing, but not a folder of it without images
+    with pytest.raises(DistillError, match=rf"^dataset.root: the class folder {tmp_path}/test/c has no images"):
+        load_dataset(cfg)
+    (tmp_path / "test" / "c").rmdir()
+    assert load_dataset(cfg).info.class_names == ("a", "b", "c", "d")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        lambda tmp_path: write_image_tree(tmp_path, "train", 12, classes=("a",))
+        or DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "c")),
+        lambda tmp_path: DatasetConfig(name="synthetic", num_classes=1, channels=1, image_size=4, train_size=20, test_size=5),
+    ],
+    ids=["imagefolder", "synthetic"],
+)
+def test_a_dataset_of_one_class_is_refused(cfg, tmp_path):
+    with pytest.raises(DistillError, match=r"^dataset (imagefolder|synthetic) has 1 class \((a|0)\); classification needs at least 2$"):
+        load_dataset(cfg(tmp_path))
+
+
 # ---------------------------------------------------------------- splits of every dataset
 
 

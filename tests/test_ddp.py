@@ -321,3 +321,16 @@ def test_torchrun_of_distill_itself_trains_teacher_and_baseline_with_every_rank(
     cfg = validate_config("kd", compose_config("kd", [*overrides, "batch_size=32"]))
     with pytest.raises(DistillError, match="written by 2 training process.*this run has 1"):
         run_kd(replace(cfg, resume=True), run)
+
+
+@pytest.mark.slow
+def test_every_rank_reads_the_one_teacher_view_store(ddp):
+    """cache_teacher=views in 2 processes: rank 0 builds one store, both ranks read it, and the run trains what
+    the run with the teacher running every step does (to float rounding: other batches computed the logits)."""
+    root, overrides = ddp
+    run_distill("kd", *overrides, "device.processes=2", "batch_size=32", "cache_teacher=views", "hydra.run.dir=views", cwd=root)
+    assert json.loads((root / "views" / "summary.json").read_text())["teacher_supply"] == "teacher views"
+    assert len(list(root.glob("outputs/teacher_cache/views/*/logits.pt"))) == 1
+    for row_views, row_live in zip(metrics_without_timing(root / "views"), metrics_without_timing(root / "two"), strict=True):
+        for key in row_live:
+            assert row_views[key] == pytest.approx(row_live[key], rel=1e-4, abs=1e-6), key

@@ -1,5 +1,9 @@
+import io
 import pickle
+import re
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,9 +99,56 @@ class _RunsCode:
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"arch": "mlp", "state_dict": {}, "payload": _RunsCode()}, path)
-    with pytest.raises(DistillError, match="cannot load checkpoint"):
+    with pytest.raises(DistillError, match=r"evil.pt is not a checkpoint distill can load safely: it holds a pickled Python object"):
         load_checkpoint(path)
     assert "pwned" not in capsys.readouterr().out
+
+
+def _zip(members: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _numpy_array() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    return buffer.getvalue()
+
+
+NOT_CHECKPOINTS = {  # what a file holds -> what the one line says about it, after "<path> is not ..."
+    "text": (b"hello, these are notes\nnot weights\n", "a checkpoint distill can load: it is text, beginning 'hello, these are notes not weights'"),
+    "text starting with c": (b"checkpoints: see the wiki", "a checkpoint distill can load: it is text, beginning 'checkpoints: see the wiki'"),
+    "git lfs pointer": (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n", "a checkpoint distill can load: it is a Git LFS pointer"),
+    "web page": (b"<!DOCTYPE html><html></html>", "a checkpoint distill can load: it is an HTML page"),
+    "numpy": (_numpy_array(), "a checkpoint distill can load: it is a NumPy array (numpy.save)"),
+    "python pickle": (pickle.dumps({"w": 1}, protocol=4), "a checkpoint distill can load: it is a Python pickle (pickle.dump)"),
+    "other zip": (_zip({"a.txt": "hi"}), "a checkpoint distill can load: it is a zip archive torch.save did not write"),
+    "torch.export": (_zip({"m/archive_format": "pt2", "m/models/model.json": "{}"}), "a checkpoint distill can load: it is a torch.export program"),
+    "whole module": (_saved(torch.nn.Linear(2, 2)), "a checkpoint distill can load safely: it holds a pickled Python object (torch.nn.modules.linear.Linear)"),
+    "state_dict": (_saved(torch.nn.Linear(2, 2).state_dict()), "a distill model checkpoint: it holds 2 tensors by name (a state_dict alone)"),
+    "trainer state": (_saved({"model": {}, "epoch": 3}), "a distill model checkpoint: it holds a dict with keys model, epoch,"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_CHECKPOINTS)
+def test_a_file_that_is_not_a_checkpoint_is_named_and_said_what_it_is_in_one_line(kind, tmp_path):
+    content, says = NOT_CHECKPOINTS[kind]
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(content)
+    with pytest.raises(DistillError) as refused:
+        load_checkpoint(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path} is not {says}") and "\n" not in message
+    assert not re.search("weights_only. argument|Re-running|PyTorch 2.6", message)  # torch's advice to load it unsafely
 
 
 def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):

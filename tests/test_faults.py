@@ -34,6 +34,7 @@ from conftest import (
     read_jsonl,
     run_distill_in_process,
     start_distill,
+    write_image_tree,
 )
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -252,7 +253,7 @@ def test_resume_refuses_a_changed_config_a_newer_format_and_code(tmp_path):
 
     torch.save({**_checkpoint(3), "payload": RunsCode()}, tmp_path / PREVIOUS)
     (tmp_path / LAST).unlink()
-    with pytest.raises(DistillError, match="cannot resume .*cannot load checkpoint .*last.prev.pt"):
+    with pytest.raises(DistillError, match="cannot resume .*last.prev.pt is not a checkpoint distill can load safely"):
         load_resume_checkpoint(tmp_path, {"seed": 0})
     assert not (tmp_path / "pwned").exists()
 
@@ -495,13 +496,17 @@ def test_kd_killed_while_training_its_teacher_or_baseline_resumes_it(tmp_path, k
 def test_ctrl_c_stops_a_sweep_and_its_job_folder_resumes(tmp_path, kd_reference):
     process = start_distill("kd", "-m", "alpha=0.9,0.5", *KD, cwd=tmp_path)
     _signal_when(process, tmp_path, "outputs/multirun/*/*/0/metrics.jsonl", signal.SIGINT)
-    line = _one_line(_finish(process), 128 + signal.SIGINT)
+    result = _finish(process)
+    line = _one_line(result, 128 + signal.SIGINT)
     (job,) = tmp_path.glob("outputs/multirun/*/*/0")
     assert line.startswith("distill kd: interrupted by SIGINT (") and "saved to last.pt" in line
     command = line.split("; resume with: ")[1]
     assert command == f"distill resume {job.resolve()}"
     assert not list(tmp_path.glob("outputs/multirun/*/*/1"))  # the sweep stopped
     assert run_status(job) == "interrupted"
+    # the sweep report of what finished, written on Ctrl-C: here no job had finished, and it says so
+    assert "sweep interrupted before any job finished: no sweep report in" in result.stdout
+    assert not (job.parent / "report.md").exists()
     run_distill_in_process(*command.split(" ", 2)[1:], cwd=tmp_path)
     _assert_same_run(job, kd_reference)  # job 0 is alpha=0.9, the reference's alpha (loss=kd's default)
 
@@ -578,6 +583,15 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
     (["kd", "peers=[mlp_small]"], "distill kd: error: peers: deep mutual learning needs two or more networks"),
     (["train", "teacher=mlp_small", "epochs=2", "optimizer.lr=1e30", "hydra.run.dir={tmp}/nan"],
      "teacher epoch 1: training diverged, loss NaN/Inf at step"),
+    # refused before the teacher trains: a batch-relational method with a batch of one, a method's memory
+    (["kd", "loss=rkd", "batch_size=1"],
+     "distill kd: error: batch_size=1: loss=rkd compares the samples of a batch with each other and needs batch_size >= 2"),
+    (["kd", "loss=crd", "loss.negatives=1000000000"],
+     "distill kd: error: loss=crd would hold ~3.7 TiB (2 memory banks of 1294 x loss.embed_dim=128 floats"),
+    (["kd", "alpha=0", "dataset=imagefolder", "dataset.root={tmp}/tree", "dataset.cache_dir={tmp}/cache", "batch_size=4"],
+     "distill kd: error: dataset.root: the class folder {tmp}/tree/train/b has no images (.bmp"),
+    (["kd", "teacher.checkpoint={tmp}/notes.txt"], "distill kd: error: {tmp}/notes.txt is not a checkpoint distill can load: it is text, beginning 'teacher"),
+    (["quantize", "{tmp}/notes.txt"], "distill quantize: error: {tmp}/notes.txt is not a checkpoint distill can load: it is text"),
 ]
 
 
@@ -596,6 +610,9 @@ def test_bad_input_is_one_line(tmp_path):
         (tmp / "damaged" / name).write_bytes(b"PK\x03\x04 damaged")
     for name, classes in (("cnn.pt", 10), ("hundred.pt", 100)):  # teachers of the wrong kinds
         save_atomic(model_checkpoint(torch.nn.Linear(2, 2), "cnn", {"width": 8}, classes), tmp / name)
+    (tmp / "notes.txt").write_text("teacher: trained on the lab machine\n")
+    write_image_tree(tmp / "tree", "train", 12, classes=("a",))
+    (tmp / "tree" / "train" / "b").mkdir()  # a class folder without images
     cases = [([arg.format(tmp=tmp) for arg in args], expected.format(tmp=tmp)) for args, expected in BAD_INPUT]
     processes = {case: start_distill(*cases[case][0], cwd=tmp) for case in BY_THE_CONSOLE_SCRIPT}
     for case, (args, expected) in enumerate(cases):

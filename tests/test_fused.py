@@ -141,7 +141,7 @@ def test_a_group_over_its_memory_budget_trains_as_sub_groups_each_job_exactly_as
     folders = [tmp_path / str(n) for n in range(len(cfgs))]
     with caplog.at_level(logging.INFO, logger="distill"):
         summaries = run_kd_fused(cfgs, folders, memory_gb=2.5 * need / memory.GIB)  # two students fit, not three
-    assert f"budget {memory._size(2.5 * need)} on cpu: trained as 2 groups of 2 and 1" in caplog.text
+    assert f"budget {memory.byte_size(2.5 * need)} on cpu: trained as 2 groups of 2 and 1" in caplog.text
     assert fused_sizes == [2, 1]
     assert [s["status"] for s in summaries] == ["completed"] * 3
     for fused_run, single in zip(folders, alone_folders):

@@ -11,6 +11,7 @@ from conftest import small_kd_config
 from distill_cli.core.config import ModelConfig
 from distill_cli.core.errors import DistillError
 from distill_cli.runs import memory
+from distill_cli.training.device_memory import available_ram
 from distill_cli.training.setup import prepare_run
 
 DIGITS_PIXELS, CLASSES, HIDDEN = 8 * 8, 10, 16
@@ -87,7 +88,7 @@ def test_without_a_budget_the_plan_takes_a_share_of_the_memory_free(probe, monke
     monkeypatch.setattr(memory, "available_bytes", lambda device: 3.2 * need)  # a share of it fits 2 students, not 3
     with caplog.at_level(logging.INFO, logger="distill"):
         assert memory.plan_fused([cfg] * 6, compute, data, loaders, None) == [[0, 1], [2, 3], [4, 5]]
-    assert f"budget {memory._size(memory.SAFETY * 3.2 * need)} on cpu: trained as 3 groups of 2" in caplog.text
+    assert f"budget {memory.byte_size(memory.SAFETY * 3.2 * need)} on cpu: trained as 3 groups of 2" in caplog.text
     assert memory.plan_fused([cfg] * 4, compute, data, loaders, 4.5 * need / memory.GIB) == [[0, 1, 2, 3]]
 
 
@@ -98,7 +99,7 @@ def test_a_job_whose_config_fails_to_build_needs_nothing_in_the_plan(probe):
 
 
 def test_the_cpus_free_memory_is_read_in_bytes():
-    free = memory._available_ram()
+    free = available_ram()
     assert os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 <= free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

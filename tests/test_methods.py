@@ -18,10 +18,11 @@ from conftest import (
 from distill_cli.core.checkpoint import LAST, load_checkpoint
 from distill_cli.core.config import DatasetConfig, KDConfig, ModelConfig, TeacherConfig
 from distill_cli.core.errors import DistillError, Interrupted
-from distill_cli.data import load_dataset
+from distill_cli.data import Augment, load_dataset
 from distill_cli.data.loader import Batch
-from distill_cli.kd.teachers import CACHED, LIVE, teacher_supply
-from distill_cli.kd.wiring import wire_kd
+from distill_cli.kd import objective as objective_module
+from distill_cli.kd.teachers import CACHED, LIVE, VIEWS, teacher_supply
+from distill_cli.kd.wiring import Link, check_kd, wire_kd
 from distill_cli.losses import LOSSES
 from distill_cli.losses.base import build_method
 from distill_cli.models import build_model
@@ -29,6 +30,7 @@ from distill_cli.models.features import Outputs
 from distill_cli.runs.kd import run_kd
 from distill_cli.training.compute import Compute
 from distill_cli.training.optim import build_optimizer
+from distill_cli.training.world import World
 
 CPU = Compute(torch.device("cpu"), "fp32", channels_last=None)
 METHODS = LOSSES.names()
@@ -158,11 +160,59 @@ def test_feature_methods_refuse_a_network_without_feature_maps_naming_it(method,
 def test_teacher_logits_are_cached_only_for_methods_that_read_logits_alone(method, data):
     _, objective, _ = _wired(_config(method), data)
     logits_only = not objective.method.teacher_points
-    assert (teacher_supply(_config(method), augmented=False) == CACHED) == logits_only
-    assert teacher_supply(_config(method), augmented=True) == LIVE
+    assert (teacher_supply(_config(method), None) == CACHED) == logits_only
+    crop_and_flip = Augment(pad=1, flip=True)  # 18 views an image: stored when the method reads logits alone
+    assert teacher_supply(_config(method), crop_and_flip, 100, 10) == (VIEWS if logits_only else LIVE)
+    assert teacher_supply(_config(method), Augment(pad=1, color_jitter=0.2), 100, 10) == LIVE  # views not enumerable
     if not logits_only:
-        with pytest.raises(DistillError, match=f"cache_teacher=true: loss={method} reads the teacher's features"):
-            teacher_supply(_config(method, cache_teacher="true"), augmented=False)
+        for cache in ("true", "views"):
+            with pytest.raises(DistillError, match=f"cache_teacher={cache}: loss={method} reads the teacher's features"):
+                teacher_supply(_config(method, cache_teacher=cache), crop_and_flip if cache == "views" else None, 100, 10)
+
+
+# the methods that compare the samples of a batch with each other (CRD compares each sample with its memory
+# banks: a batch of one has its negatives there)
+BATCH_RELATIONAL = ["rkd", "cc", "sp", "pkt"]
+SMALL_CNN = ("cnn", {"width": 4})  # quick to build, with stages and a pooled feature
+
+
+def _check(method: str, data, compute: Compute = CPU, **changes) -> None:
+    """The check before training (`check_kd`) of `method` between two small cnns, with the config `changes`."""
+    cfg = replace(_config(method, teacher=SMALL_CNN, student=SMALL_CNN), **changes)
+    check_kd([Link(cfg)], data, compute, augment=None)
+
+
+def test_only_the_batch_relational_methods_need_two_samples_a_batch():
+    assert sorted(m for m in METHODS if build_method({"name": m}).min_batch > 1) == sorted(BATCH_RELATIONAL)
+
+
+@pytest.mark.parametrize("method", BATCH_RELATIONAL)
+def test_a_batch_of_one_is_refused_by_the_check_before_training_naming_the_method(method, data):
+    with pytest.raises(DistillError, match=rf"^batch_size=1: loss={method} compares the samples of a batch with each other and needs batch_size >= 2$"):
+        _check(method, data, batch_size=1)
+    _check(method, data, batch_size=2)
+
+
+def test_the_smallest_batch_is_per_process_under_data_parallel_training(data):
+    two_processes = replace(CPU, world=World(rank=1, size=2))  # each takes batch_size samples of a step's 2 x batch_size
+    with pytest.raises(DistillError, match=r"needs batch_size >= 2, per process: each of the 2 processes steps on batch_size samples$"):
+        _check("rkd", data, two_processes, batch_size=1)
+
+
+@pytest.mark.parametrize(
+    "method, changes, parts",
+    [
+        ("crd", {"loss": {"name": "crd", "negatives": 10**9}},
+         r"2 memory banks of 64 x loss\.embed_dim=128 floats and a step's copies: 128\.0 KiB; "
+         r"a step's batch_size=64 x \(1 \+ loss\.negatives=1000000000\) scores: 3\.7 TiB"),
+        ("rkd", {"batch_size": 4096}, r"a step's angles and distances of batch_size=4096 samples \(4096\^3 \+ 4096\^2 x 16 entries\): 771\.0 GiB"),
+    ],
+)
+def test_a_method_that_would_not_fit_the_free_memory_is_refused_with_the_figure_and_the_limit(method, changes, parts, data, monkeypatch):
+    monkeypatch.setattr(objective_module, "available_bytes", lambda device: 2**30)
+    with pytest.raises(DistillError, match=rf"^loss={method} would hold ~[\d.]+ [GT]iB \({parts}\), more than the 1\.0 GiB free on cpu$"):
+        _check(method, data, **changes)
+    _check(method, data)  # at the published defaults it fits
 
 
 def test_method_parts_sit_on_the_objective_and_build_with_published_defaults():

@@ -228,13 +228,6 @@ def test_cc_is_zero_when_the_two_embeddings_agree():
     assert terms["cc"].item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_cc_refuses_a_batch_of_one():
-    method = built(CC, TRAIN_LABELS)
-    student, teacher = pooled(torch.randn(1, STUDENT_DIM)), pooled(torch.randn(1, TEACHER_DIM))
-    with pytest.raises(DistillError, match="^loss=cc: needs batches of at least 2"):
-        method(student, teacher, batch_of(torch.zeros(1, dtype=torch.long)), 1)
-
-
 # ---- both --------------------------------------------------------------------------------------------
 
 

@@ -83,8 +83,8 @@ def test_ensemble_target_is_the_weighted_average_of_the_members_softened_probabi
     teacher = TeacherConfig(arch="ensemble", name="ensemble", members=members, weights=[1.0, 3.0])
     cfg = small_kd_config(tmp_path, teacher=teacher, T=3.0)
     tables = []
-    kd_step = wiring.kd_step
-    monkeypatch.setattr(wiring, "kd_step", lambda *args: tables.append(args[3]) or kd_step(*args))
+    teacher_logits = wiring.teacher_logits
+    monkeypatch.setattr(wiring, "teacher_logits", lambda *args: tables.append(teacher_logits(*args)) or tables[-1])
     summary = run_kd(cfg, tmp_path / "run")
 
     ensemble = summary["teacher"]

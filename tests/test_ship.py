@@ -1,30 +1,40 @@
 """Shipping the student: `distill eval`, `distill export` and `kd export=`."""
 
 import json
+import logging
+import time
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_distill_in_process
+from conftest import run_distill_in_process, small_kd_config
 from torch import nn
 
 import distill_cli.ship.export as export
+import distill_cli.ship.quantize as quantize
 from distill_cli.cli.main import main
 from distill_cli.core.checkpoint import load_checkpoint, save_atomic
 from distill_cli.core.config import DatasetConfig, ModelConfig
 from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo, load_dataset
+from distill_cli.kd.teachers import Shared
 from distill_cli.models import build_model
 from distill_cli.models.checkpoints import model_from_checkpoint
+from distill_cli.runs.student import compare_with_teacher
 from distill_cli.ship.evaluate import (
+    Measured,
     Timing,
     calibration_error,
     flops_per_image,
     peak_activation_bytes,
     quality,
     run_eval,
+    timed,
 )
-from distill_cli.ship.quantize import cpp_compiler
+from distill_cli.ship.programs import cpp_compiler
+from distill_cli.training.setup import prepare_run
 
 QUICK = Timing(calls=5, warmup=1, batch=16, repeats=2)
 DIGITS = DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), tuple(str(i) for i in range(10)))
@@ -88,6 +98,71 @@ def test_quality_confusion_matrix_and_per_class_accuracy():
     assert result["test_acc_per_class"] == pytest.approx({"a": 0.5, "b": 0.5, "c": 1.0})
 
 
+# ---------------------------------------------------------------- speed-up
+
+
+class _BusyMachine:
+    """A clock for timing without timing: a forward pass takes `cost` per image times the machine's load,
+    which grows 5% with every pass (other jobs taking the cores)."""
+
+    def __init__(self):
+        self.now, self.load, self.batches = 0.0, 1.0, []
+
+    def run(self, images: torch.Tensor, cost: float) -> None:
+        self.now += cost * len(images) * self.load
+        self.load *= 1.05
+        self.batches.append(len(images))
+
+
+MACHINE = _BusyMachine()
+
+
+def _busy_forward(images: torch.Tensor, cost: float) -> torch.Tensor:
+    MACHINE.run(images, cost)
+    return images.flatten(1)[:, :10]
+
+
+torch.fx.wrap("_busy_forward")  # traced (and BatchNorm-folded) as a call, run on every forward
+
+
+class _Costly(nn.Module):
+    """A network whose forward pass takes `cost` per image on MACHINE's clock."""
+
+    def __init__(self, cost: float):
+        super().__init__()
+        self.cost = cost
+
+    def forward(self, images):
+        return _busy_forward(images, self.cost)
+
+
+@pytest.mark.parametrize("teacher_cost, speedup", [(2.0, 2.0), (1.0, 1.0)], ids=["half the cost", "identical"])
+def test_the_speed_up_holds_still_while_the_machine_gets_busier(tmp_path, monkeypatch, teacher_cost, speedup):
+    """The kd summary's speed-up times teacher and student in turns at a fixed batch: a load that grows over
+    the measurement falls on both alike (timed one after the other, it read 1.6x for 2x, 0.8x for 1x)."""
+    global MACHINE
+    MACHINE = _BusyMachine()
+    monkeypatch.setattr(time, "perf_counter", lambda: MACHINE.now)
+    compute, _, loaders = prepare_run(small_kd_config(tmp_path))
+    run = SimpleNamespace(compute=compute, loaders=loaders, shared=Shared())
+    summary = {"teacher": {"params": 2}, "student": {"params": 1}}
+    compare_with_teacher(run, summary, _Costly(teacher_cost), _Costly(1.0))
+    assert summary["speedup"] == pytest.approx(speedup, rel=0.1)
+    assert summary["speedup"] == pytest.approx(summary["student"]["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"])
+    assert set(MACHINE.batches) == {256}  # a fixed batch of test images (digits has 359), not the test split
+
+
+def test_distill_eval_times_its_models_in_turns(monkeypatch):
+    """eval's speed-up over the teacher on the same busy machine: latency and throughput of all models timed in turns."""
+    global MACHINE
+    MACHINE = _BusyMachine()
+    monkeypatch.setattr(time, "perf_counter", lambda: MACHINE.now)
+    measured = [Measured({"role": role}, {"cpu": _Costly(cost)}) for role, cost in (("teacher", 2.0), ("student", 1.0))]
+    rows = timed(measured, torch.zeros(4, 1, 8, 8), QUICK)
+    assert [row["speed"]["cpu"]["speedup"] for row in rows] == pytest.approx([1.0, 2.0], rel=0.1)
+    assert rows[1]["speed"]["cpu"]["latency_ms_median"] == pytest.approx(rows[0]["speed"]["cpu"]["latency_ms_median"] / 2, rel=0.1)
+
+
 # ---------------------------------------------------------------- eval
 
 
@@ -107,10 +182,12 @@ def test_eval_of_a_kd_run_folder_is_one_three_way_table(kd_run, tmp_path, capsys
         timed = row["speed"]["cpu"]
         assert 0 < timed["latency_ms_median"] <= timed["latency_ms_p90"] and timed["throughput_images_per_s"] > 0
         assert timed["threads"] == torch.get_num_threads() and timed["throughput_batch"] == QUICK.batch
+        # timed in turns with the teacher: the speed-up over it, the summary's figure as distill eval measures it
+        assert timed["speedup"] == pytest.approx(timed["throughput_images_per_s"] / rows["teacher"]["speed"]["cpu"]["throughput_images_per_s"])
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["models"][1]["name"] == "cnn(blocks=2, width=4)"
     assert (tmp_path / "eval" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
-    assert "alone" in table and "MMACs/img" in table and "multiply-adds" in table
+    assert "alone" in table and "MMACs/img" in table and "multiply-adds" in table and "speed-up" in table
 
 
 def test_eval_of_one_checkpoint_through_the_cli(kd_run, tmp_path, capsys):
@@ -119,6 +196,29 @@ def test_eval_of_one_checkpoint_through_the_cli(kd_run, tmp_path, capsys):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert [row["role"] for row in result["models"]] == ["model"]
     assert result["timing"]["calls"] == 3 and result["models"][0]["speed"]["cpu"]["throughput_batch"] == 8
+
+
+MODE_RUNS = {  # a training mode whose run folder has no top-level best.pt, and the roles eval reports
+    "mutual learning": (["peers=[mlp_small,mlp]", "student.kwargs.dropout=0.0"], ["peer1", "peer2", "peer1 alone", "peer2 alone"]),
+    "born-again": (["generations=2", "teacher.kwargs.width=8"], ["teacher", "generation 1", "generation 2", "student alone"]),
+}
+
+
+@pytest.mark.parametrize("mode", MODE_RUNS)
+def test_eval_of_a_mutual_learning_or_born_again_run_folder_reports_each_peer_or_generation(mode, tmp_path):
+    overrides, roles = MODE_RUNS[mode]
+    args = ["kd", *overrides, "epochs=1", "teacher_epochs=1", "device=cpu", f"teacher_cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    run_distill_in_process(*args, cwd=tmp_path)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    result = run_eval(tmp_path / "run", [], out=str(tmp_path / "eval"), gpu=False, timing=QUICK)
+    rows = {row["role"]: row for row in result["models"]}
+    assert list(rows) == roles
+    trained = summary.get("peers") or summary.get("generations")
+    for row, entry in zip(result["models"], [summary["teacher"]] * ("teacher" in rows) + trained):
+        assert row["test_acc"] == pytest.approx(entry.get("test_acc_best", entry.get("test_acc")), abs=1e-6)
+    alone = [row for role, row in rows.items() if role.endswith("alone")]
+    baselines = [peer["baseline"] for peer in summary["peers"]] if summary.get("peers") else [summary["baseline"]]
+    assert [row["test_acc"] for row in alone] == pytest.approx([b["test_acc_best"] for b in baselines], abs=1e-6)
 
 
 # ---------------------------------------------------------------- export
@@ -147,6 +247,11 @@ def test_export_pt2_reproduces_pytorch_on_real_images(kd_run, tmp_path, capsys):
     images, _ = digits_test_images()
     torch.testing.assert_close(program(images[:3]), model(images[:3]), atol=1e-5, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt2", "student.pt2.json"]
+    # the program carries what distill eval needs to run it again: the same accuracy as the checkpoint
+    result = run_eval(tmp_path / "student.pt2", [], out=str(tmp_path / "eval"), timing=QUICK)
+    (row,) = result["models"]
+    assert (row["role"], row["name"]) == ("fp32", "cnn(blocks=2, width=4)")
+    assert row["test_acc"] == json.loads((kd_run / "summary.json").read_text())["student"]["test_acc_best"]
 
 
 class _Branchy(nn.Module):
@@ -234,9 +339,22 @@ def test_kd_export_format_is_checked_before_training():
 INT8_MAX_DROP = 0.02
 
 
+TORCH_WARNING = "<enum 'KernelPreference'> is an Enum subclass ... (what importing torchao logs)"
+
+
 @pytest.mark.skipif(cpp_compiler() is None, reason="Inductor needs a C++ compiler (g++ or clang++) for the int8 kernels")
-def test_int8_digits_teacher_stays_within_the_stated_drop(kd_run, tmp_path, capsys):
-    assert main(["quantize", str(kd_run / "teacher" / "best.pt"), f"out={tmp_path}", "calls=3", "batch=16", "calibration=256"]) == 0
+def test_int8_digits_teacher_stays_within_the_stated_drop_and_its_program_evaluates_the_same(kd_run, tmp_path, capsys, monkeypatch):
+    quantize_int8 = quantize.quantize_int8
+
+    def quantize_with_torch_warnings(*args):  # what torch prints on its own while quantizing (once per process)
+        logging.getLogger("torch.utils._pytree").warning(TORCH_WARNING)
+        logging.getLogger("torch._inductor").warning("No CUDA runtime is found")
+        warnings.warn("a Python warning from torch", UserWarning)
+        return quantize_int8(*args)
+
+    monkeypatch.setattr(quantize, "quantize_int8", quantize_with_torch_warnings)
+    checkpoint = kd_run / "teacher" / "best.pt"
+    assert main(["quantize", str(checkpoint), f"out={tmp_path}", "calls=3", "batch=16", "calibration=256"]) == 0
     result = json.loads((tmp_path / "quantize.json").read_text())
     fp32, int8 = result["models"]
     assert (fp32["role"], int8["role"]) == ("fp32", "int8") and result["calibration_images"] == 256
@@ -245,7 +363,25 @@ def test_int8_digits_teacher_stays_within_the_stated_drop(kd_run, tmp_path, caps
     assert result["accuracy_drop"] == pytest.approx(fp32["test_acc"] - int8["test_acc"])
     assert int8["size_bytes"] < fp32["size_bytes"] / 2  # one byte per weight instead of four
     assert int8["speed"]["cpu"]["precision"] == "int8" and int8["speed"]["cpu"]["throughput_images_per_s"] > 0
-    assert "accuracy drop" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "accuracy drop" in printed.out
+    # torch's own warnings go to quantize.log, not among the table
+    assert "KernelPreference" not in printed.out + printed.err and "CUDA" not in printed.out + printed.err
+    assert printed.err == "" and "torch's own warnings:" in printed.out
+    log = (tmp_path / "quantize.log").read_text()
+    assert TORCH_WARNING in log and "No CUDA runtime is found" in log and "a Python warning from torch" in log
+
+    # the int8 model is written beside the checkpoint, and distill eval measures that file as quantize did
+    program = checkpoint.with_suffix(".int8.pt2")
+    assert int8["file"] == str(program) and int8["file_bytes"] == program.stat().st_size
+    assert json.loads(program.with_name(program.name + ".json").read_text())["max_abs_diff"] <= 1e-5  # the graph itself
+    assert main(["eval", str(program), f"out={tmp_path / 'eval'}", "calls=3", "batch=16"]) == 0
+    (row,) = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
+    assert (row["role"], row["name"], row["params"]) == ("int8", int8["name"], fp32["params"])
+    assert (row["test_acc"], row["ece"], row["confusion"]) == (int8["test_acc"], int8["ece"], int8["confusion"])
+    assert row["size_bytes"] == program.stat().st_size and row["macs"] == fp32["macs"]
+    assert row["speed"]["cpu"]["precision"] == "int8" and row["speed"]["cpu"]["latency_ms_median"] > 0
+    assert "KernelPreference" not in capsys.readouterr().err
 
 
 def test_the_quantized_graph_holds_int8_weights():

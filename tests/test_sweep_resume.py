@@ -126,6 +126,8 @@ def test_a_sweep_of_the_basic_launcher_stopped_mid_job_resumes(reference, monkey
     on_training_step(monkeypatch, 2 * 20 + 25, lambda parts: os.kill(os.getpid(), signal.SIGTERM) or parts, factory="kd_step")
     assert distill_in_process(monkeypatch, *args) == 128 + signal.SIGTERM  # job 1, epoch 2, step 5 (20 steps an epoch)
     assert not (sweep / "2").exists()
+    report = json.loads((sweep / "report.json").read_text())  # what finished, reported although Hydra's callback never ran
+    assert [job["status"] for job in report["jobs"]] == ["completed", "interrupted"] and report["rows"][0]["n"] == 1
     completed = (sweep / "0" / "summary.json").stat().st_mtime_ns
     monkeypatch.undo()
     _report_without_plots(monkeypatch)
@@ -134,6 +136,7 @@ def test_a_sweep_of_the_basic_launcher_stopped_mid_job_resumes(reference, monkey
     assert (sweep / "0" / "summary.json").stat().st_mtime_ns == completed
     assert "student: resuming after epoch 1 and 5 steps of epoch 2" in (sweep / "1" / "kd.log").read_text()
     _assert_as_uninterrupted(sweep, reference, {0: 0, 1: 1, 2: 2})
+    assert [job["status"] for job in json.loads((sweep / "report.json").read_text())["jobs"]] == ["completed"] * 3
 
 
 def _multirun(sweep, cwd, sweeper: str = BASIC_SWEEPER) -> None:

@@ -16,7 +16,6 @@ from conftest import (
     compose_config,
     on_training_step,
     read_jsonl,
-    run_distill_in_process,
     small_kd_config,
     small_train_config,
 )

@@ -306,6 +306,17 @@ def _ship(command: str, args: list[str]) -> int:
     return 0
 
 
+def _report_interrupted_sweeps(command: str) -> None:
+    """The report of what finished in each sweep an interrupt stopped (`sweeps.callbacks.report_interrupted`);
+    a second interrupt skips it."""
+    from ..sweeps.callbacks import report_interrupted
+
+    try:
+        report_interrupted(command)
+    except KeyboardInterrupt:
+        pass
+
+
 def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
@@ -358,6 +369,7 @@ def _run_command(command: str, rest: list[str]) -> int:
         return 1
     except KeyboardInterrupt as interrupt:
         stopped = Interrupted.wrap(interrupt)
+        _report_interrupted_sweeps(command)
         resume = f"; resume with: {resume_command(stopped.run_dir)}" if stopped.run_dir else ""
         print(f"distill {command}: {stopped.describe()}{resume}", file=sys.stderr)
         return 128 + stopped.signum

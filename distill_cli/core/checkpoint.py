@@ -2,12 +2,16 @@
 
 A run folder keeps `best.pt` (best on the validation split), `last.pt` (the newest training state)
 and `last.prev.pt` (the `last.pt` it replaced), so a damaged `last.pt` still leaves one to resume from.
-Every load checks the zip archive's CRCs (torch.load does not), so damage is found, not loaded.
+Every load checks the zip archive's CRCs (torch.load does not), so damage is found, not loaded; a file that
+is no distill checkpoint is refused in one line saying what it is, as far as the file tells.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,27 @@ LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
 
 
 DAMAGED = "last.damaged.pt"  # a last.pt that could not be resumed from, kept aside for a look
+
+
+WEB_PAGE = "an HTML page (a download that saved a web page instead of the file?)"
+# what a file torch.load cannot read is, and where it came from, told by its first bytes (in lower case)
+FILE_STARTS = {
+    b"version https://git-lfs": "a Git LFS pointer, not the file it points to (`git lfs pull` fetches that)",
+    b"<!doctype html": WEB_PAGE,
+    b"<html": WEB_PAGE,
+    b"\x93numpy": "a NumPy array (numpy.save)",
+    b"\x89hdf": "an HDF5 file (Keras and others write these)",
+    b"\x80\x04": "a Python pickle (pickle.dump), not a file torch.save writes",
+    b"\x80\x05": "a Python pickle (pickle.dump), not a file torch.save writes",
+}
+# ... and a zip archive, by a file it holds (beside its top folder)
+ARCHIVE_MEMBERS = {
+    "archive_format": "a torch.export program (.pt2, as `distill export format=pt2` writes; give the best.pt it came from)",
+    "constants.pkl": "a TorchScript archive (torch.jit.save)",
+}
+ZIP_START = b"PK\x03\x04"  # the first bytes of a zip archive, as torch.save writes them
+HEAD_BYTES = 512  # the first bytes of a file read to tell what it is
+TEXT_SHOWN = 40  # characters of a text file quoted in the refusal
 
 
 log = logging.getLogger("distill")
@@ -70,23 +95,88 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as file:
+            head = file.read(HEAD_BYTES)
+    except OSError as error:
+        raise DistillError(f"cannot read checkpoint {path}: {error.strerror}") from None
     # torch.load does not check the CRCs its zip format stores: a flipped bit would load silently
-    damage = _damage(path) if zipfile.is_zipfile(path) else None
+    damage = "the file is empty" if not head else _damage(path) if head.startswith(ZIP_START) else None
     if damage:
         raise DistillError(f"cannot load checkpoint {path}: {damage}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about the files it then refuses: the refusal says it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused, truncated file, not a torch file, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DistillError(f"cannot load checkpoint {path}: {reason}") from None
+        raise _not_a_checkpoint(path, head, error) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "arch" not in checkpoint:
-        raise DistillError(f"{path} is not a distill model checkpoint")
+        raise DistillError(f"{path} is not a distill model checkpoint: it holds {_contents(checkpoint)}, without the arch and state_dict distill writes")
     version = checkpoint.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise DistillError(
             f"{path} has checkpoint format {version!r}; this distill reads formats 1 to {FORMAT_VERSION} (a newer distill wrote it?)"
         )
     return checkpoint
+
+
+def _not_a_checkpoint(path: Path, head: bytes, error: Exception) -> DistillError:
+    """The one line for a file torch.load refused (`head`: its first bytes), in our words: what the file is,
+    as far as it says."""
+    kind = _file_kind(path, head)
+    # a file torch.save wrote, refused by torch.load's weights_only unpickler (text starting with "c" would
+    # read as a pickled global too: hence only where the file is nothing else)
+    unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))  # "Unsupported global: GLOBAL m.f", "unsupported GLOBAL m.f whose ..."
+    if unsafe and not kind:
+        return DistillError(
+            f"{path} is not a checkpoint distill can load safely: it holds a pickled Python object ({unsafe[1]}) and "
+            "distill loads only tensors and plain data, so that a file runs no code (torch.load with weights_only; "
+            "torch.save(model) writes such files)"
+        )
+    return DistillError(f"{path} is not a checkpoint distill can load: {kind or f'torch.load cannot read it ({_reason(error)})'}")
+
+
+def _file_kind(path: Path, head: bytes) -> str:
+    """What the file is, from its first bytes `head` and (a zip archive) the files it holds; "" when it does
+    not say."""
+    if head.startswith(ZIP_START):  # intact: `_damage` found nothing wrong with it
+        with zipfile.ZipFile(path) as archive:
+            members = {name.split("/", 1)[-1] for name in archive.namelist()}
+        kinds = [kind for member, kind in ARCHIVE_MEMBERS.items() if member in members]
+        if "data.pkl" not in members:
+            kinds.append("a zip archive torch.save did not write")
+    else:
+        kinds = [kind for start, kind in FILE_STARTS.items() if head.lower().startswith(start)]
+    if kinds:
+        return f"it is {kinds[0]}"
+    try:  # a character cut at the end of `head` is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return ""
+    if all(character.isprintable() or character.isspace() for character in text):
+        return f"it is text, beginning {' '.join(text.split())[:TEXT_SHOWN]!r}"
+    return ""
+
+
+def _reason(error: Exception) -> str:
+    """torch.load's reason in one line: the unpickler's own words when it gives them, else the first line."""
+    text = str(error).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if detail:
+        return detail[1].strip()
+    if text.startswith("Weights only load failed"):  # the rest is advice to load it unsafely
+        return "it holds more than tensors and plain data"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _contents(value: Any) -> str:
+    """What a loaded file holds, in a few words: a state_dict alone, a dict's keys, or the object's type."""
+    if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        return f"{len(value)} tensor{'s' if len(value) > 1 else ''} by name (a state_dict alone)"
+    if isinstance(value, dict):
+        keys = [str(key) for key in value][:6]
+        return f"a dict with keys {', '.join(keys)}{', ...' if len(value) > len(keys) else ''}"
+    return f"a {type(value).__name__}"
 
 
 def _first_difference(old: Any, new: Any, key: str = "") -> str | None:

@@ -294,10 +294,15 @@ class KDConfig(RunConfig):
     teacher_epochs: int = 30
     # also train (once per recipe, cached) the same student alone and report what KD bought over it
     baseline: bool = True
-    # compute the teacher's logits once for the whole transfer set and skip its forward pass in every
-    # step: auto = when that is exact (dataset.augment=false: every epoch shows the same images);
-    # true insists (an error with augmentation on), false always runs the teacher
+    # compute the teacher's logits once and skip its forward pass in every step (methods that read only
+    # the teacher's logits): true = one logit per image (exact only with dataset.augment=false); views = one
+    # per augmented view of every image (crop + flip: (2 pad + 1)^2 x 2 views), stored with the cached
+    # teacher for every later run; auto = the exact one that pays (views: when the store exists or this
+    # run's epochs reach its view count, and it fits teacher_views_max_gb); false always runs the teacher
     cache_teacher: str = "auto"
+    # the largest teacher-view store to build (GiB), and the precision of its logits (float32, float16)
+    teacher_views_max_gb: float = 4.0
+    teacher_views_dtype: str = "float32"
     # at the end of the run, export the student's best.pt to best.onnx or best.pt2 (see `distill export`)
     export: Optional[str] = None
     # deep mutual learning: these networks (model options, as `student=` takes) train together from
@@ -311,7 +316,9 @@ class KDConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.cache_teacher = str(self.cache_teacher).lower()
-        _choice("cache_teacher", self.cache_teacher, ("auto", "true", "false"))
+        _choice("cache_teacher", self.cache_teacher, ("auto", "true", "false", "views"))
+        _choice("teacher_views_dtype", self.teacher_views_dtype, ("float32", "float16"))
+        _check(self.teacher_views_max_gb >= 0, "teacher_views_max_gb", f"must be >= 0, got {self.teacher_views_max_gb}")
         if self.export is not None:
             _choice("export", self.export, ("onnx", "pt2"))
         _check(math.isfinite(self.T) and self.T > 0, "T", f"temperature must be a finite number > 0, got {self.T}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -79,6 +81,63 @@ def job_log_files(run_dirs: list[Path], name: str) -> Iterator[None]:
             handler.close()
         for handler in replaced:
             root.addHandler(handler)
+
+
+class _FileOnFirstLine(logging.FileHandler):
+    """A log file created, with its folder, when the first line comes (a command that fails early leaves none)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+@dataclass
+class LibraryLog:
+    """Where `library_log` wrote the libraries' lines, and how many it wrote."""
+
+    path: Path
+    lines: int = 0
+
+    def mention(self) -> str:
+        """` (torch's own warnings: <path>)` when any line was written, else ""."""
+        return f" (torch's own warnings: {self.path})" if self.lines else ""
+
+
+@contextmanager
+def library_log(path: Path, libraries: tuple[str, ...] = ("torch", "torchao")) -> Iterator[LibraryLog]:
+    """While the block runs, the log lines of `libraries` (torch's internal warnings such as `W1203 ...
+    _pytree.py ...` or `No CUDA runtime is found`) and Python's warnings go to the log file `path` (created
+    on the first line) instead of the console, where they would land among a command's table."""
+    written = LibraryLog(Path(path))
+    handler = _FileOnFirstLine(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    handler.addFilter(lambda record: setattr(written, "lines", written.lines + 1) or True)
+    python_warnings = logging.getLogger("py.warnings")
+    tops = [logging.getLogger(name) for name in libraries] + [python_warnings]
+    children = [logger for name, logger in list(logging.Logger.manager.loggerDict.items())
+                if name.startswith(tuple(f"{library}." for library in libraries)) and isinstance(logger, logging.Logger)]
+    kept = [(logger, logger.handlers[:], logger.propagate) for logger in tops + children]
+    for logger in tops + children:  # torch's loggers print to stderr themselves; their other handlers stay
+        printing = [handler for handler in logger.handlers if getattr(handler, "stream", None) in (sys.stderr, sys.stdout)]
+        if printing or logger in tops:
+            logger.handlers[:] = [h for h in logger.handlers if h not in printing] + [handler]
+            logger.propagate = False
+
+    def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        python_warnings.warning(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = log_warning
+            yield written
+    finally:
+        for logger, handlers, propagate in kept:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        handler.close()
 
 
 _SILENT = False  # a data-parallel rank other than 0: rank 0 shows the progress

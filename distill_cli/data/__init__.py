@@ -31,6 +31,14 @@ class Augment:
     def active(self) -> bool:
         return bool(self.pad or self.flip or self.color_jitter)
 
+    @property
+    def view_count(self) -> int:
+        """How many different views of an image the preset makes: (2 pad + 1)^2 crops x 2 with flips; 0
+        when they cannot be enumerated (colour jitter draws from a continuum) or there is no augmentation."""
+        if self.color_jitter or not self.active:
+            return 0
+        return (2 * self.pad + 1) ** 2 * (2 if self.flip else 1)
+
 
 @dataclass
 class DatasetInfo:
@@ -110,6 +118,9 @@ def _drop_classes(split: Split, classes: list[int], info: DatasetInfo) -> Split:
 def load_dataset(cfg: DatasetConfig) -> DataSplits:
     """Load `cfg.name`; carve test (if the dataset has none) and validation splits, seeded; drop excluded classes."""
     raw = DATASETS.get(cfg.name)(cfg)
+    classes = raw.info.class_names
+    if len(classes) < 2:
+        raise DistillError(f"dataset {cfg.name} has {len(classes)} class ({', '.join(classes)}); classification needs at least 2")
     generator = torch.Generator().manual_seed(cfg.split_seed)
     train, test = raw.train, raw.test
     if test is None:

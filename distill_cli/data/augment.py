@@ -8,6 +8,10 @@ equals `RandomHorizontalFlip(0.5)`; `random_color_jitter(strength)` is torchvisi
 from the caller's generator so the augmented views are reproducible. `augment_one` is the per-sample
 form the stream pipeline's workers apply, written the way torchvision's transforms do it (pad,
 slice one window, maybe mirror), so the two pipelines can be checked against each other.
+
+Crop and flip have finitely many views per image ((2 pad + 1)^2 x 2 for pad and flip): both pipelines
+report the view each image got (`view_id`), and `views_of` makes any view again, so a frozen teacher's
+outputs can be computed once per view and looked up in every epoch (`kd.teachers`, `cache_teacher=views`).
 """
 
 from __future__ import annotations
@@ -28,10 +32,19 @@ def _rows(images: torch.Tensor, part: Part | None) -> Part:
 
 def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator, part: Part | None = None) -> torch.Tensor:
     """Zero-pad each image by `pad` pixels and crop it back to its size at a random offset."""
+    return crop_at(images, pad, _crop_offsets(images, pad, generator, part))
+
+
+def _crop_offsets(images: torch.Tensor, pad: int, generator: torch.Generator, part: Part | None) -> torch.Tensor:
+    """The (top, left) offset of each image's window in the padded image, drawn: (2, B)."""
+    total, rows = _rows(images, part)
+    return torch.randint(0, 2 * pad + 1, (2, total), generator=generator, device=images.device)[:, rows]
+
+
+def crop_at(images: torch.Tensor, pad: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Zero-pad each image by `pad` pixels and crop it back to its size at its (top, left) `offsets` (2, B)."""
     batch, _, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
-    total, rows = _rows(images, part)
-    offsets = torch.randint(0, 2 * pad + 1, (2, total), generator=generator, device=images.device)[:, rows]
     rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # (B, W)
     index = torch.arange(batch, device=images.device)[:, None, None]
@@ -42,8 +55,17 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator, part
 
 def random_flip(images: torch.Tensor, generator: torch.Generator, part: Part | None = None) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
+    return flip_where(images, _flips(images, generator, part))
+
+
+def _flips(images: torch.Tensor, generator: torch.Generator, part: Part | None) -> torch.Tensor:
+    """Whether each image is mirrored, drawn: (B,) bool."""
     total, rows = _rows(images, part)
-    flip = torch.rand(total, generator=generator, device=images.device)[rows] < 0.5
+    return torch.rand(total, generator=generator, device=images.device)[rows] < 0.5
+
+
+def flip_where(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right where `flip` (B,) is true."""
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
@@ -80,23 +102,63 @@ def _grey(pixels: torch.Tensor) -> torch.Tensor:
 def apply(images: torch.Tensor, augment: Augment, generator: torch.Generator, part: Part | None = None) -> torch.Tensor:
     """Apply a dataset's augmentation preset to a uint8 batch (`part`: these images are those rows of
     a larger batch, whose draws are made)."""
+    return apply_with_views(images, augment, generator, part)[0]
+
+
+def apply_with_views(
+    images: torch.Tensor, augment: Augment, generator: torch.Generator, part: Part | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`apply`, with the view each image got (`view_id`) when the preset's views can be enumerated
+    (`Augment.view_count`; None with colour jitter). The same draws as `apply`."""
+    batch = len(images)
+    offsets = torch.zeros((2, batch), dtype=torch.long, device=images.device)
+    flips = torch.zeros(batch, dtype=torch.bool, device=images.device)
     if augment.pad:
-        images = random_crop(images, augment.pad, generator, part)
+        offsets = _crop_offsets(images, augment.pad, generator, part)
+        images = crop_at(images, augment.pad, offsets)
     if augment.flip:
-        images = random_flip(images, generator, part)
+        flips = _flips(images, generator, part)
+        images = flip_where(images, flips)
     if augment.color_jitter:
         images = random_color_jitter(images, augment.color_jitter, generator, part)
-    return images
+    return images, view_id(augment, offsets, flips) if augment.view_count else None
+
+
+def view_id(augment: Augment, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """The number of each view in 0..view_count-1: (top * (2 pad + 1) + left) * (2 with flips, else 1) + flipped."""
+    sides = 2 if augment.flip else 1
+    return (offsets[0] * (2 * augment.pad + 1) + offsets[1]) * sides + flips.long()
+
+
+def views_of(images: torch.Tensor, augment: Augment, views: torch.Tensor) -> torch.Tensor:
+    """The uint8 images as seen in the views `views` (B,): the inverse of `view_id`, so that the view a batch
+    drew can be made again (the teacher-view store is built this way)."""
+    sides = 2 if augment.flip else 1
+    window = views // sides
+    offsets = torch.stack([window // (2 * augment.pad + 1), window % (2 * augment.pad + 1)])
+    if augment.pad:
+        images = crop_at(images, augment.pad, offsets)
+    return flip_where(images, views % sides == 1) if augment.flip else images
 
 
 def augment_one(image: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
     """Apply a dataset's augmentation preset to one uint8 image (C, H, W)."""
+    return augment_one_with_view(image, augment, generator)[0]
+
+
+def augment_one_with_view(image: torch.Tensor, augment: Augment, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """`augment_one`, with the view the image got (`view_id`; -1 when the views cannot be enumerated)."""
+    top = left = 0
+    flipped = False
     if augment.pad:
         _, height, width = image.shape
         top, left = torch.randint(0, 2 * augment.pad + 1, (2,), generator=generator).tolist()
         image = F.pad(image, (augment.pad,) * 4)[:, top : top + height, left : left + width]
     if augment.flip and torch.rand((), generator=generator) < 0.5:
         image = image.flip(2)
+        flipped = True
     if augment.color_jitter:
         image = random_color_jitter(image[None], augment.color_jitter, generator)[0]
-    return image
+    if not augment.view_count:
+        return image, -1
+    return image, int(view_id(augment, torch.tensor([[top], [left]]), torch.tensor([flipped]))[0])

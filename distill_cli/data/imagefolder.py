@@ -29,12 +29,13 @@ CACHE_VERSION = 1
 STATS_SAMPLE = 2000  # images of a streamed tree that its normalisation statistics are computed from
 
 
-def _list_tree(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    files = []
+def _list_tree(folder: Path, classes: list[str]) -> dict[str, list[tuple[Path, int]]]:
+    """The image files of each class folder under `folder` that exists, with their labels, by class."""
+    files = {}
     for label, name in enumerate(classes):
         class_dir = folder / name
         if class_dir.is_dir():
-            files += [(p, label) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            files[name] = [(p, label) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     return files
 
 
@@ -109,10 +110,16 @@ def _file_split(files: list[tuple[Path, int]], size: tuple[int, int]) -> FileSpl
 
 
 def _list_split(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    files = _list_tree(folder, classes)
-    if not files:
+    """The split's image files with their labels; a split without images or a class folder without images
+    (torchvision's ImageFolder refuses it too) is refused, naming it."""
+    by_class = _list_tree(folder, classes)
+    if not any(by_class.values()):
         raise DistillError(f"dataset.root: no images under {folder}/<class>/ (expected e.g. {folder}/{classes[0]}/x.jpg)")
-    return files
+    empty = [name for name, files in by_class.items() if not files]
+    if empty:
+        which = f"the class folder {folder / empty[0]} has" if len(empty) == 1 else f"the class folders {', '.join(empty)} of {folder} have"
+        raise DistillError(f"dataset.root: {which} no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove {'it' if len(empty) == 1 else 'them'}")
+    return [item for files in by_class.values() for item in files]
 
 
 def _stream_size(files: list[tuple[Path, int]], cfg: DatasetConfig) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The two data pipelines. Both hand out `Batch(images, labels, index)` on the compute device.
+"""The two data pipelines. Both hand out `Batch(images, labels, index, view)` on the compute device.
 
 - `DeviceLoader`: the split lives on the device as uint8; an on-device permutation orders it and the
   augmentation runs batched on the device. No workers and no per-sample Python: for data that fits.
@@ -19,13 +19,16 @@ import torch
 from ..core.config import DatasetConfig
 from ..core.errors import DistillError
 from . import Augment, DatasetInfo
-from .augment import apply, augment_one
+from .augment import apply_with_views, augment_one_with_view
 
 
 class Batch(NamedTuple):
     images: torch.Tensor  # normalised, in the compute dtype and memory format
     labels: torch.Tensor
     index: torch.Tensor  # the images' positions in their split (for per-sample tables)
+    # the augmented view each image shows (`augment.view_id`), where the preset's views can be enumerated;
+    # with `index`, the key of per-view tables (the teacher-view store). None: unaugmented, or not enumerable
+    view: torch.Tensor | None = None
 
 
 class Loader:
@@ -151,15 +154,15 @@ class DeviceLoader(Loader):
         _, first = self._begin_epoch()
         for batch, where in self._batch_positions(first):
             self._drawn = batch + 1
-            images = self.images[where]
+            images, views = self.images[where], None
             if self.augment is not None:
-                images = apply(images, self.augment, self.generator, self._part())
-            yield Batch(self.normalise(images), self.labels[where], self.positions[where])
+                images, views = apply_with_views(images, self.augment, self.generator, self._part())
+            yield Batch(self.normalise(images), self.labels[where], self.positions[where], views)
         self._order, self._drawn = None, 0
 
 
 class _Samples(torch.utils.data.Dataset):
-    """Per-sample access for DataLoader workers: key (position, seed) -> (uint8 image, label, position).
+    """Per-sample access for DataLoader workers: key (position, seed) -> (uint8 image, label, position, view).
 
     The augmentation of each sample draws from a generator seeded with its own seed, so the views do
     not depend on which worker loads the sample, and a resumed epoch replays them exactly.
@@ -174,10 +177,10 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         position, seed = key
-        image = self.split.image(position)
+        image, view = self.split.image(position), -1
         if self.augment is not None:
-            image = augment_one(image, self.augment, torch.Generator().manual_seed(seed))
-        return image, self.split.labels[position], position
+            image, view = augment_one_with_view(image, self.augment, torch.Generator().manual_seed(seed))
+        return image, self.split.labels[position], position, view
 
 
 class _EpochBatches:
@@ -229,11 +232,12 @@ class StreamLoader(Loader):
             for _, where in self._batch_positions(first)
         ]
         try:
-            for batch, (images, labels, positions) in enumerate(self._loader, start=first):
+            for batch, (images, labels, positions, views) in enumerate(self._loader, start=first):
                 self._drawn = batch + 1
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-                yield Batch(self.normalise(images), labels, positions.to(self.device, non_blocking=True))
+                views = views.to(self.device, non_blocking=True) if self.augment is not None and self.augment.view_count else None
+                yield Batch(self.normalise(images), labels, positions.to(self.device, non_blocking=True), views)
         except DistillError as error:  # raised in a worker: keep the original one-line message
             raise DistillError(str(error).strip().splitlines()[-1].split("DistillError: ", 1)[-1]) from None
         self._order, self._drawn = None, 0

@@ -2,19 +2,25 @@
 networks hand it, and the kd step that feeds it the teacher's and the student's outputs.
 
 `build_objective` checks everything a method needs (hyperparameters, feature points of both models,
-the dataset) on the networks as built, so a bad config fails before any network trains.
+the dataset, a batch of at least `min_batch` samples, the memory it plans to hold) on the networks as built,
+so a bad config fails before any network trains.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..core.config import KDConfig
+from ..core.errors import DistillError
 from ..data import DataSplits
-from ..losses.base import MethodContext, Objective, build_method
+from ..data.loader import Batch
+from ..losses.base import Method, MethodContext, Objective, build_method
 from ..models.features import Outputs, feature_points, stage_points
 from ..training.compute import Compute
+from ..training.device_memory import available_bytes, byte_size
 from ..training.loop import Step
 
 
@@ -43,6 +49,23 @@ def _probe(forward, model: nn.Module, data: DataSplits, compute: Compute) -> dic
     finally:
         model.train(training)
     return {name: value.shape[1:] for name, value in outputs.features.items()}
+
+
+def check_fits(method: Method, name: str, context: MethodContext, compute: Compute) -> None:
+    """Refuse in one line a batch smaller than the method's `min_batch` (`batch_size` counts the samples of
+    each process's step), and a method whose `planned_memory` exceeds the memory free on the device now."""
+    if context.batch_size < method.min_batch:
+        processes = compute.world.size
+        each = f", per process: each of the {processes} processes steps on batch_size samples" if processes > 1 else ""
+        raise DistillError(
+            f"batch_size={context.batch_size}: loss={name} compares the samples of a batch with each other and needs "
+            f"batch_size >= {method.min_batch}{each}"
+        )
+    parts = method.planned_memory(context)
+    need, free = sum(parts.values()), available_bytes(compute.device)
+    if need > free:
+        held = "; ".join(f"{what}: {byte_size(size)}" for what, size in parts.items())
+        raise DistillError(f"loss={name} would hold ~{byte_size(need)} ({held}), more than the {byte_size(free)} free on {compute.device}")
 
 
 def objective_of(cfg: KDConfig) -> Objective:
@@ -86,24 +109,21 @@ def build_objective(
         teacher=shapes,
         epochs=cfg.epochs,
         dataset=data.info.name,
+        batch_size=cfg.batch_size,
     )
+    check_fits(method, name, context, compute)
     method.student_points, method.teacher_points = student_points, tuple(shapes)
     method.setup(context)
     return objective.to(compute.device), student_forward, teacher_forward
 
 
-def kd_step(
-    student_forward, teacher_forward, objective: Objective, cached_teacher_logits: torch.Tensor | None = None
-) -> Step:
-    """A training step of the student: the teacher's outputs (run, or its logits looked up by image
-    position in `cached_teacher_logits`), the student's, and the objective's terms."""
+def kd_step(student_forward, teacher_outputs: Callable[[Batch], Outputs] | None, objective: Objective) -> Step:
+    """A training step of the student: the teacher's outputs for the batch (`teacher_outputs`: the teacher run,
+    or its logits looked up, see `kd.teachers`; None: the objective reads no teacher), the student's, and
+    the objective's terms."""
 
     def step(batch, epoch: int):
-        teacher = None
-        if cached_teacher_logits is not None:
-            teacher = Outputs(cached_teacher_logits[batch.index])
-        elif teacher_forward is not None:
-            teacher = teacher_forward(batch.images)
+        teacher = teacher_outputs(batch) if teacher_outputs is not None else None
         student = student_forward(batch.images)
         return objective(student, teacher, batch, epoch), student.logits
 

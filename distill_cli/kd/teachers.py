@@ -1,6 +1,8 @@
 """How a kd step gets the teacher's outputs (the teacher supply): not at all, run live (frozen, BatchNorm
-folded, once per batch for all the students that share it), or looked up in a table of its logits
-computed once (`cache_teacher`, exact only when every epoch shows the teacher the same images)."""
+folded, once per batch for all the students that share it), looked up in a table of its logits computed
+once (`cache_teacher=true|auto` without augmentation: every epoch shows the teacher the same images), or
+looked up in a table of its logits for every augmented view of every image (`cache_teacher=views|auto`
+with crop and flip: each step reads the logit of exactly the view it drew, see `data.augment.view_id`)."""
 
 from __future__ import annotations
 
@@ -11,34 +13,70 @@ from torch import nn
 
 from ..core.config import KDConfig
 from ..core.errors import DistillError
+from ..data import Augment
+from ..data.augment import views_of
+from ..data.loader import Batch
+from ..models.features import Outputs
 from ..training.compute import Compute
+from ..training.device_memory import GIB
 from .objective import objective_of
 
-NONE, LIVE, CACHED = "none", "live", "cached logits"  # the teacher supplies
+NONE, LIVE, CACHED, VIEWS = "none", "live", "cached logits", "teacher views"  # the teacher supplies
 
 
-def teacher_supply(cfg: KDConfig, augmented: bool) -> str:
-    """How `cfg`'s kd steps get the teacher's outputs when the transfer set is `augmented` or not: NONE when
-    the objective reads no teacher (loss=kd alpha=0); CACHED (`cache_teacher`: auto or true) when the method
-    reads the teacher's logits alone and the transfer set is not augmented (then every epoch shows the
-    teacher the same images, and the lookup is exact); else LIVE. `cache_teacher=true` where the lookup
-    would not be exact is refused."""
+def view_store_bytes(cfg: KDConfig, augment: Augment, num_images: int, num_classes: int) -> int:
+    """The size of the teacher-view store: every view of every training image, `num_classes` logits each."""
+    return augment.view_count * num_images * num_classes * torch.finfo(getattr(torch, cfg.teacher_views_dtype)).bits // 8
+
+
+def teacher_supply(cfg: KDConfig, augment: Augment | None, num_images: int = 0, num_classes: int = 0) -> str:
+    """How `cfg`'s kd steps get the teacher's outputs when the transfer set (`num_images` images, `num_classes`
+    classes) is augmented with `augment` (None: not augmented): NONE when the objective reads no teacher
+    (loss=kd alpha=0); CACHED (`cache_teacher`: auto or true) when the method reads the teacher's logits alone
+    and the transfer set is not augmented (every epoch shows the teacher the same images: the lookup is
+    exact); VIEWS (`cache_teacher`: views, or auto where the views can be enumerated and their store fits
+    `teacher_views_max_gb`; auto keeps it only where it pays, see `views_pay`); else LIVE. What was asked for
+    and cannot be done exactly is refused, naming the reason."""
     objective = objective_of(cfg)
-    if cfg.cache_teacher == "true":
-        if objective.reads_teacher_features:
+    if cfg.cache_teacher in ("true", "views") and objective.reads_teacher_features:
+        raise DistillError(
+            f"cache_teacher={cfg.cache_teacher}: loss={cfg.loss['name']} reads the teacher's features, not only its "
+            "logits; only logits are cached (use cache_teacher=auto)"
+        )
+    if cfg.cache_teacher == "true" and augment is not None:
+        raise DistillError(
+            "cache_teacher=true: with dataset.augment=true each epoch shows new views, and one cached logit per "
+            "image is not what the teacher says about them; use cache_teacher=views, dataset.augment=false or cache_teacher=auto"
+        )
+    size = view_store_bytes(cfg, augment, num_images, num_classes) if augment is not None and augment.view_count else None
+    fits = size is not None and size <= cfg.teacher_views_max_gb * GIB
+    if cfg.cache_teacher == "views" and not fits:
+        if augment is None:
+            raise DistillError("cache_teacher=views: the transfer set is not augmented, one view per image; use cache_teacher=auto")
+        if size is None:
             raise DistillError(
-                f"cache_teacher=true: loss={cfg.loss['name']} reads the teacher's features, not only its "
-                "logits; only logits are cached (use cache_teacher=auto)"
+                "cache_teacher=views: colour jitter draws from a continuum of views, which cannot be enumerated; "
+                "use dataset.color_jitter=0 or cache_teacher=auto"
             )
-        if augmented:
-            raise DistillError(
-                "cache_teacher=true: with dataset.augment=true each epoch shows new views, and one cached logit per "
-                "image is not what the teacher says about them; use dataset.augment=false or cache_teacher=auto"
-            )
+        raise DistillError(
+            f"cache_teacher=views: the store of {augment.view_count} views x {num_images} images x {num_classes} "
+            f"classes needs {size / GIB:.2f} GiB, over teacher_views_max_gb={cfg.teacher_views_max_gb:g}; raise it, "
+            "or use teacher_views_dtype=float16 or cache_teacher=auto"
+        )
     if not objective.needs_teacher:
         return NONE
-    exact = not augmented and not objective.reads_teacher_features
-    return CACHED if exact and cfg.cache_teacher != "false" else LIVE
+    if objective.reads_teacher_features or cfg.cache_teacher == "false":
+        return LIVE
+    if augment is None:
+        return CACHED
+    return VIEWS if fits else LIVE
+
+
+def views_pay(view_count: int, student_epochs: int, stored: bool) -> bool:
+    """Whether a teacher-view store pays for `cache_teacher=auto`: it is stored already, or the student epochs
+    trained against the teacher (a fused group's, together) run it over the transfer set at least as often
+    as building the store does (once per view)."""
+    return stored or student_epochs >= view_count
 
 
 @torch.no_grad()
@@ -56,6 +94,22 @@ def teacher_logits(teacher: nn.Module, loader, compute: Compute, num_classes: in
     return table
 
 
+def run_live(forward: Callable[[torch.Tensor], Outputs]) -> Callable[[Batch], Outputs]:
+    """The teacher's outputs for a batch, by running its frozen `forward`."""
+    return lambda batch: forward(batch.images)
+
+
+def look_up_logits(table: torch.Tensor) -> Callable[[Batch], Outputs]:
+    """The teacher's logits for a batch, from `table` (one row per image of the split, `teacher_logits`)."""
+    return lambda batch: Outputs(table[batch.index])
+
+
+def look_up_views(store: torch.Tensor) -> Callable[[Batch], Outputs]:
+    """The teacher's logits for a batch, from `store` (N, views, classes: `teacher_view_logits`) at each
+    image's position and the view it drew."""
+    return lambda batch: Outputs(store[batch.index, batch.view].float())
+
+
 class Shared:
     """Work that kd runs on the same data with the same teacher do once for all (a fused group's jobs share
     one; a run alone has its own): results by key, made on first use."""
@@ -63,6 +117,7 @@ class Shared:
     def __init__(self):
         self.results: dict = {}
         self.stacked = None  # a training.stacked.StackedStudents: the students' forward passes run as one
+        self.students = 1  # how many students train against the teacher together (a fused group's size)
 
     def once(self, key, make: Callable[[], object]):
         """The result of `key`, made by `make()` the first time it is asked for."""
@@ -82,3 +137,31 @@ def once_per_batch(forward: Callable) -> Callable:
         return last["outputs"]
 
     return shared_forward
+
+
+@torch.no_grad()
+def teacher_view_logits(
+    teacher: nn.Module, split, augment: Augment, normalise, compute: Compute, num_classes: int, table: torch.Tensor,
+    start: int = 0, chunk: int = 256, done=None,
+) -> torch.Tensor:
+    """Fill `table` (N, views, classes) with the frozen teacher's logits for every view of every image of
+    `split` (uint8 images, made into each view by `data.augment.views_of` and into the network's input by
+    `normalise`, as the training loader does), from image `start` on, `chunk` images at a time; `done(n)`
+    is called after each chunk with the images done so far (to save progress). The forward pass is the
+    one a kd step runs (BatchNorm folded, inference mode, the run's autocast)."""
+    forward = compute.frozen_forward(teacher, compile=False)
+    for first in range(start, len(split), chunk):
+        last = min(first + chunk, len(split))
+        if hasattr(split, "images"):
+            images = split.images[first:last]
+        else:  # a streamed image folder: read sample by sample
+            images = torch.stack([split.image(position) for position in range(first, last)])
+        images = images.to(compute.device)
+        for view in range(augment.view_count):
+            views = torch.full((last - first,), view, device=compute.device)
+            with compute.autocast():
+                logits = forward(normalise(views_of(images, augment, views))).logits
+            table[first:last, view] = logits.float().to(table.dtype)
+        if done is not None:
+            done(last)
+    return table

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core.config import ENSEMBLE, KDConfig, ModelConfig
-from ..data import DataSplits
+from ..data import Augment, DataSplits
 from ..losses.base import Objective
 from ..models import build_model
 from ..models.checkpoints import checked_checkpoint
@@ -24,7 +24,19 @@ from ..training.loop import Step
 from ..training.rng import seed_everything
 from .ensemble import untrained_ensemble
 from .objective import build_objective, kd_step, needs_teacher
-from .teachers import CACHED, LIVE, NONE, Shared, once_per_batch, teacher_logits, teacher_supply
+from .teachers import (
+    CACHED,
+    LIVE,
+    NONE,
+    VIEWS,
+    Shared,
+    look_up_logits,
+    look_up_views,
+    once_per_batch,
+    run_live,
+    teacher_logits,
+    teacher_supply,
+)
 
 
 @dataclass
@@ -35,7 +47,7 @@ class KDWiring:
     objective: Objective  # the method's terms and trainable parts (trained with the student)
     student_forward: Callable[[torch.Tensor], object]  # images -> the student's Outputs (logits, the method's points)
     step: Step
-    supply: str  # how the step gets the teacher's outputs: teachers.NONE, LIVE or CACHED
+    supply: str  # how the step gets the teacher's outputs: teachers.NONE, LIVE, CACHED or VIEWS
 
     @property
     def trained(self) -> nn.ModuleList:
@@ -57,6 +69,7 @@ def wire_kd(
     *,
     supply: str = LIVE,
     transfer=None,
+    views: torch.Tensor | None = None,
     shared: Shared | None = None,
     seed: int | None = None,
     student: nn.Module | None = None,
@@ -67,17 +80,21 @@ def wire_kd(
 
     The teacher supply (`teachers.teacher_supply`): CACHED looks the teacher's logits up in a table made
     once over `transfer` (an unshuffled, unaugmented loader over the training split) for all the runs of
-    `shared`; LIVE runs the teacher every step (BatchNorm folded), once per batch for all the students of
-    `shared`. The student is `student` as given, or built after seeding with `seed` (None: from the random
-    state as it is); `stacked` (a `training.stacked.StackedStudents`) runs its forward with the others'.
+    `shared`; VIEWS looks them up in `views`, the teacher-view store (`teachers.teacher_view_logits`), by
+    each image's position and the view it drew; LIVE runs the teacher every step (BatchNorm folded), once
+    per batch for all the students of `shared`. The student is `student` as given, or built after seeding
+    with `seed` (None: from the random state as it is); `stacked` (a `training.stacked.StackedStudents`)
+    runs its forward with the others'.
     """
-    cached = None
+    teacher_outputs = None
     if supply == CACHED:
 
         def table() -> torch.Tensor:
             return teacher_logits(teacher, transfer, compute, data.info.num_classes)
 
-        cached = shared.once("teacher_logits", table) if shared is not None else table()
+        teacher_outputs = look_up_logits(shared.once("teacher_logits", table) if shared is not None else table())
+    elif supply == VIEWS:
+        teacher_outputs = look_up_views(views)
     if seed is not None:
         seed_everything(seed)
     if student is None:
@@ -88,10 +105,10 @@ def wire_kd(
         teacher_forward = shared.once(key, lambda: once_per_batch(teacher_forward))
     if stacked is not None:
         student_forward = stacked.add(student)
-    step = kd_step(student_forward, None if cached is not None else teacher_forward, objective, cached)
-    if cached is None and teacher_forward is None:
-        supply = NONE
-    return KDWiring(student, objective, student_forward, step, supply)
+    if teacher_outputs is None and teacher_forward is not None:
+        teacher_outputs = run_live(teacher_forward)
+    supply = supply if teacher_outputs is not None else NONE
+    return KDWiring(student, objective, student_forward, kd_step(student_forward, teacher_outputs, objective), supply)
 
 
 @dataclass
@@ -115,14 +132,14 @@ def untrained_teacher(cfg: KDConfig, compute: Compute, data: DataSplits, key: st
     return compute.place(build_model(cfg.teacher, data.info, key))
 
 
-def check_kd(links: list[Link], data: DataSplits, compute: Compute, augmented: bool) -> str:
+def check_kd(links: list[Link], data: DataSplits, compute: Compute, augment: Augment | None) -> str:
     """The check before training, for every command and mode: each link of the run (`links[0]` the run's
     own, its teacher as given: a checkpoint's metadata, an ensemble's members; the others a training mode's)
     built untrained, the method set up on both networks with the feature points it reads, so that a bad
-    config fails before any network trains. Returns the first link's teacher supply (`teacher_supply` of a
-    transfer set that is `augmented` or not)."""
+    config fails before any network trains. Returns the first link's teacher supply (`teacher_supply` of the
+    transfer set, augmented with `augment` or not: None)."""
     for link in links:
         student = build_student(link.cfg.student, data, compute, link.student)
         teacher = untrained_teacher(link.cfg, compute, data, link.teacher) if needs_teacher(link.cfg) else None
         build_objective(link.cfg, data, compute, student, teacher)
-    return teacher_supply(links[0].cfg, augmented)
+    return teacher_supply(links[0].cfg, augment, len(data.train), data.info.num_classes)

@@ -43,6 +43,7 @@ class MethodContext:
     teacher: dict[str, torch.Size]
     epochs: int
     dataset: str = ""  # the dataset's name (`dataset=<name>`), for a method's messages about the data
+    batch_size: int = 0  # samples per training step in each process (`batch_size`; 0: not known)
 
 
 class Method(nn.Module):
@@ -56,6 +57,9 @@ class Method(nn.Module):
     # False for a method whose state is built from every sample across steps (memory banks): it cannot
     # be trained by several data-parallel processes, each seeing its share of the batches
     data_parallel: bool = True
+    # the fewest samples a step's batch (in each process) needs: 2 for a method that compares the samples
+    # of a batch with each other, which a batch of one leaves without a pair (refused before training)
+    min_batch: int = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +68,12 @@ class Method(nn.Module):
 
     def setup(self, context: MethodContext) -> None:
         """Build the trainable parts and check the data, once the feature shapes are known."""
+
+    def planned_memory(self, context: MethodContext) -> dict[str, int]:
+        """What the method will hold on the device as it trains, estimated from its hyperparameters and the
+        data sizes before `setup` builds anything: bytes by what holds them, each named with the sizes that
+        make it (empty: only small parts). A run whose method would not fit the free memory is refused."""
+        return {}
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch, epoch: int) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -25,12 +25,14 @@ import torch
 from torch import nn
 
 from . import LOSSES
-from .base import Method, MethodContext, non_negative, positive, require
+from .base import Method, MethodContext, non_negative, positive
 
 
 @LOSSES.register("cc")
 class CorrelationCongruence(Method):
     """weight * mean over adjacent batch pairs of the dot product of their |linear embedding residuals|."""
+
+    min_batch = 2  # adjacent pairs of the batch: one sample has none
 
     def __init__(self, weight: float = 0.02, embed_dim: int = 128):
         super().__init__()
@@ -46,7 +48,6 @@ class CorrelationCongruence(Method):
 
     def forward(self, student, teacher, batch, epoch):
         student_pooled, teacher_pooled = student.features["pooled"], teacher.features["pooled"]
-        require(len(student_pooled) > 1, "loss=cc", "needs batches of at least 2 samples (it pairs adjacent samples)")
         with torch.autocast(student_pooled.device.type, enabled=False):
             embedded_student = self.embed_student(student_pooled.float().flatten(1))
             residual = (embedded_student - self.embed_teacher(teacher_pooled.float().flatten(1))).abs()

@@ -26,7 +26,9 @@ weight 0.8 with CE weight 1 and no Hinton term. The embeddings' input sizes are 
   with autocast off (exp(x / 0.07) amplifies bf16 rounding of the dot products).
 - Scores come from one product of the anchors with the whole bank, then a lookup, instead of gathering
   B * (1 + K) bank rows: the same numbers, several times faster (see `_scores`).
-The banks cost 2 * num_train * embed_dim floats (RepDistiller #40: a queue would scale better).
+The banks cost 2 * num_train * embed_dim floats (RepDistiller #40: a queue would scale better), twice that
+while a step keeps their copies, and a step about 64 bytes per score (B x (1 + K)): a run that would not fit
+the free memory is refused before training (`planned_memory`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ from torch import Tensor, nn
 
 from . import LOSSES
 from .base import Method, MethodContext, non_negative, positive, require
+
+# what a step holds per score (B x (1 + K)) at its peak: the positions (int64), both directions' scores, their
+# intermediates and gradients (measured: peak RSS of a CPU step with K = 10^6)
+SCORE_BYTES = 64
 
 
 @LOSSES.register("crd")
@@ -88,6 +94,14 @@ class ContrastiveRepresentation(Method):
         self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
         self.register_buffer("class_counts", counts, persistent=False)
         self.register_buffer("class_starts", torch.cumsum(counts, 0) - counts, persistent=False)
+
+    def planned_memory(self, context: MethodContext) -> dict[str, int]:
+        """The two banks and the copies a step keeps of them; a step's scores and its products with both banks."""
+        rows, batch, negatives = context.num_train, context.batch_size, self.negatives
+        return {
+            f"2 memory banks of {rows} x loss.embed_dim={self.embed_dim} floats and a step's copies": 4 * rows * self.embed_dim * 4,
+            f"a step's batch_size={batch} x (1 + loss.negatives={negatives}) scores": batch * ((1 + negatives) * SCORE_BYTES + 4 * rows * 4),
+        }
 
     def draw_negatives(self, labels: Tensor) -> Tensor:
         """(B, K) transfer-set positions drawn uniformly, with replacement, among those of a class other than

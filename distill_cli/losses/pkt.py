@@ -32,6 +32,8 @@ def neighbour_distribution(embedding):
 class PKT(Method):
     """weight * KL between the teacher's and student's cosine-kernel neighbour distributions in a batch."""
 
+    min_batch = 2  # neighbours within the batch: one sample's distribution is always [1]
+
     def __init__(self, weight: float = 30000.0):
         super().__init__()
         non_negative("loss.weight", weight)

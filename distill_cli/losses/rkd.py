@@ -9,7 +9,8 @@ embeddings, and the widths of the two embeddings need not match. Defaults as mdi
 (the authors' weights): the pooled embedding (the classifier's input), distance weight 25, angle weight
 50, CE weight 1. Each term is returned on its own (`rkd_distance`, `rkd_angle`).
 
-The angle term holds B x B x D pairwise differences and a B x B x B table, as the peers' code does.
+The angle term holds B x B x D pairwise differences and a B x B x B table, as the peers' code does: a run
+whose batch would not fit the free memory is refused before training (`planned_memory`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from . import LOSSES
-from .base import Method, non_negative
+from .base import Method, MethodContext, non_negative
 
 EPS = 1e-12  # squared distances are clamped to it before the square root, so its gradient stays finite
+
+# a step's (B, B, B) angle tables and (B, B, D) differences cost about 3 floats per entry at the peak of
+# its forward and backward passes (measured: peak RSS on the CPU, B up to 384, D up to 1024 per net)
+FLOATS_PER_ENTRY = 3
 
 
 def relations(embedding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +42,8 @@ def relations(embedding) -> tuple[torch.Tensor, torch.Tensor]:
 class RKD(Method):
     """Huber losses between the student's and teacher's normalised pairwise distances and triplet angles."""
 
+    min_batch = 2  # distances between samples of the batch: one sample has none
+
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
         non_negative("loss.distance_weight", distance_weight)
@@ -44,6 +51,13 @@ class RKD(Method):
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
         self.student_points = self.teacher_points = ("pooled",)
+
+    def planned_memory(self, context: MethodContext) -> dict[str, int]:
+        """A step's angle tables (B^3 entries) and pairwise differences (B^2 x both embeddings' widths)."""
+        batch, widths = context.batch_size, context.student["pooled"].numel() + context.teacher["pooled"].numel()
+        entries = batch**2 * (batch + widths)
+        what = f"a step's angles and distances of batch_size={batch} samples ({batch}^3 + {batch}^2 x {widths} entries)"
+        return {what: entries * FLOATS_PER_ENTRY * 4}
 
     def forward(self, student, teacher, batch, epoch):
         student_distances, student_angles = relations(student.features["pooled"].float())

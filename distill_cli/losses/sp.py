@@ -26,6 +26,8 @@ def similarity(feature):
 class SimilarityPreserving(Method):
     """weight * mean squared difference of the row-normalised batch Gram matrices of the last stages."""
 
+    min_batch = 2  # similarities between samples of the batch: one sample's Gram matrix is always [1]
+
     def __init__(self, weight: float = 3000.0):
         super().__init__()
         non_negative("loss.weight", weight)

@@ -29,7 +29,7 @@ from ..core.errors import DistillError
 from ..core.files import write_json_atomic
 from ..data import Augment, DataSplits
 from ..data.loader import Batch
-from ..kd.teachers import CACHED, LIVE, Shared, teacher_supply
+from ..kd.teachers import CACHED, LIVE, VIEWS, Shared, teacher_supply
 from ..kd.wiring import KDWiring, build_student, wire_kd
 from ..losses.base import build_method
 from ..models import build_model, count_parameters
@@ -173,10 +173,15 @@ def _reference_runner(model: nn.Module, step, loader, cfg: BenchConfig, device) 
 
 def _kd_case(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders, supply: str) -> KDWiring:
     """The kd step as `distill kd` wires it (`kd.wiring.wire_kd`, the teacher supply `supply`) with an
-    untrained teacher, the student from the run's seed."""
+    untrained teacher, the student from the run's seed. A teacher-view store is made of zeros: building
+    the real one costs a teacher pass per view, and a kd step reads it the same whatever it holds."""
     teacher = compute.place(build_model(cfg.teacher, data.info, "teacher")).eval().requires_grad_(False)
     transfer = loaders.eval_loader(data.train) if supply == CACHED else None
-    return wire_kd(cfg, data, compute, teacher, supply=supply, transfer=transfer, seed=cfg.seed)
+    views = None
+    if supply == VIEWS:
+        shape = (len(data.train), loaders.train.augment.view_count, data.info.num_classes)
+        views = torch.zeros(shape, dtype=getattr(torch, cfg.teacher_views_dtype), device=compute.device)
+    return wire_kd(cfg, data, compute, teacher, supply=supply, transfer=transfer, views=views, seed=cfg.seed)
 
 
 def _bench_header(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders, teacher: nn.Module, student: nn.Module | None) -> dict:
@@ -198,6 +203,8 @@ def _bench_header(cfg: BenchConfig, compute: Compute, data: DataSplits, loaders,
     }
 
 
+VIEWS_ROW = "kd (teacher views)"  # the kd step reading the teacher-view store (cache_teacher=views)
+STUDENT_ROW = "train (student)"  # the student's plain train step: the kd step reading the store costs this plus the loss
 SWEEP_T, SWEEP_ALPHA = (2.0, 4.0, 8.0), (0.5, 0.9)  # the jobs of a timed sweep: T x alpha, in this order
 
 
@@ -341,12 +348,14 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     plain = Compute(compute.device, "fp32", channels_last=False, fold_frozen=False)
     seed_everything(cfg.seed)
     teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
-    supply = teacher_supply(cfg, loaders.train.augment is not None)
-    kd_fast = _kd_case(cfg, compute, data, loaders, supply)
+    supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes)
+    # the kd step as it runs when the teacher runs (or its logits are cached, without augmentation), and,
+    # where the views can be stored, as it runs reading the teacher-view store
+    kd_fast = _kd_case(cfg, compute, data, loaders, LIVE if supply == VIEWS else supply)
     student = kd_fast.student
     seed_everything(cfg.seed)
     reference_teacher = plain.place(build_model(cfg.teacher, data.info, "teacher"))
-    kd_reference = _kd_case(cfg, plain, data, loaders, LIVE if supply == CACHED else supply)  # a tutorial runs the teacher
+    kd_reference = _kd_case(cfg, plain, data, loaders, LIVE if supply in (CACHED, VIEWS) else supply)  # a tutorial runs the teacher
     reference, reference_source = _reference_loader(cfg, data, loaders.train.augment)
     cases = {
         "train": (
@@ -355,6 +364,14 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         ),
         "kd": ((kd_fast.trained, kd_fast.step), (kd_reference.trained, kd_reference.step)),
     }
+    if supply == VIEWS:  # the kd step without the teacher, and what it is compared with: the student alone
+        kd_views = _kd_case(cfg, compute, data, loaders, VIEWS)
+        cases[VIEWS_ROW] = ((kd_views.trained, kd_views.step), (kd_reference.trained, kd_reference.step))
+        alone, reference_alone = (build_student(cfg.student, data, where) for where in (compute, plain))
+        cases[STUDENT_ROW] = (
+            (alone, cross_entropy_step(compute.forward(alone))),
+            (reference_alone, cross_entropy_step(plain.forward(reference_alone))),
+        )
     rows = {}
     for name, ((model, step), (reference_model, reference_step)) in cases.items():
         runs = {

@@ -60,6 +60,7 @@ def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path], batching: str = "se
     summaries: list[dict | None] = [None] * len(cfgs)
     compute, data, loaders = prepare_run(cfgs[0])
     shared = Shared()
+    shared.students = len(cfgs)  # they share the teacher's outputs (a teacher-view store pays sooner)
     first_epoch = loaders.train.state_dict()
     for positions in plan_fused(cfgs, compute, data, loaders, memory_gb):
         loaders.train.load_state_dict(first_epoch)
@@ -88,7 +89,7 @@ def _train_fused(
                 summary = run_header("kd", cfg, compute, data, loaders, run_dir)
                 summary.update(mode="single", T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
                 try:
-                    check_kd(links(cfg), data, compute, augmented=loaders.train.augment is not None)
+                    check_kd(links(cfg), data, compute, loaders.train.augment)
                     wired, teacher = prepare_student(run, summary)
                     make_checkpoint = checkpoint_maker(wired.student, cfg.student, cfg, data)
                     options = fit_options(

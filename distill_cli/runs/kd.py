@@ -15,6 +15,7 @@ from ..kd.wiring import check_kd
 from ..models.checkpoints import model_from_checkpoint
 from ..ship.evaluate import first_images
 from ..ship.export import CHECK_IMAGES, FORMATS, check_format, describe, export_checked
+from ..ship.programs import program_record
 from ..training.setup import Loaders, prepare_run
 from ..training.trackers import open_trackers
 from .common import KDRun, log, run_header
@@ -34,7 +35,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         compute, data, loaders = prepare_run(cfg)
         summary = run_header("kd", cfg, compute, data, loaders, run_dir)
         summary.update(mode=cfg.mode, T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
-        check_kd(mode.links(cfg), data, compute, augmented=loaders.train.augment is not None)
+        check_kd(mode.links(cfg), data, compute, loaders.train.augment)
         try:
             mode.train(KDRun(cfg, run_dir, compute, data, loaders, trackers, nested=run_kd), summary)
         except BaseException as error:  # the failed (or interrupted) run's summary keeps the teacher and baseline trained
@@ -54,6 +55,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
 def _export_student(fmt: str, best: Path, data: DataSplits, loaders: Loaders) -> dict:
     """`export=onnx|pt2`: the student's best.pt as best.onnx / best.pt2 beside it, checked against PyTorch (`distill export`)."""
     model, _ = model_from_checkpoint(best, data.info)
-    result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, best.with_suffix(FORMATS[fmt]), atol=1e-4)
+    images = first_images(loaders.test, CHECK_IMAGES)
+    result = export_checked(model, images, fmt, best.with_suffix(FORMATS[fmt]), atol=1e-4, record=program_record(best, model, "fp32"))
     log.info(f"exported {describe(result)}")
     return result

@@ -6,7 +6,6 @@ consecutive sub-groups, each fused, sharing the data, the teacher and its cached
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,10 +20,8 @@ from ..kd.objective import needs_teacher
 from ..kd.teachers import Shared
 from ..kd.wiring import untrained_teacher, wire_kd
 from ..training.compute import Compute
+from ..training.device_memory import GIB, available_bytes, byte_size
 from ..training.setup import Loaders
-
-GIB = 2**30
-
 
 SAFETY = 0.85  # of the free memory: room for the allocator's fragmentation, evaluation and checkpointing
 
@@ -122,26 +119,8 @@ def probe_batch(loaders: Loaders, data: DataSplits, batch_size: int) -> Batch:
     and the batch size, to measure a step on."""
     batch = next(iter(loaders.eval_loader(data.train)))
     count = min(PROBE_IMAGES, batch_size, len(batch.labels))
-    return Batch(*(part[:count].clone() for part in batch))  # its own storage: saved views count as theirs
-
-
-def available_bytes(device: torch.device) -> int:
-    """The memory free for training on `device` now: on CUDA the device's free memory and what torch's
-    allocator holds unused; elsewhere the system's available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return _available_ram()
-
-
-def _available_ram() -> int:
-    """MemAvailable of /proc/meminfo (Linux), else the free physical pages."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # its own storage: saved views count as theirs
+    return Batch(*(None if part is None else part[:count].clone() for part in batch))
 
 
 def sub_groups(needs: list[int], budget: float) -> list[list[int]]:
@@ -184,7 +163,7 @@ def plan_fused(cfgs: list[KDConfig], compute: Compute, data: DataSplits, loaders
 def describe_plan(needs: list[int], budget: float, device: torch.device, batch_size: int, groups: list[list[int]]) -> str:
     """The log line of `plan_fused`."""
     measured = [need for need in needs if need] or [0]
-    each = _size(measured[0]) if min(measured) == max(measured) else f"{_size(min(measured))} to {_size(max(measured))}"
+    each = byte_size(measured[0]) if min(measured) == max(measured) else f"{byte_size(min(measured))} to {byte_size(max(measured))}"
     lengths = [len(group) for group in groups]
     if len(groups) == 1:
         outcome = "trained together"
@@ -195,14 +174,6 @@ def describe_plan(needs: list[int], budget: float, device: torch.device, batch_s
     else:
         outcome = f"trained as {len(groups)} groups of {', '.join(map(str, lengths[:-1]))} and {lengths[-1]}"
     return (
-        f"fused: {len(needs)} students need ~{_size(sum(needs))} ({each} each: weights, gradients, optimizer state, "
-        f"activations of a batch of {batch_size}), budget {_size(budget)} on {device}: {outcome}"
+        f"fused: {len(needs)} students need ~{byte_size(sum(needs))} ({each} each: weights, gradients, optimizer state, "
+        f"activations of a batch of {batch_size}), budget {byte_size(budget)} on {device}: {outcome}"
     )
-
-
-def _size(count: float) -> str:
-    """A byte count in GiB, MiB or KiB, one decimal."""
-    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count / 2**10:.1f} KiB"

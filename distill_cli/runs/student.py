@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kd.teachers import CACHED, NONE, teacher_supply
+from ..kd.teachers import CACHED, LIVE, NONE, VIEWS, teacher_supply
 from ..kd.wiring import KDWiring, Link, wire_kd
 from ..models import count_parameters
-from ..training.metrics import inference_rate
+from ..ship.evaluate import Timing, first_images, throughputs
 from .common import KDRun, log, train_network
+from .teacher_views import teacher_view_store
 from .teachers import baseline_entry, obtain_teacher
 
 
@@ -20,9 +21,10 @@ def links(cfg) -> list[Link]:
     return [Link(cfg)]
 
 
-def distil(run: KDRun, summary: dict) -> None:
+def distil(run: KDRun, summary: dict) -> nn.Module | None:
     """One student from one teacher (or an ensemble of teachers) with the method `cfg.loss`, into the run
-    folder; fills `summary` with teacher, baseline, student, KD gain, compression and speed-up."""
+    folder; fills `summary` with teacher, baseline, student, KD gain, compression and speed-up. Returns the
+    trained student (None on a data-parallel rank other than 0)."""
     cfg = run.cfg
     wired, teacher = prepare_student(run, summary)
     student_result = train_network(
@@ -30,8 +32,9 @@ def distil(run: KDRun, summary: dict) -> None:
         run.trackers, method=wired.objective,
     )
     if student_result is None:  # not rank 0: its part is done
-        return
+        return None
     student_results(run, summary, student_result, wired.objective, teacher, wired.student)
+    return wired.student
 
 
 def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | None]:
@@ -40,20 +43,28 @@ def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | No
     the run's seed, the teacher's logits table and its forward pass (once per batch) shared through
     `run.shared`. Returns the wiring and the teacher (None: the objective reads none)."""
     cfg, data, loaders = run.cfg, run.data, run.loaders
-    supply = teacher_supply(cfg, loaders.train.augment is not None)
+    supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes)
     teacher = None
     summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
     if supply != NONE:
         teacher, summary["teacher"] = obtain_teacher(run)
         if cfg.baseline:
             summary["baseline"] = baseline_entry(run, cfg.student, run.run_dir / "baseline")
+    views = None
+    if supply == VIEWS:
+        views = run.shared.once("teacher_views", lambda: teacher_view_store(run, teacher, run.shared.students))
+        supply = VIEWS if views is not None else LIVE
     transfer = loaders.eval_loader(data.train) if supply == CACHED else None
     wired = wire_kd(
-        cfg, data, run.compute, teacher, supply=supply, transfer=transfer, shared=run.shared, seed=cfg.seed, stacked=run.shared.stacked
+        cfg, data, run.compute, teacher, supply=supply, transfer=transfer, views=views, shared=run.shared, seed=cfg.seed,
+        stacked=run.shared.stacked,
     )
     if wired.supply == CACHED:
         log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
+    if wired.supply == VIEWS:
+        log.info(f"teacher: logits of every view of the {len(data.train)} transfer images stored; kd steps skip the teacher")
     summary["teacher_logits_cached"] = wired.supply == CACHED
+    summary["teacher_supply"] = wired.supply
     return wired, teacher
 
 
@@ -69,11 +80,17 @@ def student_results(run: KDRun, summary: dict, result: dict, objective: nn.Modul
         compare_with_teacher(run, summary, teacher, student)
 
 
+# how the speed-up is timed: 3 warm-up calls of each network, then the median of 10 rounds of one call of
+# each in turn, at a fixed batch of 256 test images (docs/shipping.md: the spread this holds it to)
+SPEEDUP_TIMING = Timing(warmup=3, batch=256, repeats=10)
+
+
 def compare_with_teacher(run: KDRun, summary: dict, teacher: nn.Module, student: nn.Module) -> None:
-    """Compression (teacher / student parameters) and how much faster the product is: forward images/s
-    on the test split, same device and precision (the teacher's measured once for the runs sharing it)."""
-    compute, test = run.compute, run.loaders.test
+    """Compression (teacher / student parameters) and how much faster the product is: forward images/s of
+    both as deployed (`ship.evaluate.throughputs`: timed in turns at a fixed batch of test images), on the
+    run's device and precision."""
     summary["compression"] = summary["teacher"]["params"] / summary["student"]["params"]
-    summary["teacher"]["inference_images_per_s"] = run.shared.once("teacher_rate", lambda: inference_rate(teacher, test, compute))
-    summary["student"]["inference_images_per_s"] = inference_rate(student, test, compute)
-    summary["speedup"] = summary["student"]["inference_images_per_s"] / summary["teacher"]["inference_images_per_s"]
+    images = first_images(run.loaders.test, SPEEDUP_TIMING.batch)
+    rates = throughputs([teacher, student], images, run.compute, SPEEDUP_TIMING)
+    summary["teacher"]["inference_images_per_s"], summary["student"]["inference_images_per_s"] = rates
+    summary["speedup"] = rates[1] / rates[0]

@@ -3,13 +3,14 @@
 Quality on the test split (accuracy overall and per class, confusion matrix, expected calibration
 error), cost (parameters, bytes on disk, multiply-adds per image counted by torch's FlopCounterMode,
 peak activation memory of a forward pass) and speed (batch-1 latency, throughput at a large batch) on
-the CPU and, when present, the GPU. A kd run folder gives teacher, student and student alone in one table.
-`distill export` and `distill quantize` reuse the loading, prediction and measurement functions here.
+the CPU and, when present, the GPU. A kd run folder gives teacher, student and student alone in one table
+(mutual learning: each peer and peer alone; born-again networks: each generation); a `.pt2` program of
+`distill quantize` (int8) or `distill export` is measured as saved. `distill export`, `distill quantize`
+and the kd summary's speed-up (`throughputs`) reuse the loading, prediction and measurement functions here.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import statistics
@@ -32,15 +33,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.checkpoint import BEST, load_checkpoint
 from ..core.config import SYNTHETIC_ONLY, RunConfig, validate_config
-from ..core.console import CONSOLE
+from ..core.console import CONSOLE, library_log
 from ..core.errors import DistillError
 from ..core.files import atomic_write, write_json_atomic
 from ..data import DatasetInfo
 from ..models import count_parameters
 from ..models.checkpoints import model_from_checkpoint
 from ..models.fold import fold_batch_norm
-from ..training.compute import Compute, device_name
+from ..training.compute import Compute, device_name, synchronise
 from ..training.setup import prepare_run
+from .programs import distill_record, load_program, program_forward
 
 ECE_BINS = 15
 
@@ -71,37 +73,72 @@ def _run_config(config: dict, overrides: list[str], source: Path) -> RunConfig:
     return cfg
 
 
-def _kd_partner(run_dir: Path, part: str, summary: dict) -> Path | None:
-    """The teacher's or baseline's best.pt of a kd run: its sub-folder, else the checkpoint its summary names."""
-    if (run_dir / part / BEST).is_file():
-        return run_dir / part / BEST
-    recorded = (summary.get(part) or {}).get("checkpoint")
-    return Path(recorded) if recorded and Path(recorded).is_file() else None
+def _partner(folder: Path, recorded: dict | None) -> Path | None:
+    """The best.pt of a network a kd run compares with (its teacher, a student alone): in its sub-folder
+    `folder` when it trained there, else the checkpoint its summary entry `recorded` names (the cache)."""
+    if (folder / BEST).is_file():
+        return folder / BEST
+    checkpoint = (recorded or {}).get("checkpoint")
+    return Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+
+
+def _summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_models(run_dir: Path, config: dict) -> tuple[Path | None, list[tuple[str, Path]], list[tuple[str, Path | None]]]:
+    """The networks of a run folder: the teacher's best.pt (None: none, or not found), the (role, best.pt)
+    of each network the run trained, and of each one trained alone (None: not found). A train run: its
+    model. A kd run: its student, teacher and student alone; mutual learning (`peers=`): each peer
+    (`<run>/peer<i>/`) and each peer alone; born-again networks (`generations=`): each generation
+    (`<run>/gen<k>/`), with generation 1's teacher and student alone."""
+    summary = _summary(run_dir)
+    if "student" not in config:
+        return None, [("teacher", run_dir / BEST)], []
+    if config.get("peers"):
+        labels = [f"peer{i}" for i in range(1, len(config["peers"]) + 1)]
+        rows = summary.get("peers") or [{} for _ in labels]
+        alone = [(f"{label} alone", _partner(run_dir / f"baseline{i}", row.get("baseline"))) for i, (label, row) in enumerate(zip(labels, rows), 1)]
+        return None, [(label, run_dir / label / BEST) for label in labels], alone
+    if (config.get("generations") or 1) > 1:
+        first, summary = run_dir / "gen1", _summary(run_dir / "gen1")
+        generations = [(f"generation {k}", run_dir / f"gen{k}" / BEST) for k in range(1, config["generations"] + 1)]
+        return _partner(first / "teacher", summary.get("teacher")), generations, [("student alone", _partner(first / "baseline", summary.get("baseline")))]
+    alone = [("student alone", _partner(run_dir / "baseline", summary.get("baseline")))]
+    return _partner(run_dir / "teacher", summary.get("teacher")), [("student", run_dir / BEST)], alone
+
+
+def subject_folder(path: Path) -> Path:
+    """The run folder, or the folder holding the checkpoint or program."""
+    return path if path.is_dir() else path.parent
 
 
 def subject(path: str | Path, overrides: list[str]) -> Subject:
-    """A run folder (its `.hydra/config.yaml`; a kd run brings its teacher and student-alone baseline) or one checkpoint."""
+    """A run folder (its `.hydra/config.yaml`; the networks of `run_models`, teacher first), one checkpoint,
+    or a program (`.pt2`, see `ship.programs`): the config to rebuild its data with and the models to measure."""
     path = Path(path)
-    if path.is_dir():
-        config_file = path / ".hydra" / "config.yaml"
-        if not config_file.is_file() or not (path / BEST).is_file():
-            raise DistillError(f"{path} is not a distill run folder (no .hydra/config.yaml and best.pt)")
-        try:
-            config = yaml.safe_load(config_file.read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise DistillError(f"{config_file}: cannot read it ({type(error).__name__})") from None
-        cfg = _run_config(config, overrides, path)
-        if "student" not in config:
-            return Subject(cfg, [("teacher", path / BEST)], path)
-        try:
-            summary = json.loads((path / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {}
-        checkpoints = [("teacher", _kd_partner(path, "teacher", summary)), ("student", path / BEST)]
-        checkpoints.append(("student alone", _kd_partner(path, "baseline", summary)))
-        return Subject(cfg, [(role, p) for role, p in checkpoints if p is not None], path)
-    checkpoint = load_checkpoint(path)
-    return Subject(_run_config(checkpoint.get("config") or {}, overrides, path), [("model", path)], path.parent)
+    if path.suffix == ".pt2" and path.is_file():
+        record = distill_record(path)
+        return Subject(_run_config(record["config"], overrides, path), [(record["precision"], path)], path.parent)
+    if not path.is_dir():
+        checkpoint = load_checkpoint(path)
+        return Subject(_run_config(checkpoint.get("config") or {}, overrides, path), [("model", path)], path.parent)
+    config_file = path / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise DistillError(f"{path} is not a distill run folder (no .hydra/config.yaml and best.pt)")
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise DistillError(f"{config_file}: cannot read it ({type(error).__name__})") from None
+    teacher, trained, alone = run_models(path, config)
+    trained = [(role, checkpoint) for role, checkpoint in trained if checkpoint.is_file()]
+    if not trained:
+        raise DistillError(f"{path} is not a distill run folder (no .hydra/config.yaml and best.pt)")
+    checkpoints = ([("teacher", teacher)] if teacher else []) + trained + [(role, checkpoint) for role, checkpoint in alone if checkpoint]
+    return Subject(_run_config(config, overrides, path), checkpoints, path)
 
 
 @torch.inference_mode()
@@ -213,40 +250,73 @@ class Timing:
     repeats: int = 10
 
 
+def timed_turns(forwards: list[Callable[[torch.Tensor], object]], images: torch.Tensor, device: torch.device, warmup: int, rounds: int) -> list[list[float]]:
+    """Seconds of each timed call of each forward on `images`: `warmup` untimed calls of each, then `rounds`
+    rounds in which each forward is called once, in turn, so that load coming and going on the machine
+    falls on all of them alike."""
+    for forward in forwards:
+        for _ in range(warmup):
+            forward(images)
+    synchronise(device)
+    seconds = [[] for _ in forwards]
+    for _ in range(rounds):
+        for forward, times in zip(forwards, seconds):
+            start = time.perf_counter()
+            forward(images)
+            synchronise(device)
+            times.append(time.perf_counter() - start)
+    return seconds
+
+
+def fixed_batch(images: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """A batch of `size` images on `device`: `images` repeated to fill it."""
+    return images.repeat(-(-size // len(images)), 1, 1, 1)[:size].to(device)
+
+
 @torch.inference_mode()
-def speed(forward: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device, timing: Timing, precision: str = "fp32") -> dict:
-    """Batch-1 latency (median and p90, ms) and throughput (images/s at batch `timing.batch`) of `forward` on
-    real `images` (repeated to fill the batch), on `device`, with the thread count and device named."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    batch = images.repeat(-(-timing.batch // len(images)), 1, 1, 1)[: timing.batch].to(device)
-    one = batch[:1].clone()
-    for _ in range(timing.warmup):
-        forward(one)
-    sync()
-    latencies = []
-    for _ in range(timing.calls):
-        start = time.perf_counter()
-        forward(one)
-        sync()
-        latencies.append(1e3 * (time.perf_counter() - start))
-    forward(batch)
-    rates = []
-    for _ in range(timing.repeats):
-        sync()
-        start = time.perf_counter()
-        forward(batch)
-        sync()
-        rates.append(len(batch) / (time.perf_counter() - start))
-    return {
-        "device": str(device),
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-        "precision": precision,
-        "latency_ms_median": statistics.median(latencies),
-        "latency_ms_p90": statistics.quantiles(latencies, n=10)[-1],
-        "throughput_images_per_s": statistics.median(rates),
-        "throughput_batch": len(batch),
-    }
+def speeds(forwards: list[Callable[[torch.Tensor], object]], images: torch.Tensor, device: torch.device, timing: Timing, precisions: list[str]) -> list[dict]:
+    """Batch-1 latency (median and p90, ms) and throughput (images/s at batch `timing.batch`) of each of
+    `forwards` on real `images` (repeated to fill the batch), on `device`, the forwards timed in turns
+    (`timed_turns`) so that their ratios hold still; with the thread count and device named."""
+    batch = fixed_batch(images, timing.batch, device)
+    latencies = timed_turns(forwards, batch[:1].clone(), device, timing.warmup, timing.calls)
+    seconds = timed_turns(forwards, batch, device, 1, timing.repeats)
+    return [
+        {
+            "device": str(device),
+            "device_name": device_name(device),
+            "threads": torch.get_num_threads(),
+            "precision": precision,
+            "latency_ms_median": 1e3 * statistics.median(ms),
+            "latency_ms_p90": 1e3 * statistics.quantiles(ms, n=10)[-1],
+            "throughput_images_per_s": len(batch) / statistics.median(times),
+            "throughput_batch": len(batch),
+        }
+        for ms, times, precision in zip(latencies, seconds, precisions)
+    ]
+
+
+def deployed(model: nn.Module, compute: Compute) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model` as deployed: a copy in eval mode with BatchNorm folded, on `compute`'s device in its memory
+    format, run under its precision (autocast)."""
+    forward = compute.forward(compute.place(fold_batch_norm(model)), compile=False)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with compute.autocast():
+            return forward(images)
+
+    return run
+
+
+def throughputs(models: list[nn.Module], images: torch.Tensor, compute: Compute, timing: Timing) -> list[float]:
+    """Images/s of each of `models` as deployed (`deployed`) at batch `timing.batch` of real `images`: the
+    median of `timing.repeats` rounds in which each model runs once in turn, after `timing.warmup` calls of
+    each. Timed in turns, their ratio holds still when the machine's load changes."""
+    batch = fixed_batch(images, timing.batch, compute.device)
+    forwards = [deployed(model, compute) for model in models]
+    with torch.inference_mode():
+        seconds = timed_turns(forwards, batch, compute.device, timing.warmup, timing.repeats)
+    return [len(batch) / statistics.median(times) for times in seconds]
 
 
 def timing_devices(gpu: bool) -> list[torch.device]:
@@ -254,13 +324,30 @@ def timing_devices(gpu: bool) -> list[torch.device]:
     return [torch.device("cpu")] + ([torch.device("cuda")] if gpu and torch.cuda.is_available() else [])
 
 
-def model_speed(model: nn.Module, images: torch.Tensor, timing: Timing, gpu: bool, compute: Compute) -> dict:
-    """`speed` of `model` as deployed (eval mode, BatchNorm folded, the run's memory format) on each timing device."""
-    results = {}
-    for device in timing_devices(gpu):
-        placed = Compute(device, "fp32", channels_last=compute.channels_last)
-        results[device.type] = speed(placed.forward(placed.place(fold_batch_norm(copy.deepcopy(model))), compile=False), images, device, timing)
-    return results
+@dataclass
+class Measured:
+    """A model's row of `distill eval` before it is timed, and how it runs on each timing device."""
+
+    row: dict
+    forwards: dict[str, Callable[[torch.Tensor], object]]  # device type -> the model's forward there
+    precision: str = "fp32"
+
+
+def timed(measured: list[Measured], images: torch.Tensor, timing: Timing) -> list[dict]:
+    """The rows of `measured`, each with its `speed` on each device it runs on, all models timed in turns
+    there (`speeds`); where the first row is the teacher, each row's throughput over the teacher's
+    (`speedup`)."""
+    for device in dict.fromkeys(kind for one in measured for kind in one.forwards):
+        runs = [one for one in measured if device in one.forwards]
+        results = speeds([one.forwards[device] for one in runs], images, torch.device(device), timing, [one.precision for one in runs])
+        for one, result in zip(runs, results):
+            one.row.setdefault("speed", {})[device] = result
+    teacher = measured[0].row["speed"] if measured[0].row["role"] == "teacher" else {}
+    for one in measured:
+        for device, result in one.row["speed"].items():
+            if device in teacher:
+                result["speedup"] = result["throughput_images_per_s"] / teacher[device]["throughput_images_per_s"]
+    return [one.row for one in measured]
 
 
 def first_images(loader, count: int) -> torch.Tensor:
@@ -273,13 +360,14 @@ def first_images(loader, count: int) -> torch.Tensor:
     return torch.cat(images)[:count]
 
 
-def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> dict:
-    """Everything `distill eval` reports about one fp32 model."""
+def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> Measured:
+    """Everything `distill eval` reports about one fp32 model but its speed (see `timed`): as deployed (`deployed`,
+    fp32, the run's memory format) on each timing device."""
     logits, labels = predict(compute.forward(compute.place(model), compile=False), loader)
     model = model.cpu()
     images = first_images(loader, timing.batch)
     flops = flops_per_image(model, images)
-    return {
+    row = {
         "role": role,
         "name": name,
         "checkpoint": str(checkpoint),
@@ -289,17 +377,53 @@ def measure(role: str, name: str, checkpoint: Path, model: nn.Module, loader, in
         "flops": flops,
         "macs": flops // 2,
         "peak_activation_bytes": peak_activation_bytes(model, images),
-        "speed": model_speed(model, images, timing, gpu, compute),
     }
+    devices = timing_devices(gpu)
+    return Measured(row, {device.type: deployed(model, Compute(device, "fp32", channels_last=compute.channels_last)) for device in devices})
+
+
+def measure_program(role: str, path: Path, loader, info: DatasetInfo) -> Measured:
+    """Everything `distill eval` reports about a program (`ship.programs`) but its speed, on the CPU; an int8 one
+    compiled by Inductor as `distill quantize` timed it. Its size is the file's; its activation memory is
+    not measured (an eager run of an int8 program holds float tensors the compiled one does not)."""
+    record, module = distill_record(path), load_program(path)
+    if record["num_classes"] != info.num_classes:
+        raise DistillError(f"{path} predicts {record['num_classes']} classes, but {info.name} has {info.num_classes}")
+    forward = program_forward(path, module, record)
+    logits, labels = predict(forward, loader)
+    flops = flops_per_image(module, first_images(loader, 1))
+    row = {
+        "role": role,
+        "name": record["name"],
+        "checkpoint": str(path),
+        **quality(logits, labels, info.class_names),
+        "params": record["params"],
+        "size_bytes": path.stat().st_size,
+        "flops": flops,
+        "macs": flops // 2,
+        "peak_activation_bytes": None,
+    }
+    return Measured(row, {"cpu": forward}, record["precision"])
+
+
+def measure_file(role: str, path: Path, loader, info: DatasetInfo, compute: Compute, timing: Timing, gpu: bool) -> Measured:
+    """`measure` of a checkpoint's model, or `measure_program` of a program."""
+    if path.suffix == ".pt2":
+        return measure_program(role, path, loader, info)
+    model, name = model_from_checkpoint(path, info)
+    return measure(role, name, path, model, loader, info, compute, timing, gpu)
 
 
 def run_eval(path: str | Path, overrides: list[str], out: str | None = None, gpu: bool = True, timing: Timing = Timing()) -> dict:
-    """`distill eval`: measure each model of the run folder (or the one checkpoint); write eval.json and
-    confusion.png into `out` (default: `<run folder>/eval`) and print the table."""
-    sub = subject(path, overrides)
-    compute, data, loaders = prepare_run(sub.config)
-    models = [(role, checkpoint, *model_from_checkpoint(checkpoint, data.info)) for role, checkpoint in sub.checkpoints]
-    rows = [measure(role, name, checkpoint, model, loaders.test, data.info, compute, timing, gpu) for role, checkpoint, model, name in models]
+    """`distill eval`: measure each model of the run folder (or the one checkpoint or program); write eval.json
+    and confusion.png into `out` (default: `<run folder>/eval`), torch's own warnings into eval.log there,
+    and print the table."""
+    folder = Path(out) if out else subject_folder(Path(path)) / "eval"
+    with library_log(folder / "eval.log") as logged:
+        sub = subject(path, overrides)
+        compute, data, loaders = prepare_run(sub.config)
+        measured = [measure_file(role, checkpoint, loaders.test, data.info, compute, timing, gpu) for role, checkpoint in sub.checkpoints]
+        rows = timed(measured, first_images(loaders.test, timing.batch), timing)
     result = {
         "command": "eval",
         "dataset": data.info.name,
@@ -308,11 +432,10 @@ def run_eval(path: str | Path, overrides: list[str], out: str | None = None, gpu
         "timing": timing.__dict__,
         "models": rows,
     }
-    folder = Path(out) if out else sub.folder / "eval"
     write_json_atomic(result, folder / "eval.json")
     save_confusion(rows, data.info.class_names, folder / "confusion.png")
     CONSOLE.print(eval_table(result))
-    CONSOLE.print(f"wrote {folder / 'eval.json'} and {folder / 'confusion.png'}")
+    CONSOLE.print(f"wrote {folder / 'eval.json'} and {folder / 'confusion.png'}{logged.mention()}")
     return result
 
 
@@ -340,7 +463,9 @@ def save_confusion(rows: list[dict], class_names, path: Path) -> None:
     plt.close(figure)
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
@@ -350,8 +475,9 @@ def eval_table(result: dict) -> Group:
     devices = list(rows[0]["speed"])
     table = Table(title=f"distill eval: {result['dataset']}, {result['test_images']:,} test images")
     columns = ["role", "model", "test acc", "ECE", "params", "size", "MMACs/img", "act. mem"]
+    speedup = "speedup" in rows[0]["speed"][devices[0]]  # timed against a teacher (`timed`)
     for device in devices:
-        columns += [f"{device} b1 ms (p90)", f"{device} img/s"]
+        columns += [f"{device} b1 ms (p90)", f"{device} img/s", *([f"{device} speed-up"] if speedup else [])]
     for column in columns:
         table.add_column(column, justify="left" if column in ("role", "model") else "right")
     for row in rows:
@@ -360,21 +486,26 @@ def eval_table(result: dict) -> Group:
             human_bytes(row["size_bytes"]), f"{row['macs'] / 1e6:.2f}", human_bytes(row["peak_activation_bytes"]),
         ]
         for device in devices:
-            timed = row["speed"].get(device)
-            cells += ["-", "-"] if timed is None else [
-                f"{timed['latency_ms_median']:.3f} ({timed['latency_ms_p90']:.3f})", f"{timed['throughput_images_per_s']:,.0f}"
+            timed_here = row["speed"].get(device)
+            cells += ["-"] * (2 + speedup) if timed_here is None else [
+                f"{timed_here['latency_ms_median']:.3f} ({timed_here['latency_ms_p90']:.3f})",
+                f"{timed_here['throughput_images_per_s']:,.0f}", *([f"{timed_here['speedup']:.2f}x"] if speedup else []),
             ]
         table.add_row(*cells)
+    program = rows[0]["peak_activation_bytes"] is None  # a .pt2 file (`measure_program`)
     notes = [
         "MMACs/img: millions of multiply-adds per image = FlopCounterMode FLOPs / 2 (convolutions and matrix "
         "products only); act. mem: peak bytes of the tensors a batch-1 forward holds at once (CPU)",
-        "ECE: expected calibration error, 15 equal-width confidence bins; size: the weights as torch.save writes them",
+        "ECE: expected calibration error, 15 equal-width confidence bins; size: "
+        + ("the program file" if program else "the weights as torch.save writes them"),
     ]
     for device in devices:
-        timed = rows[0]["speed"][device]
+        first = rows[0]["speed"][device]
         notes.append(
-            f"{device}: {timed['device_name']}, {timed['threads']} threads, {timed['precision']}, BatchNorm folded; "
+            f"{device}: {first['device_name']}, {first['threads']} threads, {first['precision']}, "
+            f"{'the program as saved (int8: compiled by Inductor)' if program else 'BatchNorm folded'}; "
             f"batch-1 latency median (p90) of {result['timing']['calls']} calls after {result['timing']['warmup']} "
-            f"warm-up, throughput median of {result['timing']['repeats']} calls at batch {timed['throughput_batch']}"
+            f"warm-up, throughput median of {result['timing']['repeats']} calls at batch {first['throughput_batch']}; "
+            f"the models timed in turns{', speed-up: throughput over the teacher' if speedup else ''}"
         )
     return Group(table, *(Text(note) for note in notes))

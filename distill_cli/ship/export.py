@@ -4,6 +4,7 @@ ONNX goes through `torch.onnx.export(..., dynamo=True)`, pt2 through `torch.expo
 batch axis. The file is written under a temporary name, run (onnxruntime for ONNX, the loaded
 ExportedProgram for pt2) on real test images at batch 1 and at a large batch, compared with PyTorch's
 logits, and renamed into place only when it matches: a failed export or check leaves no file behind.
+A pt2 file carries distill's record of where it came from (`ship/programs.py`), so `distill eval` runs it.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import torch
 from torch import nn
 
 from ..core.checkpoint import BEST
-from ..core.console import CONSOLE
+from ..core.console import CONSOLE, library_log
 from ..core.errors import DistillError, did_you_mean
 from ..core.files import UMASK, write_json_atomic
 from ..models.checkpoints import model_from_checkpoint
 from ..training.setup import prepare_run
 from .evaluate import first_images, subject
+from .programs import batch_axis, load_program, program_record, save_program
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 
@@ -46,21 +48,18 @@ def check_format(fmt: str) -> None:
         raise DistillError(f"format={fmt} needs {', '.join(missing)}: pip install 'distill-cli[export]'")
 
 
-def _batch_axis() -> tuple[dict, ...]:
-    return ({0: torch.export.Dim("batch")},)
-
-
-def write_exported(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> None:
-    """Export `model` (traced on `example`, batch axis dynamic) to `path` in `fmt`."""
+def write_exported(model: nn.Module, example: torch.Tensor, fmt: str, path: Path, record: dict | None = None) -> None:
+    """Export `model` (traced on `example`, batch axis dynamic) to `path` in `fmt`; a pt2 program carries
+    `record` (`ship.programs`), so that `distill eval` can run it."""
     if fmt == "onnx":
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter's and optimizer's progress lines
             program = torch.onnx.export(
                 model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
-                dynamic_shapes=_batch_axis(), verbose=False,
+                dynamic_shapes=batch_axis(), verbose=False,
             )
             program.save(str(path))
     else:
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_batch_axis()), str(path))
+        save_program(model, example, path, record)
 
 
 def load_exported(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -71,7 +70,7 @@ def load_exported(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda images: torch.from_numpy(session.run(None, {name: images.contiguous().numpy()})[0])
-    return torch.export.load(str(path)).module()
+    return load_program(path)
 
 
 @torch.inference_mode()
@@ -86,18 +85,18 @@ def parity(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], images
     }
 
 
-def export_checked(model: nn.Module, images: torch.Tensor, fmt: str, path: Path, atol: float) -> dict:
-    """Export `model` to `path`, check it against PyTorch on `images` (CPU, fp32) within `atol`, then rename
-    it into place; the parity figures are also written to `<path>.json`. Any failure leaves no file."""
+def export_checked(model: nn.Module, images: torch.Tensor, fmt: str, path: Path, atol: float, record: dict | None = None) -> dict:
+    """Export `model` (on the CPU, in eval mode) to `path`, check it against PyTorch on `images` (CPU, fp32)
+    within `atol`, then rename it into place; the parity figures are also written to `<path>.json`. Any
+    failure leaves no file. A pt2 program carries `record` (`ship.programs.program_record`)."""
     check_format(fmt)
-    model = model.cpu().eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=FORMATS[fmt])
     os.close(handle)
     try:
         try:
-            write_exported(model, images[:2].clone(), fmt, Path(temp))  # a view would save all of `images`
+            write_exported(model, images[:2].clone(), fmt, Path(temp), record)  # a view would save all of `images`
         except Exception as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise DistillError(f"{path}: cannot export to {fmt} ({type(error).__name__}: {reason})") from None
@@ -129,6 +128,8 @@ def run_export(path: str | Path, fmt: str, overrides: list[str], out: str = "", 
     source = Path(path) / BEST if Path(path).is_dir() else Path(path)
     _, data, loaders = prepare_run(subject(path, overrides).config)
     model, _ = model_from_checkpoint(source, data.info)
-    result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, Path(out) if out else source.with_suffix(FORMATS[fmt]), atol)
-    CONSOLE.print(describe(result))
+    target = Path(out) if out else source.with_suffix(FORMATS[fmt])
+    with library_log(target.with_name(target.name + ".log")) as logged:
+        result = export_checked(model, first_images(loaders.test, CHECK_IMAGES), fmt, target, atol, program_record(source, model, "fp32"))
+    CONSOLE.print(describe(result) + logged.mention())
     return result

@@ -39,18 +39,35 @@ class SweepWatch(Callback):
         SweepWatch.sweeps.append((Path(config.hydra.sweep.dir), time.time()))
 
 
+def report_sweep(sweep_dir: Path, interrupted: bool = False) -> None:
+    """Print the report of the runs in `sweep_dir` and write it there (report.md/csv/json, plots/); one that
+    cannot be made is a warning (the sweep's results stand without it). An `interrupted` sweep in which no
+    job finished gets none (its jobs' interrupted summaries say how to resume them)."""
+    try:
+        report = build_report([sweep_dir])
+        if interrupted and not any(row.completed for row in report.rows):
+            log.info(f"sweep interrupted before any job finished: no sweep report in {sweep_dir}")
+            return
+        print_report(report)
+        write_report(report, sweep_dir)
+    except Exception as error:
+        log.warning(f"sweep report not written: {one_line(error)}")
+        return
+    log.info(f"sweep report: {sweep_dir / 'report.md'}")
+
+
 class SweepReportCallback(Callback):
-    """Print the sweep report and write it (report.md/csv/json, plots/) into the sweep folder."""
+    """Print the sweep report and write it (report.md/csv/json, plots/) into the sweep folder. An interrupted
+    sweep never gets here: `distill` reports what finished itself (`report_interrupted`, from `cli.main`)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if config.hydra.job.config_name not in SUMMARY_COMMANDS:  # bench sweeps have no summaries
-            return
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            report = build_report([sweep_dir])
-            print_report(report)
-            write_report(report, sweep_dir)
-        except Exception as error:  # the sweep's results stand without the report
-            log.warning(f"sweep report not written: {one_line(error)}")
-            return
-        log.info(f"sweep report: {sweep_dir / 'report.md'}")
+        if config.hydra.job.config_name in SUMMARY_COMMANDS:  # bench sweeps have no summaries
+            report_sweep(Path(config.hydra.sweep.dir))
+
+
+def report_interrupted(command: str) -> None:
+    """The report of each sweep this process launched, over the jobs that finished before an interrupt
+    (Ctrl-C, SIGTERM) stopped it; Hydra's `on_multirun_end` does not run then."""
+    if command in SUMMARY_COMMANDS:
+        for sweep_dir, _ in SweepWatch.sweeps:
+            report_sweep(sweep_dir, interrupted=True)

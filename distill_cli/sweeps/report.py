@@ -24,7 +24,7 @@ def _cell(name: str, stat: Stat) -> str:
     if name in ("test_acc", "alone_acc", "teacher_acc", "kd_gain"):
         text = f"{100 * stat.mean:{'+' if name == 'kd_gain' else ''}.2f}"
         return text if stat.std is None else f"{text}±{100 * stat.std:.2f}"
-    if name in ("compression", "speedup"):
+    if name == "compression":
         return f"{stat.mean:.1f}x"
     return f"{stat.mean:,.0f}"
 
@@ -33,10 +33,15 @@ def _unfinished(row: Row) -> str:
     return ", ".join(f"{count} {status}" for status, count in sorted(row.unfinished.items())) or "-"
 
 
+# result columns kept out of the table (report.csv and report.json keep them): each job times its speed-up at
+# its own moment, so on a shared machine it moves with the load (docs/shipping.md, "The kd summary's speed-up")
+NOT_IN_TABLE = ("speedup",)
+
+
 def table_cells(report: SweepReport) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the report table (shared by the console and report.md); result columns
     that no run has (a train-only report has no KD gain) are left out, and "not finished" when all finished."""
-    shown = [name for name in RESULTS if any(row.stats[name].n for row in report.rows)]
+    shown = [name for name in RESULTS if name not in NOT_IN_TABLE and any(row.stats[name].n for row in report.rows)]
     unfinished = any(row.unfinished for row in report.rows)
     headers = [*report.keys, "n", *(RESULTS[name] for name in shown), *(["not finished"] if unfinished else [])]
     cells = [

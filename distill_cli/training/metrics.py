@@ -1,10 +1,8 @@
-"""Measurements of a network on a loader: top-1 accuracy (overall and per class) and forward images/s.
+"""Measurements of a network on a loader: top-1 accuracy, overall and per class (speed: `ship.evaluate`).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -35,21 +33,3 @@ def evaluate(model: nn.Module, loader, compute: Compute, num_classes: int) -> Ac
     correct, total = correct.cpu(), total.cpu()
     per_class = (correct / total.clamp(min=1)).tolist()
     return Accuracy(overall=(correct.sum() / total.sum().clamp(min=1)).item(), per_class=per_class)
-
-
-@torch.inference_mode()
-def inference_rate(model: nn.Module, loader, compute: Compute, repeats: int = 3) -> float:
-    """Median images/s of forward passes over `loader` (eval mode, autocast), after one warm-up pass."""
-    model.eval()
-    forward = compute.forward(model, compile=False)
-    rates = []
-    for repeat in range(repeats + 1):
-        start = time.perf_counter()
-        predictions = []
-        for batch in loader:
-            with compute.autocast():
-                predictions.append(forward(batch.images).argmax(1))
-        torch.cat(predictions).cpu()  # waits for the device
-        if repeat:
-            rates.append(loader.num_images / (time.perf_counter() - start))
-    return statistics.median(rates)

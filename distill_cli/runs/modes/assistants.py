@@ -22,9 +22,8 @@ from ...core.config import KDConfig, ModelConfig, TeacherConfig
 from ...core.errors import DistillError
 from ...kd.objective import needs_teacher
 from ...kd.wiring import Link
-from ...training.metrics import inference_rate
 from ..common import KDRun
-from ..student import distil
+from ..student import compare_with_teacher, distil
 from ..teacher_cache import teacher_recipe
 from ..teachers import baseline_training_config, load_frozen, made_once, model_entry, obtain_teacher, teacher_training_config
 
@@ -77,9 +76,8 @@ def assistant_chain(run: KDRun, summary: dict) -> None:
         model = load_frozen(made, assistant, "assistant", run.data, run.compute)
         rows.append({"role": label, **model_entry(run, model, assistant, made, source)})
         path = str(made)
-    distil(replace(run, cfg=link_config(cfg, assistants[-1], path, cfg.student)), summary)
+    student = distil(replace(run, cfg=link_config(cfg, assistants[-1], path, cfg.student)), summary)
     summary["chain"] = rows
     summary["teacher"] = teacher_entry
-    summary["compression"] = teacher_entry["params"] / summary["student"]["params"]
-    teacher_entry["inference_images_per_s"] = inference_rate(teacher_module, run.loaders.test, run.compute)
-    summary["speedup"] = summary["student"]["inference_images_per_s"] / teacher_entry["inference_images_per_s"]
+    if student is not None:  # rank 0: against the chain's teacher, not the last assistant
+        compare_with_teacher(run, summary, teacher_module, student)

@@ -51,8 +51,8 @@ def born_again(run: KDRun, summary: dict) -> None:
         folder = run.run_dir / f"gen{generation}"
         done = cfg.resume and run_status(folder) == "completed"
         result = read_summary(folder) if done else run.nested(generation_config(cfg, previous), folder)
-        if generation == 1:
-            summary.update(teacher=result["teacher"], baseline=result.get("baseline"))
+        if generation == 1:  # every generation has the student's architecture: its speed-up is generation 1's
+            summary.update(teacher=result["teacher"], baseline=result.get("baseline"), speedup=result.get("speedup"))
         teacher = result["teacher"]
         rows.append({"generation": generation, **result["student"], "teacher": {k: teacher[k] for k in ("name", "test_acc", "checkpoint")}})
         previous = result["student"]["checkpoint"]
@@ -61,7 +61,6 @@ def born_again(run: KDRun, summary: dict) -> None:
         summary["kd_gain"] = rows[-1]["test_acc_best"] - summary["baseline"]["test_acc_best"]
     teacher = summary["teacher"]
     summary["compression"] = teacher["params"] / rows[-1]["params"]
-    summary["speedup"] = rows[-1]["inference_images_per_s"] / teacher["inference_images_per_s"]
 
 
 def _ensemble_accuracy(run: KDRun, checkpoints: list[Path]) -> dict:
