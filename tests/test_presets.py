@@ -47,7 +47,6 @@ def test_every_experiment_preset_trains_an_epoch(name, tmp_path):
     assert all(math.isfinite(entry.get("test_acc_best", entry.get("test_acc"))) for entry in trained)
 
 
-@pytest.mark.slow
 def test_hintons_mnist_setting_trains_its_student_at_t20(tmp_path):
     """`distill kd experiment=mnist_hinton_student` on MNIST-shaped synthetic data, without jitter so that
     the teacher is sure of every image in 3 epochs (logits 38 apart): the student at T=20 trains, its KD
