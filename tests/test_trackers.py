@@ -311,9 +311,7 @@ def _log_as_job(job: int, store: Path, epochs: int, barrier, failures) -> None:
         raise
 
 
-@pytest.mark.parametrize(
-    "store_made", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["store-made", "store-new"]
-)
+@pytest.mark.parametrize("store_made", [True, False], ids=["store-made", "store-new"])
 def test_parallel_jobs_log_to_one_sqlite_store_at_the_same_moments(tmp_path, empty_mlflow_store, store_made):
     """Four processes make their runs in one store (made before, or new: the first job makes its tables, with
     MLflow's migrations taking seconds) and log each epoch at the same moment: no "database is locked" nor a

@@ -22,6 +22,7 @@ from ..core.errors import DistillError, Interrupted, StopSignals, did_you_mean, 
 from ..core.processes import available_cpus, jobs_at_once, threads_per_job, torchrun_world_size
 from ..core.run_folders import (
     failed_jobs,
+    obtained,
     read_summary,
     record_summary,
     resume_command,
@@ -87,7 +88,7 @@ def _task(command: str, cfg) -> float | None:
         stopped = Interrupted.wrap(interrupt)
         stopped.run_dir = run_dir
         with StopSignals():  # a second signal (the launcher's SIGTERM after Ctrl-C) waits for the summary
-            record({"status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)})
+            record({**obtained(interrupt), "status": "interrupted", "error": stopped.describe(), "resume": resume_command(run_dir)})
         raise stopped from None
     except Exception as error:
         if os.environ.get("DISTILL_TRACEBACK") == "1":
@@ -112,7 +113,7 @@ def _record_failure(error: Exception, run_dir: Path, hydra_config, record) -> No
     FAILED_JOBS.append((str(run_dir), message))
     if hydra_config.mode == RunMode.MULTIRUN:
         log.error(f"job {hydra_config.job.num} failed: {message}")
-    record({"status": "failed", "error": message})
+    record({**obtained(error), "status": "failed", "error": message})  # with what it obtained before failing
 
 
 def share_cores(config, jobs: int) -> None:

@@ -256,8 +256,9 @@ def results_table(summary: dict) -> Table:
     teacher, student = summary.get("teacher"), summary.get("student")
     if teacher:
         row = [
-            # a kd run reports the one teacher checkpoint it used under "test_acc"
-            "teacher", _model_name(teacher), _pct(teacher.get("test_acc", teacher.get("test_acc_best"))),
+            # a kd run reports the one teacher checkpoint it used under "test_acc"; a train run says what it
+            # trained the network as (a teacher, or kd's baseline: the student alone)
+            summary.get("role", "teacher"), _model_name(teacher), _pct(teacher.get("test_acc", teacher.get("test_acc_best"))),
             _pct(teacher.get("test_acc_last")), _count(teacher["params"]), "1.0x",
         ]
         if speed:
@@ -302,7 +303,7 @@ def per_class_table(summary: dict) -> Table:
     table = Table(title="test accuracy per class")
     table.add_column("class")
     for role, _ in models:
-        table.add_column(role, justify="right")
+        table.add_column(summary.get("role", role) if role == "teacher" else role, justify="right")
     class_names = list(models[0][1]["test_acc_per_class"])
     for index, name in enumerate(class_names):
         label = f"{name} (not in transfer set)" if index in excluded else name

@@ -188,6 +188,18 @@ def _launch_record(folder: Path, path: Path, what: str) -> LaunchRecord:
     return record
 
 
+def keep_obtained(error: BaseException, summary: dict) -> None:
+    """Let the summary of a run that `error` stops keep what the run obtained before it (a kd run's
+    teacher and baseline results, its data facts): `record_summary`'s caller reads it with `obtained`."""
+    kept = {key: value for key, value in summary.items() if key not in ("status", "error")}
+    error.obtained = json.loads(json.dumps(kept, default=str))  # as summary.json will hold it
+
+
+def obtained(error: BaseException) -> dict:
+    """What the run that `error` stopped had obtained (`keep_obtained`); empty when it kept nothing."""
+    return dict(getattr(error, "obtained", None) or {})
+
+
 def record_summary(command: str, cfg, run_dir: Path, summary: dict) -> None:
     """Write how a run ended into its summary.json; a disk too full for it gets a log line, not a second error."""
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..core.config import KDConfig
 from ..core.console import print_results
 from ..core.files import write_json_atomic
+from ..core.run_folders import keep_obtained
 from ..data import DataSplits
 from ..kd.wiring import check_kd
 from ..models.checkpoints import model_from_checkpoint
@@ -35,7 +36,11 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
         summary = run_header("kd", cfg, compute, data, loaders, run_dir)
         summary.update(mode=cfg.mode, T=cfg.T, alpha=cfg.alpha, loss=dict(cfg.loss))
         check_kd(mode.links(cfg), data, compute, loaders.train.augment)
-        mode.train(KDRun(cfg, run_dir, compute, data, loaders, trackers, nested=run_kd), summary)
+        try:
+            mode.train(KDRun(cfg, run_dir, compute, data, loaders, trackers, nested=run_kd), summary)
+        except BaseException as error:  # the failed (or interrupted) run's summary keeps the teacher and baseline trained
+            keep_obtained(error, summary)
+            raise
         if not compute.world.is_main:  # rank 0 reports for every process
             return None
         if cfg.export:

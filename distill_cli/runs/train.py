@@ -43,7 +43,8 @@ def run_train(cfg: TrainConfig, run_dir: Path, label: str = "teacher") -> dict:
         if teacher is None:  # not rank 0
             return None
         cached = TeacherCache(cfg.teacher_cache).publish(teacher_recipe(cfg, compute.world.size), run_dir / BEST)
-        summary.update(teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
+        # `teacher` holds the trained network's results whatever it was trained as; `role` says what that was
+        summary.update(role=label, teacher=teacher, teacher_cache=str(cached), wall_time_s=time.perf_counter() - start)
         write_json_atomic(summary, run_dir / "summary.json")
         trackers.log_summary(summary)
         print_results(summary, per_class=cfg.per_class)

@@ -1,0 +1,86 @@
+"""The paper presets (configs/experiment/) train, on small synthetic data; Hinton et al.'s MNIST setting at
+T=20 trains its student; the baseline kd trains reports itself as the baseline; a kd run that fails keeps
+the teacher and baseline results it obtained."""
+
+import json
+import math
+
+import pytest
+from conftest import compose_config, on_training_step, run_distill_in_process, small_train_config, table_rows
+
+from distill_cli.core.config import config_dir, validate_config
+from distill_cli.core.console import results_table
+from distill_cli.runs.kd import run_kd
+from distill_cli.runs.train import run_train
+
+pytestmark = pytest.mark.usefixtures("quiet_results")
+
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+TEACHER_PRESETS = ["cifar100_resnet32x4", "cifar100_resnet56", "cifar100_vgg13", "cifar100_wrn_40_2", "mnist_hinton"]
+
+
+def _synthetic(name: str, images: int = 0) -> list[str]:
+    """Small synthetic data in the preset's dataset's channels: MNIST's 1 x 28 x 28; CIFAR's 3 channels at 16 x
+    16 (every CIFAR net takes it; a quarter of 32 x 32's work). By default one step of the preset's batch
+    (64 or 128) after the validation split."""
+    if name.startswith("mnist"):
+        shape, images = ["dataset.channels=1", "dataset.image_size=28"], images or 150
+    else:
+        shape, images = ["dataset.image_size=16"], images or 80
+    return ["dataset=synthetic", *shape, f"dataset.train_size={images}", "dataset.test_size=16", "device=cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_preset_trains_an_epoch(name, tmp_path):
+    """Each preset, as `distill train|kd experiment=<name>` composes it (networks, optimizer, schedule, batch,
+    T and alpha), on small synthetic data for one epoch of one step (a kd preset: its teacher, the baseline
+    and the student): it completes with finite accuracies."""
+    command = "train" if name in TEACHER_PRESETS else "kd"
+    overrides = [f"experiment={name}", *_synthetic(name), "epochs=1", f"teacher_cache={tmp_path / 'cache'}"]
+    if command == "kd":
+        overrides.append("teacher_epochs=1")
+    cfg = validate_config(command, compose_config(command, overrides))
+    summary = (run_train if command == "train" else run_kd)(cfg, tmp_path / "run")
+    assert summary["status"] == "completed"
+    trained = [summary["teacher"]] + ([summary["student"], summary["baseline"]] if command == "kd" else [])
+    assert all(math.isfinite(entry.get("test_acc_best", entry.get("test_acc"))) for entry in trained)
+
+
+def test_hintons_mnist_setting_trains_its_student_at_t20(tmp_path):
+    """`distill kd experiment=mnist_hinton_student` on MNIST-shaped synthetic data, without jitter so that
+    the teacher is sure of every image in 3 epochs (logits 38 apart): the student at T=20 trains, its KD
+    term falling. With the preset's former lr 0.1 it diverged at step 11 of its first epoch (T^2 = 400
+    times the soft-target term: steps 50x the cross-entropy's)."""
+    overrides = [
+        "experiment=mnist_hinton_student", *_synthetic("mnist", images=2000), "dataset.augment=false",
+        "teacher_epochs=3", "epochs=2", "baseline=false", f"teacher_cache={tmp_path / 'cache'}",
+    ]
+    cfg = validate_config("kd", compose_config("kd", overrides))
+    assert (cfg.T, cfg.alpha) == (20.0, 0.9)
+    summary = run_kd(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["student"]["test_acc_best"] >= 0.9
+    kd_term = [row["loss/kd"] for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert len(kd_term) == 2 and kd_term[1] < kd_term[0]
+
+
+def test_the_baseline_kd_trains_is_labelled_the_baseline_in_its_table(tmp_path):
+    baseline = run_train(small_train_config(tmp_path, epochs=1), tmp_path / "baseline", "baseline")
+    assert baseline["role"] == "baseline"
+    assert [row[0] for row in table_rows(results_table(baseline))] == ["baseline"]
+    del baseline["role"]  # a train summary written before runs said what they trained
+    assert [row[0] for row in table_rows(results_table(baseline))] == ["teacher"]
+
+
+def test_a_failed_kd_keeps_the_teacher_and_baseline_it_trained_in_its_summary(tmp_path, monkeypatch):
+    on_training_step(monkeypatch, 1, lambda parts: {key: value * math.nan for key, value in parts.items()}, factory="kd_step")
+    run_dir = tmp_path / "kd"
+    quick = ["teacher.kwargs.width=8", "epochs=1", "teacher_epochs=1", "student.kwargs.hidden=[8]", "device=cpu"]
+    result = run_distill_in_process("kd", *quick, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "student epoch 1: training diverged" in result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("student epoch 1: training diverged")
+    for part in ("teacher", "baseline"):
+        accuracy = summary[part].get("test_acc", summary[part].get("test_acc_best"))
+        assert summary[part]["source"] == "trained" and 0 < accuracy <= 1
+    assert summary["dataset"] == "digits" and "student" not in summary
