@@ -142,4 +142,4 @@ def check_kd(links: list[Link], data: DataSplits, compute: Compute, augment: Aug
         student = build_student(link.cfg.student, data, compute, link.student)
         teacher = untrained_teacher(link.cfg, compute, data, link.teacher) if needs_teacher(link.cfg) else None
         build_objective(link.cfg, data, compute, student, teacher)
-    return teacher_supply(links[0].cfg, augment, len(data.train), data.info.num_classes)
+    return teacher_supply(links[0].cfg, augment, len(data.train), data.info.num_classes, compute.device)
