@@ -179,11 +179,16 @@ def _contents(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _first_difference(old: Any, new: Any, key: str = "") -> str | None:
-    """The first key (dotted) where two plain configs differ, or None."""
+def _first_difference(old: Any, new: Any, added: list[str], key: str = "") -> str | None:
+    """The first key (dotted) where two plain configs differ, or None. Keys `old` lacks were added to distill
+    since it was written (they have their default there): not differences, collected in `added`."""
     if isinstance(old, dict) and isinstance(new, dict):
         for name in sorted(old.keys() | new.keys()):
-            found = _first_difference(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+            dotted = f"{key}.{name}" if key else name
+            if name not in old:
+                added.append(f"{dotted}={new[name]!r}")
+                continue
+            found = _first_difference(old.get(name), new.get(name), added, dotted)
             if found:
                 return found
         return None
@@ -214,9 +219,12 @@ def load_resume_checkpoint(run_dir: Path, config: dict) -> dict | None:
             problems.append(f"{path} holds no training state (checkpoint format {checkpoint['format_version']})")
             continue
         saved = {k: v for k, v in checkpoint.get("config", {}).items() if k not in _NOT_TRAINING}
-        difference = _first_difference(saved, {k: v for k, v in config.items() if k not in _NOT_TRAINING})
+        added: list[str] = []
+        difference = _first_difference(saved, {k: v for k, v in config.items() if k not in _NOT_TRAINING}, added)
         if difference:
             raise DistillError(f"cannot resume {run_dir}: the config changed since {path.name} was written ({difference})")
+        if added:
+            log.warning(f"{path.name} was written before these config keys existed; resuming with {', '.join(added)}")
         if problems:
             (run_dir / LAST).replace(run_dir / DAMAGED)
             log.warning(f"{problems[0]}; kept it as {DAMAGED}, resuming from {path} instead")
