@@ -1,5 +1,6 @@
-"""The objective of a kd run: the method of `loss=` with the Hinton term (T, alpha), the feature points both
-networks hand it, and the kd step that feeds it the teacher's and the student's outputs.
+"""The objective of a kd run: the method of `loss=` with the Hinton term (T, alpha) and the cross-entropy
+(`loss.ce_weight`, default 1 - alpha), the feature points both networks hand it, and the kd step that feeds
+it the teacher's and the student's outputs.
 
 `build_objective` checks everything a method needs (hyperparameters, feature points of both models,
 the dataset, a batch of at least `min_batch` samples, the memory it plans to hold) on the networks as built,
@@ -17,7 +18,7 @@ from ..core.config import KDConfig
 from ..core.errors import DistillError
 from ..data import DataSplits
 from ..data.loader import Batch
-from ..losses.base import Method, MethodContext, Objective, build_method
+from ..losses.base import Method, MethodContext, Objective, build_method, ce_weight
 from ..models.features import Outputs, feature_points, stage_points
 from ..training.compute import Compute
 from ..training.device_memory import available_bytes, byte_size
@@ -70,7 +71,8 @@ def check_fits(method: Method, name: str, context: MethodContext, compute: Compu
 
 def objective_of(cfg: KDConfig) -> Objective:
     """The objective `cfg` asks for, not yet set up on networks: what it reads (a teacher, its features)."""
-    return Objective(build_method(dict(cfg.loss)), cfg.T, cfg.alpha)
+    loss = dict(cfg.loss)
+    return Objective(build_method(loss), cfg.T, cfg.alpha, ce_weight(loss, cfg.alpha))
 
 
 def needs_teacher(cfg: KDConfig) -> bool:
