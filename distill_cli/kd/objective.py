@@ -52,6 +52,17 @@ def _probe(forward, model: nn.Module, data: DataSplits, compute: Compute) -> dic
     return {name: value.shape[1:] for name, value in outputs.features.items()}
 
 
+def check_maps(name: str, role: str, shapes: dict[str, torch.Size]) -> None:
+    """Refuse in one line a stem or stage feature of `role` that is no map (channels, height, width), such as
+    the token sequences of a ViT's blocks: the feature methods pair maps."""
+    for point, shape in shapes.items():
+        if (point == "stem" or point in stage_points(shapes)) and len(shape) != 3:
+            raise DistillError(
+                f"loss={name}: {role}'s {point} is {tuple(shape)}, not a feature map (channels, height, width) as the "
+                "method pairs them (a ViT's blocks give token sequences); use a logit method (kd, dkd, mse_logits)"
+            )
+
+
 def check_fits(method: Method, name: str, context: MethodContext, compute: Compute) -> None:
     """Refuse in one line a batch smaller than the method's `min_batch` (`batch_size` counts the samples of
     each process's step), and a method whose `planned_memory` exceeds the memory free on the device now."""
@@ -103,11 +114,14 @@ def build_objective(
             teacher, points=teacher_points, info=data.info, role=f"loss={name}: teacher={cfg.teacher.label}"
         )
         shapes = _probe(teacher_forward, teacher, data, compute)
+    student_shapes = _probe(student_forward, student, data, compute)
+    check_maps(name, f"student={cfg.student.label}", student_shapes)
+    check_maps(name, f"teacher={cfg.teacher.label}", shapes)
     context = MethodContext(
         num_classes=data.info.num_classes,
         num_train=len(data.train),
         train_labels=data.train.labels.to(compute.device),
-        student=_probe(student_forward, student, data, compute),
+        student=student_shapes,
         teacher=shapes,
         epochs=cfg.epochs,
         dataset=data.info.name,
