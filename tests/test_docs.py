@@ -48,6 +48,7 @@ def test_the_docs_hold_error_examples():
     assert len(EXAMPLES) >= 10 and any(where.startswith("README.md") for where, _, _ in EXAMPLES)
 
 
+@pytest.mark.slow  # `distill` in process: ~1.5 s an example on a quiet 2-core machine (Hydra composes twice)
 @pytest.mark.parametrize("where,command,expected", EXAMPLES, ids=[where for where, _, _ in EXAMPLES])
 def test_a_documented_error_example_prints_what_the_docs_say(where, command, expected, tmp_path):
     _example_files(tmp_path)
