@@ -91,7 +91,13 @@ def _damage(path: Path) -> str | None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load and verify a checkpoint with `weights_only=True`; any failure becomes a one-line DistillError."""
+    """Load and verify a distill checkpoint with `weights_only=True`; any failure becomes a one-line DistillError."""
+    return distill_checkpoint(read_checkpoint_file(path), Path(path))
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
+    """What a file torch.save wrote holds (a distill checkpoint or another tool's), verified and loaded with
+    `weights_only=True`; a missing, damaged or unsafe file is a one-line DistillError."""
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"checkpoint not found: {path}")
@@ -110,6 +116,11 @@ def load_checkpoint(path: str | Path) -> dict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused, truncated file, not a torch file, ...
         raise _not_a_checkpoint(path, head, error) from None
+    return checkpoint
+
+
+def distill_checkpoint(checkpoint: Any, path: Path) -> dict:
+    """`checkpoint` (as read from `path`) if it is a distill model checkpoint of a format this distill reads."""
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "arch" not in checkpoint:
         raise DistillError(f"{path} is not a distill model checkpoint: it holds {_contents(checkpoint)}, without the arch and state_dict distill writes")
     version = checkpoint.get("format_version")

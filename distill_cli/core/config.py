@@ -173,6 +173,8 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    # weight decay on every parameter (as mdistiller and RepDistiller); false: not on 1-D ones (biases, norms)
+    decay_all: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "cosine"
     warmup_epochs: int = 0

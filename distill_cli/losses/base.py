@@ -125,15 +125,19 @@ def _coerce(key: str, value, annotation):
     raise DistillError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
+# the `loss.*` key of the cross-entropy's weight: read by `Objective` (see `ce_weight`), not by the method
+CE_WEIGHT_KEY = "ce_weight"
+
+
 def build_method(loss: dict) -> Method:
     """The method `loss["name"]` with the other `loss.*` keys as its hyperparameters (checked: unknown
-    keys, types and ranges fail naming the key)."""
+    keys, types and ranges fail naming the key); `loss.ce_weight` belongs to the objective (`ce_weight`)."""
     name = loss.get("name")
     method = LOSSES.get(name)
     accepted = hyperparameters(method)
     values = {}
     for key, value in loss.items():
-        if key == "name":
+        if key in ("name", CE_WEIGHT_KEY):
             continue
         if key not in accepted:
             raise DistillError(
@@ -144,15 +148,29 @@ def build_method(loss: dict) -> Method:
     return method(**values)
 
 
-class Objective(nn.Module):
-    """The training loss of a kd step: (1 - alpha) CE + alpha Hinton KD at temperature T + the method's
-    terms. Every term is its weighted contribution, named `loss/<term>`, and "loss" is their exact sum."""
+def ce_weight(loss: dict, alpha: float) -> float:
+    """The cross-entropy's weight: `loss.ce_weight` (>= 0) when given, else 1 - alpha (Hinton's split).
+    RepDistiller's CRD+KD (CE 1, KD 1, CRD 0.8) is `loss=crd alpha=1 loss.ce_weight=1`."""
+    given = loss.get(CE_WEIGHT_KEY)
+    if given is None:
+        return 1 - alpha
+    key = f"loss.{CE_WEIGHT_KEY}"
+    weight = _coerce(key, given, float)
+    non_negative(key, weight)
+    return weight
 
-    def __init__(self, method: Method, T: float, alpha: float):
+
+class Objective(nn.Module):
+    """The training loss of a kd step: `ce_weight` CE (default 1 - alpha) + alpha Hinton KD at temperature T
+    + the method's terms. Every term is its weighted contribution, named `loss/<term>`, and "loss" is their
+    exact sum."""
+
+    def __init__(self, method: Method, T: float, alpha: float, ce_weight: float | None = None):
         super().__init__()
         self.method = method
         self.T = T
         self.alpha = alpha
+        self.ce_weight = 1 - alpha if ce_weight is None else ce_weight
 
     @property
     def needs_teacher(self) -> bool:
@@ -164,8 +182,8 @@ class Objective(nn.Module):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch, epoch: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
-        if self.alpha < 1:
-            terms["ce"] = (1 - self.alpha) * F.cross_entropy(student.logits.float(), batch.labels)
+        if self.ce_weight > 0:
+            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits.float(), batch.labels)
         if self.alpha > 0:
             terms["kd"] = self.alpha * kd_loss(student.logits, teacher.logits, self.T)
         for name, value in self.method(student, teacher, batch, epoch).items():
