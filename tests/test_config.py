@@ -69,11 +69,11 @@ EXECUTION_ONLY = {
 # kd's keys that train the student only: the teacher kd trains (or takes from the cache) ignores them;
 # it learns from every class (exclude_classes shrinks the transfer set only)
 STUDENT_ONLY = {
-    "epochs", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "loss", "student.arch", "student.kwargs",
+    "epochs", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "teacher_views", "loss", "student.arch", "student.kwargs",
     "dataset.exclude_classes",
 }
 # the student trained alone (the baseline) ignores the teacher
-TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "loss"}
+TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "teacher_views", "loss"}
 # an ensemble's members, the peers of mutual learning, born-again generations and teacher assistants pick
 # how kd trains; each network they add is cached (where it is) under a recipe of its own
 MODES = {"teacher.members", "teacher.checkpoints", "teacher.weights", "peers", "generations", "assistants"}
