@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import operator
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,6 +121,13 @@ class FakeQuantized(nn.Module):
         (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph)
         self.graph.apply(enable_observer if mode else disable_observer)
         return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load `state_dict` as written by `state_dict()`, with the module versions a checkpoint's plain dict drops
+        (torchao's observers take a missing version for their first and reset their `eps` to float32's)."""
+        versioned = OrderedDict(state_dict)
+        versioned._metadata = self.state_dict()._metadata
+        return super().load_state_dict(versioned, strict, assign)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.graph(images)
