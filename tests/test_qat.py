@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import small_train_config
 
+import distill_cli.ship.programs as programs
+import distill_cli.ship.quantize as quantize
 from distill_cli.cli.main import main
 from distill_cli.core.checkpoint import BEST
 from distill_cli.models.checkpoints import model_from_checkpoint
@@ -17,7 +19,7 @@ from distill_cli.ship.programs import cpp_compiler
 from distill_cli.ship.quantize import FineTuning, convert_qat, graph_tensors, prepare_qat, quantize_int8
 from distill_cli.training.setup import prepare_run
 
-QAT = {"epochs": 1, "T": 4.0, "alpha": 0.9, "lr_scale": 0.1}
+QAT = {"epochs": 1, "T": 4.0, "alpha": 0.9, "lr_scale": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +102,18 @@ def test_qat_without_a_compiler_is_one_line_before_training(digits_teacher, tmp_
 
 @pytest.mark.slow
 @pytest.mark.skipif(cpp_compiler() is None, reason="Inductor needs a C++ compiler (g++ or clang++) for the int8 kernels")
-def test_qat_through_the_cli_writes_an_int8_program_that_eval_reads_back(digits_teacher, tmp_path, capsys):
+def test_qat_through_the_cli_writes_an_int8_program_that_eval_reads_back(digits_teacher, tmp_path, capsys, monkeypatch):
+    # the int8 graphs run eagerly: Inductor's int8 kernels cost minutes to compile on a loaded 2-core machine
+    # (test_ship's post-training test runs them), and eager runs compute the same classes
+    for module in (programs, quantize):
+        monkeypatch.setattr(module, "compiled", lambda graph: lambda images: graph(images.contiguous()))
     args = ["quantize", str(digits_teacher), "qat=true", "epochs=1", f"out={tmp_path}", "calls=3", "batch=16", "calibration=64"]
     assert main(args) == 0
     result = json.loads((tmp_path / "quantize.json").read_text())
     fp32, ptq, qat = result["models"]
     assert (fp32["role"], ptq["role"], qat["role"]) == ("fp32", "int8", "int8 QAT")
     assert result["qat"]["accuracy_drop"] == pytest.approx(fp32["test_acc"] - qat["test_acc"])
-    assert (result["qat"]["epochs"], result["qat"]["lr"]) == (1, pytest.approx(0.1 * small_train_config(tmp_path).optimizer.lr))
+    assert (result["qat"]["epochs"], result["qat"]["lr"]) == (1, pytest.approx(0.01 * small_train_config(tmp_path).optimizer.lr))
     assert "int8 QAT program" in capsys.readouterr().out
     program = digits_teacher.with_suffix(".qat.int8.pt2")
     assert qat["file"] == str(program) and ptq["file"] == str(digits_teacher.with_suffix(".int8.pt2"))

@@ -48,7 +48,7 @@ COMMANDS = (
         # (distill kd loss=kd's defaults), at lr_scale x the run's learning rate
         options={
             "out": "", "gpu": True, "calls": 200, "batch": 256, "calibration": 512,
-            "qat": False, "epochs": 0, "T": 4.0, "alpha": 0.9, "lr_scale": 0.1,
+            "qat": False, "epochs": 0, "T": 4.0, "alpha": 0.9, "lr_scale": 0.01,
         },
     ),
 )
