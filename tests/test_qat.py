@@ -36,7 +36,7 @@ def _accuracy(graph, loader) -> float:
 
 
 def test_qat_fine_tune_trains_the_fake_quantized_network_differs_from_post_training_and_resumes(digits_teacher, tmp_path):
-    cfg = small_train_config(tmp_path)
+    cfg = small_train_config(tmp_path, batch_size=256)  # 5 steps an epoch
     compute, data, loaders = prepare_run(cfg)
     model, name = model_from_checkpoint(digits_teacher, data.info)
     calibration = first_images(loaders.eval_loader(data.train), 256)
@@ -107,7 +107,7 @@ def test_qat_through_the_cli_writes_an_int8_program_that_eval_reads_back(digits_
     # (test_ship's post-training test runs them), and eager runs compute the same classes
     for module in (programs, quantize):
         monkeypatch.setattr(module, "compiled", lambda graph: lambda images: graph(images.contiguous()))
-    args = ["quantize", str(digits_teacher), "qat=true", "epochs=1", f"out={tmp_path}", "calls=3", "batch=16", "calibration=64"]
+    args = ["quantize", str(digits_teacher), "qat=true", "epochs=1", f"out={tmp_path}", "calls=3", "batch=16", "calibration=64", "batch_size=256"]
     assert main(args) == 0
     result = json.loads((tmp_path / "quantize.json").read_text())
     fp32, ptq, qat = result["models"]
