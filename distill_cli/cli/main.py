@@ -304,6 +304,10 @@ def _ship(command: str, args: list[str]) -> int:
             from ..ship.export import run_export
 
             run_export(args[0], options["format"], overrides, options["out"], options["atol"])
+        elif options["qat"]:
+            from ..runs.qat import run_qat
+
+            run_qat(args[0], overrides, options)
         else:
             from ..ship.quantize import run_quantize
 

@@ -44,7 +44,12 @@ COMMANDS = (
     ),
     Command(
         "quantize", "static int8 for the CPU, against fp32", "distill quantize <run dir>/best.pt", kind="ship",
-        options={"out": "", "gpu": True, "calls": 200, "batch": 256, "calibration": 512},
+        # qat=true: also fine-tune `epochs` epochs with fake quantization, the fp32 model as teacher at T, alpha
+        # (distill kd loss=kd's defaults), at lr_scale x the run's learning rate
+        options={
+            "out": "", "gpu": True, "calls": 200, "batch": 256, "calibration": 512,
+            "qat": False, "epochs": 0, "T": 4.0, "alpha": 0.9, "lr_scale": 0.01,
+        },
     ),
 )
 BY_NAME = {command.name: command for command in COMMANDS}
