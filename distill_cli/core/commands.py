@@ -46,6 +46,10 @@ COMMANDS = (
         "quantize", "static int8 for the CPU, against fp32", "distill quantize <run dir>/best.pt", kind="ship",
         options={"out": "", "gpu": True, "calls": 200, "batch": 256, "calibration": 512},
     ),
+    Command(
+        "prune", "remove channels or weights, before vs after", "distill prune <run dir>/best.pt amount=0.5", kind="ship",
+        options={"amount": 0.5, "structure": "channels", "importance": "l1", "out": "", "calls": 200, "batch": 256},
+    ),
 )
 BY_NAME = {command.name: command for command in COMMANDS}
 # the commands whose run folders hold a summary: what `distill resume`, sweep reports and searches read
