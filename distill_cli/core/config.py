@@ -359,6 +359,8 @@ class KDConfig(RunConfig):
             _check(teacherless, "peers", "mutual learning trains its peers from scratch with no teacher; leave teacher= as it is")
         if self.assistants:
             _check(self.teacher.arch != ENSEMBLE, "assistants", "a chain starts from one teacher, not teacher=ensemble")
+        if not isinstance(self.student, StudentConfig):  # a config built in code with a plain ModelConfig
+            self.student = StudentConfig(arch=self.student.arch, kwargs=self.student.kwargs, name=self.student.name)
         if self.student.starts_trained:
             key = "student.checkpoint" if self.student.checkpoint is not None else "student.init"
             _check(not modes, key, f"a student that starts trained is distilled in the plain mode, not with {', '.join(modes)}")
