@@ -182,6 +182,16 @@ def test_a_narrower_student_gets_the_teachers_highest_l1_units():
     torch.testing.assert_close(student[3].bias, teacher[3].bias)
 
 
+def test_a_narrower_student_starts_as_the_teacher_pruned_to_its_width():
+    """The same importance as `distill prune`: cnn width 8 -> 4 copies exactly what l1 pruning at 0.5 keeps."""
+    torch.manual_seed(0)
+    teacher, student = network("cnn", width=8), network("cnn", width=4)
+    copy_teacher(student, teacher, torch.zeros(1, 1, 8, 8), "pair")
+    prune_channels(teacher, 0.5, "l1", torch.zeros(1, 1, 8, 8))
+    for key, tensor in teacher.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[key], tensor)
+
+
 def test_a_shallower_student_gets_every_kth_block_of_each_stage():
     torch.manual_seed(0)
     teacher, student = network("resnet_cifar", depth=26), network("resnet_cifar", depth=14)  # 4 -> 2 blocks per stage

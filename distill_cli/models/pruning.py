@@ -149,15 +149,17 @@ def copy_teacher(student: nn.Module, teacher: nn.Module, example: torch.Tensor, 
     names = {module: name for name, module in source.named_modules()}
     graph = traced(lambda: tp.DependencyGraph().build_dependency(source, example_inputs=example.cpu()), f"student.init=teacher: {pair}")
     importance = channel_importance("l1")
+    ranked = []  # every group ranked before any is cut, as `prune_channels` (torch-pruning's pruner) ranks them
     for group in graph.get_all_groups(ignored_layers=[classifier(source)], root_module_types=list(WEIGHTED)):
         root = group[0].dep.target.module
         have, want = root.weight.shape[0], wanted[names[root]]
         if want > have:
             raise DistillError(f"student.init=teacher: {pair}: the student's layer {names[root]} has {want} channels, the teacher's {have}; it needs a narrower student")
         if want < have:
-            order = importance(group).argsort(descending=True)
-            prune_out = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
-            graph.get_pruning_group(root, prune_out, idxs=sorted(order[want:].tolist())).prune()
+            ranked.append((root, importance(group).argsort(descending=True)[want:]))
+    for root, dropped in ranked:
+        prune_out = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+        graph.get_pruning_group(root, prune_out, idxs=sorted(dropped.tolist())).prune()
     different = [name for name, shape in layer_shapes(source).items() if shapes[name] != shape]
     if different:
         raise DistillError(f"student.init=teacher: {pair}: layer {different[0]} keeps another shape than the student's; it needs a student whose channels pruning can reach")
