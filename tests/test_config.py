@@ -75,8 +75,9 @@ STUDENT_ONLY = {
 # the student trained alone (the baseline) ignores the teacher
 TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "teacher_views", "loss"}
 # an ensemble's members, the peers of mutual learning, born-again generations and teacher assistants pick
-# how kd trains; each network they add is cached (where it is) under a recipe of its own
-MODES = {"teacher.members", "teacher.checkpoints", "teacher.weights", "peers", "generations", "assistants"}
+# how kd trains; each network they add is cached (where it is) under a recipe of its own; a student that starts
+# trained (student.checkpoint, student.init=teacher) is never cached and has no cached baseline
+MODES = {"teacher.members", "teacher.checkpoints", "teacher.weights", "peers", "generations", "assistants", "student.checkpoint", "student.init"}
 
 
 

@@ -304,6 +304,10 @@ def _ship(command: str, args: list[str]) -> int:
             from ..ship.export import run_export
 
             run_export(args[0], options["format"], overrides, options["out"], options["atol"])
+        elif command == "prune":
+            from ..ship.prune import run_prune
+
+            run_prune(args[0], overrides, options)
         elif options["qat"]:
             from ..runs.qat import run_qat
 

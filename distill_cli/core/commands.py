@@ -51,6 +51,10 @@ COMMANDS = (
             "qat": False, "epochs": 0, "T": 4.0, "alpha": 0.9, "lr_scale": 0.01,
         },
     ),
+    Command(
+        "prune", "remove channels or weights, before vs after", "distill prune <run dir>/best.pt amount=0.5", kind="ship",
+        options={"amount": 0.5, "structure": "channels", "importance": "l1", "out": "", "calls": 200, "batch": 256},
+    ),
 )
 BY_NAME = {command.name: command for command in COMMANDS}
 # the commands whose run folders hold a summary: what `distill resume`, sweep reports and searches read

@@ -135,6 +135,28 @@ def model_option(entry: Any, key: str) -> ModelConfig:
     return ModelConfig(arch=node["arch"], kwargs=kwargs, name=name)
 
 
+STUDENT_INITS = ("random", "teacher")
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    # start from this checkpoint's network and weights (a pruned one included: its architecture is read from
+    # the file, so no student= is needed); the zeros of a weight-pruned one stay zero while it trains
+    checkpoint: Optional[str] = None
+    # random: as the architecture initialises it; teacher: the teacher's weights copied into a shallower
+    # and/or narrower student of its family (every k-th block, the highest-l1 channels; models/pruning.py)
+    init: str = "random"
+
+    def __post_init__(self) -> None:
+        _choice("student.init", self.init, STUDENT_INITS)
+        _check(self.checkpoint is None or self.init == "random", "student.init", "student.checkpoint already gives the student its weights; drop one of them")
+
+    @property
+    def starts_trained(self) -> bool:
+        """The student starts from trained weights (a checkpoint, or the teacher's), not from scratch."""
+        return self.checkpoint is not None or self.init == "teacher"
+
+
 @dataclass
 class TeacherConfig(ModelConfig):
     # a checkpoint to load instead of training (or reusing a cached) teacher
@@ -286,7 +308,7 @@ class KDConfig(RunConfig):
     """`distill kd`: distil a student from a teacher."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     # the KD method: {"name": <registered method>, <its hyperparameters>}; checked against the method's
     # constructor (`losses.base.build_method`), its published defaults in configs/loss/<name>.yaml
     loss: dict[str, Any] = field(default_factory=lambda: {"name": "kd"})
@@ -345,6 +367,13 @@ class KDConfig(RunConfig):
             _check(teacherless, "peers", "mutual learning trains its peers from scratch with no teacher; leave teacher= as it is")
         if self.assistants:
             _check(self.teacher.arch != ENSEMBLE, "assistants", "a chain starts from one teacher, not teacher=ensemble")
+        if not isinstance(self.student, StudentConfig):  # a config built in code with a plain ModelConfig
+            self.student = StudentConfig(arch=self.student.arch, kwargs=self.student.kwargs, name=self.student.name)
+        if self.student.starts_trained:
+            key = "student.checkpoint" if self.student.checkpoint is not None else "student.init"
+            _check(not modes, key, f"a student that starts trained is distilled in the plain mode, not with {', '.join(modes)}")
+        if self.student.init == "teacher":
+            _check(self.teacher.arch != ENSEMBLE, "student.init", "teacher=ensemble has no one network to copy; give one teacher")
 
     def modes_asked(self) -> list[str]:
         """The training modes this config turns on (`MODE_KEYS`); validation allows at most one."""

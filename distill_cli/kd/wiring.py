@@ -8,17 +8,20 @@ their students here; none wires one itself. The training loop then gets only the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..core.config import ENSEMBLE, KDConfig, ModelConfig
+from ..core.checkpoint import load_checkpoint
+from ..core.config import ENSEMBLE, KDConfig, ModelConfig, StudentConfig
+from ..core.errors import DistillError
 from ..data import Augment, DataSplits
 from ..losses.base import Objective
 from ..models import build_model
-from ..models.checkpoints import checked_checkpoint, checked_model
+from ..models.checkpoints import checked_checkpoint, checked_model, describe, rebuilt_model
+from ..models.pruning import copy_teacher, keep_zeros
 from ..training.compute import Compute
 from ..training.loop import Step
 from ..training.rng import seed_everything
@@ -55,10 +58,43 @@ class KDWiring:
         return nn.ModuleList([self.student, self.objective])
 
 
-def build_student(model: ModelConfig, data: DataSplits, compute: Compute, key: str = "student") -> nn.Module:
-    """A student network (untrained, from the random state as it is) placed on the device as kd runs place
-    it; `key` names it in errors."""
-    return compute.place(build_model(model, data.info, key))
+def build_student(
+    model: ModelConfig, data: DataSplits, compute: Compute, key: str = "student", teacher: tuple[ModelConfig, nn.Module] | None = None
+) -> nn.Module:
+    """A student network placed on the device as kd runs place it; `key` names it in errors. Untrained (from
+    the random state as it is), or as `student.checkpoint` holds it (its zeros held at zero, `keep_zeros`),
+    or with the weights of `teacher` (its config and network; `student.init=teacher`, `models.pruning.copy_teacher`)."""
+    if isinstance(model, StudentConfig) and model.checkpoint is not None:
+        path = Path(model.checkpoint)
+        network = rebuilt_model(checked_checkpoint(path, model, key, data.info), model, key, path, data.info)
+        keep_zeros(network)
+        return compute.place(network)
+    network = build_model(model, data.info, key)
+    if copies_teacher(model):
+        teacher_cfg, teacher_network = teacher
+        pair = f"teacher {describe(teacher_cfg.arch, teacher_cfg.kwargs)} -> student {describe(model.arch, model.kwargs)}"
+        if teacher_cfg.arch != model.arch:
+            raise DistillError(f"student.init=teacher: {pair}: the weights copy within one family; it needs a shallower or narrower {teacher_cfg.arch} student")
+        copy_teacher(network, teacher_network, torch.zeros(1, data.info.channels, *data.info.image_size), pair)
+    return compute.place(network)
+
+
+def copies_teacher(model: ModelConfig) -> bool:
+    """The student starts from the teacher's weights (`student.init=teacher`)."""
+    return isinstance(model, StudentConfig) and model.init == "teacher"
+
+
+def student_from_checkpoint(cfg: KDConfig) -> KDConfig:
+    """`cfg` with the student's architecture read from `student.checkpoint` (as `distill prune` or a kd run
+    wrote it), named after the file; `cfg` itself without one."""
+    path = cfg.student.checkpoint
+    if path is None:
+        return cfg
+    checkpoint = load_checkpoint(path)
+    if checkpoint["arch"] in (ENSEMBLE, "peers"):
+        raise DistillError(f"student.checkpoint {path} holds {checkpoint['arch']}, not one network")
+    student = replace(cfg.student, arch=checkpoint["arch"], kwargs=dict(checkpoint["kwargs"]), name=Path(path).name)
+    return replace(cfg, student=student)
 
 
 def wire_kd(
@@ -74,6 +110,7 @@ def wire_kd(
     seed: int | None = None,
     student: nn.Module | None = None,
     stacked=None,
+    init_from: nn.Module | None = None,
 ) -> KDWiring:
     """`cfg`'s student, its objective with the frozen `teacher` (placed on the device; None when the
     objective reads none) and its kd step.
@@ -84,7 +121,8 @@ def wire_kd(
     each image's position and the view it drew; LIVE runs the teacher every step (BatchNorm folded), once
     per batch for all the students of `shared`. The student is `student` as given, or built after seeding
     with `seed` (None: from the random state as it is); `stacked` (a `training.stacked.StackedStudents`)
-    runs its forward with the others'.
+    runs its forward with the others'. `student.init=teacher` copies `init_from` (the teacher's network,
+    also when the objective reads no teacher).
     """
     teacher_outputs = None
     if supply == CACHED:
@@ -98,7 +136,7 @@ def wire_kd(
     if seed is not None:
         seed_everything(seed)
     if student is None:
-        student = build_student(cfg.student, data, compute)
+        student = build_student(cfg.student, data, compute, teacher=(cfg.teacher, init_from if init_from is not None else teacher))
     objective, student_forward, teacher_forward = build_objective(cfg, data, compute, student, teacher)
     if teacher_forward is not None and shared is not None:
         key = ("teacher_forward", objective.method.teacher_points)
@@ -144,7 +182,8 @@ def check_kd(links: list[Link], data: DataSplits, compute: Compute, augment: Aug
     config fails before any network trains. Returns the first link's teacher supply (`teacher_supply` of the
     transfer set, augmented with `augment` or not: None)."""
     for link in links:
-        student = build_student(link.cfg.student, data, compute, link.student)
-        teacher = untrained_teacher(link.cfg, compute, data, link.teacher) if needs_teacher(link.cfg) else None
-        build_objective(link.cfg, data, compute, student, teacher)
+        copied = copies_teacher(link.cfg.student)
+        teacher = untrained_teacher(link.cfg, compute, data, link.teacher) if needs_teacher(link.cfg) or copied else None
+        student = build_student(link.cfg.student, data, compute, link.student, teacher=(link.cfg.teacher, teacher))
+        build_objective(link.cfg, data, compute, student, teacher if needs_teacher(link.cfg) else None)
     return teacher_supply(links[0].cfg, augment, len(data.train), data.info.num_classes, compute.device)

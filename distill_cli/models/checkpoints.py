@@ -21,6 +21,7 @@ from ..core.config import ModelConfig
 from ..core.errors import DistillError
 from ..data import DatasetInfo
 from . import build_model, model_arguments
+from .shapes import reshape, shape_changes
 
 
 def describe(arch: str, kwargs: dict) -> str:
@@ -144,11 +145,25 @@ def load_weights(model: nn.Module, state_dict: dict, refusal: str) -> nn.Module:
     return model
 
 
+def rebuilt_model(checkpoint: dict, expected: ModelConfig, key: str, path: Path, info: DatasetInfo) -> nn.Module:
+    """`expected`'s network with the pruned layer shapes the checkpoint records (`shapes.reshape`, its
+    "layers") and its weights, as trained (not frozen)."""
+    model = build_model(expected, info, key)
+    reshape(model, checkpoint.get("layers") or {}, checkpoint["state_dict"], str(path))
+    return load_weights(model, checkpoint["state_dict"], f"{key} checkpoint {path} does not fit {key}={expected.arch}")
+
+
+def recorded_layers(model: nn.Module, cfg: ModelConfig, info: DatasetInfo) -> dict:
+    """The layers of `model` whose channel counts differ from `cfg`'s network as built (pruned ones): what a
+    checkpoint records so that `rebuilt_model` rebuilds it ({} for an unpruned network)."""
+    with torch.device("meta"):
+        reference = build_model(cfg, info, "model")
+    return shape_changes(model, reference)
+
+
 def checked_model(checkpoint: dict, expected: ModelConfig, key: str, path: Path, info: DatasetInfo) -> nn.Module:
     """`expected`'s network with the weights of `checkpoint` (as `checked_checkpoint` returns it), frozen."""
-    model = build_model(expected, info, key)
-    load_weights(model, checkpoint["state_dict"], f"{key} checkpoint {path} does not fit {key}={expected.arch}")
-    return model.eval().requires_grad_(False)
+    return rebuilt_model(checkpoint, expected, key, path, info).eval().requires_grad_(False)
 
 
 def model_from_checkpoint(path: Path, info: DatasetInfo) -> tuple[nn.Module, str]:
@@ -162,6 +177,5 @@ def model_from_checkpoint(path: Path, info: DatasetInfo) -> tuple[nn.Module, str
             f"not on {info.name} ({info.num_classes} classes)"
         )
     arch, kwargs = checkpoint["arch"], checkpoint["kwargs"]
-    model = build_model(ModelConfig(arch=arch, kwargs=kwargs), info, "model")
-    load_weights(model, checkpoint["state_dict"], f"{path}: its weights do not fit {arch}")
-    return model.eval().requires_grad_(False), describe(arch, kwargs)
+    model = rebuilt_model(checkpoint, ModelConfig(arch=arch, kwargs=kwargs), "model", path, info)
+    return model.eval().requires_grad_(False), describe(arch, kwargs) + (" pruned" if checkpoint.get("layers") else "")

@@ -27,6 +27,7 @@ from ..core.config import (
 from ..data import DataSplits
 from ..kd.teachers import Shared
 from ..models import count_parameters
+from ..models.checkpoints import recorded_layers
 from ..training.compute import Compute
 from ..training.loop import FitResult, fit
 from ..training.metrics import evaluate
@@ -86,12 +87,15 @@ def fit_network(*args, **options) -> FitResult:
 
 
 def checkpoint_maker(model: nn.Module, model_cfg: ModelConfig, cfg: RunConfig, data: DataSplits) -> Callable[[dict], dict]:
-    """`make_checkpoint` for `fit`: `model`'s weights, what rebuilds it, and the run's config."""
+    """`make_checkpoint` for `fit`: `model`'s weights, what rebuilds it (with its pruned layer shapes, when
+    it was pruned), and the run's config."""
     config = to_plain(cfg)
+    layers = recorded_layers(model, model_cfg, data.info)
+    structure = {"layers": layers} if layers else {}
 
     def make_checkpoint(state: dict) -> dict:
         return model_checkpoint(
-            model, model_cfg.arch, model_cfg.kwargs, data.info.num_classes, dataset=data.info.name, config=config, **state
+            model, model_cfg.arch, model_cfg.kwargs, data.info.num_classes, dataset=data.info.name, config=config, **structure, **state
         )
 
     return make_checkpoint

@@ -11,7 +11,7 @@ from ..core.console import print_results
 from ..core.files import write_json_atomic
 from ..core.run_folders import keep_obtained
 from ..data import DataSplits
-from ..kd.wiring import check_kd
+from ..kd.wiring import check_kd, student_from_checkpoint
 from ..models.checkpoints import model_from_checkpoint
 from ..ship.evaluate import first_images
 from ..ship.export import CHECK_IMAGES, FORMATS, check_format, describe, export_checked
@@ -28,6 +28,7 @@ def run_kd(cfg: KDConfig, run_dir: Path) -> dict:
     training modes (`runs/modes/`). Every network and method the mode wires is built once, untrained,
     before anything trains (`kd.wiring.check_kd`)."""
     start = time.perf_counter()
+    cfg = student_from_checkpoint(cfg)
     if cfg.export:
         check_format(cfg.export)  # missing packages fail now, not after training
     mode = MODES[cfg.mode]

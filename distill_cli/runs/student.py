@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..kd.teachers import CACHED, LIVE, NONE, VIEWS, teacher_supply
-from ..kd.wiring import KDWiring, Link, wire_kd
+from ..kd.wiring import KDWiring, Link, copies_teacher, wire_kd
 from ..models import count_parameters
 from ..ship.evaluate import Timing, first_images, throughputs
 from .common import KDRun, log, train_network
@@ -45,10 +45,13 @@ def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | No
     cfg, data, loaders = run.cfg, run.data, run.loaders
     supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes, run.compute.device)
     teacher = None
-    summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
-    if supply != NONE:
+    summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher, unless it copies it
+    if supply != NONE or copies_teacher(cfg.student):
         teacher, summary["teacher"] = obtain_teacher(run)
-        if cfg.baseline:
+    if supply != NONE and cfg.baseline:
+        if cfg.student.starts_trained:  # the same start trained alone is the run with alpha=0
+            log.info("baseline: none for a student that starts trained; run the same command with alpha=0 to compare")
+        else:
             summary["baseline"] = baseline_entry(run, cfg.student, run.run_dir / "baseline")
     views = None
     if supply == VIEWS:
@@ -56,8 +59,8 @@ def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | No
         supply = VIEWS if views is not None else LIVE
     transfer = loaders.eval_loader(data.train) if supply == CACHED else None
     wired = wire_kd(
-        cfg, data, run.compute, teacher, supply=supply, transfer=transfer, views=views, shared=run.shared, seed=cfg.seed,
-        stacked=run.shared.stacked,
+        cfg, data, run.compute, teacher if supply != NONE else None, supply=supply, transfer=transfer, views=views, shared=run.shared,
+        seed=cfg.seed, stacked=run.shared.stacked, init_from=teacher,
     )
     if wired.supply == CACHED:
         log.info(f"teacher: logits of the {len(data.train)} transfer images cached; kd steps skip the teacher")
