@@ -42,6 +42,8 @@ PAIRS = {
     "mobilenetv2": ("resnet_cifar", {"depth": 8}, "mobilenetv2", {}),
     "shufflenet": ("resnet_cifar", {"depth": 8}, "shufflenetv1", {}),
 }
+# FSP compares Gram matrices channel by channel: these pairs pair stages of different widths (refused)
+UNEQUAL_WIDTHS = {"wrn", "mobilenetv2", "shufflenet"}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,10 @@ def test_two_training_steps_on_every_model_family(method, family, data):
     """Finite terms that sum to the loss, and every trainable weight of student and method moved."""
     teacher_arch, teacher_kwargs, student_arch, student_kwargs = PAIRS[family]
     cfg = _config(method, (teacher_arch, teacher_kwargs), (student_arch, student_kwargs), alpha=0.5)
+    if method == "fsp" and family in UNEQUAL_WIDTHS:
+        with pytest.raises(DistillError, match=r"^loss=fsp: the student's stage\d has \d+ channels, the teacher's"):
+            _wired(cfg, data)
+        return
     student, objective, step = _wired(cfg, data)
     trained = torch.nn.ModuleList([student, objective])
     before = copy.deepcopy(trained.state_dict())
@@ -145,10 +151,12 @@ def test_every_term_is_fp32_from_low_precision_outputs(method, dtype, data):
 @pytest.mark.parametrize("role", ["student", "teacher"])
 @pytest.mark.parametrize("method", [m for m in METHODS if build_method({"name": m}).student_points])
 def test_feature_methods_refuse_a_network_without_feature_maps_naming_it(method, role, data):
-    """An MLP has no stages (only `pooled`): a method reading stages names the method, the role and the model."""
+    """An MLP has no stages (only `pooled`): a method reading its stages names the method, the role and the model."""
     mlp, cnn = ("mlp", {"hidden": [8]}), ("cnn", {"width": 4})
     cfg = _config(method, teacher=mlp if role == "teacher" else cnn, student=mlp if role == "student" else cnn)
-    reads_stages = any(p.startswith("stage") or p.endswith("stage") or p == "stages" for p in build_method({"name": method}).student_points)
+    method_of = build_method({"name": method})
+    points = method_of.student_points if role == "student" else method_of.teacher_points
+    reads_stages = any(p.startswith("stage") or p.endswith("stage") or p == "stages" for p in points)
     if not reads_stages:  # pooled-only methods work with MLPs
         _wired(cfg, data)
         return

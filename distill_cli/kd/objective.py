@@ -110,6 +110,7 @@ def build_objective(
         epochs=cfg.epochs,
         dataset=data.info.name,
         batch_size=cfg.batch_size,
+        teacher_network=teacher if teacher_forward is not None else None,
     )
     check_fits(method, name, context, compute)
     method.student_points, method.teacher_points = student_points, tuple(shapes)

@@ -151,15 +151,31 @@ def feature_points(model: nn.Module, info: DatasetInfo) -> dict[str, str]:
     if any(isinstance(module, nn.Conv2d) for module in model.modules()):
         for number, name in enumerate(default_feature_layers(model, info), start=1):
             points[f"stage{number}"] = name
-    last = nodes[-1]
-    try:
-        is_linear = isinstance(model.get_submodule(last), nn.Linear)
-    except AttributeError:  # a function, not a module, makes the output
-        is_linear = False
-    if is_linear and len(nodes) > 1:
+    if _output_linear(model, nodes[-1]) is not None and len(nodes) > 1:
         points["pooled"] = nodes[-2]
-    points["logits"] = last
+    points["logits"] = nodes[-1]
     return points
+
+
+def _output_linear(model: nn.Module, last_node: str) -> nn.Linear | None:
+    """The Linear layer of `model` named `last_node` (the node making its output), or None."""
+    try:
+        module = model.get_submodule(last_node)
+    except AttributeError:  # a function, not a module, makes the output
+        return None
+    return module if isinstance(module, nn.Linear) else None
+
+
+def classifier(model: nn.Module) -> nn.Linear | None:
+    """The Linear layer that makes `model`'s logits from its `pooled` feature; None for a model without
+    one or that torch.fx cannot trace."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    try:
+        _, nodes = get_graph_node_names(model)
+    except Exception:  # noqa: BLE001 - torch.fx raises many kinds of errors on untraceable code
+        return None
+    return _output_linear(model, nodes[-1])
 
 
 def stage_points(points: Iterable[str]) -> list[str]:
