@@ -156,11 +156,11 @@ def test_feature_methods_refuse_a_network_without_feature_maps_naming_it(method,
     cfg = _config(method, teacher=mlp if role == "teacher" else cnn, student=mlp if role == "student" else cnn)
     method_of = build_method({"name": method})
     points = method_of.student_points if role == "student" else method_of.teacher_points
-    reads_stages = any(p.startswith("stage") or p.endswith("stage") or p == "stages" for p in points)
+    reads_stages = any(p.startswith("stage") or p.endswith("stage") or p in ("stages", "preacts") for p in points)
     if not reads_stages:  # pooled-only methods work with MLPs
         _wired(cfg, data)
         return
-    with pytest.raises(DistillError, match=rf"^loss={method}: {role}=mlp has no feature point 'stage\d' \(it has: pooled\)$"):
+    with pytest.raises(DistillError, match=rf"^loss={method}: {role}=mlp has no feature point '(stage|preact)\d' \(it has: pooled\)$"):
         _wired(cfg, data)
 
 
