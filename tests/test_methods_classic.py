@@ -12,12 +12,12 @@ from test_losses import batch_of
 from test_methods_features import BATCH, PAIRS, STUDENT, TEACHER, outputs_of, set_up
 from torch import nn
 
-from distill_cli.core.config import ModelConfig
+from distill_cli.core.config import DatasetConfig, ModelConfig
 from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo
 from distill_cli.losses.base import MethodContext, build_method
 from distill_cli.models import build_model
-from distill_cli.models.features import Outputs
+from distill_cli.models.features import Outputs, feature_extractor
 from distill_cli.runs.kd import run_kd
 
 LABELS = batch_of(torch.zeros(BATCH, dtype=torch.long))
@@ -330,17 +330,43 @@ def test_bad_hyperparameters_name_the_key(loss, key):
         build_method(loss)
 
 
+@pytest.fixture(scope="module")
+def shared_teacher_cache(tmp_path_factory) -> str:
+    """One teacher trained for all the runs below (the same recipe: the cache hands it back)."""
+    return str(tmp_path_factory.mktemp("teacher_cache"))
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_results")
 @pytest.mark.parametrize("method", ["nst", "fsp", "kdsvd", "ofd", "ickd", "srd"])
-def test_one_epoch_of_distill_kd_trains_with_the_method_term(tmp_path, method):
-    """A cnn teacher and a cnn student of the same widths (FSP needs equal channel counts), one epoch."""
-    width = {"width": 8, "blocks": 2}
+def test_one_epoch_of_distill_kd_trains_with_the_method_term(tmp_path, method, shared_teacher_cache):
+    """A cnn teacher and a cnn student of the same widths (FSP needs equal channel counts), one epoch on
+    small synthetic data: finite method terms in metrics.jsonl and a tested student."""
     cfg = small_kd_config(
-        tmp_path, loss={"name": method}, alpha=0.0, student=ModelConfig("cnn", width), epochs=1, teacher_epochs=1, baseline=False
+        tmp_path,
+        loss={"name": method},
+        alpha=0.0,
+        dataset=DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=8, train_size=64, test_size=16, val_split=0.0),
+        student=ModelConfig("cnn", {"width": 8, "blocks": 2}),
+        epochs=1,
+        teacher_epochs=1,
+        baseline=False,
+        teacher_cache=shared_teacher_cache,
     )
     summary = run_kd(cfg, tmp_path / "run")
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     terms = {key for line in lines for key in line if key.startswith(f"loss/{method}")}
     assert terms and all(math.isfinite(line[key]) for line in lines for key in terms if key in line)
-    assert summary["student"]["test_acc"] >= 0
+    assert summary["student"]["test_acc_best"] >= 0
+
+@pytest.mark.parametrize("arch, kwargs", [("cnn", {"width": 4}), ("resnet_cifar", {"depth": 8}), ("vgg", {"depth": 8})])
+def test_pre_relu_points_are_the_stage_outputs_before_their_relu(arch, kwargs):
+    """`preactN` holds negatives and its ReLU is `stageN`, also for the cnn, whose ReLUs are in place."""
+    torch.manual_seed(17)
+    network = build_model(ModelConfig(arch, kwargs), INFO, "student").eval()
+    extractor = feature_extractor(network, INFO, ["preact1", "stage1", "preact2", "stage2"], "student")
+    features = extractor(torch.randn(2, 3, 8, 8))
+    for number in (1, 2):
+        preact, stage = features[f"preact{number}"], features[f"stage{number}"]
+        assert (preact < 0).any()
+        torch.testing.assert_close(preact.clamp(min=0), stage)
