@@ -15,7 +15,7 @@ from torch import nn
 from distill_cli.core.config import DatasetConfig, ModelConfig
 from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo
-from distill_cli.losses.base import MethodContext, build_method
+from distill_cli.losses.base import build_method
 from distill_cli.models import build_model
 from distill_cli.models.features import Outputs, feature_extractor
 from distill_cli.runs.kd import run_kd
@@ -84,7 +84,7 @@ def test_nst_is_the_polynomial_kernel_mmd_between_channel_maps():
             for b in range(BATCH):
                 fs = [c / c.norm() for c in s[b].flatten(1)]
                 ft = [c / c.norm() for c in t[b].flatten(1)]
-                k = lambda xs, ys: sum((x @ y) ** 2 for x in xs for y in ys) / (len(xs) * len(ys))  # noqa: E731
+                k = lambda xs, ys: sum((x @ y) ** 2 for x in xs for y in ys) / (len(xs) * len(ys))
                 total = total + (k(ft, ft) + k(fs, fs) - 2 * k(fs, ft)) / BATCH
         return 50.0 * total
 
@@ -120,8 +120,7 @@ def test_fsp_is_the_squared_difference_of_gram_matrices_between_consecutive_stag
     "student, message",
     [
         ({"stage1": (3, 4, 4), "stage2": (4, 2, 2)}, "loss=fsp: the student's stage2 has 4 channels, the teacher's stage3 5: "),
-        ({"stage1": (5, 4, 4)}, "loss=fsp: needs two stages in both nets (an FSP matrix is the flow between two stage "
-         "outputs); the student has 1, the teacher 3"),
+        ({"stage1": (5, 4, 4)}, "loss=fsp: needs two stages in both nets (an FSP matrix is the flow between two stage outputs); the student has 1, the teacher 3"),
     ],
     ids=["unequal-channels", "one-stage"],
 )
@@ -164,7 +163,7 @@ def test_kdsvd_compares_rbfs_of_sign_aligned_leading_singular_vectors_across_sta
                 current.append((student_v, t_vectors[n] * t_values[n]))
             if previous is not None:
                 for n in range(BATCH):
-                    rbf = lambda a, b: torch.exp(-((a[:, None, :] - b[None, :, :]) ** 2) / 8)  # noqa: E731
+                    rbf = lambda a, b: torch.exp(-((a[:, None, :] - b[None, :, :]) ** 2) / 8)
                     total = total + ((rbf(current[n][0], previous[n][0]) - rbf(current[n][1], previous[n][1])) ** 2).sum() / BATCH
             previous = current
         return 3.0 * total
@@ -198,24 +197,15 @@ def test_ickd_is_the_squared_difference_of_row_normalised_channel_gram_matrices(
 # ---- SRD ----
 
 
-def context_with_teacher(student: dict, teacher: dict, network: nn.Module) -> MethodContext:
-    return MethodContext(
-        num_classes=10,
-        num_train=100,
-        train_labels=torch.zeros(100, dtype=torch.long),
-        student={point: torch.Size(shape) for point, shape in student.items()},
-        teacher={point: torch.Size(shape) for point, shape in teacher.items()},
-        epochs=1,
-        teacher_network=network,
-        info=INFO,
-    )
+def with_teacher(loss: dict, network: nn.Module, student: dict = STUDENT, teacher: dict = TEACHER):
+    """`loss`'s method set up with the teacher's `network` (what SRD and OFD copy from it)."""
+    return set_up(loss, student, teacher, teacher_network=network, info=INFO)
 
 
 @pytest.mark.parametrize("term", ["srd_feature", "srd_logits"])
 def test_srd_judges_the_connected_student_feature_by_the_teachers_classifier(term):
     classifier = nn.Linear(TEACHER["pooled"][0], 10)
-    method = build_method({"name": "srd", "feature_weight": 2.0, "logit_weight": 3.0})
-    method.setup(context_with_teacher(STUDENT, TEACHER, nn.Sequential(nn.Flatten(), classifier)))
+    method = with_teacher({"name": "srd", "feature_weight": 2.0, "logit_weight": 3.0}, nn.Sequential(nn.Flatten(), classifier))
     randomise(method.connector, 10)
     student, teacher = outputs_of(STUDENT, seed=11, requires_grad=True), outputs_of(TEACHER, seed=12)
 
@@ -232,8 +222,7 @@ def test_srd_judges_the_connected_student_feature_by_the_teachers_classifier(ter
 
 def test_srd_keeps_a_frozen_copy_of_the_teachers_classifier():
     classifier = nn.Linear(TEACHER["pooled"][0], 10)
-    method = build_method({"name": "srd"})
-    method.setup(context_with_teacher(STUDENT, TEACHER, nn.Sequential(nn.Flatten(), classifier)))
+    method = with_teacher({"name": "srd"}, nn.Sequential(nn.Flatten(), classifier))
     assert torch.equal(method.classifier_weight, classifier.weight.detach())
     assert "classifier_weight" not in dict(method.named_parameters())
     classifier.weight.data.add_(1)
@@ -242,7 +231,7 @@ def test_srd_keeps_a_frozen_copy_of_the_teachers_classifier():
 
 def test_srd_refuses_a_teacher_without_a_final_linear_classifier():
     with pytest.raises(DistillError, match="^loss=srd: the teacher has no final Linear classifier"):
-        build_method({"name": "srd"}).setup(context_with_teacher(STUDENT, TEACHER, nn.Sequential(nn.Flatten())))
+        with_teacher({"name": "srd"}, nn.Sequential(nn.Flatten()))
 
 
 # ---- OFD ----
@@ -259,8 +248,7 @@ def ofd_set_up(weight: float = 1.0):
             module.bias.data = torch.randn_like(module.bias) * 2
     teacher = {"preact1": (3, 8, 8), "preact2": (6, 4, 4)}
     student = {"preact1": (4, 4, 4), "preact2": (5, 2, 2)}
-    method = build_method({"name": "ofd", "weight": weight})
-    method.setup(context_with_teacher(student, teacher, network))
+    method = with_teacher({"name": "ofd", "weight": weight}, network, student, teacher)
     batch_norms = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d)][1::2]  # each stage's second BN
     return method, student, teacher, batch_norms
 
@@ -308,7 +296,7 @@ def test_ofd_is_the_partial_l2_to_the_teachers_pre_relu_maps_deeper_stages_weigh
 def test_ofd_refuses_a_teacher_whose_pre_relu_output_no_batch_norm_makes():
     network = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(DistillError, match=r"^loss=ofd: the teacher's preact1 \(its stage output before the ReLU\) is made by no BatchNorm"):
-        build_method({"name": "ofd"}).setup(context_with_teacher({"preact1": (4, 8, 8)}, {"preact1": (4, 8, 8)}, network))
+        with_teacher({"name": "ofd"}, network, {"preact1": (4, 8, 8)}, {"preact1": (4, 8, 8)})
 
 
 # ---- every method here ----

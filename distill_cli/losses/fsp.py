@@ -17,6 +17,8 @@ the student (30 epochs) before the main one; this trains both terms together fro
 
 from __future__ import annotations
 
+import itertools
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -38,7 +40,7 @@ def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:
 
 def flows(stages: list[str]) -> list[tuple[str, str]]:
     """(bottom, top) names of consecutive stages."""
-    return list(zip(stages, stages[1:]))
+    return list(itertools.pairwise(stages))
 
 
 @LOSSES.register("fsp")

@@ -282,9 +282,9 @@ def _relu_out_of_place(extractor: fx.GraphModule) -> None:
     """Make every in-place ReLU of `extractor`'s graph a plain `torch.relu`, so that a pre-activation it
     reads is returned as it was (the model, which shares the ReLU modules, is unchanged)."""
     for node in extractor.graph.nodes:
-        if node.op == "call_module" and isinstance(extractor.get_submodule(node.target), nn.ReLU):
-            if extractor.get_submodule(node.target).inplace:
-                node.op, node.target, node.args, node.kwargs = "call_function", torch.relu, node.args[:1], {}
+        module = extractor.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.ReLU) and module.inplace:
+            node.op, node.target, node.args, node.kwargs = "call_function", torch.relu, node.args[:1], {}
     extractor.recompile()
 
 
