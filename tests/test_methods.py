@@ -43,10 +43,9 @@ PAIRS = {
     "shufflenet": ("resnet_cifar", {"depth": 8}, "shufflenetv1", {}),
 }
 # refused before training, in one line: FSP compares Gram matrices channel by channel (these pairs pair
-# stages of different widths); OFD reads pre-ReLU stage outputs, which WRN's and MobileNetV2's stages lack
+# stages of different widths); OFD reads pre-ReLU stage outputs, which MobileNetV2's linear bottlenecks lack
 REFUSED = {
     **{("fsp", family): r"^loss=fsp: the student's stage\d has \d+ channels, the teacher's" for family in ("wrn", "mobilenetv2", "shufflenet")},
-    ("ofd", "wrn"): r"^loss=ofd: student=wrn has no feature point 'preact1' \(it has: stem, stage1, ",
     ("ofd", "mobilenetv2"): r"^loss=ofd: student=mobilenetv2 has no feature point 'preact1' \(it has: stem, stage1, ",
 }
 

@@ -358,3 +358,12 @@ def test_pre_relu_points_are_the_stage_outputs_before_their_relu(arch, kwargs):
         preact, stage = features[f"preact{number}"], features[f"stage{number}"]
         assert (preact < 0).any()
         torch.testing.assert_close(preact.clamp(min=0), stage)
+
+
+def test_a_pre_activation_nets_pre_relu_point_is_the_output_of_the_batch_norm_its_stage_feeds():
+    """WRN's blocks end without a ReLU: `preactN` is the next BN-ReLU's BatchNorm output (as the OFD authors)."""
+    torch.manual_seed(18)
+    network = build_model(ModelConfig("wrn", {"depth": 16, "widen_factor": 1}), INFO, "student").eval()
+    features = feature_extractor(network, INFO, ["stage1", "preact1", "stage3", "preact3"], "student")(torch.randn(2, 3, 8, 8))
+    torch.testing.assert_close(features["preact1"], network.stages[1][0].preact[0](features["stage1"]))
+    torch.testing.assert_close(features["preact3"], network.head.pre[0](features["stage3"]))

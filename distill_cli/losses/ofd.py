@@ -11,9 +11,9 @@ at each position is (s - t')^2 where s > t' or t' > 0, else 0, and
 
 Defaults as mdistiller's `OFD` config (after the authors' CIFAR code): every stage, weight 0.001, a 1x1
 connector, CE weight 1. Pre-ReLU points are the `preactN` feature points (the input of the ReLU that ends
-each stage; an in-place ReLU is run out of place in the extractor); a net whose stages do not end in a
-ReLU (WRN's pre-activation blocks, MobileNetV2's linear bottlenecks) has none and is refused in one line,
-and so is a teacher whose pre-ReLU output is made by no BatchNorm (no margin). Nets with different stage
+each stage, an in-place ReLU run out of place in the extractor; for WRN's pre-activation blocks the output
+of the next BatchNorm before its ReLU, as the authors); a net without them (MobileNetV2's linear
+bottlenecks) is refused in one line, and so is a teacher whose pre-ReLU output is made by no BatchNorm. Nets with different stage
 counts pair their stages from the deepest back; maps of different sizes: the larger is average-pooled to
 the smaller (mdistiller pools the teacher's to the student's size).
 """

@@ -230,8 +230,10 @@ def _batch_norm_of(model: nn.Module, node) -> nn.BatchNorm2d | None:
 
 def preactivations(model: nn.Module, stages: list[str]) -> dict[int, Preactivation]:
     """{stage number (from 1): its `Preactivation`} for each of the layers `stages` (module names, see
-    `default_feature_layers`) whose output is made by a ReLU; stages that end otherwise (WRN's
-    pre-activation blocks, MobileNetV2's linear bottlenecks) have none."""
+    `default_feature_layers`): the input of the ReLU that makes the stage's output; for a stage that ends
+    without one but whose output goes to a BatchNorm -> ReLU (WRN's pre-activation blocks), that
+    BatchNorm's output, as the OFD authors read WRNs. Stages that end otherwise (MobileNetV2's linear
+    bottlenecks) have none."""
     from torchvision.models.feature_extraction import NodePathTracer
 
     tracer = NodePathTracer()
@@ -245,9 +247,17 @@ def preactivations(model: nn.Module, stages: list[str]) -> dict[int, Preactivati
     found = {}
     for number, stage in enumerate(stages, start=1):
         node = last_node.get(stage)
-        if node is not None and _is_relu(model, node) and node.args and hasattr(node.args[0], "op"):
+        if node is None:
+            continue
+        if _is_relu(model, node) and node.args and hasattr(node.args[0], "op"):
             source = node.args[0]
             found[number] = Preactivation(tracer.node_to_qualname[source], _batch_norm_of(model, source))
+            continue
+        for user in node.users:
+            batch_norm = _batch_norm_of(model, user) if user.op == "call_module" else None
+            if batch_norm is not None and any(_is_relu(model, after) for after in user.users):
+                found[number] = Preactivation(tracer.node_to_qualname[user], batch_norm)
+                break
     return found
 
 
