@@ -10,7 +10,7 @@ from distill_cli.core.config import ModelConfig, TeacherConfig
 from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo
 from distill_cli.models import build_model
-from distill_cli.models.features import FeatureTaps, feature_points
+from distill_cli.models.features import PREACT, FeatureTaps, feature_points
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
 from distill_cli.training.compute import Compute
@@ -39,12 +39,17 @@ def test_frozen_teacher_features_come_from_the_folded_graph_and_match_the_model(
     model(images)
     # BatchNorm folded into the convolution before it (pre-activation WRN blocks keep those with none)
     assert folded_calls < len(ran) and (folded_calls == 0 or name == "wrn")
-    layers = {p: n for p, n in feature_points(model, CIFAR).items() if p in points and p != "pooled"}
+    # module outputs, checked by hooks; the pre-ReLU points (a sum, an output a ReLU overwrites in place)
+    # are no module's output and are checked against their stage in test_methods_classic.py
+    layers = {p: n for p, n in feature_points(model, CIFAR).items() if p in points and p != "pooled" and not p.startswith(PREACT)}
     with torch.no_grad():
         logits, expected = FeatureTaps(model, layers.values())(images)
     assert torch.allclose(outputs.logits, logits, atol=1e-4)
     for point, layer in layers.items():
         assert torch.allclose(outputs.features[point], expected[layer], atol=1e-4), point
+    for point in (p for p in points if p.startswith(PREACT) and name != "wrn"):  # WRN's: the next BN's output
+        stage = outputs.features[point.replace(PREACT, "stage")]
+        assert (outputs.features[point] < 0).any() and torch.allclose(outputs.features[point].clamp(min=0), stage, atol=1e-4), point
     assert outputs.features["pooled"].shape == (4, model.get_submodule(_classifier(model)).in_features)
     for value in (outputs.logits, *outputs.features.values()):
         assert not value.is_inference() and not value.requires_grad  # usable by a loss's backward pass

@@ -26,8 +26,9 @@ TEACHER = {"stage1": (2, 8, 8), "stage2": (4, 2, 2), "stage3": (6, 4, 4), "poole
 PAIRS = [("stage1", "stage2"), ("stage2", "stage3")]
 
 
-def set_up(loss: dict, student: dict = STUDENT, teacher: dict = TEACHER):
-    """`loss`'s method, set up for feature points of the shapes `student` / `teacher` (batch axis left out)."""
+def set_up(loss: dict, student: dict = STUDENT, teacher: dict = TEACHER, **more):
+    """`loss`'s method, set up for feature points of the shapes `student` / `teacher` (batch axis left out);
+    `more`: more `MethodContext` fields (the teacher's network)."""
     method = build_method(loss)
     context = MethodContext(
         num_classes=10,
@@ -36,6 +37,7 @@ def set_up(loss: dict, student: dict = STUDENT, teacher: dict = TEACHER):
         student={point: torch.Size(shape) for point, shape in student.items()},
         teacher={point: torch.Size(shape) for point, shape in teacher.items()},
         epochs=1,
+        **more,
     )
     method.setup(context)
     return method

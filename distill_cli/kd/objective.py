@@ -19,21 +19,24 @@ from ..core.errors import DistillError
 from ..data import DataSplits
 from ..data.loader import Batch
 from ..losses.base import Method, MethodContext, Objective, build_method, ce_weight
-from ..models.features import Outputs, feature_points, stage_points
+from ..models.features import PREACT, Outputs, feature_points, stage_points
 from ..training.compute import Compute
 from ..training.device_memory import available_bytes, byte_size
 from ..training.loop import Step
 
 
 def _expand(points: tuple[str, ...], model: nn.Module, data: DataSplits) -> tuple[str, ...]:
-    """`points` with "stages" replaced by the model's `stage1`..`stageN` and "last_stage" by its deepest
-    stage. A model without stages keeps "stage1", which the extractor then refuses, naming the model."""
-    if not {"stages", "last_stage"} & set(points):
+    """`points` with "stages" replaced by the model's `stage1`..`stageN`, "last_stage" by its deepest
+    stage and "preacts" by `preact1`..`preactN` (one per stage). A model without them keeps "stage1" or
+    "preact1", which the extractor then refuses, naming the model."""
+    if not {"stages", "last_stage", "preacts"} & set(points):
         return points
-    stages = stage_points(feature_points(model, data.info)) or ["stage1"]
+    available = feature_points(model, data.info)
+    stages = stage_points(available) or ["stage1"]
+    preacts = [f"{PREACT}{point[len('stage'):]}" for point in stages]  # each stage's, refused if missing
     expanded: list[str] = []
     for point in points:
-        expanded += {"stages": stages, "last_stage": stages[-1:]}.get(point, [point])
+        expanded += {"stages": stages, "last_stage": stages[-1:], "preacts": preacts}.get(point, [point])
     return tuple(expanded)
 
 
@@ -126,6 +129,8 @@ def build_objective(
         epochs=cfg.epochs,
         dataset=data.info.name,
         batch_size=cfg.batch_size,
+        info=data.info,
+        teacher_network=teacher if teacher_forward is not None else None,
     )
     check_fits(method, name, context, compute)
     method.student_points, method.teacher_points = student_points, tuple(shapes)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.errors import DistillError
+from ..data import DatasetInfo
 from ..models.features import Outputs, stage_points
 from . import LOSSES
 
@@ -44,6 +45,10 @@ class MethodContext:
     epochs: int
     dataset: str = ""  # the dataset's name (`dataset=<name>`), for a method's messages about the data
     batch_size: int = 0  # samples per training step in each process (`batch_size`; 0: not known)
+    # the frozen teacher as built (BatchNorm not folded; None without a teacher), for a method that copies
+    # something of it at set-up (SRD's classifier, OFD's BatchNorm statistics); a method never keeps it
+    teacher_network: nn.Module | None = None
+    info: DatasetInfo | None = None  # the images' shape and classes (to find the teacher's layers)
 
 
 class Method(nn.Module):
@@ -93,11 +98,12 @@ def non_negative(key: str, value: float) -> None:
     require(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
 
 
-def stage_pairs(student: dict, teacher: dict) -> list[tuple[str, str]]:
+def stage_pairs(student: dict, teacher: dict, prefix: str = "stage") -> list[tuple[str, str]]:
     """(student stage, teacher stage) names among the keys of `student` and `teacher` (features or their
     shapes), shallow to deep, paired from the deepest stage back: the deeper net's first stages are left
-    out (pairing from the first stage would match a deep net's early stages with a shallow net's late ones)."""
-    pairs = list(zip(reversed(stage_points(student)), reversed(stage_points(teacher))))
+    out (pairing from the first stage would match a deep net's early stages with a shallow net's late ones).
+    `prefix`: which numbered points (`preact` for the pre-activation ones)."""
+    pairs = list(zip(reversed(stage_points(student, prefix)), reversed(stage_points(teacher, prefix))))
     return pairs[::-1]
 
 

@@ -11,13 +11,14 @@ given no layer names.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..core.errors import DistillError, did_you_mean
 from ..data import DatasetInfo
@@ -138,6 +139,8 @@ def feature_points(model: nn.Module, info: DatasetInfo) -> dict[str, str]:
 
     - `stem` (zoo CNNs): the stem's output.
     - `stage1` ... `stageN` (CNNs): each stage's output, shallow to deep (`default_feature_layers`).
+    - `preact1` ... `preactN` (CNNs whose stage ends in a ReLU): the input of that ReLU, the stage's
+      output before its activation (OFD), see `preactivations`.
     - `pooled`: the embedding the classifier reads (the input of the final Linear layer), (batch, dim).
     - `logits`: the model's output.
     MLPs have no feature maps, so only `pooled` and `logits`. A model torch.fx cannot trace has none
@@ -153,22 +156,119 @@ def feature_points(model: nn.Module, info: DatasetInfo) -> dict[str, str]:
     if isinstance(getattr(model, "stem", None), nn.Module):
         points["stem"] = "stem"
     if any(isinstance(module, nn.Conv2d) for module in model.modules()):
-        for number, name in enumerate(default_feature_layers(model, info), start=1):
+        stages = default_feature_layers(model, info)
+        for number, name in enumerate(stages, start=1):
             points[f"stage{number}"] = name
-    last = nodes[-1]
-    try:
-        is_linear = isinstance(model.get_submodule(last), nn.Linear)
-    except AttributeError:  # a function, not a module, makes the output
-        is_linear = False
-    if is_linear and len(nodes) > 1:
+        for number, preactivation in preactivations(model, stages).items():
+            points[f"{PREACT}{number}"] = preactivation.node
+    if _output_linear(model, nodes[-1]) is not None and len(nodes) > 1:
         points["pooled"] = nodes[-2]
-    points["logits"] = last
+    points["logits"] = nodes[-1]
     return points
 
 
-def stage_points(points: Iterable[str]) -> list[str]:
-    """The `stageN` points among `points`, in order."""
-    return sorted((p for p in points if p.startswith("stage")), key=lambda p: int(p[len("stage"):]))
+def _output_linear(model: nn.Module, last_node: str) -> nn.Linear | None:
+    """The Linear layer of `model` named `last_node` (the node making its output), or None."""
+    try:
+        module = model.get_submodule(last_node)
+    except AttributeError:  # a function, not a module, makes the output
+        return None
+    return module if isinstance(module, nn.Linear) else None
+
+
+def classifier(model: nn.Module) -> nn.Linear | None:
+    """The Linear layer that makes `model`'s logits from its `pooled` feature; None for a model without
+    one or that torch.fx cannot trace."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    try:
+        _, nodes = get_graph_node_names(model)
+    except Exception:  # noqa: BLE001 - torch.fx raises many kinds of errors on untraceable code
+        return None
+    return _output_linear(model, nodes[-1])
+
+
+def stage_points(points: Iterable[str], prefix: str = "stage") -> list[str]:
+    """The `stageN` points (`<prefix>N`) among `points`, in order."""
+    numbered = (p for p in points if p.startswith(prefix) and p[len(prefix):].isdigit())
+    return sorted(numbered, key=lambda p: int(p[len(prefix):]))
+
+
+PREACT = "preact"  # the prefix of the pre-activation points: preact1 ... preactN
+
+
+@dataclass
+class Preactivation:
+    """A stage's output before its final ReLU: the torch.fx node that makes it, and the BatchNorm whose
+    affine parameters describe it (None when no BatchNorm of the same channels makes it)."""
+
+    node: str
+    batch_norm: nn.BatchNorm2d | None
+
+
+def _is_relu(model: nn.Module, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.nn.functional.relu)
+    return node.op == "call_method" and node.target == "relu"
+
+
+def _batch_norm_of(model: nn.Module, node) -> nn.BatchNorm2d | None:
+    """The BatchNorm2d that makes `node`, or for a sum, the first BatchNorm2d summed (a residual block's
+    last BatchNorm, as mdistiller reads it) of the sum's channel count."""
+    def batch_norm(arg) -> nn.BatchNorm2d | None:
+        if getattr(arg, "op", None) != "call_module":
+            return None
+        module = model.get_submodule(arg.target)
+        return module if isinstance(module, nn.BatchNorm2d) else None
+
+    if batch_norm(node) is not None:
+        return batch_norm(node)
+    if node.target in (operator.add, torch.add) or (node.op == "call_method" and node.target == "add"):
+        found = [batch_norm(arg) for arg in node.args if batch_norm(arg) is not None]
+        channels = {module.num_features for module in found}
+        return found[0] if found and len(channels) == 1 else None
+    return None
+
+
+def preactivations(model: nn.Module, stages: list[str]) -> dict[int, Preactivation]:
+    """{stage number (from 1): its `Preactivation`} for each of the layers `stages` (module names, see
+    `default_feature_layers`): the input of the ReLU that makes the stage's output; for a stage that ends
+    without one but whose output goes to a BatchNorm -> ReLU (WRN's pre-activation blocks), that
+    BatchNorm's output, as the OFD authors read WRNs. Stages that end otherwise (MobileNetV2's linear
+    bottlenecks) have none."""
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    tracer = NodePathTracer()
+    graph = tracer.trace(model)
+    last_node = {}
+    for node in graph.nodes:
+        name = tracer.node_to_qualname.get(node)
+        for stage in stages:
+            if name is not None and (name == stage or name.startswith(stage + ".")):
+                last_node[stage] = node
+    found = {}
+    for number, stage in enumerate(stages, start=1):
+        node = last_node.get(stage)
+        if node is None:
+            continue
+        if _is_relu(model, node) and node.args and hasattr(node.args[0], "op"):
+            source = node.args[0]
+            found[number] = Preactivation(tracer.node_to_qualname[source], _batch_norm_of(model, source))
+            continue
+        for user in node.users:
+            batch_norm = _batch_norm_of(model, user) if user.op == "call_module" else None
+            if batch_norm is not None and any(_is_relu(model, after) for after in user.users):
+                found[number] = Preactivation(tracer.node_to_qualname[user], batch_norm)
+                break
+    return found
+
+
+def preact_batch_norms(model: nn.Module, info: DatasetInfo) -> dict[str, nn.BatchNorm2d | None]:
+    """{`preactN`: the BatchNorm that makes it (None: none of its channel count)} of `model`."""
+    found = preactivations(model, default_feature_layers(model, info))
+    return {f"{PREACT}{number}": preactivation.batch_norm for number, preactivation in found.items()}
 
 
 def feature_extractor(model: nn.Module, info: DatasetInfo, points: Iterable[str], role: str) -> nn.Module:
@@ -187,7 +287,19 @@ def feature_extractor(model: nn.Module, info: DatasetInfo, points: Iterable[str]
             raise DistillError(f"{role} has no feature point {point!r} (it has: {have})")
         nodes[available[point]] = point
     extractor = create_feature_extractor(model, return_nodes=nodes)
+    if any(point.startswith(PREACT) for point in points):
+        _relu_out_of_place(extractor)
     return extractor.train(model.training)
+
+
+def _relu_out_of_place(extractor: fx.GraphModule) -> None:
+    """Make every in-place ReLU of `extractor`'s graph a plain `torch.relu`, so that a pre-activation it
+    reads is returned as it was (the model, which shares the ReLU modules, is unchanged)."""
+    for node in extractor.graph.nodes:
+        module = extractor.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.ReLU) and module.inplace:
+            node.op, node.target, node.args, node.kwargs = "call_function", torch.relu, node.args[:1], {}
+    extractor.recompile()
 
 
 @dataclass
