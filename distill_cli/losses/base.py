@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..core.errors import DistillError
 from ..models.features import Outputs, stage_points
-from . import LOSSES
+from . import LOSSES, logit_methods
 
 
 @dataclass
@@ -147,10 +147,9 @@ def build_method(loss: dict) -> Method:
     method = LOSSES.get(name)
     standardize = _coerce(f"loss.{STANDARDIZATION_KEY}", loss.get(STANDARDIZATION_KEY, False), bool)
     if standardize and not method.reads_logits:
-        logit_methods = ", ".join(n for n in LOSSES.names() if LOSSES.get(n).reads_logits)
         raise DistillError(
             f"loss.{STANDARDIZATION_KEY}: loss={name} reads no logits, there are none to standardize "
-            f"(logit methods: {logit_methods})"
+            f"(logit methods: {logit_methods()})"
         )
     accepted = hyperparameters(method)
     values = {}

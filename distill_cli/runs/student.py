@@ -45,11 +45,12 @@ def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | No
     cfg, data, loaders = run.cfg, run.data, run.loaders
     supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes)
     teacher = None
-    summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher
+    summary["teacher"] = None  # the student alone (loss=kd alpha=0) and teacher-free methods build no teacher
     if supply != NONE:
         teacher, summary["teacher"] = obtain_teacher(run)
-        if cfg.baseline:
-            summary["baseline"] = baseline_entry(run, cfg.student, run.run_dir / "baseline")
+    alone = supply == NONE and cfg.loss["name"] == "kd"  # loss=kd alpha=0 is the baseline itself
+    if cfg.baseline and not alone:
+        summary["baseline"] = baseline_entry(run, cfg.student, run.run_dir / "baseline")
     views = None
     if supply == VIEWS:
         views = run.shared.once("teacher_views", lambda: teacher_view_store(run, teacher, run.shared.students))
