@@ -43,7 +43,7 @@ def context() -> MethodContext:
 def method_terms(loss: dict, student, teacher, epoch: int = 30) -> tuple[torch.nn.Module, dict]:
     method = build_method(loss)
     method.setup(context())
-    return method, method(Outputs(student), Outputs(teacher), batch_of(LABELS), epoch)
+    return method, method(Outputs(student), Outputs(teacher), batch_of(LABELS[: len(student)]), epoch)
 
 
 def assert_same_value_and_gradient(ours: torch.Tensor, reference: torch.Tensor, student: torch.Tensor) -> None:
@@ -169,18 +169,21 @@ def test_ctkd_instance_gives_each_sample_its_temperature_from_both_logits():
 
 def test_mlkd_matches_the_instance_class_and_batch_terms_with_the_authors_median_masks():
     student, teacher = logits(7)
+    # 7 samples, 6 classes: the sample mask keeps 4/7, the class mask 3/6, so a mask mixed up shows
+    student, teacher = student[:7].detach().requires_grad_(True), teacher[:7]
     temperatures, weight = (2.0, 4.0), 0.5
     _, terms = method_terms({"name": "mlkd", "weight": weight, "temperatures": list(temperatures)}, student, teacher)
     pt1 = p64(teacher).detach().numpy()
     confidence, class_total = pt1.max(1), pt1.sum(0)
     sample_share = np.mean(confidence <= np.percentile(confidence, 50))
     class_share = np.mean(class_total <= np.percentile(class_total, 50))
+    assert sample_share != class_share
     instance = class_level = batch_level = 0.0
     for T in temperatures:
         ps, pt = p64(student, T), p64(teacher, T)
         instance = instance + T * T * kl_rows(pt, ps).mean()
         class_level = class_level + ((pt.t() @ pt - ps.t() @ ps) ** 2).sum() / CLASSES
-        batch_level = batch_level + ((pt @ pt.t() - ps @ ps.t()) ** 2).sum() / 8
+        batch_level = batch_level + ((pt @ pt.t() - ps @ ps.t()) ** 2).sum() / 7
     assert_same_value_and_gradient(terms["mlkd_instance"], weight * sample_share * instance, student)
     assert_same_value_and_gradient(terms["mlkd_class"], weight * class_share * class_level, student)
     assert_same_value_and_gradient(terms["mlkd_batch"], weight * sample_share * batch_level, student)
