@@ -239,6 +239,16 @@ def test_resume_ignores_the_trackers_and_resume_itself(tmp_path):
     assert load_resume_checkpoint(tmp_path, {"seed": 0, "resume": True, "logger": logger})["epoch"] == 1
 
 
+def test_a_run_from_before_a_config_key_existed_resumes_with_a_warning(tmp_path, caplog):
+    """A key distill gained since last.pt was written (there at its default) does not stop the resume; it is named."""
+    save_last(_checkpoint(1, {"seed": 0, "optimizer": {"lr": 0.1}}), tmp_path)
+    config = {"seed": 0, "teacher_views": 0, "optimizer": {"lr": 0.1, "decay_all": False}}
+    assert load_resume_checkpoint(tmp_path, config)["epoch"] == 1
+    assert "resuming with optimizer.decay_all=False, teacher_views=0" in caplog.text
+    with pytest.raises(DistillError, match=r"\(optimizer.lr: 0.1 then, 0.2 now\)"):
+        load_resume_checkpoint(tmp_path, {**config, "optimizer": {"lr": 0.2, "decay_all": False}})
+
+
 def test_resume_refuses_a_changed_config_a_newer_format_and_code(tmp_path):
     save_last(_checkpoint(1, {"seed": 0, "optimizer": {"lr": 0.1}}), tmp_path)
     with pytest.raises(DistillError, match=r"config changed .*\(optimizer.lr: 0.1 then, 0.2 now\)"):

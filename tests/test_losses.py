@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from distill_cli.core.errors import DistillError
 from distill_cli.data.loader import Batch
 from distill_cli.losses import LOSSES
-from distill_cli.losses.base import Objective, build_method, kd_loss
+from distill_cli.losses.base import CE_WEIGHT_KEY, Objective, build_method, kd_loss
 from distill_cli.models.features import Outputs
 
 
@@ -138,6 +138,6 @@ def test_every_method_has_a_yaml_with_its_defaults_and_a_docstring():
         method = LOSSES.get(name)
         assert config["loss"]["name"] == name
         assert 0 <= config["alpha"] <= 1  # each method states its published CE/KD mix
-        assert set(config["loss"]) - {"name"} <= set(hyperparameters(method))
+        assert set(config["loss"]) - {"name", CE_WEIGHT_KEY} <= set(hyperparameters(method))
         assert method.__doc__ and path.read_text().startswith("# @package _global_\n#")
         build_method(config["loss"])  # the published defaults pass the method's own checks

@@ -12,9 +12,10 @@ import distill_cli.runs.teacher_views as teacher_views
 from distill_cli.core.config import DatasetConfig, ModelConfig
 from distill_cli.core.errors import DistillError, Interrupted
 from distill_cli.data import Augment, load_dataset
-from distill_cli.data.augment import apply_with_views, augment_one_with_view, views_of
+from distill_cli.data.augment import apply_drawn, apply_with_views, augment_one_with_view, views_of
 from distill_cli.data.loader import build_loader
-from distill_cli.kd.teachers import LIVE, VIEWS, look_up_views, teacher_view_logits
+import distill_cli.kd.teachers as kd_teachers
+from distill_cli.kd.teachers import LIVE, VIEWS, look_up_views, teacher_supply, teacher_view_logits
 from distill_cli.models import build_model
 from distill_cli.runs.fused import run_kd_fused
 from distill_cli.runs.kd import run_kd
@@ -45,23 +46,61 @@ def test_views_are_not_reported_for_colour_jitter():
     assert Augment(pad=4, flip=True).view_count == 162 and Augment(pad=1, color_jitter=0.2).view_count == 0
 
 
-def _synthetic(pipeline: str):
+def _synthetic(pipeline: str, augment: Augment | None = None):
     cfg = DatasetConfig(name="synthetic", num_classes=5, channels=3, image_size=8, train_size=96, test_size=16, augment=True)
     data = load_dataset(cfg)
-    loader = build_loader(pipeline, data.train, data.info, 32, CPU.device, shuffle=True, augment=data.info.augment, workers=0)
+    augment = augment or data.info.augment
+    loader = build_loader(pipeline, data.train, data.info, 32, CPU.device, shuffle=True, augment=augment, workers=0)
     return data, loader
 
 
+JITTER_DRAWN = Augment(pad=1, flip=True, color_jitter=0.4, drawn=3)
+
+
 @pytest.mark.parametrize("pipeline", ["device", "stream"])
-def test_a_step_reads_what_the_teacher_says_about_the_view_it_drew(pipeline):
+def test_drawn_views_are_the_only_views_an_image_shows(pipeline):
+    """teacher_views=K (here colour jitter, K=3): over many epochs every image shows only its K views drawn once,
+    each the one `Loader.view_of` makes again from the reported number; all K are picked."""
+    data, loader = _synthetic(pipeline, JITTER_DRAWN)
+    picked = torch.zeros(len(data.train), JITTER_DRAWN.drawn, dtype=torch.long)
+    for _ in range(4):
+        for batch in loader:
+            images = data.train.images[batch.index]
+            for view in range(JITTER_DRAWN.drawn):
+                shown = batch.view == view
+                remade = loader.normalise(loader.view_of(images[shown], batch.index[shown], view))
+                assert torch.equal(remade, batch.images[shown])
+            picked[batch.index, batch.view] += 1
+    assert picked.sum() == 4 * len(data.train) and (picked.sum(0) > 80).all()  # about 115 each
+
+
+def test_drawn_views_are_fixed_and_differ_from_each_other():
+    """The views are drawn once with a fixed seed (every run and seed of a sweep sees the same ones) and are
+    different views: crops, flips and jitter factors vary among the K of an image."""
+    (data, loader), again = _synthetic("device", JITTER_DRAWN), _synthetic("stream", JITTER_DRAWN)[1].drawn
+    assert loader.drawn.shape == (len(data.train), 3, 6) and torch.equal(loader.drawn, again)
+    assert len(torch.unique(loader.drawn[:, :, 3])) == loader.drawn[:, :, 3].numel()  # brightness: per image and view
+    assert len(torch.unique(loader.drawn[:, :, :3], dim=0)) > 0.9 * len(data.train)  # crop and flip too
+    # a view's parameters are applied: the window at its offset, mirrored, brightness scaled (contrast, saturation 1)
+    images = data.train.images[:2]
+    params = torch.tensor([[1.0, 1.0, 0.0, 1.3, 1.0, 1.0], [0.0, 2.0, 1.0, 1.0, 1.0, 1.0]])
+    viewed = apply_drawn(images, JITTER_DRAWN, params)
+    assert torch.equal(viewed[0], (images[0].float() * 1.3).clamp(0, 255).round().to(torch.uint8))
+    padded = torch.nn.functional.pad(images[1], (1, 1, 1, 1))
+    assert torch.equal(viewed[1], padded[:, 0:8, 2:10].flip(2))
+
+
+@pytest.mark.parametrize("pipeline", ["device", "stream"])
+@pytest.mark.parametrize("augment", [None, JITTER_DRAWN], ids=["crop+flip", "drawn jitter views"])
+def test_a_step_reads_what_the_teacher_says_about_the_view_it_drew(pipeline, augment):
     """Both pipelines: the store's logit at (image, view) of a training batch is the teacher's forward of that
     batch, to float rounding (the store ran the images in other batches)."""
-    data, loader = _synthetic(pipeline)
-    augment = data.info.augment
+    data, loader = _synthetic(pipeline, augment)
+    augment = loader.augment
     torch.manual_seed(0)
     teacher = CPU.place(build_model(ModelConfig("cnn", {"width": 8, "blocks": 2}), data.info, "teacher")).eval()
     table = torch.empty(len(data.train), augment.view_count, data.info.num_classes)
-    store = teacher_view_logits(teacher, data.train, augment, loader.normalise, CPU, data.info.num_classes, table, chunk=40)
+    store = teacher_view_logits(teacher, data.train, loader, CPU, data.info.num_classes, table, chunk=40)
     forward, look_up = CPU.frozen_forward(teacher), look_up_views(store)
     for batch in loader:
         assert batch.view is not None
@@ -81,7 +120,7 @@ def _teacher(tmp_path: Path, **overrides) -> Path:
 
 def _kd(tmp_path: Path, teacher: Path, **overrides):
     given = replace(small_kd_config(tmp_path).teacher, checkpoint=str(teacher))
-    return small_kd_config(tmp_path, teacher=given, baseline=False, dataset=TINY, batch_size=16, **overrides)
+    return small_kd_config(tmp_path, teacher=given, **{"baseline": False, "dataset": TINY, "batch_size": 16, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +141,34 @@ def test_training_from_the_store_is_training_with_the_teacher(tmp_path, teacher)
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert len(list((tmp_path / "cache" / "views").glob("*/logits.pt"))) == 1
+
+
+def test_drawn_views_train_as_the_teacher_running_on_them(tmp_path, teacher):
+    """teacher_views=3 with colour jitter (views that cannot be enumerated): the store of the drawn views trains
+    what running the teacher on the same drawn views does (cache_teacher=false), to float rounding."""
+    jitter = replace(TINY, color_jitter=0.4)
+    stored = run_kd(_kd(tmp_path, teacher, dataset=jitter, teacher_views=3, cache_teacher="views"), tmp_path / "views")
+    live = run_kd(_kd(tmp_path, teacher, dataset=jitter, teacher_views=3, cache_teacher="false"), tmp_path / "live")
+    assert stored["teacher_supply"] == VIEWS and live["teacher_supply"] == LIVE
+    for a, b in zip(metrics_without_timing(tmp_path / "views"), metrics_without_timing(tmp_path / "live"), strict=True):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    (store,) = (tmp_path / "cache" / "views").glob("*/logits.pt")
+    assert torch.load(store).shape[1] == 3
+    with pytest.raises(DistillError, match=r"^teacher_views=3: the transfer set is not augmented"):
+        run_kd(_kd(tmp_path, teacher, dataset=replace(TINY, augment=False), teacher_views=3), tmp_path / "plain")
+
+
+def test_a_store_larger_than_the_free_memory_is_refused_or_not_built(tmp_path, monkeypatch):
+    """The store is held on the device: over the memory free there, views is refused naming both figures and
+    auto runs the teacher; with the memory free, both store the views."""
+    augment, cpu = Augment(pad=4, flip=True), torch.device("cpu")  # 162 views x 1000 images x 10 classes: 6.5 MB
+    for cache, supply in (("views", VIEWS), ("auto", VIEWS)):
+        assert teacher_supply(small_kd_config(tmp_path, cache_teacher=cache), augment, 1000, 10, cpu) == supply
+    monkeypatch.setattr(kd_teachers, "available_bytes", lambda device: 5 * 2**20)
+    with pytest.raises(DistillError, match=r"needs 0\.01 GiB, over the 5\.0 MiB free on cpu; use teacher_views=K"):
+        teacher_supply(small_kd_config(tmp_path, cache_teacher="views"), augment, 1000, 10, cpu)
+    assert teacher_supply(small_kd_config(tmp_path, cache_teacher="auto"), augment, 1000, 10, cpu) == LIVE
 
 
 def test_a_changed_teacher_gets_its_own_store(tmp_path, teacher):
@@ -194,7 +261,7 @@ def test_an_interrupted_build_continues_where_it_stopped(tmp_path, teacher, monk
     monkeypatch.setattr(teacher_views, "save_atomic", save)
     assert whole.with_suffix(".pt.partial").is_file() and not whole.is_file()
     built = []
-    monkeypatch.setattr(teacher_views, "teacher_view_logits", lambda *args, **kwargs: built.append(args[7]) or build(*args, **kwargs))
+    monkeypatch.setattr(teacher_views, "teacher_view_logits", lambda *args, **kwargs: built.append(args[6]) or build(*args, **kwargs))
     build = teacher_view_logits
     run_kd(cfg, tmp_path / "continued")
     assert built and built[0] > 0  # started after the saved part

@@ -177,7 +177,9 @@ def _methods_table():
         table.add_column(column)
     for row in method_catalogue():
         table.add_row(*row)
-    table.caption = "alpha weights the Hinton KD term (T), 1 - alpha the cross-entropy; any method takes alpha > 0"
+    table.caption = (
+        "alpha weights the Hinton KD term (T), loss.ce_weight the cross-entropy (unset: 1 - alpha); any method takes alpha > 0"
+    )
     return table
 
 

@@ -91,7 +91,13 @@ def _damage(path: Path) -> str | None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load and verify a checkpoint with `weights_only=True`; any failure becomes a one-line DistillError."""
+    """Load and verify a distill checkpoint with `weights_only=True`; any failure becomes a one-line DistillError."""
+    return distill_checkpoint(read_checkpoint_file(path), Path(path))
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
+    """What a file torch.save wrote holds (a distill checkpoint or another tool's), verified and loaded with
+    `weights_only=True`; a missing, damaged or unsafe file is a one-line DistillError."""
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"checkpoint not found: {path}")
@@ -110,6 +116,11 @@ def load_checkpoint(path: str | Path) -> dict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused, truncated file, not a torch file, ...
         raise _not_a_checkpoint(path, head, error) from None
+    return checkpoint
+
+
+def distill_checkpoint(checkpoint: Any, path: Path) -> dict:
+    """`checkpoint` (as read from `path`) if it is a distill model checkpoint of a format this distill reads."""
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "arch" not in checkpoint:
         raise DistillError(f"{path} is not a distill model checkpoint: it holds {_contents(checkpoint)}, without the arch and state_dict distill writes")
     version = checkpoint.get("format_version")
@@ -179,11 +190,16 @@ def _contents(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _first_difference(old: Any, new: Any, key: str = "") -> str | None:
-    """The first key (dotted) where two plain configs differ, or None."""
+def _first_difference(old: Any, new: Any, added: list[str], key: str = "") -> str | None:
+    """The first key (dotted) where two plain configs differ, or None. Keys `old` lacks were added to distill
+    since it was written (they have their default there): not differences, collected in `added`."""
     if isinstance(old, dict) and isinstance(new, dict):
         for name in sorted(old.keys() | new.keys()):
-            found = _first_difference(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+            dotted = f"{key}.{name}" if key else name
+            if name not in old:
+                added.append(f"{dotted}={new[name]!r}")
+                continue
+            found = _first_difference(old.get(name), new.get(name), added, dotted)
             if found:
                 return found
         return None
@@ -214,9 +230,12 @@ def load_resume_checkpoint(run_dir: Path, config: dict) -> dict | None:
             problems.append(f"{path} holds no training state (checkpoint format {checkpoint['format_version']})")
             continue
         saved = {k: v for k, v in checkpoint.get("config", {}).items() if k not in _NOT_TRAINING}
-        difference = _first_difference(saved, {k: v for k, v in config.items() if k not in _NOT_TRAINING})
+        added: list[str] = []
+        difference = _first_difference(saved, {k: v for k, v in config.items() if k not in _NOT_TRAINING}, added)
         if difference:
             raise DistillError(f"cannot resume {run_dir}: the config changed since {path.name} was written ({difference})")
+        if added:
+            log.warning(f"{path.name} was written before these config keys existed; resuming with {', '.join(added)}")
         if problems:
             (run_dir / LAST).replace(run_dir / DAMAGED)
             log.warning(f"{problems[0]}; kept it as {DAMAGED}, resuming from {path} instead")

@@ -173,6 +173,8 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    # weight decay on every parameter (as mdistiller and RepDistiller); false: not on 1-D ones (biases, norms)
+    decay_all: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "cosine"
     warmup_epochs: int = 0
@@ -303,6 +305,11 @@ class KDConfig(RunConfig):
     # the largest teacher-view store to build (GiB), and the precision of its logits (float32, float16)
     teacher_views_max_gb: float = 4.0
     teacher_views_dtype: str = "float32"
+    # K > 0: each training image shows only K views, drawn once (seeded, the same for every run) and picked
+    # among every epoch, whose teacher logits the store holds (FKD's stored views): for augmentation that
+    # cannot be enumerated (colour jitter), or fewer views than crop + flip make. It narrows the augmentation
+    # the student sees (opt-in; the baseline keeps the full augmentation); 0 = fresh views every epoch
+    teacher_views: int = 0
     # at the end of the run, export the student's best.pt to best.onnx or best.pt2 (see `distill export`)
     export: Optional[str] = None
     # deep mutual learning: these networks (model options, as `student=` takes) train together from
@@ -319,6 +326,7 @@ class KDConfig(RunConfig):
         _choice("cache_teacher", self.cache_teacher, ("auto", "true", "false", "views"))
         _choice("teacher_views_dtype", self.teacher_views_dtype, ("float32", "float16"))
         _check(self.teacher_views_max_gb >= 0, "teacher_views_max_gb", f"must be >= 0, got {self.teacher_views_max_gb}")
+        _check(self.teacher_views >= 0, "teacher_views", f"must be >= 0 (0: fresh views every epoch), got {self.teacher_views}")
         if self.export is not None:
             _choice("export", self.export, ("onnx", "pt2"))
         _check(math.isfinite(self.T) and self.T > 0, "T", f"temperature must be a finite number > 0, got {self.T}")

@@ -21,11 +21,14 @@ from ..core.registry import Registry
 @dataclass(frozen=True)
 class Augment:
     """Training augmentation: random crop after zero-padding by `pad` pixels (a +-pad pixel jitter),
-    optional horizontal flip, and colour jitter of brightness, contrast and saturation by +-`color_jitter`."""
+    optional horizontal flip, and colour jitter of brightness, contrast and saturation by +-`color_jitter`.
+    `drawn` > 0 restricts each image to that many views drawn once (`data.augment.draw_views`, FKD's stored
+    views; kd's `teacher_views`), among which every epoch picks: a narrower distribution, opt-in."""
 
     pad: int = 0
     flip: bool = False
     color_jitter: float = 0.0
+    drawn: int = 0
 
     @property
     def active(self) -> bool:
@@ -33,9 +36,14 @@ class Augment:
 
     @property
     def view_count(self) -> int:
-        """How many different views of an image the preset makes: (2 pad + 1)^2 crops x 2 with flips; 0
-        when they cannot be enumerated (colour jitter draws from a continuum) or there is no augmentation."""
-        if self.color_jitter or not self.active:
+        """How many different views of an image the preset makes: `drawn` where they were drawn once, else
+        (2 pad + 1)^2 crops x 2 with flips; 0 when they cannot be enumerated (colour jitter draws from a
+        continuum) or there is no augmentation."""
+        if not self.active:
+            return 0
+        if self.drawn:
+            return self.drawn
+        if self.color_jitter:
             return 0
         return (2 * self.pad + 1) ** 2 * (2 if self.flip else 1)
 
@@ -133,11 +141,12 @@ def load_dataset(cfg: DatasetConfig) -> DataSplits:
     return DataSplits(train=train, val=val, test=test, info=raw.info)
 
 
-def training_augment(cfg: DatasetConfig, info: DatasetInfo) -> Augment | None:
-    """The augmentation the training set gets: the dataset's preset plus `color_jitter`, or None when off."""
+def training_augment(cfg: DatasetConfig, info: DatasetInfo, drawn: int = 0) -> Augment | None:
+    """The augmentation the training set gets: the dataset's preset plus `color_jitter` (restricted to `drawn`
+    views per image drawn once, if > 0), or None when off."""
     if not cfg.augment:
         return None
-    augment = replace(info.augment, color_jitter=cfg.color_jitter)
+    augment = replace(info.augment, color_jitter=cfg.color_jitter, drawn=drawn)
     return augment if augment.active else None
 
 

@@ -78,11 +78,20 @@ def random_color_jitter(
     saturation blends each pixel with its grey value (a no-op for one channel). The arithmetic is in
     float32, clamped to [0, 255] after each step and rounded to uint8 once at the end.
     """
-    channels = images.shape[1]
     total, rows = _rows(images, part)
+    return jitter_by(images, _jitter_factors(strength, (total,), generator, images.device)[:, rows])
+
+
+def _jitter_factors(strength: float, shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
+    """Brightness, contrast and saturation factors drawn uniformly from [1 - s, 1 + s]: (3, *shape)."""
     low, high = max(0.0, 1.0 - strength), 1.0 + strength
-    factors = torch.rand((3, total, 1, 1, 1), generator=generator, device=images.device)[:, rows] * (high - low) + low
-    brightness, contrast, saturation = factors
+    return torch.rand((3, *shape), generator=generator, device=device) * (high - low) + low
+
+
+def jitter_by(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Each image's brightness, contrast and saturation scaled by its `factors` (3, B) (see `random_color_jitter`)."""
+    channels = images.shape[1]
+    brightness, contrast, saturation = factors.float()[:, :, None, None, None]
     pixels = (images.float() * brightness).clamp_(0, 255)
     grey_mean = _grey(pixels).mean(dim=(1, 2, 3), keepdim=True)
     pixels = (contrast * pixels + (1 - contrast) * grey_mean).clamp_(0, 255)
@@ -139,6 +148,43 @@ def views_of(images: torch.Tensor, augment: Augment, views: torch.Tensor) -> tor
     if augment.pad:
         images = crop_at(images, augment.pad, offsets)
     return flip_where(images, views % sides == 1) if augment.flip else images
+
+
+# the seed of `draw_views`: fixed, so every seed of a sweep trains on (and one store holds) the same views
+DRAWN_VIEWS_SEED = 0
+
+
+def draw_views(augment: Augment, num_images: int) -> torch.Tensor:
+    """`augment.drawn` views of each of `num_images` images, drawn once (seeded with DRAWN_VIEWS_SEED): their
+    parameters (N, drawn, 6) float32, per view: crop top, crop left, flipped, brightness, contrast, saturation."""
+    generator = torch.Generator().manual_seed(DRAWN_VIEWS_SEED)
+    shape = (num_images, augment.drawn)
+    offsets = torch.randint(0, 2 * augment.pad + 1, (2, *shape), generator=generator)
+    flips = torch.rand(shape, generator=generator) < 0.5 if augment.flip else torch.zeros(shape, dtype=torch.bool)
+    factors = _jitter_factors(augment.color_jitter, shape, generator, "cpu") if augment.color_jitter else torch.ones((3, *shape))
+    return torch.cat([offsets.float(), flips[None].float(), factors]).permute(1, 2, 0).contiguous()
+
+
+def apply_drawn(images: torch.Tensor, augment: Augment, params: torch.Tensor) -> torch.Tensor:
+    """The uint8 images (B, C, H, W) as seen in the drawn views whose parameters are `params` (B, 6) (`draw_views`)."""
+    if augment.pad:
+        images = crop_at(images, augment.pad, params[:, :2].long().T)
+    if augment.flip:
+        images = flip_where(images, params[:, 2] > 0.5)
+    if augment.color_jitter:
+        images = jitter_by(images, params[:, 3:].T)
+    return images
+
+
+def apply_drawn_views(
+    images: torch.Tensor, positions: torch.Tensor, augment: Augment, drawn: torch.Tensor, generator: torch.Generator,
+    part: Part | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image (at `positions` of its split) shown in one of its views drawn once (`drawn`: `draw_views` of
+    the split), picked uniformly: the images and the view numbers (B,) picked."""
+    total, rows = _rows(images, part)
+    views = torch.randint(0, augment.drawn, (total,), generator=generator, device=generator.device)[rows].to(images.device)
+    return apply_drawn(images, augment, drawn[positions, views]), views
 
 
 def augment_one(image: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:

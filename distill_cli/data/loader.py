@@ -19,7 +19,7 @@ import torch
 from ..core.config import DatasetConfig
 from ..core.errors import DistillError
 from . import Augment, DatasetInfo
-from .augment import apply_with_views, augment_one_with_view
+from .augment import apply_drawn, apply_drawn_views, apply_with_views, augment_one_with_view, draw_views, views_of
 
 
 class Batch(NamedTuple):
@@ -73,6 +73,8 @@ class Loader:
         self.mean = torch.tensor(info.mean, device=device).view(shape)
         self.std = torch.tensor(info.std, device=device).view(shape)
         self.augment = augment if augment is not None and augment.active else None
+        # with `augment.drawn`: the parameters of the views each image may show (`augment.draw_views`)
+        self.drawn = draw_views(self.augment, self.num_images) if self.augment is not None and self.augment.drawn else None
         self.generator = None
         if shuffle or self.augment:
             self.generator = torch.Generator(device=generator_device or device).manual_seed(seed)
@@ -93,6 +95,13 @@ class Loader:
         """uint8 (B, C, H, W) on the device -> normalised, in the compute dtype and memory format."""
         normalised = (images.float().div_(255) - self.mean).div_(self.std)
         return normalised.to(dtype=self.dtype, memory_format=self.memory_format)
+
+    def view_of(self, images: torch.Tensor, positions: torch.Tensor, view: int) -> torch.Tensor:
+        """The uint8 images (at `positions` of the split) as seen in view `view` (`Batch.view`), so that the view a
+        batch drew can be made again (the teacher-view store is built this way)."""
+        if self.drawn is not None:
+            return apply_drawn(images, self.augment, self.drawn[positions.to(self.drawn.device), view].to(images.device))
+        return views_of(images, self.augment, torch.full((len(images),), view, device=images.device))
 
     def _epoch_state(self) -> dict:
         """What, besides the generator and the order, a subclass needs to replay this epoch."""
@@ -149,13 +158,17 @@ class DeviceLoader(Loader):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.positions = torch.arange(self.num_images, device=device)
+        if self.drawn is not None:
+            self.drawn = self.drawn.to(device)
 
     def __iter__(self):
         _, first = self._begin_epoch()
         for batch, where in self._batch_positions(first):
             self._drawn = batch + 1
             images, views = self.images[where], None
-            if self.augment is not None:
+            if self.drawn is not None:
+                images, views = apply_drawn_views(images, self.positions[where], self.augment, self.drawn, self.generator, self._part())
+            elif self.augment is not None:
                 images, views = apply_with_views(images, self.augment, self.generator, self._part())
             yield Batch(self.normalise(images), self.labels[where], self.positions[where], views)
         self._order, self._drawn = None, 0
@@ -168,9 +181,10 @@ class _Samples(torch.utils.data.Dataset):
     not depend on which worker loads the sample, and a resumed epoch replays them exactly.
     """
 
-    def __init__(self, split, augment: Augment | None):
+    def __init__(self, split, augment: Augment | None, drawn: torch.Tensor | None):
         self.split = split
         self.augment = augment
+        self.drawn = drawn  # the views drawn once (`augment.draw_views`), or None
 
     def __len__(self) -> int:
         return len(self.split)
@@ -178,7 +192,10 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         position, seed = key
         image, view = self.split.image(position), -1
-        if self.augment is not None:
+        if self.drawn is not None:
+            view = int(torch.randint(0, self.augment.drawn, (), generator=torch.Generator().manual_seed(seed)))
+            image = apply_drawn(image[None], self.augment, self.drawn[position, view][None])[0]
+        elif self.augment is not None:
             image, view = augment_one_with_view(image, self.augment, torch.Generator().manual_seed(seed))
         return image, self.split.labels[position], position, view
 
@@ -209,7 +226,7 @@ class StreamLoader(Loader):
         self._sampler = _EpochBatches()
         workers = _default_workers() if workers is None else workers
         self._loader = torch.utils.data.DataLoader(
-            _Samples(split, self.augment),
+            _Samples(split, self.augment, self.drawn),
             batch_sampler=self._sampler,
             num_workers=workers,
             pin_memory=device.type == "cuda",

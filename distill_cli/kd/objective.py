@@ -1,5 +1,6 @@
-"""The objective of a kd run: the method of `loss=` with the Hinton term (T, alpha), the feature points both
-networks hand it, and the kd step that feeds it the teacher's and the student's outputs.
+"""The objective of a kd run: the method of `loss=` with the Hinton term (T, alpha) and the cross-entropy
+(`loss.ce_weight`, default 1 - alpha), the feature points both networks hand it, and the kd step that feeds
+it the teacher's and the student's outputs.
 
 `build_objective` checks everything a method needs (hyperparameters, feature points of both models,
 the dataset, a batch of at least `min_batch` samples, the memory it plans to hold) on the networks as built,
@@ -17,7 +18,7 @@ from ..core.config import KDConfig
 from ..core.errors import DistillError
 from ..data import DataSplits
 from ..data.loader import Batch
-from ..losses.base import Method, MethodContext, Objective, build_method
+from ..losses.base import Method, MethodContext, Objective, build_method, ce_weight
 from ..models.features import Outputs, feature_points, stage_points
 from ..training.compute import Compute
 from ..training.device_memory import available_bytes, byte_size
@@ -51,6 +52,17 @@ def _probe(forward, model: nn.Module, data: DataSplits, compute: Compute) -> dic
     return {name: value.shape[1:] for name, value in outputs.features.items()}
 
 
+def check_maps(name: str, role: str, shapes: dict[str, torch.Size]) -> None:
+    """Refuse in one line a stem or stage feature of `role` that is no map (channels, height, width), such as
+    the token sequences of a ViT's blocks: the feature methods pair maps."""
+    for point, shape in shapes.items():
+        if (point == "stem" or point in stage_points(shapes)) and len(shape) != 3:
+            raise DistillError(
+                f"loss={name}: {role}'s {point} is {tuple(shape)}, not a feature map (channels, height, width) as the "
+                "method pairs them (a ViT's blocks give token sequences); use a logit method (kd, dkd, mse_logits)"
+            )
+
+
 def check_fits(method: Method, name: str, context: MethodContext, compute: Compute) -> None:
     """Refuse in one line a batch smaller than the method's `min_batch` (`batch_size` counts the samples of
     each process's step), and a method whose `planned_memory` exceeds the memory free on the device now."""
@@ -70,7 +82,8 @@ def check_fits(method: Method, name: str, context: MethodContext, compute: Compu
 
 def objective_of(cfg: KDConfig) -> Objective:
     """The objective `cfg` asks for, not yet set up on networks: what it reads (a teacher, its features)."""
-    return Objective(build_method(dict(cfg.loss)), cfg.T, cfg.alpha)
+    loss = dict(cfg.loss)
+    return Objective(build_method(loss), cfg.T, cfg.alpha, ce_weight(loss, cfg.alpha))
 
 
 def needs_teacher(cfg: KDConfig) -> bool:
@@ -101,11 +114,14 @@ def build_objective(
             teacher, points=teacher_points, info=data.info, role=f"loss={name}: teacher={cfg.teacher.label}"
         )
         shapes = _probe(teacher_forward, teacher, data, compute)
+    student_shapes = _probe(student_forward, student, data, compute)
+    check_maps(name, f"student={cfg.student.label}", student_shapes)
+    check_maps(name, f"teacher={cfg.teacher.label}", shapes)
     context = MethodContext(
         num_classes=data.info.num_classes,
         num_train=len(data.train),
         train_labels=data.train.labels.to(compute.device),
-        student=_probe(student_forward, student, data, compute),
+        student=student_shapes,
         teacher=shapes,
         epochs=cfg.epochs,
         dataset=data.info.name,

@@ -14,11 +14,10 @@ from torch import nn
 from ..core.config import KDConfig
 from ..core.errors import DistillError
 from ..data import Augment
-from ..data.augment import views_of
-from ..data.loader import Batch
+from ..data.loader import Batch, Loader
 from ..models.features import Outputs
 from ..training.compute import Compute
-from ..training.device_memory import GIB
+from ..training.device_memory import GIB, available_bytes, byte_size
 from .objective import objective_of
 
 NONE, LIVE, CACHED, VIEWS = "none", "live", "cached logits", "teacher views"  # the teacher supplies
@@ -29,19 +28,27 @@ def view_store_bytes(cfg: KDConfig, augment: Augment, num_images: int, num_class
     return augment.view_count * num_images * num_classes * torch.finfo(getattr(torch, cfg.teacher_views_dtype)).bits // 8
 
 
-def teacher_supply(cfg: KDConfig, augment: Augment | None, num_images: int = 0, num_classes: int = 0) -> str:
+def teacher_supply(
+    cfg: KDConfig, augment: Augment | None, num_images: int = 0, num_classes: int = 0, device: torch.device | None = None
+) -> str:
     """How `cfg`'s kd steps get the teacher's outputs when the transfer set (`num_images` images, `num_classes`
     classes) is augmented with `augment` (None: not augmented): NONE when the objective reads no teacher
     (loss=kd alpha=0); CACHED (`cache_teacher`: auto or true) when the method reads the teacher's logits alone
     and the transfer set is not augmented (every epoch shows the teacher the same images: the lookup is
     exact); VIEWS (`cache_teacher`: views, or auto where the views can be enumerated and their store fits
-    `teacher_views_max_gb`; auto keeps it only where it pays, see `views_pay`); else LIVE. What was asked for
-    and cannot be done exactly is refused, naming the reason."""
+    `teacher_views_max_gb` and the memory free on `device`, where it will be held; auto keeps it only where
+    it pays, see `views_pay`); else LIVE. What was asked for and cannot be done exactly is refused, naming
+    the reason."""
     objective = objective_of(cfg)
     if cfg.cache_teacher in ("true", "views") and objective.reads_teacher_features:
         raise DistillError(
             f"cache_teacher={cfg.cache_teacher}: loss={cfg.loss['name']} reads the teacher's features, not only its "
             "logits; only logits are cached (use cache_teacher=auto)"
+        )
+    if cfg.teacher_views and augment is None:
+        raise DistillError(
+            f"teacher_views={cfg.teacher_views}: the transfer set is not augmented, there are no views to draw; "
+            "use dataset.augment=true or teacher_views=0"
         )
     if cfg.cache_teacher == "true" and augment is not None:
         raise DistillError(
@@ -49,19 +56,23 @@ def teacher_supply(cfg: KDConfig, augment: Augment | None, num_images: int = 0, 
             "image is not what the teacher says about them; use cache_teacher=views, dataset.augment=false or cache_teacher=auto"
         )
     size = view_store_bytes(cfg, augment, num_images, num_classes) if augment is not None and augment.view_count else None
-    fits = size is not None and size <= cfg.teacher_views_max_gb * GIB
+    free = available_bytes(device) if device is not None and size is not None else None
+    fits = size is not None and size <= cfg.teacher_views_max_gb * GIB and (free is None or size <= free)
     if cfg.cache_teacher == "views" and not fits:
         if augment is None:
             raise DistillError("cache_teacher=views: the transfer set is not augmented, one view per image; use cache_teacher=auto")
         if size is None:
             raise DistillError(
                 "cache_teacher=views: colour jitter draws from a continuum of views, which cannot be enumerated; "
-                "use dataset.color_jitter=0 or cache_teacher=auto"
+                "use teacher_views=K (K views per image drawn once), dataset.color_jitter=0 or cache_teacher=auto"
             )
+        limit = (
+            f"teacher_views_max_gb={cfg.teacher_views_max_gb:g}; raise it" if size > cfg.teacher_views_max_gb * GIB
+            else f"the {byte_size(free)} free on {device}; use teacher_views=K (fewer views)"
+        )
         raise DistillError(
             f"cache_teacher=views: the store of {augment.view_count} views x {num_images} images x {num_classes} "
-            f"classes needs {size / GIB:.2f} GiB, over teacher_views_max_gb={cfg.teacher_views_max_gb:g}; raise it, "
-            "or use teacher_views_dtype=float16 or cache_teacher=auto"
+            f"classes needs {size / GIB:.2f} GiB, over {limit}, or use teacher_views_dtype=float16 or cache_teacher=auto"
         )
     if not objective.needs_teacher:
         return NONE
@@ -141,14 +152,14 @@ def once_per_batch(forward: Callable) -> Callable:
 
 @torch.no_grad()
 def teacher_view_logits(
-    teacher: nn.Module, split, augment: Augment, normalise, compute: Compute, num_classes: int, table: torch.Tensor,
+    teacher: nn.Module, split, loader: Loader, compute: Compute, num_classes: int, table: torch.Tensor,
     start: int = 0, chunk: int = 256, done=None,
 ) -> torch.Tensor:
     """Fill `table` (N, views, classes) with the frozen teacher's logits for every view of every image of
-    `split` (uint8 images, made into each view by `data.augment.views_of` and into the network's input by
-    `normalise`, as the training loader does), from image `start` on, `chunk` images at a time; `done(n)`
-    is called after each chunk with the images done so far (to save progress). The forward pass is the
-    one a kd step runs (BatchNorm folded, inference mode, the run's autocast)."""
+    `split` (uint8 images, made into each view and into the network's input as the training `loader` does:
+    `Loader.view_of`, `Loader.normalise`), from image `start` on, `chunk` images at a time; `done(n)` is
+    called after each chunk with the images done so far (to save progress). The forward pass is the one a
+    kd step runs (BatchNorm folded, inference mode, the run's autocast)."""
     forward = compute.frozen_forward(teacher, compile=False)
     for first in range(start, len(split), chunk):
         last = min(first + chunk, len(split))
@@ -156,11 +167,10 @@ def teacher_view_logits(
             images = split.images[first:last]
         else:  # a streamed image folder: read sample by sample
             images = torch.stack([split.image(position) for position in range(first, last)])
-        images = images.to(compute.device)
-        for view in range(augment.view_count):
-            views = torch.full((last - first,), view, device=compute.device)
+        images, positions = images.to(compute.device), torch.arange(first, last)
+        for view in range(loader.augment.view_count):
             with compute.autocast():
-                logits = forward(normalise(views_of(images, augment, views))).logits
+                logits = forward(loader.normalise(loader.view_of(images, positions, view))).logits
             table[first:last, view] = logits.float().to(table.dtype)
         if done is not None:
             done(last)

@@ -18,7 +18,7 @@ from ..core.config import ENSEMBLE, KDConfig, ModelConfig
 from ..data import Augment, DataSplits
 from ..losses.base import Objective
 from ..models import build_model
-from ..models.checkpoints import checked_checkpoint
+from ..models.checkpoints import checked_checkpoint, checked_model
 from ..training.compute import Compute
 from ..training.loop import Step
 from ..training.rng import seed_everything
@@ -123,12 +123,17 @@ class Link:
 
 def untrained_teacher(cfg: KDConfig, compute: Compute, data: DataSplits, key: str = "teacher") -> nn.Module:
     """The teacher's network as built before training (for a given checkpoint: checked against its
-    metadata; an ensemble: its members), to check a config before anything trains."""
+    metadata and its weights loaded once; an ensemble: its members), to check a config before anything trains."""
     if cfg.teacher.arch == ENSEMBLE:
         return untrained_ensemble(cfg, compute, data)
     if cfg.teacher.checkpoint is not None:
         path = Path(cfg.teacher.checkpoint)
-        compute.world.on_main(lambda: checked_checkpoint(path, cfg.teacher, "teacher", data.info) and None)
+
+        def check_file() -> None:  # its metadata and weights (another tool's file: its names mapped)
+            checkpoint = checked_checkpoint(path, cfg.teacher, "teacher", data.info)
+            checked_model(checkpoint, cfg.teacher, "teacher", path, data.info)
+
+        compute.world.on_main(check_file)
     return compute.place(build_model(cfg.teacher, data.info, key))
 
 
@@ -142,4 +147,4 @@ def check_kd(links: list[Link], data: DataSplits, compute: Compute, augment: Aug
         student = build_student(link.cfg.student, data, compute, link.student)
         teacher = untrained_teacher(link.cfg, compute, data, link.teacher) if needs_teacher(link.cfg) else None
         build_objective(link.cfg, data, compute, student, teacher)
-    return teacher_supply(links[0].cfg, augment, len(data.train), data.info.num_classes)
+    return teacher_supply(links[0].cfg, augment, len(data.train), data.info.num_classes, compute.device)

@@ -139,10 +139,15 @@ def _coerce(key: str, value, annotation):
     raise DistillError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
+# the `loss.*` key of the cross-entropy's weight: read by `Objective` (see `ce_weight`), not by the method
+CE_WEIGHT_KEY = "ce_weight"
+
+
 def build_method(loss: dict) -> Method:
     """The method `loss["name"]` with the other `loss.*` keys as its hyperparameters (checked: unknown
-    keys, types and ranges fail naming the key), and `loss.logit_standardization` (any method that reads
-    logits; False when absent) as its `logit_standardization`."""
+    keys, types and ranges fail naming the key); `loss.ce_weight` belongs to the objective (`ce_weight`), and
+    `loss.logit_standardization` (any method that reads logits; False when absent) becomes the method's
+    `logit_standardization`."""
     name = loss.get("name")
     method = LOSSES.get(name)
     standardize = _coerce(f"loss.{STANDARDIZATION_KEY}", loss.get(STANDARDIZATION_KEY, False), bool)
@@ -154,7 +159,7 @@ def build_method(loss: dict) -> Method:
     accepted = hyperparameters(method)
     values = {}
     for key, value in loss.items():
-        if key in ("name", STANDARDIZATION_KEY):
+        if key in ("name", CE_WEIGHT_KEY, STANDARDIZATION_KEY):
             continue
         if key not in accepted:
             raise DistillError(
@@ -167,17 +172,30 @@ def build_method(loss: dict) -> Method:
     return built
 
 
-class Objective(nn.Module):
-    """The training loss of a kd step: (1 - alpha) CE + alpha Hinton KD at temperature T + the method's
-    terms. Every term is its weighted contribution, named `loss/<term>`, and "loss" is their exact sum.
-    With the method's `logit_standardization`, the Hinton term and the method see both networks' logits
-    z-scored (`standardized`); the cross-entropy keeps the student's raw logits."""
+def ce_weight(loss: dict, alpha: float) -> float:
+    """The cross-entropy's weight: `loss.ce_weight` (>= 0) when given, else 1 - alpha (Hinton's split).
+    RepDistiller's CRD+KD (CE 1, KD 1, CRD 0.8) is `loss=crd alpha=1 loss.ce_weight=1`."""
+    given = loss.get(CE_WEIGHT_KEY)
+    if given is None:
+        return 1 - alpha
+    key = f"loss.{CE_WEIGHT_KEY}"
+    weight = _coerce(key, given, float)
+    non_negative(key, weight)
+    return weight
 
-    def __init__(self, method: Method, T: float, alpha: float):
+
+class Objective(nn.Module):
+    """The training loss of a kd step: `ce_weight` CE (default 1 - alpha) + alpha Hinton KD at temperature T
+    + the method's terms. Every term is its weighted contribution, named `loss/<term>`, and "loss" is their
+    exact sum. With the method's `logit_standardization`, the Hinton term and the method see both networks'
+    logits z-scored (`standardized`); the cross-entropy keeps the student's raw logits."""
+
+    def __init__(self, method: Method, T: float, alpha: float, ce_weight: float | None = None):
         super().__init__()
         self.method = method
         self.T = T
         self.alpha = alpha
+        self.ce_weight = 1 - alpha if ce_weight is None else ce_weight
 
     @property
     def needs_teacher(self) -> bool:
@@ -189,8 +207,8 @@ class Objective(nn.Module):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch, epoch: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
-        if self.alpha < 1:
-            terms["ce"] = (1 - self.alpha) * F.cross_entropy(student.logits.float(), batch.labels)
+        if self.ce_weight > 0:
+            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits.float(), batch.labels)
         if self.method.logit_standardization:
             student = replace(student, logits=standardized(student.logits))
             teacher = teacher if teacher is None else replace(teacher, logits=standardized(teacher.logits))

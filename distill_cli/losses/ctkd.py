@@ -15,9 +15,9 @@ through the KD term); the authors' README gives the per-sample loss but not the 
 student's optimizer with the method's other parts (`Method` parameters).
 
 Defaults as zhengli97/CTKD `scripts/run_cifar_distill.sh` and `train_student.py`: t_start 1, t_end 20,
-cosine decay from 0 to -1 over 10 loops (epochs), KD weight 0.9. The authors' CE weight there is 0.1; here
-the CE weight is 1 - alpha, and alpha is 0 (the fixed-T Hinton term would duplicate CTKD's), so CE is 1.
-The authors also weight-decay the temperature scalar; `optim.py` leaves 1-D parameters undecayed.
+cosine decay from 0 to -1 over 10 loops (epochs), KD weight 0.9, CE weight 0.1 (`loss.ce_weight`; alpha 0:
+the fixed-T Hinton term would duplicate CTKD's).
+The authors also weight-decay the temperature scalar: `optimizer.decay_all=true`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Augmentation: the authors train on a weak and a strong (RandAugment) view of eve
 KD and class terms on the strong view, and CE on both. Only one view is supported here: the training
 batch (`dataset.augment`: crop and flip, the weak view); the strong-view terms are left out, so this is
 MLKD's weak-view objective, not the published recipe. Defaults: temperatures 2..6, weight 0.9 (its
-KD_WEIGHT); the authors' CE weight is 0.1 per view; here it is 1 - alpha with alpha 0.
+KD_WEIGHT), CE weight 0.1 (the authors': 0.1 on each of the two views).
 """
 
 from __future__ import annotations

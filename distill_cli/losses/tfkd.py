@@ -9,7 +9,7 @@ softened by treating those probabilities as logits at temperature T:
 as the authors' `loss_kd_regularization` (yuanli2333/Teacher-free-Knowledge-Distillation
 `my_loss_function.py`): the student at temperature 1, PyTorch's `KLDivLoss()` mean over samples AND
 classes, times their `multiplier`. Our `weight` is their reg_alpha x multiplier (0.1 x 100 here; their
-per-model settings vary), and the CE weight is 1 - alpha = 1 where theirs is 1 - reg_alpha = 0.9.
+per-model settings vary), and the CE weight (`loss.ce_weight`) 1 - reg_alpha = 0.9.
 No teacher is built or trained: `alpha` must stay 0 (alpha > 0 would ask for a real teacher's Hinton term).
 """
 

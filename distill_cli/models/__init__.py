@@ -20,7 +20,7 @@ from ..data import DatasetInfo
 
 
 def _register_all() -> None:
-    from . import cnn, mlp, mobilenet, resnet, shufflenet, torchvision_adapter, vgg, wrn  # noqa: F401
+    from . import cnn, mlp, mobilenet, resnet, shufflenet, timm_models, torchvision_adapter, vgg, wrn  # noqa: F401
 
 
 MODELS: Registry = Registry("model", _register_all)

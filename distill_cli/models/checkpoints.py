@@ -1,14 +1,22 @@
 """Networks rebuilt from distill checkpoints, checked before their weights are trusted: the architecture a
 config names, the dataset's classes, weights that fit. Every command that loads a model goes through here
-(the teacher and baseline of a kd run, ensemble members, eval/export/quantize)."""
+(the teacher and baseline of a kd run, ensemble members, eval/export/quantize).
+
+A given checkpoint (`teacher.checkpoint=`) may also be another tool's file (`peer_checkpoint`): a
+RepDistiller / mdistiller CIFAR file (`{"model": state_dict, ...}` with their layer names, renamed by the
+explicit rules of `PEER_NAMES`), or a plain state dict: torchvision's and timm's names are the model's own.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
-from ..core.checkpoint import load_checkpoint
+from ..core.checkpoint import FORMAT_VERSION, distill_checkpoint, load_checkpoint, read_checkpoint_file
 from ..core.config import ModelConfig
 from ..core.errors import DistillError
 from ..data import DatasetInfo
@@ -20,10 +28,82 @@ def describe(arch: str, kwargs: dict) -> str:
     return f"{arch}({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
 
 
+# RepDistiller's and mdistiller's layer names (RepDistiller models/resnet.py and wrn.py; mdistiller
+# mdistiller/models/cifar/resnet.py and wrn.py, the same) -> distill's, per architecture: (pattern, name)
+# rules, the first whose pattern matches the whole key renames it; {stage} is their 1-based layer/block - 1
+RENAME_PARAMETER = r"(?P<p>\w+)"
+PEER_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "resnet_cifar": (
+        (r"conv1\.{p}", "stem.0.{p}"),
+        (r"bn1\.{p}", "stem.1.{p}"),
+        (r"layer(?P<layer>[1-3])\.(?P<b>\d+)\.conv1\.{p}", "stages.{stage}.{b}.body.0.0.{p}"),
+        (r"layer(?P<layer>[1-3])\.(?P<b>\d+)\.bn1\.{p}", "stages.{stage}.{b}.body.0.1.{p}"),
+        (r"layer(?P<layer>[1-3])\.(?P<b>\d+)\.conv2\.{p}", "stages.{stage}.{b}.body.1.0.{p}"),
+        (r"layer(?P<layer>[1-3])\.(?P<b>\d+)\.bn2\.{p}", "stages.{stage}.{b}.body.1.1.{p}"),
+        (r"layer(?P<layer>[1-3])\.(?P<b>\d+)\.downsample\.(?P<i>[01])\.{p}", "stages.{stage}.{b}.shortcut.{i}.{p}"),
+        (r"fc\.{p}", "head.fc.{p}"),
+    ),
+    "wrn": (  # without dropout (their teachers' dropRate 0): the second conv is body.3
+        (r"conv1\.{p}", "stem.{p}"),
+        (r"block(?P<layer>[1-3])\.layer\.(?P<b>\d+)\.bn1\.{p}", "stages.{stage}.{b}.preact.0.{p}"),
+        (r"block(?P<layer>[1-3])\.layer\.(?P<b>\d+)\.conv1\.{p}", "stages.{stage}.{b}.body.0.{p}"),
+        (r"block(?P<layer>[1-3])\.layer\.(?P<b>\d+)\.bn2\.{p}", "stages.{stage}.{b}.body.1.{p}"),
+        (r"block(?P<layer>[1-3])\.layer\.(?P<b>\d+)\.conv2\.{p}", "stages.{stage}.{b}.body.3.{p}"),
+        (r"block(?P<layer>[1-3])\.layer\.(?P<b>\d+)\.convShortcut\.{p}", "stages.{stage}.{b}.shortcut.{p}"),
+        (r"bn1\.{p}", "head.pre.0.{p}"),
+        (r"fc\.{p}", "head.fc.{p}"),
+    ),
+}
+# families whose plain state dicts carry the model's own names (torchvision's and timm's modules are ours)
+OWN_NAMES = ("torchvision", "timm")
+PEERS = "RepDistiller/mdistiller"
+
+
+def _renamed(name: str, arch: str) -> str | None:
+    """`name` of a RepDistiller/mdistiller `arch` as distill names it, None if no rule of `PEER_NAMES` fits."""
+    for pattern, target in PEER_NAMES[arch]:
+        match = re.fullmatch(pattern.replace("{p}", RENAME_PARAMETER), name)
+        if match:
+            groups = match.groupdict()
+            stage = int(groups.pop("layer")) - 1 if "layer" in groups else None
+            return target.format(stage=stage, **groups)
+    return None
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def peer_checkpoint(loaded: Any, expected: ModelConfig, key: str, path: Path, num_classes: int) -> dict | None:
+    """Another tool's file (as `read_checkpoint_file` returns it) as a distill checkpoint of `expected`'s
+    network: a RepDistiller/mdistiller `{"model": state_dict}` or a bare state dict of their names, renamed by
+    `PEER_NAMES`; a plain torchvision/timm state dict as it is. DataParallel's `module.` prefix is dropped.
+    None when `loaded` is a distill checkpoint; a file no rule reads is refused naming its first odd key."""
+    if isinstance(loaded, dict) and "arch" in loaded:
+        return None
+    state = loaded.get("model") if isinstance(loaded, dict) and _is_state_dict(loaded.get("model")) else loaded
+    if not _is_state_dict(state):
+        return distill_checkpoint(loaded, path)  # refused, saying what the file holds
+    state = {name.removeprefix("module."): tensor for name, tensor in state.items()}
+    if expected.arch not in OWN_NAMES:
+        if expected.arch not in PEER_NAMES:
+            raise DistillError(
+                f"{key}.checkpoint {path} is no distill checkpoint, and {PEERS} files are read for "
+                f"{', '.join(PEER_NAMES)} ({key}={expected.label} is {expected.arch})"
+            )
+        renamed = {name: _renamed(name, expected.arch) for name in state}
+        odd = next((name for name, new in renamed.items() if new is None), None)
+        if odd is not None:
+            raise DistillError(f"{key}.checkpoint {path}: {odd!r} is no layer of {PEERS}'s {expected.arch}; is it a {expected.label}?")
+        state = {renamed[name]: tensor for name, tensor in state.items()}
+    return {"format_version": FORMAT_VERSION, "arch": expected.arch, "kwargs": dict(expected.kwargs), "num_classes": num_classes, "state_dict": state}
+
+
 def checked_checkpoint(path: Path, expected: ModelConfig, key: str, info: DatasetInfo) -> dict:
-    """The checkpoint at `path`, refused unless it holds `key`'s architecture with the same arguments and
-    the dataset's class count."""
-    checkpoint = load_checkpoint(path)
+    """The checkpoint at `path` (a distill checkpoint or another tool's, see `peer_checkpoint`), refused unless
+    it holds `key`'s architecture with the same arguments and the dataset's class count."""
+    loaded = read_checkpoint_file(path)
+    checkpoint = peer_checkpoint(loaded, expected, key, path, info.num_classes) or distill_checkpoint(loaded, path)
     same_network = checkpoint["arch"] == expected.arch and model_arguments(
         expected.arch, checkpoint["kwargs"]
     ) == model_arguments(expected.arch, expected.kwargs)
@@ -40,8 +120,23 @@ def checked_checkpoint(path: Path, expected: ModelConfig, key: str, info: Datase
     return checkpoint
 
 
+def first_misfit(model: nn.Module, state_dict: dict) -> str | None:
+    """The first tensor of `state_dict` that does not fit `model` (missing, extra, or of another shape), or None."""
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in state_dict:
+            return f"it lacks {name!r}"
+        if state_dict[name].shape != tensor.shape:
+            return f"{name!r} is {tuple(state_dict[name].shape)}, the network's {tuple(tensor.shape)}"
+    extra = next((name for name in state_dict if name not in own), None)
+    return None if extra is None else f"{extra!r} is no tensor of the network"
+
+
 def load_weights(model: nn.Module, state_dict: dict, refusal: str) -> nn.Module:
-    """`model` with `state_dict` loaded; weights that do not fit raise `refusal: <torch's first line>`."""
+    """`model` with `state_dict` loaded; weights that do not fit raise `refusal: <the first that does not>`."""
+    misfit = first_misfit(model, state_dict)
+    if misfit:
+        raise DistillError(f"{refusal}: {misfit}")
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:

@@ -83,6 +83,7 @@ def _capture(captured: dict, name: str, module: nn.Module, inputs: tuple, output
 def default_feature_layers(model: nn.Module, info: DatasetInfo) -> list[str]:
     """The layers a feature-based loss taps when told none: one per stage, shallow to deep.
 
+    - timm models: the modules of their `feature_info` (timm's feature API), in its order.
     - Zoo CNNs (a `stages` child, see `layers.zoo_net`): `stages.0`, `stages.1`, ..., each stage's
       output before pooling, the points where the reference code (RepDistiller) returns features.
     - Other CNNs (torchvision models, `cnn`): one dummy forward pass (eval mode, no grad, one image
@@ -92,6 +93,9 @@ def default_feature_layers(model: nn.Module, info: DatasetInfo) -> list[str]:
     - Networks without feature maps (MLPs): each hidden layer's output, i.e. the module producing
       the input of each Linear layer but the first.
     """
+    timm_features = getattr(model, "feature_info", None)  # timm's feature API: the modules its features come from
+    if isinstance(timm_features, list) and timm_features and all("module" in entry for entry in timm_features):
+        return [entry["module"] for entry in timm_features]
     stages = getattr(model, "stages", None)
     if isinstance(stages, nn.Module):
         return [f"stages.{name}" for name, _ in stages.named_children()]

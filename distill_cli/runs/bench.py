@@ -348,7 +348,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     plain = Compute(compute.device, "fp32", channels_last=False, fold_frozen=False)
     seed_everything(cfg.seed)
     teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
-    supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes)
+    supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes, compute.device)
     # the kd step as it runs when the teacher runs (or its logits are cached, without augmentation), and,
     # where the views can be stored, as it runs reading the teacher-view store
     kd_fast = _kd_case(cfg, compute, data, loaders, LIVE if supply == VIEWS else supply)

@@ -43,7 +43,7 @@ def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | No
     the run's seed, the teacher's logits table and its forward pass (once per batch) shared through
     `run.shared`. Returns the wiring and the teacher (None: the objective reads none)."""
     cfg, data, loaders = run.cfg, run.data, run.loaders
-    supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes)
+    supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes, run.compute.device)
     teacher = None
     summary["teacher"] = None  # the student alone (loss=kd alpha=0) and teacher-free methods build no teacher
     if supply != NONE:

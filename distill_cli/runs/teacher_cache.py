@@ -34,6 +34,8 @@ def teacher_recipe(cfg: TrainConfig, processes: int = 1) -> dict:
         dataset.pop("root")
     optimizer = asdict(cfg.optimizer)
     optimizer.pop("impl")
+    if not optimizer["decay_all"]:  # the default, absent from the recipes cached before the key existed
+        optimizer.pop("decay_all")
     return {
         "dataset": dataset,
         "arch": cfg.teacher.arch,

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..core.checkpoint import save_atomic
 from ..core.files import write_json_atomic
+from ..data.augment import DRAWN_VIEWS_SEED
 from ..kd.teachers import teacher_view_logits, view_store_bytes, views_pay
 from ..training.device_memory import GIB
 from .common import KDRun, log
@@ -48,7 +49,7 @@ def view_store_recipe(run: KDRun, teacher: nn.Module) -> dict:
         "arch": run.cfg.teacher.arch,
         "teacher_sha256": weights_sha256(teacher),
         "dataset": teacher_recipe(teacher_training_config(run.cfg))["dataset"] | {"exclude_classes": list(run.cfg.dataset.exclude_classes)},
-        "augment": asdict(augment),
+        "augment": asdict(augment) | ({"drawn_seed": DRAWN_VIEWS_SEED} if augment.drawn else {}),
         "precision": run.compute.precision,
         "dtype": run.cfg.teacher_views_dtype,
     }
@@ -115,7 +116,7 @@ def _build(run: KDRun, teacher: nn.Module, recipe: dict, path: Path) -> None:
             next_save = images + every
 
     teacher_view_logits(
-        teacher, data.train, augment, run.loaders.train.normalise, compute, data.info.num_classes, table, start,
+        teacher, data.train, run.loaders.train, compute, data.info.num_classes, table, start,
         chunk=cfg.eval_batch_size, done=done,
     )
     write_json_atomic(recipe, path.parent / "recipe.json")

@@ -20,11 +20,11 @@ def _optimizer_kernel(impl: str, device: torch.device) -> dict:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over `model`'s trainable parameters with the `optimizer.impl` kernel; no weight
-    decay on biases and norm parameters."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]
+    """SGD / Adam / AdamW over `model`'s trainable parameters with the `optimizer.impl` kernel; weight decay
+    on every parameter with `optimizer.decay_all`, else none on 1-D ones (biases, norm parameters)."""
+    decay, no_decay = [], []
+    for parameter in (p for p in model.parameters() if p.requires_grad):
+        (decay if cfg.decay_all or parameter.ndim > 1 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kernel = _optimizer_kernel(cfg.impl, device)
     try:

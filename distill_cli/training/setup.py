@@ -7,9 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..core.config import (
-    RunConfig,
-)
+from ..core.config import KDConfig, RunConfig
 from ..core.errors import DistillError
 from ..data import DataSplits, load_dataset, training_augment
 from ..data.loader import Loader, build_loader, choose_pipeline
@@ -50,7 +48,8 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
         shuffle=True,
         drop_last=True,
         seed=cfg.seed,
-        augment=training_augment(cfg.dataset, data.info),
+        # kd's teacher_views: each image restricted to views drawn once, whose teacher logits can be stored
+        augment=training_augment(cfg.dataset, data.info, drawn=cfg.teacher_views if isinstance(cfg, KDConfig) else 0),
         shard=(world.rank, world.size),
         **options,
     )
