@@ -46,5 +46,6 @@ class TeacherFreeKD(Method):
         rest = (1 - self.correct_prob) / (classes - 1)
         virtual = F.one_hot(batch.labels, classes).float() * (self.correct_prob - rest) + rest
         log_target = F.log_softmax(virtual / self.temperature, 1)
-        kl = F.kl_div(F.log_softmax(s, 1), log_target, reduction="mean", log_target=True)
+        # the authors' KLDivLoss() mean: over samples and classes (written out: torch warns on reduction="mean")
+        kl = F.kl_div(F.log_softmax(s, 1), log_target, reduction="sum", log_target=True) / s.numel()
         return {"tfkd": self.weight * kl}
