@@ -19,6 +19,7 @@ from torch import nn
 from ..core.checkpoint import load_checkpoint
 from ..core.config import KDConfig, ModelConfig, TeacherConfig
 from ..core.errors import DistillError
+from ..losses import logit_methods
 from ..models import build_model
 from ..models.checkpoints import load_weights
 from ..training.compute import Compute
@@ -57,7 +58,7 @@ def _refuse_feature_methods(cfg: KDConfig) -> None:
     if objective_of(cfg).reads_teacher_features:
         raise DistillError(
             f"loss={cfg.loss['name']}: teacher=ensemble hands the student averaged probabilities only, no "
-            "teacher features; use a logit method (kd, dkd, mse_logits)"
+            f"teacher features; use a logit method ({logit_methods()})"
         )
 
 

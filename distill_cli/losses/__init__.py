@@ -30,6 +30,11 @@ def _register_all() -> None:
 LOSSES: Registry = Registry("loss", _register_all)
 
 
+def logit_methods() -> str:
+    """The names of the methods that read logits (`Method.reads_logits`), comma-separated, for messages."""
+    return ", ".join(name for name in LOSSES.names() if LOSSES.get(name).reads_logits)
+
+
 def method_catalogue() -> list[tuple[str, str, str]]:
     """(name, what it computes, its published defaults) of every method: the class docstring's first
     line and `configs/loss/<name>.yaml` (alpha and the `loss.*` hyperparameters)."""

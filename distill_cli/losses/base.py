@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..core.errors import DistillError
 from ..data import DatasetInfo
 from ..models.features import Outputs, stage_points
-from . import LOSSES
+from . import LOSSES, logit_methods
 
 
 @dataclass
@@ -55,10 +55,13 @@ class Method(nn.Module):
     """A KD method: weighted loss terms from the student's and teacher's `Outputs`.
 
     Set `student_points` / `teacher_points` in `__init__` (feature points read; empty: logits only);
-    `needs_teacher` is False only for methods that use no teacher output at all.
+    `needs_teacher` is False only for methods that use no teacher output at all; `reads_logits` is True for
+    methods whose terms come from the logits (they take `loss.logit_standardization`).
     """
 
     needs_teacher: bool = True
+    reads_logits: bool = False
+    logit_standardization: bool = False  # set by `build_method` from `loss.logit_standardization`
     # False for a method whose state is built from every sample across steps (memory banks): it cannot
     # be trained by several data-parallel processes, each seeing its share of the batches
     data_parallel: bool = True
@@ -114,6 +117,17 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (T * T)
 
 
+def standardized(logits: Tensor) -> Tensor:
+    """Each row of `logits` z-scored (Sun et al. 2024, "Logit Standardization in Knowledge Distillation"):
+    minus its mean, over its standard deviation (unbiased, + 1e-7 as the authors), in fp32."""
+    logits = logits.float()
+    return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-7)
+
+
+# the key every logit method takes: z-score both networks' logits before any logit term (see `Objective`)
+STANDARDIZATION_KEY = "logit_standardization"
+
+
 def hyperparameters(method: type[Method]) -> dict[str, inspect.Parameter]:
     """The `loss.*` keys a method takes: its constructor's keyword arguments."""
     return {name: p for name, p in inspect.signature(method.__init__).parameters.items() if name != "self"}
@@ -137,13 +151,21 @@ CE_WEIGHT_KEY = "ce_weight"
 
 def build_method(loss: dict) -> Method:
     """The method `loss["name"]` with the other `loss.*` keys as its hyperparameters (checked: unknown
-    keys, types and ranges fail naming the key); `loss.ce_weight` belongs to the objective (`ce_weight`)."""
+    keys, types and ranges fail naming the key); `loss.ce_weight` belongs to the objective (`ce_weight`), and
+    `loss.logit_standardization` (any method that reads logits; False when absent) becomes the method's
+    `logit_standardization`."""
     name = loss.get("name")
     method = LOSSES.get(name)
+    standardize = _coerce(f"loss.{STANDARDIZATION_KEY}", loss.get(STANDARDIZATION_KEY, False), bool)
+    if standardize and not method.reads_logits:
+        raise DistillError(
+            f"loss.{STANDARDIZATION_KEY}: loss={name} reads no logits, there are none to standardize "
+            f"(logit methods: {logit_methods()})"
+        )
     accepted = hyperparameters(method)
     values = {}
     for key, value in loss.items():
-        if key in ("name", CE_WEIGHT_KEY):
+        if key in ("name", CE_WEIGHT_KEY, STANDARDIZATION_KEY):
             continue
         if key not in accepted:
             raise DistillError(
@@ -151,7 +173,9 @@ def build_method(loss: dict) -> Method:
             )
         annotation = typing.get_type_hints(method.__init__).get(key, type(accepted[key].default))
         values[key] = _coerce(f"loss.{key}", value, annotation)
-    return method(**values)
+    built = method(**values)
+    built.logit_standardization = standardize
+    return built
 
 
 def ce_weight(loss: dict, alpha: float) -> float:
@@ -169,7 +193,8 @@ def ce_weight(loss: dict, alpha: float) -> float:
 class Objective(nn.Module):
     """The training loss of a kd step: `ce_weight` CE (default 1 - alpha) + alpha Hinton KD at temperature T
     + the method's terms. Every term is its weighted contribution, named `loss/<term>`, and "loss" is their
-    exact sum."""
+    exact sum. With the method's `logit_standardization`, the Hinton term and the method see both networks'
+    logits z-scored (`standardized`); the cross-entropy keeps the student's raw logits."""
 
     def __init__(self, method: Method, T: float, alpha: float, ce_weight: float | None = None):
         super().__init__()
@@ -190,6 +215,9 @@ class Objective(nn.Module):
         terms: dict[str, Tensor] = {}
         if self.ce_weight > 0:
             terms["ce"] = self.ce_weight * F.cross_entropy(student.logits.float(), batch.labels)
+        if self.method.logit_standardization:
+            student = replace(student, logits=standardized(student.logits))
+            teacher = teacher if teacher is None else replace(teacher, logits=standardized(teacher.logits))
         if self.alpha > 0:
             terms["kd"] = self.alpha * kd_loss(student.logits, teacher.logits, self.T)
         for name, value in self.method(student, teacher, batch, epoch).items():

@@ -49,6 +49,8 @@ def decoupled_kd(student_logits, teacher_logits, labels, T: float) -> tuple[torc
 class DKD(Method):
     """Decoupled KD: weighted target-class (TCKD) and non-target-class (NCKD) KL terms, warmed up."""
 
+    reads_logits = True
+
     def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, temperature: float = 4.0, warmup: int = 20):
         super().__init__()
         non_negative("loss.tckd_weight", tckd_weight)

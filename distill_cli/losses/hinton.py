@@ -17,6 +17,7 @@ from .base import Method
 class HintonKD(Method):
     """Hinton KD: soft targets at temperature T (top-level T, alpha); alpha=0 trains the student alone."""
 
+    reads_logits = True
     needs_teacher = False  # only through alpha > 0
 
     def forward(self, student, teacher, batch, epoch):

@@ -13,6 +13,8 @@ from .base import Method, non_negative
 class LogitMatching(Method):
     """weight * mean over batch and classes of (student logit - teacher logit)^2."""
 
+    reads_logits = True
+
     def __init__(self, weight: float = 1.0):
         super().__init__()
         non_negative("loss.weight", weight)

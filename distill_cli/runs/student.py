@@ -45,10 +45,11 @@ def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | No
     cfg, data, loaders = run.cfg, run.data, run.loaders
     supply = teacher_supply(cfg, loaders.train.augment, len(data.train), data.info.num_classes, run.compute.device)
     teacher = None
-    summary["teacher"] = None  # the student alone (loss=kd alpha=0) builds no teacher, unless it copies it
+    summary["teacher"] = None  # loss=kd alpha=0 and teacher-free methods build no teacher, unless the student copies it
     if supply != NONE or copies_teacher(cfg.student):
         teacher, summary["teacher"] = obtain_teacher(run)
-    if supply != NONE and cfg.baseline:
+    alone = supply == NONE and cfg.loss["name"] == "kd"  # loss=kd alpha=0 is the baseline itself
+    if cfg.baseline and not alone:
         if cfg.student.starts_trained:  # the same start trained alone is the run with alpha=0
             log.info("baseline: none for a student that starts trained; run the same command with alpha=0 to compare")
         else:

@@ -20,6 +20,7 @@ from ...core.config import KDConfig, ModelConfig, to_plain
 from ...core.errors import DistillError
 from ...kd.objective import objective_of
 from ...kd.wiring import Link, build_student, wire_kd
+from ...losses import logit_methods
 from ...losses.base import Objective
 from ...models.features import Outputs
 from ...training.loop import FitResult, Step
@@ -56,7 +57,7 @@ def _check_method(objective: Objective, loss_name: str) -> None:
     if objective.reads_teacher_features:
         raise DistillError(
             f"loss={loss_name}: peers= (mutual learning) hands each network the others' predictions only, "
-            "no features; use a logit method (kd, dkd, mse_logits)"
+            f"no features; use a logit method ({logit_methods()})"
         )
     if not objective.needs_teacher:
         raise DistillError("peers: with loss=kd alpha=0 the peers would not learn from each other; set alpha > 0")

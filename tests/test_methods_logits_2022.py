@@ -1,0 +1,324 @@
+"""DIST, NKD, CTKD, WTTM, MLKD, Tf-KD and the logit standardization switch: each loss (value and gradient)
+against an independent float64 computation of its paper's formula, the bad inputs, and one short kd run
+per method on synthetic data."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_distill_in_process, small_kd_config
+from test_losses import batch_of
+
+from distill_cli.core.checkpoint import LAST, load_checkpoint
+from distill_cli.core.config import ModelConfig
+from distill_cli.core.errors import DistillError
+from distill_cli.losses.base import MethodContext, Objective, build_method
+from distill_cli.models.features import Outputs
+from distill_cli.runs.kd import run_kd
+
+CLASSES = 6
+LABELS = torch.tensor([0, 5, 2, 2, 1, 3, 4, 0])
+
+
+def logits(seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (student, teacher) logits of a batch of 8 over 6 classes, the student's requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+    student = (torch.randn(8, CLASSES, generator=generator) * scale).requires_grad_(True)
+    return student, torch.randn(8, CLASSES, generator=generator) * scale
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory):
+    """One teacher cache for the module's runs: the teacher is trained once."""
+    return str(tmp_path_factory.mktemp("teacher_cache"))
+
+
+def context() -> MethodContext:
+    return MethodContext(
+        num_classes=CLASSES, num_train=8, train_labels=LABELS, student={}, teacher={}, epochs=10, dataset="synthetic"
+    )
+
+
+def method_terms(loss: dict, student, teacher, epoch: int = 30) -> tuple[torch.nn.Module, dict]:
+    method = build_method(loss)
+    method.setup(context())
+    return method, method(Outputs(student), Outputs(teacher), batch_of(LABELS[: len(student)]), epoch)
+
+
+def assert_same_value_and_gradient(ours: torch.Tensor, reference: torch.Tensor, student: torch.Tensor) -> None:
+    """`ours` (float32) equals `reference` (float64, from the formula), and so do their gradients in `student`."""
+    assert ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-7)
+    (grad,) = torch.autograd.grad(ours, student, retain_graph=True)
+    (expected,) = torch.autograd.grad(reference, student, retain_graph=True)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def p64(x: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """Softmax at T in float64, from exponentials."""
+    e = torch.exp(x.double() / T - (x.double() / T).max(1, keepdim=True).values)
+    return e / e.sum(1, keepdim=True)
+
+
+def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p_i || q_i) of each row."""
+    return (p * (p.log() - q.log())).sum(1)
+
+
+# --- DIST ------------------------------------------------------------------------------------------------
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    da, db = a - a.mean(), b - b.mean()
+    return (da * db).sum() / torch.sqrt((da * da).sum() * (db * db).sum())
+
+
+def test_dist_matches_inter_and_intra_class_pearson_relations():
+    student, teacher = logits(0)
+    beta, gamma, tau = 1.5, 0.5, 3.0
+    _, terms = method_terms({"name": "dist", "beta": beta, "gamma": gamma, "tau": tau}, student, teacher)
+    ys, yt = p64(student, tau), p64(teacher, tau)
+    inter = 1 - sum(pearson(ys[i], yt[i]) for i in range(8)) / 8
+    intra = 1 - sum(pearson(ys[:, c], yt[:, c]) for c in range(CLASSES)) / CLASSES
+    assert_same_value_and_gradient(terms["dist_inter"], tau**2 * beta * inter, student)
+    assert_same_value_and_gradient(terms["dist_intra"], tau**2 * gamma * intra, student)
+
+
+def test_dist_is_zero_for_a_student_whose_predictions_are_the_teachers():
+    _, teacher = logits(1)
+    _, terms = method_terms({"name": "dist"}, teacher.clone(), teacher)
+    assert all(abs(value.item()) < 1e-4 for value in terms.values()), terms
+
+
+# --- NKD -------------------------------------------------------------------------------------------------
+
+
+def test_nkd_matches_the_target_and_normalised_non_target_cross_entropies():
+    student, teacher = logits(2)
+    gamma, T = 2.0, 1.5
+    _, terms = method_terms({"name": "nkd", "gamma": gamma, "temperature": T}, student, teacher)
+    ps, pt = p64(student), p64(teacher)
+    target = non_target = 0.0
+    for i, y in enumerate(LABELS.tolist()):
+        target = target - pt[i, y] * ps[i, y].log()
+        rest = [c for c in range(CLASSES) if c != y]
+        qs, qt = p64(student[i : i + 1, rest], T)[0], p64(teacher[i : i + 1, rest], T)[0]
+        non_target = non_target - (qt * qs.log()).sum()
+    assert_same_value_and_gradient(terms["nkd_target"], target / 8, student)
+    assert_same_value_and_gradient(terms["nkd_non_target"], gamma * T * T * non_target / 8, student)
+
+
+# --- WTTM ------------------------------------------------------------------------------------------------
+
+
+def test_wttm_matches_the_norm_weighted_kl_to_the_power_transformed_teacher():
+    student, teacher = logits(3)
+    gamma, weight = 0.3, 2.0
+    _, terms = method_terms({"name": "wttm", "gamma": gamma, "weight": weight}, student, teacher)
+    powered = p64(teacher) ** gamma
+    norm = powered.sum(1)
+    reference = weight * (norm * kl_rows(powered / norm[:, None], p64(student))).mean()
+    assert_same_value_and_gradient(terms["wttm"], reference, student)
+
+
+def test_wttm_at_gamma_one_is_kd_at_temperature_one():
+    student, teacher = logits(4)
+    _, terms = method_terms({"name": "wttm", "gamma": 1.0, "weight": 1.0}, student, teacher)
+    assert terms["wttm"].item() == pytest.approx(kl_rows(p64(teacher), p64(student)).mean().item(), rel=1e-5)
+
+
+# --- CTKD ------------------------------------------------------------------------------------------------
+
+
+def curriculum(epoch: int, epochs: int = 10) -> float:
+    """The authors' CosineDecay(max 0, min -1, loops 10).get_value(epoch): the GRL's factor (negative)."""
+    i = min(epoch, epochs)
+    return (math.cos(i * math.pi / epochs) + 1.0) * 0.5 * (0 - (-1)) + (-1)
+
+
+@pytest.mark.parametrize("epoch", [1, 4, 30])
+def test_ctkd_global_is_kd_at_the_learned_temperature_and_reverses_its_gradient(epoch):
+    student, teacher = logits(5)
+    method, terms = method_terms({"name": "ctkd"}, student, teacher, epoch)
+    (parameter,) = method.parameters()
+    x = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)  # the authors' Global_T starts at 1
+    tau = 1 + 20 * torch.sigmoid(x)
+    reference = 0.9 * tau**2 * kl_rows(p64(teacher, tau), p64(student, tau)).mean()
+    assert_same_value_and_gradient(terms["ctkd"], reference, student)
+    terms["ctkd"].backward()
+    (x_grad,) = torch.autograd.grad(reference, x)
+    # the temperature ascends the loss the student descends, scaled by the curriculum
+    assert parameter.grad.item() == pytest.approx(curriculum(epoch) * x_grad.item(), rel=2e-3)  # fp32 vs fp64
+
+
+def test_ctkd_instance_gives_each_sample_its_temperature_from_both_logits():
+    student, teacher = logits(6)
+    method, terms = method_terms({"name": "ctkd", "variant": "instance", "hidden": 4}, student, teacher, epoch=5)
+    mlp = method.temperature_module
+    with torch.no_grad():
+        tau = 1 + 20 * torch.sigmoid(mlp(torch.cat([teacher, student], 1)).double())  # (8, 1)
+    reference = 0.9 * (tau[:, 0] ** 2 * kl_rows(p64(teacher, tau), p64(student, tau))).mean()
+    assert_same_value_and_gradient(terms["ctkd"], reference, student)
+    terms["ctkd"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
+
+
+# --- MLKD ------------------------------------------------------------------------------------------------
+
+
+def test_mlkd_matches_the_instance_class_and_batch_terms_with_the_authors_median_masks():
+    student, teacher = logits(7)
+    # 7 samples, 6 classes: the sample mask keeps 4/7, the class mask 3/6, so a mask mixed up shows
+    student, teacher = student[:7].detach().requires_grad_(True), teacher[:7]
+    temperatures, weight = (2.0, 4.0), 0.5
+    _, terms = method_terms({"name": "mlkd", "weight": weight, "temperatures": list(temperatures)}, student, teacher)
+    pt1 = p64(teacher).detach().numpy()
+    confidence, class_total = pt1.max(1), pt1.sum(0)
+    sample_share = np.mean(confidence <= np.percentile(confidence, 50))
+    class_share = np.mean(class_total <= np.percentile(class_total, 50))
+    assert sample_share != class_share
+    instance = class_level = batch_level = 0.0
+    for T in temperatures:
+        ps, pt = p64(student, T), p64(teacher, T)
+        instance = instance + T * T * kl_rows(pt, ps).mean()
+        class_level = class_level + ((pt.t() @ pt - ps.t() @ ps) ** 2).sum() / CLASSES
+        batch_level = batch_level + ((pt @ pt.t() - ps @ ps.t()) ** 2).sum() / 7
+    assert_same_value_and_gradient(terms["mlkd_instance"], weight * sample_share * instance, student)
+    assert_same_value_and_gradient(terms["mlkd_class"], weight * class_share * class_level, student)
+    assert_same_value_and_gradient(terms["mlkd_batch"], weight * sample_share * batch_level, student)
+
+
+# --- Tf-KD -----------------------------------------------------------------------------------------------
+
+
+def test_tfkd_matches_the_kl_to_the_softened_virtual_teacher_averaged_over_samples_and_classes():
+    student, _ = logits(8)
+    weight, a, T = 3.0, 0.9, 5.0
+    _, terms = method_terms({"name": "tfkd", "weight": weight, "correct_prob": a, "temperature": T}, student, None)
+    virtual = torch.full((8, CLASSES), (1 - a) / (CLASSES - 1), dtype=torch.float64)
+    virtual[torch.arange(8), LABELS] = a
+    reference = weight * kl_rows(p64(virtual, T), p64(student)).sum() / (8 * CLASSES)
+    assert_same_value_and_gradient(terms["tfkd"], reference, student)
+
+
+# --- logit standardization -------------------------------------------------------------------------------
+
+
+def zscore64(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    mean = x.mean(1, keepdim=True)
+    std = torch.sqrt(((x - mean) ** 2).sum(1, keepdim=True) / (x.shape[1] - 1))
+    return (x - mean) / std
+
+
+def test_standardized_kd_is_kd_on_z_scored_logits_and_ce_keeps_the_raw_ones():
+    student, teacher = logits(9)
+    T, alpha = 2.0, 0.6
+    objective = Objective(build_method({"name": "kd", "logit_standardization": True}), T, alpha)
+    terms = objective(Outputs(student), Outputs(teacher), batch_of(LABELS), 1)
+    ce = torch.nn.functional.cross_entropy(student.double(), LABELS)
+    kd = T * T * kl_rows(p64(zscore64(teacher), T), p64(zscore64(student), T)).mean()
+    assert_same_value_and_gradient(terms["loss/ce"], (1 - alpha) * ce, student)
+    assert_same_value_and_gradient(terms["loss/kd"], alpha * kd, student)
+
+
+def test_standardization_reaches_a_methods_own_terms_and_removes_the_logits_scale_and_shift():
+    student, teacher = logits(10)
+    standardized = Objective(build_method({"name": "dkd", "warmup": 0, "logit_standardization": True}), 4.0, 0.0)
+    on_z_scores = Objective(build_method({"name": "dkd", "warmup": 0}), 4.0, 0.0)
+    batch = batch_of(LABELS)
+    terms = standardized(Outputs(student), Outputs(teacher), batch, 1)
+    reference = on_z_scores(Outputs(zscore64(student).float()), Outputs(zscore64(teacher).float()), batch, 1)
+    moved = standardized(Outputs(student), Outputs(teacher * 7 - 3), batch, 1)
+    for term in ("loss/dkd_tckd", "loss/dkd_nckd"):
+        assert terms[term].item() == pytest.approx(reference[term].item(), rel=1e-5)
+        assert moved[term].item() == pytest.approx(terms[term].item(), rel=1e-4)
+
+
+def test_standardization_is_off_unless_asked_for():
+    assert not build_method({"name": "dist"}).logit_standardization
+    assert build_method({"name": "dist", "logit_standardization": True}).logit_standardization
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "loss, key",
+    [
+        ({"name": "dist", "beta": -1.0}, "loss.beta"),
+        ({"name": "dist", "tau": 0.0}, "loss.tau"),
+        ({"name": "nkd", "gamma": float("nan")}, "loss.gamma"),
+        ({"name": "nkd", "temperature": -1.0}, "loss.temperature"),
+        ({"name": "ctkd", "variant": "local"}, "loss.variant"),
+        ({"name": "ctkd", "min_temperature": 0.0}, "loss.min_temperature"),
+        ({"name": "ctkd", "curriculum_epochs": -1}, "loss.curriculum_epochs"),
+        ({"name": "ctkd", "hidden": 0}, "loss.hidden"),
+        ({"name": "wttm", "gamma": 0.0}, "loss.gamma"),
+        ({"name": "wttm", "weight": float("inf")}, "loss.weight"),
+        ({"name": "mlkd", "temperatures": []}, "loss.temperatures"),
+        ({"name": "mlkd", "temperatures": [2.0, -1.0]}, "loss.temperatures"),
+        ({"name": "tfkd", "correct_prob": 1.0}, "loss.correct_prob"),
+        ({"name": "tfkd", "temperature": 0.0}, "loss.temperature"),
+        ({"name": "kd", "logit_standardization": "yes"}, "loss.logit_standardization"),
+    ],
+)
+def test_out_of_range_hyperparameters_name_the_key(loss, key):
+    with pytest.raises(DistillError, match=f"^{key}:"):
+        build_method(loss)
+
+
+@pytest.mark.parametrize("name", ["at", "fitnet", "crd", "rkd"])
+def test_standardization_is_refused_for_a_method_that_reads_no_logits(name):
+    with pytest.raises(DistillError, match=rf"^loss\.logit_standardization: loss={name} reads no logits, there are none to standardize \(logit methods: .*dkd.*kd"):
+        build_method({"name": name, "logit_standardization": True})
+
+
+@pytest.mark.slow
+def test_cli_refuses_standardization_for_a_feature_method_in_one_line(tmp_path):
+    result = run_distill_in_process("kd", "loss=at", "loss.logit_standardization=true", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (error,) = result.stderr.strip().splitlines()
+    assert error.startswith("distill kd: error: loss.logit_standardization: loss=at reads no logits")
+
+
+# --- end to end ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"name": "dist"},
+        {"name": "nkd"},
+        {"name": "ctkd"},
+        {"name": "wttm"},
+        {"name": "mlkd"},
+        {"name": "dkd", "logit_standardization": True},
+    ],
+    ids=["dist", "nkd", "ctkd", "wttm", "mlkd", "dkd_standardized"],
+)
+def test_each_method_trains_end_to_end_on_synthetic_data(tmp_path, teacher_cache, loss):
+    cfg = small_kd_config(
+        tmp_path, student=ModelConfig("mlp", {"hidden": [8]}), loss=loss, alpha=0.0, epochs=1, teacher_epochs=1,
+        baseline=False, teacher_cache=teacher_cache,
+    )
+    summary = run_kd(cfg, tmp_path / "run")
+    assert 0 <= summary["student"]["test_acc_best"] <= 1
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert f'"loss/{loss["name"]}' in metrics  # the method's own terms were logged
+    if loss["name"] == "ctkd":  # its temperature is trained by the student's optimizer and saved with it
+        assert summary["student"]["method_params"] == 1
+        state = load_checkpoint(tmp_path / "run" / LAST)["training"]["method"]
+        (value,) = [v for k, v in state.items() if k.endswith("global_logit")]
+        assert value.item() != 1.0
+
+
+@pytest.mark.slow
+def test_tfkd_builds_and_trains_no_teacher_and_is_compared_with_the_student_alone(tmp_path):
+    cfg = small_kd_config(tmp_path, loss={"name": "tfkd"}, alpha=0.0, epochs=1)
+    summary = run_kd(cfg, tmp_path / "run")
+    assert summary["teacher"] is None and summary["teacher_supply"] == "none"
+    assert not list((tmp_path / "cache").glob("cnn-*"))  # no teacher (a cnn) trained or cached, the baseline (mlp) is
+    assert summary["kd_gain"] == summary["student"]["test_acc_best"] - summary["baseline"]["test_acc_best"]
