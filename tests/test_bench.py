@@ -63,7 +63,7 @@ def test_bench_times_any_method_through_the_kd_wiring(tmp_path):
     )
     (path,) = (tmp_path / "outputs").glob("*/*_bench/bench.json")
     bench = json.loads(path.read_text())
-    assert bench["loss"] == {"name": "fitnet", "ce_weight": 1.0, "weight": 100.0, "hint": "stage2"} and bench["alpha"] == 0.0
+    assert bench["loss"] == {"name": "fitnet", "ce_weight": 1.0, "weight": 100.0, "hint": "stage2", "logit_standardization": False} and bench["alpha"] == 0.0
     assert bench["student"]["name"] == "cnn" and not bench["teacher_logits_cached"]
     assert all(row["distill_images_per_s"] > 0 and row["reference_images_per_s"] > 0 for row in bench["results"].values())
 

@@ -64,7 +64,7 @@ def test_train_then_kd_with_no_arguments(tmp_path):
     summary = _assert_run_folder(kd_dir, epochs=30)
     assert summary["teacher"]["source"] == "cache"  # the teacher `distill train` just made
     assert summary["teacher"]["test_acc"] == pytest.approx(teacher["test_acc_best"])
-    assert (summary["T"], summary["alpha"], summary["loss"]) == (4.0, 0.9, {"name": "kd"})  # configs/loss/kd.yaml
+    assert (summary["T"], summary["alpha"], summary["loss"]) == (4.0, 0.9, {"name": "kd", "logit_standardization": False})  # configs/loss/kd.yaml
     student = summary["student"]
     assert student["params"] < teacher["params"] and summary["compression"] > 10
     assert {"test_acc_best", "test_acc_last", "best_epoch", "selection"} <= set(student)
