@@ -46,8 +46,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only set `signum`: training stops at the next step boundary
-    and saves a checkpoint. A second signal interrupts at once. Only the main thread can catch signals."""
+    """While active, SIGINT and SIGTERM only set `signum`, and the holder stops at its next safe point (training:
+    the next step boundary, with a checkpoint saved; a failed or interrupted run: once its summary is written).
+    A second signal interrupts at once. Only the main thread can catch signals."""
 
     def __enter__(self) -> "StopSignals":
         self.signum: int | None = None
