@@ -3,23 +3,26 @@
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_distill_in_process, small_train_config
+from conftest import run_distill_in_process, small_kd_config, small_train_config
 from torch import nn
 
 from distill_cli.cli.main import main
 from distill_cli.core.checkpoint import load_checkpoint, model_checkpoint, save_atomic
-from distill_cli.core.config import ModelConfig, StudentConfig, to_plain
+from distill_cli.core.config import BenchConfig, DatasetConfig, ModelConfig, StudentConfig, TeacherConfig, to_plain
 from distill_cli.core.errors import DistillError
 from distill_cli.data import DatasetInfo, load_dataset
 from distill_cli.kd.wiring import build_student
 from distill_cli.models import build_model
 from distill_cli.models.checkpoints import model_from_checkpoint, recorded_layers
 from distill_cli.models.pruning import copy_teacher, prune_channels, prune_weights, sparsity
+from distill_cli.runs.bench import run_bench
+from distill_cli.runs.fused import run_kd_fused
 from distill_cli.training.compute import Compute
 
 DIGITS = DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), tuple(str(i) for i in range(10)))
@@ -163,6 +166,51 @@ def test_prune_writes_a_checkpoint_that_eval_export_and_kd_read_back_and_kd_heal
     assert any(not torch.equal(healed["state_dict"][k], start["state_dict"][k]) for k in start["state_dict"])  # it trained
     model, _ = model_from_checkpoint(tmp_path / "run" / "best.pt", DIGITS)
     assert model[0].out_channels == 4
+
+
+def test_a_checkpoint_of_other_data_is_refused_before_training(tmp_path):
+    """A channel-pruned digits (1-channel) file, its first layer rebuilt from the file, as the student of a
+    3-channel run: one line naming the file and the data, not a convolution's error at the first step."""
+    model = network("cnn", width=8)
+    prune_channels(model, 0.5, "l1", torch.randn(1, 1, 8, 8))
+    layers = recorded_layers(model, ModelConfig(arch="cnn", kwargs={"width": 8}), DIGITS)
+    path = tmp_path / "digits.pt"
+    save_atomic(model_checkpoint(model, "cnn", {"width": 8}, 10, dataset="digits", layers=layers), path)
+    data = load_dataset(DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=32, train_size=64, test_size=16))
+    refusal = rf"student.checkpoint {path} does not take synthetic's 3x32x32 images \(.*\); was it trained on other data\?"
+    with pytest.raises(DistillError, match=refusal):
+        build_student(StudentConfig(arch="cnn", kwargs={"width": 8}, checkpoint=str(path)), data, CPU)
+
+
+def _sparse_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = network("cnn", width=4)
+    prune_weights(model, 0.5)
+    return digits_checkpoint(tmp_path / "sparse.pt", model, "cnn", tmp_path, width=4)
+
+
+STARTS = {  # the two ways a student starts trained, as `distill kd student.* ...` writes them (mlp: the default student)
+    "checkpoint": lambda tmp_path: StudentConfig(arch="mlp", kwargs={"hidden": [4]}, checkpoint=str(_sparse_file(tmp_path))),
+    "teacher": lambda tmp_path: StudentConfig(arch="cnn", kwargs={"width": 4}, init="teacher"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", STARTS)
+def test_students_that_start_trained_train_in_fused_sweeps_and_are_timed_by_bench(start, tmp_path, quiet_results):
+    """`student.checkpoint=` (its architecture read from the file) and `student.init=teacher` in a fused
+    T sweep and in `distill bench fused=2`."""
+    teacher = digits_checkpoint(tmp_path / "teacher.pt", network("cnn", width=8), "cnn", tmp_path, width=8)
+    base = small_kd_config(
+        tmp_path, teacher=TeacherConfig(arch="cnn", kwargs={"width": 8}, checkpoint=str(teacher)), student=STARTS[start](tmp_path),
+        dataset=DatasetConfig(name="synthetic", num_classes=10, channels=1, image_size=8, train_size=128, test_size=32),  # digits' shape
+        epochs=1,
+    )
+    summaries = run_kd_fused([replace(base, T=2.0), replace(base, T=4.0)], [tmp_path / "0", tmp_path / "1"])
+    assert [s["status"] for s in summaries] == ["completed"] * 2
+    assert {s["student"]["arch"] for s in summaries} == {"cnn"} and "baseline" not in summaries[0]
+    bench = BenchConfig(**{**vars(base), "fused": 2, "warmup_steps": 1, "steps": 2, "repeats": 1})
+    assert all(row["images_per_s"] > 0 for row in run_bench(bench, tmp_path / "bench")["results"].values())
 
 
 # ---------------------------------------------------------------- teacher-initialised students

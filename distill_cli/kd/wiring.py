@@ -79,6 +79,12 @@ def build_student(
     return compute.place(network)
 
 
+def student_shaped(model: ModelConfig, data: DataSplits, compute: Compute) -> nn.Module:
+    """A network of the shape `model`'s student trains with (a checkpoint's pruned layers included), with
+    the weights it was built with: for measuring (batching, timing), never for training."""
+    return build_student(replace(model, init="random") if copies_teacher(model) else model, data, compute)
+
+
 def copies_teacher(model: ModelConfig) -> bool:
     """The student starts from the teacher's weights (`student.init=teacher`)."""
     return isinstance(model, StudentConfig) and model.init == "teacher"

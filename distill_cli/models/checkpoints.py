@@ -150,7 +150,23 @@ def rebuilt_model(checkpoint: dict, expected: ModelConfig, key: str, path: Path,
     "layers") and its weights, as trained (not frozen)."""
     model = build_model(expected, info, key)
     reshape(model, checkpoint.get("layers") or {}, checkpoint["state_dict"], str(path))
-    return load_weights(model, checkpoint["state_dict"], f"{key} checkpoint {path} does not fit {key}={expected.arch}")
+    load_weights(model, checkpoint["state_dict"], f"{key} checkpoint {path} does not fit {key}={expected.arch}")
+    return takes_inputs(model, info, f"{key}.checkpoint {path}")
+
+
+def takes_inputs(model: nn.Module, info: DatasetInfo, name: str) -> nn.Module:
+    """`model`, refused in one line naming it as `name` unless it takes `info`'s images (a network rebuilt
+    from a checkpoint of other data: its first layer reshaped to that data's channels). The probe runs in eval
+    mode, so no BatchNorm statistic moves."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, info.channels, *info.image_size))
+    except RuntimeError as error:
+        shape = "x".join(map(str, (info.channels, *info.image_size)))
+        reason = str(error).splitlines()[0]
+        raise DistillError(f"{name} does not take {info.name}'s {shape} images ({reason}); was it trained on other data?") from None
+    return model.train(training)
 
 
 def recorded_layers(model: nn.Module, cfg: ModelConfig, info: DatasetInfo) -> dict:

@@ -30,7 +30,7 @@ from ..core.files import write_json_atomic
 from ..data import Augment, DataSplits
 from ..data.loader import Batch
 from ..kd.teachers import CACHED, LIVE, VIEWS, Shared, teacher_supply
-from ..kd.wiring import KDWiring, build_student, wire_kd
+from ..kd.wiring import KDWiring, student_from_checkpoint, student_shaped, wire_kd
 from ..losses.base import build_method
 from ..models import build_model, count_parameters
 from ..training.compute import Compute, device_name, synchronise
@@ -281,7 +281,7 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "fused": _sweep_learners(cfg, compute, data, teacher, share_teacher=True),
     }
     points = build_method(dict(cfg.loss)).student_points
-    not_stacked = why_not_stacked([build_student(cfg.student, data, compute) for _ in range(cfg.fused)], points, compute)
+    not_stacked = why_not_stacked([student_shaped(cfg.student, data, compute) for _ in range(cfg.fused)], points, compute)
     if not_stacked is None:
         cases["stacked"] = _sweep_learners(cfg, compute, data, teacher, share_teacher=True, stacked=StackedStudents())
     rates = _timed_in_turns({how: _sweep_runner(learners, loaders.train, how) for how, learners in cases.items()}, cfg, compute)
@@ -342,6 +342,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         raise DistillError(
             "device.processes: distill bench times one process; the images/s of a data-parallel run are in its metrics.jsonl"
         )
+    cfg = student_from_checkpoint(cfg)
     if cfg.fused:
         return run_sweep_bench(cfg, run_dir)
     compute, data, loaders = prepare_run(cfg)
@@ -367,7 +368,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     if supply == VIEWS:  # the kd step without the teacher, and what it is compared with: the student alone
         kd_views = _kd_case(cfg, compute, data, loaders, VIEWS)
         cases[VIEWS_ROW] = ((kd_views.trained, kd_views.step), (kd_reference.trained, kd_reference.step))
-        alone, reference_alone = (build_student(cfg.student, data, where) for where in (compute, plain))
+        alone, reference_alone = (student_shaped(cfg.student, data, where) for where in (compute, plain))
         cases[STUDENT_ROW] = (
             (alone, cross_entropy_step(compute.forward(alone))),
             (reference_alone, cross_entropy_step(plain.forward(reference_alone))),

@@ -19,7 +19,7 @@ from ..core.errors import DistillError
 from ..core.files import write_json_atomic
 from ..data import DataSplits
 from ..kd.teachers import Shared
-from ..kd.wiring import build_student, check_kd
+from ..kd.wiring import check_kd, student_from_checkpoint, student_shaped
 from ..losses.base import build_method
 from ..training.compute import Compute
 from ..training.loop import Training, fit_together
@@ -57,6 +57,7 @@ def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path], batching: str = "se
     if None in keys or len(keys) > 1:
         raise DistillError("run_kd_fused: the jobs differ in more than T, alpha, loss weights and the optimizer")
     start = time.perf_counter()
+    cfgs = [student_from_checkpoint(cfg) for cfg in cfgs]
     summaries: list[dict | None] = [None] * len(cfgs)
     compute, data, loaders = prepare_run(cfgs[0])
     shared = Shared()
@@ -126,7 +127,7 @@ def _group_batching(batching: str, cfg: KDConfig, compute, data, loaders, count:
         return choose_batching(batching, [], (), None, compute)
     state = rng_state()
     try:
-        students = [build_student(cfg.student, data, compute) for _ in range(count)]
+        students = [student_shaped(cfg.student, data, compute) for _ in range(count)]
         images = next(iter(loaders.eval_loader(data.train))).images[: cfg.batch_size]
         return choose_batching(batching, students, build_method(dict(cfg.loss)).student_points, images, compute)
     finally:
