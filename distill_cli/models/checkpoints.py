@@ -147,26 +147,28 @@ def load_weights(model: nn.Module, state_dict: dict, refusal: str) -> nn.Module:
 
 def rebuilt_model(checkpoint: dict, expected: ModelConfig, key: str, path: Path, info: DatasetInfo) -> nn.Module:
     """`expected`'s network with the pruned layer shapes the checkpoint records (`shapes.reshape`, its
-    "layers") and its weights, as trained (not frozen)."""
-    model = build_model(expected, info, key)
-    reshape(model, checkpoint.get("layers") or {}, checkpoint["state_dict"], str(path))
-    load_weights(model, checkpoint["state_dict"], f"{key} checkpoint {path} does not fit {key}={expected.arch}")
-    return takes_inputs(model, info, f"{key}.checkpoint {path}")
+    "layers") and its weights, as trained (not frozen). A pruned network's layers come from the file, so it is
+    first rebuilt without weights and refused in one line unless it takes `info`'s images (a file of other data)."""
+    layers = checkpoint.get("layers") or {}
+    if layers:
+        with torch.device("meta"):
+            shaped = reshape(build_model(expected, info, key), layers, checkpoint["state_dict"], str(path))
+            takes_inputs(shaped, info, f"{key}.checkpoint {path}")
+    model = reshape(build_model(expected, info, key), layers, checkpoint["state_dict"], str(path))
+    return load_weights(model, checkpoint["state_dict"], f"{key} checkpoint {path} does not fit {key}={expected.arch}")
 
 
-def takes_inputs(model: nn.Module, info: DatasetInfo, name: str) -> nn.Module:
-    """`model`, refused in one line naming it as `name` unless it takes `info`'s images (a network rebuilt
-    from a checkpoint of other data: its first layer reshaped to that data's channels). The probe runs in eval
-    mode, so no BatchNorm statistic moves."""
-    training = model.training
+def takes_inputs(model: nn.Module, info: DatasetInfo, name: str) -> None:
+    """Refuse in one line, naming the network as `name`, a `model` that does not take `info`'s images (run on
+    an input of their shape on `model`'s device: the meta device checks shapes without computing)."""
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, info.channels, *info.image_size))
+            model.eval()(torch.zeros(1, info.channels, *info.image_size, device=device))
     except RuntimeError as error:
         shape = "x".join(map(str, (info.channels, *info.image_size)))
         reason = str(error).splitlines()[0]
         raise DistillError(f"{name} does not take {info.name}'s {shape} images ({reason}); was it trained on other data?") from None
-    return model.train(training)
 
 
 def recorded_layers(model: nn.Module, cfg: ModelConfig, info: DatasetInfo) -> dict:
