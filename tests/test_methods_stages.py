@@ -195,10 +195,10 @@ def test_distill_kd_trains_the_ab_stage_then_distils_with_cross_entropy_alone(tm
 @pytest.mark.slow
 @pytest.mark.usefixtures("quiet_results")
 def test_a_stop_in_the_stage_resumes_in_it_and_a_stop_after_it_does_not_train_it_again(tmp_path, monkeypatch, teacher_cache):
-    """FT through `distill kd` (the paraphraser frozen while distilling); then SIGINT at the stage's 3rd step
-    (epoch 2, step 1 of 2) and `resume=true`, and SIGINT at the 3rd kd step and `resume=true`: both end with
-    the metrics (stage and kd), student and method state of the run that never stopped, and the second
-    resume trains no stage step."""
+    """FT through `distill kd` (the paraphraser frozen while distilling). Then SIGINT at the stage's 3rd step
+    (epoch 2, step 1 of 2); `resume=true` continues the stage and is stopped at the 3rd kd step; `resume=true`
+    again trains no stage step and ends with the metrics (stage and kd), student and method state of the
+    run that never stopped."""
     cfg = stage_config(tmp_path, "ft", teacher_cache)
     reference = run_kd(cfg, tmp_path / "reference")
     check_stage_run(tmp_path / "reference", reference, "loss/ft_reconstruction", "ft")
@@ -206,21 +206,32 @@ def test_a_stop_in_the_stage_resumes_in_it_and_a_stop_after_it_does_not_train_it
     final = load_checkpoint(tmp_path / "reference" / LAST)["training"]["method"]
     paraphraser = [name for name in final if name.startswith("method.paraphraser.")]
     assert paraphraser and all(torch.equal(final[name], staged[f"1.{name}"]) for name in paraphraser)
-    stop = lambda parts: os.kill(os.getpid(), signal.SIGINT) or parts  # noqa: E731
-    for factory, folder in (("stage_step", "pretrain"), ("kd_step", ".")):
-        run_dir = tmp_path / factory
-        on_training_step(monkeypatch, 3, stop, factory=factory, module=distill_cli.kd.wiring)
-        with pytest.raises(Interrupted):
-            run_kd(cfg, run_dir)
-        assert load_checkpoint(run_dir / folder / LAST)["training"]["partial"]["steps"] == 1
-        monkeypatch.undo()
+
+    def run(stop_at: str | None, config=cfg) -> tuple[dict | None, int]:
+        """The run into tmp_path/run, stopped by SIGINT at the 3rd step of `stop_at`: its summary (None when
+        stopped) and how many stage steps it trained."""
         stage_steps = []
         on_training_step(monkeypatch, 1, lambda parts: stage_steps.append(1) or parts, factory="stage_step", module=distill_cli.kd.wiring)
-        resumed = run_kd(replace(cfg, resume=True), run_dir)
-        monkeypatch.undo()
-        assert bool(stage_steps) == (factory == "stage_step")  # a finished stage is loaded, not trained again
-        for sub in ("pretrain", "."):
-            assert metrics_without_timing(run_dir / sub) == metrics_without_timing(tmp_path / "reference" / sub)
-        assert comparable_results(resumed)["student"] == comparable_results(reference)["student"]
-        states = [load_checkpoint(d / LAST)["training"]["method"] for d in (tmp_path / "reference", run_dir)]
-        assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+        if stop_at is not None:
+            stop = lambda parts: os.kill(os.getpid(), signal.SIGINT) or parts  # noqa: E731
+            on_training_step(monkeypatch, 3, stop, factory=stop_at, module=distill_cli.kd.wiring)
+        try:
+            if stop_at is None:
+                return run_kd(config, tmp_path / "run"), len(stage_steps)
+            with pytest.raises(Interrupted):
+                run_kd(config, tmp_path / "run")
+            return None, len(stage_steps)
+        finally:
+            monkeypatch.undo()
+
+    assert run("stage_step")[1] == 1  # the first step counted (counters count steps, not calls)
+    assert load_checkpoint(tmp_path / "run" / "pretrain" / LAST)["training"]["partial"]["steps"] == 1
+    assert run("kd_step", replace(cfg, resume=True))[1] == 1  # the stage continued
+    assert load_checkpoint(tmp_path / "run" / LAST)["training"]["partial"]["steps"] == 1
+    resumed, stage_steps = run(None, replace(cfg, resume=True))
+    assert stage_steps == 0  # a finished stage is loaded, not trained again
+    for sub in ("pretrain", "."):
+        assert metrics_without_timing(tmp_path / "run" / sub) == metrics_without_timing(tmp_path / "reference" / sub)
+    assert comparable_results(resumed)["student"] == comparable_results(reference)["student"]
+    states = [load_checkpoint(d / LAST)["training"]["method"] for d in (tmp_path / "reference", tmp_path / "run")]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
