@@ -12,15 +12,28 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import comparable_results, metrics_without_timing, on_training_step, small_kd_config
-from test_methods import _batch, _config, data  # noqa: F401 (the module's dataset fixture)
-from test_methods_classic import LABELS, batch_norm_train, check, conv1x1, randomise, same_size
+from conftest import (
+    comparable_results,
+    metrics_without_timing,
+    on_training_step,
+    small_kd_config,
+)
+from test_methods_classic import (
+    LABELS,
+    batch_norm_train,
+    check,
+    conv1x1,
+    randomise,
+    same_size,
+)
 from test_methods_features import BATCH, outputs_of, set_up
 
 import distill_cli.kd.wiring
 from distill_cli.core.checkpoint import LAST, load_checkpoint
-from distill_cli.core.config import DatasetConfig, ModelConfig
+from distill_cli.core.config import DatasetConfig, KDConfig, ModelConfig, TeacherConfig
 from distill_cli.core.errors import DistillError, Interrupted
+from distill_cli.data import load_dataset
+from distill_cli.data.loader import Batch
 from distill_cli.kd.wiring import wire_kd
 from distill_cli.losses.base import build_method
 from distill_cli.models import build_model
@@ -118,15 +131,17 @@ def test_ab_is_the_activation_boundary_distance_deeper_stages_weighing_more():
 
 
 @pytest.mark.parametrize("method", ["ft", "ab"])
-def test_the_stage_step_trains_its_parts_and_only_ab_the_student(method, data):  # noqa: F811
+def test_the_stage_step_trains_its_parts_and_only_ab_the_student(method):
     """Through the wiring `distill kd` uses: the stage's gradients reach every part it trains, the student's
     feature layers for AB (not its classifier, which the term does not reach), nothing of the student for FT."""
-    cfg = _config(method, teacher=("cnn", {"width": 4}), student=("cnn", {"width": 6}))
+    data = load_dataset(DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=8, train_size=8, test_size=4, val_split=0.0))
+    cfg = KDConfig(teacher=TeacherConfig("cnn", {"width": 4}), student=ModelConfig("cnn", {"width": 6}), loss={"name": method})
     torch.manual_seed(0)
     teacher = build_model(cfg.teacher, data.info, "teacher").eval().requires_grad_(False)
     wired = wire_kd(cfg, data, CPU, teacher, seed=0)
+    batch = Batch(data.train.images.float() / 255, data.train.labels, torch.arange(8))
     with wired.stage.training():
-        parts, logits = wired.stage_step(_batch(data), 1)
+        parts, _ = wired.stage_step(batch, 1)
         parts["loss"].backward()
     assert set(parts) == {"loss", f"loss/{'ft_reconstruction' if method == 'ft' else 'ab'}"}
     assert [name for name, p in wired.stage.parts.named_parameters() if p.grad is None] == []
@@ -213,7 +228,7 @@ def test_a_stop_in_the_stage_resumes_in_it_and_a_stop_after_it_does_not_train_it
         stage_steps = []
         on_training_step(monkeypatch, 1, lambda parts: stage_steps.append(1) or parts, factory="stage_step", module=distill_cli.kd.wiring)
         if stop_at is not None:
-            stop = lambda parts: os.kill(os.getpid(), signal.SIGINT) or parts  # noqa: E731
+            stop = lambda parts: os.kill(os.getpid(), signal.SIGINT) or parts
             on_training_step(monkeypatch, 3, stop, factory=stop_at, module=distill_cli.kd.wiring)
         try:
             if stop_at is None:

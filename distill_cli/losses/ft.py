@@ -20,6 +20,8 @@ channel-mean of the squared factors (`FactorTransfer(p1=2)`), an attention map o
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,7 +37,7 @@ def conv_block(conv: type[nn.Module], channels: list[int], batch_norm: bool) -> 
     """3x3 (transposed) convolutions `channels[i]` -> `channels[i + 1]` at the same size, each followed by
     BatchNorm (with `batch_norm`) and LeakyReLU(0.1)."""
     layers: list[nn.Module] = []
-    for in_channels, out_channels in zip(channels, channels[1:]):
+    for in_channels, out_channels in pairwise(channels):
         layers.append(conv(in_channels, out_channels, 3, 1, 1))
         layers += [nn.BatchNorm2d(out_channels)] if batch_norm else []
         layers.append(nn.LeakyReLU(SLOPE))
