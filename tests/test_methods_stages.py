@@ -37,6 +37,7 @@ from distill_cli.data.loader import Batch
 from distill_cli.kd.wiring import wire_kd
 from distill_cli.losses.base import build_method
 from distill_cli.models import build_model
+from distill_cli.runs.fused import group_key
 from distill_cli.runs.kd import run_kd
 from distill_cli.training.compute import Compute
 
@@ -162,20 +163,13 @@ def test_bad_hyperparameters_name_the_key(loss, key):
         build_method(loss)
 
 
-def stage_config(tmp_path, method: str, cache: str, **overrides):
+TINY = DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=8, train_size=32, test_size=16, val_split=0.0)
+
+
+def stage_config(tmp_path, method: str, cache: str) -> KDConfig:
     """Two kd epochs after a 2-epoch stage, cnn -> cnn on small synthetic data (2 steps an epoch)."""
-    return small_kd_config(
-        tmp_path,
-        loss={"name": method, "init_epochs": 2},
-        alpha=0.0,
-        dataset=DatasetConfig(name="synthetic", num_classes=10, channels=3, image_size=8, train_size=32, test_size=16, val_split=0.0),
-        student=ModelConfig("cnn", {"width": 4, "blocks": 2}),
-        batch_size=16,
-        teacher_epochs=1,
-        baseline=False,
-        teacher_cache=cache,
-        **overrides,
-    )
+    cfg = small_kd_config(tmp_path, loss={"name": method, "init_epochs": 2}, alpha=0.0, dataset=TINY, teacher_epochs=1, teacher_cache=cache)
+    return replace(cfg, student=ModelConfig("cnn", {"width": 4, "blocks": 2}), batch_size=16, baseline=False)
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +244,10 @@ def test_a_stop_in_the_stage_resumes_in_it_and_a_stop_after_it_does_not_train_it
     assert comparable_results(resumed)["student"] == comparable_results(reference)["student"]
     states = [load_checkpoint(d / LAST)["training"]["method"] for d in (tmp_path / "reference", tmp_path / "run")]
     assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_run_with_a_stage_is_not_fused_with_others(tmp_path):
+    """The fused launcher trains students on shared batches from the first step: a run with a stage runs alone."""
+    assert group_key(stage_config(tmp_path, "ft", "cache")) is None
+    assert group_key(stage_config(tmp_path, "ab", "cache")) is None
+    assert group_key(replace(stage_config(tmp_path, "ft", "cache"), loss={"name": "fitnet"})) is not None
