@@ -9,13 +9,11 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..core.checkpoint import model_checkpoint
-from ..core.config import to_plain
 from ..kd.teachers import CACHED, LIVE, NONE, VIEWS, teacher_supply
 from ..kd.wiring import KDWiring, Link, copies_teacher, wire_kd
 from ..models import count_parameters
 from ..ship.evaluate import Timing, first_images, throughputs
-from .common import KDRun, fit_network, log, train_network
+from .common import KDRun, checkpoint_maker, fit_network, log, train_network
 from .teacher_views import teacher_view_store
 from .teachers import baseline_entry, obtain_teacher
 
@@ -49,22 +47,18 @@ PRETRAIN = "pretrain"
 
 def pretrain(run: KDRun, wired: KDWiring) -> dict:
     """The method's stage before distillation (`wired.stage`: FT's paraphraser, AB's connectors and student)
-    trained into <run>/pretrain by the run's training loop: metrics.jsonl and last.pt (no best.pt: nothing is
-    validated), the run's optimizer at the stage's constant learning rate. `resume=true` continues a stopped
+    trained into <run>/pretrain by the run's training loop: metrics.jsonl and last.pt (the student and, as for
+    distillation, the method's state; no best.pt: nothing is validated), the run's optimizer at the stage's
+    constant learning rate. `resume=true` continues a stopped
     stage from its last.pt, and a finished one is loaded from it, not trained again. Returns its summary entry."""
     cfg, stage, folder = run.cfg, wired.stage, run.run_dir / PRETRAIN
     lr = cfg.optimizer.lr if stage.lr is None else stage.lr
     stage_cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=lr, schedule="constant", warmup_epochs=0))
-    trained = nn.ModuleList([wired.student, wired.objective])  # the optimizer moves what the stage's terms reach
-    config, info = to_plain(stage_cfg), run.data.info
-
-    def make_checkpoint(state: dict) -> dict:
-        return model_checkpoint(trained, PRETRAIN, {}, info.num_classes, dataset=info.name, config=config, **state)
-
-    with stage.training():
+    make_checkpoint = checkpoint_maker(wired.student, cfg.student, stage_cfg, run.data)
+    with stage.training():  # the optimizer moves what the stage's terms reach, of the student and the method
         fit_network(
-            trained, wired.stage_step, stage_cfg, stage.epochs, run.compute, run.data, run.loaders, folder, PRETRAIN, None,
-            make_checkpoint, validate=lambda: {"val_acc": None}, save_best=lambda epoch, history: None,
+            wired.student, wired.stage_step, stage_cfg, stage.epochs, run.compute, run.data, run.loaders, folder, PRETRAIN, None,
+            make_checkpoint, wired.objective, validate=lambda: {"val_acc": None}, save_best=lambda epoch, history: None,
         )
     return {"epochs": stage.epochs, "lr": lr, "trains_student": stage.trains_student, "run_dir": str(folder)}
 
