@@ -18,7 +18,7 @@ from ..core.config import KDConfig
 from ..core.errors import DistillError
 from ..data import DataSplits
 from ..data.loader import Batch
-from ..losses.base import Method, MethodContext, Objective, build_method, ce_weight
+from ..losses.base import Method, MethodContext, Objective, Stage, build_method, ce_weight
 from ..models.features import PREACT, Outputs, feature_points, stage_points
 from ..training.compute import Compute
 from ..training.device_memory import available_bytes, byte_size
@@ -147,5 +147,19 @@ def kd_step(student_forward, teacher_outputs: Callable[[Batch], Outputs] | None,
         teacher = teacher_outputs(batch) if teacher_outputs is not None else None
         student = student_forward(batch.images)
         return objective(student, teacher, batch, epoch), student.logits
+
+    return step
+
+
+def stage_step(student_forward, teacher_outputs: Callable[[Batch], Outputs], stage: Stage) -> Step:
+    """A training step of a method's stage before distillation (`Stage`): its terms alone from the teacher's
+    outputs and, where the stage trains the student, the student's; the logits counted for accuracy are
+    those of the network the stage trains (the student), else the teacher's."""
+
+    def step(batch, epoch: int):
+        teacher = teacher_outputs(batch)
+        student = student_forward(batch.images) if stage.trains_student else None
+        parts = {f"loss/{name}": value.float() for name, value in stage.terms(student, teacher, batch, epoch).items()}
+        return {"loss": sum(parts.values()), **parts}, (student or teacher).logits
 
     return step

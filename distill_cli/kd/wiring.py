@@ -18,7 +18,7 @@ from ..core.checkpoint import load_checkpoint
 from ..core.config import ENSEMBLE, KDConfig, ModelConfig, StudentConfig
 from ..core.errors import DistillError
 from ..data import Augment, DataSplits
-from ..losses.base import Objective
+from ..losses.base import Objective, Stage
 from ..models import build_model
 from ..models.checkpoints import checked_checkpoint, checked_model, describe, rebuilt_model
 from ..models.pruning import copy_teacher, keep_zeros
@@ -26,7 +26,7 @@ from ..training.compute import Compute
 from ..training.loop import Step
 from ..training.rng import seed_everything
 from .ensemble import untrained_ensemble
-from .objective import build_objective, kd_step, needs_teacher
+from .objective import build_objective, kd_step, needs_teacher, stage_step
 from .teachers import (
     CACHED,
     LIVE,
@@ -51,6 +51,8 @@ class KDWiring:
     student_forward: Callable[[torch.Tensor], object]  # images -> the student's Outputs (logits, the method's points)
     step: Step
     supply: str  # how the step gets the teacher's outputs: teachers.NONE, LIVE, CACHED or VIEWS
+    stage: Stage | None = None  # what the method trains before distillation (None: nothing)
+    stage_step: Step | None = None  # the stage's training step (teacher run live)
 
     @property
     def trained(self) -> nn.ModuleList:
@@ -128,7 +130,8 @@ def wire_kd(
     per batch for all the students of `shared`. The student is `student` as given, or built after seeding
     with `seed` (None: from the random state as it is); `stacked` (a `training.stacked.StackedStudents`)
     runs its forward with the others'. `student.init=teacher` copies `init_from` (the teacher's network,
-    also when the objective reads no teacher).
+    also when the objective reads no teacher). A method's stage before distillation (`Method.stage`) comes
+    with its own step; the caller runs it (`runs.student.pretrain`).
     """
     teacher_outputs = None
     if supply == CACHED:
@@ -152,7 +155,9 @@ def wire_kd(
     if teacher_outputs is None and teacher_forward is not None:
         teacher_outputs = run_live(teacher_forward)
     supply = supply if teacher_outputs is not None else NONE
-    return KDWiring(student, objective, student_forward, kd_step(student_forward, teacher_outputs, objective), supply)
+    stage = objective.method.stage()
+    before = None if stage is None else stage_step(student_forward, teacher_outputs, stage)
+    return KDWiring(student, objective, student_forward, kd_step(student_forward, teacher_outputs, objective), supply, stage, before)
 
 
 @dataclass

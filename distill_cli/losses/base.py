@@ -12,7 +12,8 @@
 Feature points are named per network (`models.features.feature_points`): `stem`, `stage1`..`stageN`,
 `pooled`, and `stages` (every stage). A method's parameters are trained with the student (same
 optimizer), and its parameters and buffers are saved in last.pt and restored on resume; best.pt holds
-the student alone. Epochs are counted from 1, as the peers count them.
+the student alone. Epochs are counted from 1, as the peers count them. A method that trains something
+before distillation (FT's paraphraser, AB's connectors) returns a `Stage` from `stage()`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import inspect
 import math
 import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,6 +54,29 @@ class MethodContext:
     info: DatasetInfo | None = None  # the images' shape and classes (to find the teacher's layers)
 
 
+@dataclass
+class Stage:
+    """What a method trains before distillation (`distill kd` runs it into <run>/pretrain, resumable, once):
+    `terms(student, teacher, batch, epoch)` -> its loss terms, alone, for `epochs` at a constant learning rate
+    `lr` (None: the run's `optimizer.lr`). They train the method's `parts` (frozen outside the stage) and,
+    with `trains_student`, the student, whose outputs `terms` then reads (else None: the student is not run)."""
+
+    epochs: int
+    parts: nn.Module
+    terms: Callable[[Outputs | None, Outputs, object, int], dict[str, Tensor]]
+    trains_student: bool = False
+    lr: float | None = None
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """`parts` trainable inside, frozen again after."""
+        self.parts.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self.parts.requires_grad_(False)
+
+
 class Method(nn.Module):
     """A KD method: weighted loss terms from the student's and teacher's `Outputs`.
 
@@ -68,6 +94,8 @@ class Method(nn.Module):
     # the fewest samples a step's batch (in each process) needs: 2 for a method that compares the samples
     # of a batch with each other, which a batch of one leaves without a pair (refused before training)
     min_batch: int = 1
+    # True for a method with a stage before distillation (`stage`): such a run trains alone, not fused
+    pretrains: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,6 +104,10 @@ class Method(nn.Module):
 
     def setup(self, context: MethodContext) -> None:
         """Build the trainable parts and check the data, once the feature shapes are known."""
+
+    def stage(self) -> Stage | None:
+        """What the method trains before distillation, once `setup` built its parts (None: nothing)."""
+        return None
 
     def planned_memory(self, context: MethodContext) -> dict[str, int]:
         """What the method will hold on the device as it trains, estimated from its hyperparameters and the

@@ -4,7 +4,8 @@ config names, the dataset's classes, weights that fit. Every command that loads 
 
 A given checkpoint (`teacher.checkpoint=`) may also be another tool's file (`peer_checkpoint`): a
 RepDistiller / mdistiller CIFAR file (`{"model": state_dict, ...}` with their layer names, renamed by the
-explicit rules of `PEER_NAMES`), or a plain state dict: torchvision's and timm's names are the model's own.
+explicit rules of `PEER_NAMES`, for the zoo's ResNet, WRN, VGG, MobileNetV2 and ShuffleNet V1/V2; no fuzzy
+matching), or a plain state dict: torchvision's and timm's names are the model's own.
 """
 
 from __future__ import annotations
@@ -29,10 +30,64 @@ def describe(arch: str, kwargs: dict) -> str:
     return f"{arch}({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
 
 
-# RepDistiller's and mdistiller's layer names (RepDistiller models/resnet.py and wrn.py; mdistiller
-# mdistiller/models/cifar/resnet.py and wrn.py, the same) -> distill's, per architecture: (pattern, name)
-# rules, the first whose pattern matches the whole key renames it; {stage} is their 1-based layer/block - 1
+# RepDistiller's and mdistiller's layer names (RepDistiller models/resnet.py, wrn.py, vgg.py, mobilenetv2.py,
+# ShuffleNetv1.py and ShuffleNetv2.py; mdistiller's mdistiller/models/cifar/ are the same) -> distill's, per
+# architecture: (pattern, name) rules, the first whose pattern matches the whole key renames it; {stage} is
+# their 1-based layer/block - 1
 RENAME_PARAMETER = r"(?P<p>\w+)"
+
+
+def _conv_bn(conv: str, batch_norm: str, ours: str) -> tuple[tuple[str, str], ...]:
+    """The rules for a conv and its BatchNorm of theirs (patterns `conv`, `batch_norm`) -> ours `ours.0`, `ours.1`."""
+    return ((rf"{conv}\.{{p}}", f"{ours}.0.{{p}}"), (rf"{batch_norm}\.{{p}}", f"{ours}.1.{{p}}"))
+
+
+def _vgg_names() -> tuple[tuple[str, str], ...]:
+    """Their `block<g>` is a Sequential of (conv, BN, ReLU) per conv (the last ReLU dropped): conv n at 3n, its
+    BN at 3n + 1. Ours: the stem's conv_bn n, and stage g - 1's, after the stage's max pool (stages 0-2; the
+    last group has none for images under 64 px: their CIFAR files)."""
+    rules: list[tuple[str, str]] = []
+    for group in range(5):
+        for n in range(4):  # at most 4 convs a group (vgg19)
+            ours = f"stem.{n}" if group == 0 else f"stages.{group - 1}.{n + (1 if group < 4 else 0)}"
+            rules += _conv_bn(rf"block{group}\.{3 * n}", rf"block{group}\.{3 * n + 1}", ours)
+    return (*rules, (r"classifier\.{p}", "head.fc.{p}"))
+
+
+# MobileNetV2: their 7 block groups -> ours (stage, group in it): a new stage at each stride-2 group
+MOBILENET_GROUPS = ((0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1))
+
+
+def _mobilenet_names() -> tuple[tuple[str, str], ...]:
+    """Their `blocks.<g>.<b>.conv` is (conv, BN, ReLU, conv, BN, ReLU, conv, BN): ours `body.<k>` conv_bn k."""
+    rules = [*_conv_bn(r"conv1\.0", r"conv1\.1", "stem")]
+    for group, (stage, position) in enumerate(MOBILENET_GROUPS):
+        for k in range(3):
+            block = rf"blocks\.{group}\.(?P<b>\d+)\.conv"
+            rules += _conv_bn(rf"{block}\.{3 * k}", rf"{block}\.{3 * k + 1}", f"stages.{stage}.{position}.{{b}}.body.{k}")
+    return (*rules, *_conv_bn(r"conv2\.0", r"conv2\.1", "head.pre"), (r"classifier\.0\.{p}", "head.fc.{p}"))
+
+
+def _shufflenet_names(version: int) -> tuple[tuple[str, str], ...]:
+    """V1: unit `layer<L>.<b>` conv1/2/3 + bn1/2/3 -> our `body.0`, `body.2` (after the shuffle), `body.3`.
+    V2: the stride-2 unit `layer<L>.0` conv1-2 (left) and conv3-5 (right) -> `left.0-1`, `right.0-2`; the
+    others `layer<L>.<b>` conv1-3 -> `branch.0-2`; their conv2/bn2 after the stages -> `head.pre`."""
+    unit = r"layer(?P<layer>[1-3])\.(?P<b>\d+)"
+    rules = [*_conv_bn(r"conv1", r"bn1", "stem")]
+    if version == 1:
+        for k, ours in ((1, "body.0"), (2, "body.2"), (3, "body.3")):
+            rules += _conv_bn(rf"{unit}\.conv{k}", rf"{unit}\.bn{k}", f"stages.{{stage}}.{{b}}.{ours}")
+    else:
+        down = r"layer(?P<layer>[1-3])\.0"
+        for k, ours in ((1, "left.0"), (2, "left.1"), (3, "right.0"), (4, "right.1"), (5, "right.2")):
+            rules += _conv_bn(rf"{down}\.conv{k}", rf"{down}\.bn{k}", f"stages.{{stage}}.0.{ours}")
+        basic = r"layer(?P<layer>[1-3])\.(?P<b>[1-9]\d*)"
+        for k in (1, 2, 3):
+            rules += _conv_bn(rf"{basic}\.conv{k}", rf"{basic}\.bn{k}", f"stages.{{stage}}.{{b}}.branch.{k - 1}")
+        rules += _conv_bn(r"conv2", r"bn2", "head.pre")
+    return (*rules, (r"linear\.{p}", "head.fc.{p}"))
+
+
 PEER_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "resnet_cifar": (
         (r"conv1\.{p}", "stem.0.{p}"),
@@ -54,6 +109,10 @@ PEER_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
         (r"bn1\.{p}", "head.pre.0.{p}"),
         (r"fc\.{p}", "head.fc.{p}"),
     ),
+    "vgg": _vgg_names(),
+    "mobilenetv2": _mobilenet_names(),
+    "shufflenetv1": _shufflenet_names(1),
+    "shufflenetv2": _shufflenet_names(2),
 }
 # families whose plain state dicts carry the model's own names (torchvision's and timm's modules are ours)
 OWN_NAMES = ("torchvision", "timm")

@@ -20,6 +20,7 @@ from ..core.files import write_json_atomic
 from ..data import DataSplits
 from ..kd.teachers import Shared
 from ..kd.wiring import check_kd, student_from_checkpoint, student_shaped
+from ..losses import LOSSES
 from ..losses.base import build_method
 from ..training.compute import Compute
 from ..training.loop import Training, fit_together
@@ -37,8 +38,9 @@ FUSABLE_KEYS = ("T", "alpha", "loss", "optimizer", "resume")
 
 def group_key(cfg: KDConfig) -> str | None:
     """What must be equal for kd jobs to fuse (their configs without `FUSABLE_KEYS`, and the method's name:
-    it picks the teacher's feature points), or None for a job that runs alone (a training mode, an export)."""
-    if cfg.mode != "single" or cfg.export or cfg.device.processes > 1:
+    it picks the teacher's feature points), or None for a job that runs alone (a training mode, an export, a
+    method with a stage before distillation)."""
+    if cfg.mode != "single" or cfg.export or cfg.device.processes > 1 or LOSSES.get(cfg.loss["name"]).pretrains:
         return None
     kept = {key: value for key, value in to_plain(cfg).items() if key not in FUSABLE_KEYS}
     return repr(sorted({**kept, "loss.name": cfg.loss["name"]}.items()))

@@ -5,13 +5,15 @@ compression and speed-up. A fused group's jobs each run `prepare_student` and `s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from ..kd.teachers import CACHED, LIVE, NONE, VIEWS, teacher_supply
 from ..kd.wiring import KDWiring, Link, copies_teacher, wire_kd
 from ..models import count_parameters
 from ..ship.evaluate import Timing, first_images, throughputs
-from .common import KDRun, log, train_network
+from .common import KDRun, checkpoint_maker, fit_network, log, train_network
 from .teacher_views import teacher_view_store
 from .teachers import baseline_entry, obtain_teacher
 
@@ -27,6 +29,8 @@ def distil(run: KDRun, summary: dict) -> nn.Module | None:
     trained student (None on a data-parallel rank other than 0)."""
     cfg = run.cfg
     wired, teacher = prepare_student(run, summary)
+    if wired.stage is not None:
+        summary["pretrain"] = pretrain(run, wired)
     student_result = train_network(
         wired.student, cfg.student, wired.step, cfg, cfg.epochs, run.compute, run.data, run.loaders, run.run_dir, "student",
         run.trackers, method=wired.objective,
@@ -35,6 +39,28 @@ def distil(run: KDRun, summary: dict) -> nn.Module | None:
         return None
     student_results(run, summary, student_result, wired.objective, teacher, wired.student)
     return wired.student
+
+
+# where a method's stage before distillation trains, inside the run folder
+PRETRAIN = "pretrain"
+
+
+def pretrain(run: KDRun, wired: KDWiring) -> dict:
+    """The method's stage before distillation (`wired.stage`: FT's paraphraser, AB's connectors and student)
+    trained into <run>/pretrain by the run's training loop: metrics.jsonl and last.pt (the student and, as for
+    distillation, the method's state; no best.pt: nothing is validated), the run's optimizer at the stage's
+    constant learning rate. `resume=true` continues a stopped
+    stage from its last.pt, and a finished one is loaded from it, not trained again. Returns its summary entry."""
+    cfg, stage, folder = run.cfg, wired.stage, run.run_dir / PRETRAIN
+    lr = cfg.optimizer.lr if stage.lr is None else stage.lr
+    stage_cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=lr, schedule="constant", warmup_epochs=0))
+    make_checkpoint = checkpoint_maker(wired.student, cfg.student, stage_cfg, run.data)
+    with stage.training():  # the optimizer moves what the stage's terms reach, of the student and the method
+        fit_network(
+            wired.student, wired.stage_step, stage_cfg, stage.epochs, run.compute, run.data, run.loaders, folder, PRETRAIN, None,
+            make_checkpoint, wired.objective, validate=lambda: {"val_acc": None}, save_best=lambda epoch, history: None,
+        )
+    return {"epochs": stage.epochs, "lr": lr, "trains_student": stage.trains_student, "run_dir": str(folder)}
 
 
 def prepare_student(run: KDRun, summary: dict) -> tuple[KDWiring, nn.Module | None]:
