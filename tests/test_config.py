@@ -61,7 +61,7 @@ def test_cache_teacher_takes_yaml_booleans_and_auto(value, expected):
 EXECUTION_ONLY = {
     "dataset.root", "dataset.download", "dataset.cache_dir", "dataset.pipeline", "dataset.device_max_gb",
     "dataset.workers", "optimizer.impl", "device.type", "device.precision", "device.deterministic",
-    "device.threads", "device.channels_last", "device.compile", "device.processes", "device.sync_batchnorm",
+    "device.threads", "device.channels_last", "device.compile", "device.processes", "device.sync_batchnorm", "device.cuda_graphs",
     "eval_batch_size", "teacher_cache",
     "per_class", "resume", "teacher.checkpoint", "teacher.name", "student.name", "export", "logger.tensorboard",
     "logger.mlflow", "logger.tracking_uri", "logger.experiment", "logger.name",
