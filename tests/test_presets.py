@@ -24,7 +24,9 @@ from distill_cli.ship.evaluate import Timing
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
-TEACHER_PRESETS = ["cifar100_resnet32x4", "cifar100_resnet56", "cifar100_vgg13", "cifar100_wrn_40_2", "mnist_hinton"]
+TEACHER_PRESETS = [
+    "cifar100_resnet32x4", "cifar100_resnet56", "cifar100_vgg13", "cifar100_wrn_40_2", "cifar10_resnet20", "cifar10_resnet56", "mnist_hinton",
+]
 
 
 def _synthetic(name: str, images: int = 0) -> list[str]:
