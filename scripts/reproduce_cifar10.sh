@@ -11,6 +11,7 @@
 #   scripts/reproduce_cifar10.sh                     # the whole recipe
 #   EPOCHS=30 scripts/reproduce_cifar10.sh           # a shorter schedule (the milestones scale with it)
 #   scripts/reproduce_cifar10.sh --dry-run           # print each command's composed config (--cfg job), train nothing
+#   scripts/reproduce_cifar10.sh --table             # only (re)write the table from the runs finished so far
 #
 # Settings (environment): CIFAR10_ROOT (the JPEG tree, root/{train,test}/<class>/*.jpg; default data/cifar10),
 # EPOCHS (182), SEEDS ("0 1 2"), OUT_DIR (outputs/reproduce_cifar10), DISTILL (the command; default distill),
@@ -19,12 +20,14 @@
 set -euo pipefail
 
 dry_run=0
+table_only=0
 extra=()
 while (($#)); do
     case "$1" in
         --dry-run) dry_run=1 ;;
+        --table) table_only=1 ;;
         --) shift; extra=("$@"); break ;;
-        *) echo "reproduce_cifar10.sh: unknown argument $1 (--dry-run, or overrides after --)" >&2; exit 2 ;;
+        *) echo "reproduce_cifar10.sh: unknown argument $1 (--dry-run, --table, or overrides after --)" >&2; exit 2 ;;
     esac
     shift
 done
@@ -57,6 +60,7 @@ wait_all() {  # wait for every command started; fail when any failed
     return $failed
 }
 
+train_all() {
 # 1. the teacher and the students alone, side by side
 run resnet56 train experiment=cifar10_resnet56 seed=0 "hydra.run.dir=$out/resnet56" "${common[@]}"
 for seed in "${seeds[@]}"; do
@@ -75,6 +79,10 @@ else
     done
 fi
 wait_all
+}
+if ((!table_only)); then
+    train_all
+fi
 ((dry_run)) && exit 0
 
 # 3. the table

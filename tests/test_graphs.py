@@ -11,10 +11,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import distill_in_process, metrics_without_timing, small_kd_config, small_train_config
+from conftest import (
+    distill_in_process,
+    metrics_without_timing,
+    small_kd_config,
+    small_train_config,
+)
 from torch import nn
 
-from distill_cli.core.config import DatasetConfig, ModelConfig, OptimizerConfig, TeacherConfig
+from distill_cli.core.config import (
+    DatasetConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TeacherConfig,
+)
 from distill_cli.core.errors import DistillError
 from distill_cli.data.loader import Batch
 from distill_cli.kd.teachers import once_per_batch
@@ -102,7 +112,10 @@ def test_the_static_buffer_step_trains_as_the_plain_step(tmp_path):
     eagerly), with its graph-safe optimizer, gives the plain step's weights and epoch totals."""
     torch.manual_seed(5)
     teacher = nn.Linear(64, 3).requires_grad_(False)
-    teacher_forward = lambda images: teacher(images.flatten(1))  # noqa: E731
+
+    def teacher_forward(images):
+        return teacher(images.flatten(1))
+
     batches = _batches(4, 8, last=5)
     results = {}
     for how in ("plain", "static"):

@@ -348,8 +348,10 @@ def sweep_bench_table(result: dict) -> Group:
     for how, row in result["results"].items():
         table.add_row(SWEEP_ROWS[how], f"{row['images_per_s']:,.0f}", f"{row['time_vs_serial']:.2f}x")
     notes = [
-        f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads), {result['precision']}, "
-        f"CUDA graphs {'on' if result.get('cuda_graphs') else 'off'}",
+        (
+            f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads), {result['precision']}, "
+            f"CUDA graphs {'on' if result.get('cuda_graphs') else 'off'}"
+        ),
         f"augmentation: {_describe_augment(result['augment'])}; the (untrained) teacher runs on every step",
     ]
     if result["not_stacked"]:
@@ -448,7 +450,7 @@ def bench_table(result: dict) -> Group:
         table.add_row(
             name, f"{row['distill_images_per_s']:,.0f}", f"{row['reference_images_per_s']:,.0f}", f"{row['speedup']:.2f}x"
         )
-    on_off = lambda flag: "on" if flag else "off"  # noqa: E731
+    on_off = lambda flag: "on" if flag else "off"
     notes = [
         f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads)",
         f"distill: {result['precision']}, {result['pipeline']} pipeline, channels_last teacher "
