@@ -48,3 +48,15 @@ def test_every_command_of_the_reproduction_composes(tmp_path, fused):
         assert [round(m * 182) for m in cfg.optimizer.milestones] == [91, 136] and cfg.dataset.name == "imagefolder"
         if command[0] == "kd":
             assert cfg.teacher.checkpoint == str(tmp_path / "out" / "resnet56" / "best.pt") and cfg.student.kwargs["depth"] == 20
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_the_kd_runs_find_their_baseline_in_the_cache_the_resnet20_runs_fill(seed):
+    """Step 2 compares each kd run with the resnet20 step 1 trained alone with its seed: the kd preset's baseline
+    recipe (the student alone, as kd would train it) is the resnet20 preset's, so the kd run takes it from the cache."""
+    from distill_cli.runs.teacher_cache import teacher_recipe
+    from distill_cli.runs.teachers import baseline_training_config
+
+    kd = validate_config("kd", compose_config("kd", ["experiment=cifar10_resnet56_resnet20", f"seed={seed}", "epochs=30"]))
+    alone = validate_config("train", compose_config("train", ["experiment=cifar10_resnet20", f"seed={seed}", "epochs=30"]))
+    assert teacher_recipe(baseline_training_config(kd)) == teacher_recipe(alone)
