@@ -68,7 +68,13 @@ def test_auto_says_why_graphs_are_off_and_true_refuses(caplog):
 
 
 def test_cuda_graphs_true_on_the_cpu_fails_in_one_line_before_training(tmp_path, monkeypatch, capsys):
+    """Refused as the run is set up, before the data is loaded."""
     monkeypatch.chdir(tmp_path)
+
+    def no_data(cfg):
+        raise RuntimeError("the data was loaded")
+
+    monkeypatch.setattr(setup, "load_dataset", no_data)
     assert distill_in_process(monkeypatch, "train", "device=cpu", "device.cuda_graphs=true", "dataset=synthetic") != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["distill train: error: device.cuda_graphs=true: the training step cannot be captured: no CUDA device (training on cpu)"]
@@ -141,10 +147,20 @@ def test_the_static_buffer_step_trains_as_the_plain_step(tmp_path):
         torch.testing.assert_close(static_state[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def _force_graphs(monkeypatch) -> None:
-    """Every check passes on this CPU, so a run takes the graph path, whose steps then run eagerly on static buffers."""
+def _force_graphs(monkeypatch) -> list[int]:
+    """Every check passes on this CPU, so a run takes the graph path, whose steps then run eagerly on static buffers:
+    the sizes of the groups of networks whose steps `graphs.GraphedStep` ran, one entry a step."""
     monkeypatch.setattr(graphs, "why_not_captured", lambda compute, impl: None)
     monkeypatch.setattr(setup, "why_not_captured", lambda compute, impl: None)
+    steps, call = [], graphs.GraphedStep.__call__
+
+    def counted(self, batch, epoch):
+        results, on = call(self, batch, epoch)
+        steps.append(len(results))
+        return results, on
+
+    monkeypatch.setattr(graphs.GraphedStep, "__call__", counted)
+    return steps
 
 
 TINY_DATA = DatasetConfig(name="synthetic", num_classes=4, channels=3, image_size=12, train_size=320, test_size=64, augment=True)
@@ -163,12 +179,13 @@ def test_a_teacher_and_a_fused_group_train_alike_through_the_graph_path(tmp_path
     kd = small_kd_config(tmp_path, dataset=TINY_DATA, teacher=TeacherConfig(arch="cnn", kwargs=net), student=ModelConfig(arch="cnn", kwargs=net), baseline=False)
     for setting in ("false", "auto"):
         with monkeypatch.context() as patched:
-            if setting == "auto":
-                _force_graphs(patched)
+            steps = _force_graphs(patched) if setting == "auto" else []
             device = replace(kd.device, cuda_graphs=setting)
             run_train(small_train_config(tmp_path / setting, dataset=TINY_DATA, teacher=kd.teacher, device=device), tmp_path / setting / "train")
             job = replace(kd, device=device, teacher=replace(kd.teacher, checkpoint=str(tmp_path / setting / "train" / "best.pt")))
             run_kd_fused([job, replace(job, T=2.0)], [tmp_path / setting / f"job{k}" for k in range(2)])
+            # 2 epochs of 4 steps (288 training images, batch 64): the teacher's, then the group's (2 students)
+            assert steps == ([] if setting == "false" else [1] * 8 + [2] * 8)
     for run in ("train", "job0", "job1"):
         rows, reference = (metrics_without_timing(tmp_path / setting / run) for setting in ("auto", "false"))
         assert len(rows) == len(reference) == 2
