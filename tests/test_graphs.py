@@ -31,7 +31,7 @@ from distill_cli.kd.teachers import once_per_batch
 from distill_cli.training import graphs, setup
 from distill_cli.training.compute import Compute
 from distill_cli.training.loop import EpochTotals, graphed_steps, optimisation_step
-from distill_cli.training.optim import build_optimizer, build_scheduler
+from distill_cli.training.optim import build_optimizer, build_scheduler, keep_lr_kind
 from distill_cli.training.world import World
 
 CPU = Compute(torch.device("cpu"), "fp32")
@@ -145,6 +145,19 @@ def test_the_static_buffer_step_trains_as_the_plain_step(tmp_path):
     assert static_read == plain_read
     for name, value in plain_state.items():
         torch.testing.assert_close(static_state[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("graph_safe", [True, False])
+def test_a_resumed_optimizer_keeps_the_kind_of_learning_rate_it_was_built_with(graph_safe):
+    """last.pt of a run with CUDA graphs holds a tensor learning rate, of one without a float: resumed the other way,
+    the optimizer gets its own kind back (a float in a graph would stay at its value when the schedule moves)."""
+    cfg = OptimizerConfig(name="sgd", lr=0.1)
+    saved = build_optimizer(nn.Linear(2, 2), cfg, CPU.device, graph_safe=not graph_safe).state_dict()
+    optimizer = build_optimizer(nn.Linear(2, 2), cfg, CPU.device, graph_safe=graph_safe)
+    optimizer.load_state_dict(saved)
+    keep_lr_kind(optimizer, graph_safe, CPU.device)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    assert all(isinstance(lr, torch.Tensor) == graph_safe and float(lr) == pytest.approx(0.1) for lr in lrs)
 
 
 def _force_graphs(monkeypatch) -> list[int]:

@@ -29,6 +29,7 @@ from ..data.loader import Batch
 from .compute import Compute
 from .graphs import GraphedStep
 from .metrics import evaluate
+from .optim import keep_lr_kind
 from .rng import rng_state, set_rng_state
 from .trackers import Trackers
 from .world import SINGLE, World
@@ -231,9 +232,7 @@ class Training:
         self.model.load_state_dict(resume_from["state_dict"])
         self.method.load_state_dict(training.get("method", {}))  # format 2 (before methods had state): none
         self.optimizer.load_state_dict(training["optimizer"])
-        for group in self.optimizer.param_groups:  # a graph-safe optimizer's learning rate stays on the device
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"] = group["lr"].to(self.compute.device)
+        keep_lr_kind(self.optimizer, self.graphed is not None, self.compute.device)
         self.scheduler.load_state_dict(training["scheduler"])
         self.scaler.load_state_dict(training["scaler"])
         self.train_loader.load_state_dict(training["loader"])
