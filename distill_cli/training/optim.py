@@ -43,6 +43,15 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
         raise DistillError(f"optimizer.impl={cfg.impl}: {str(error).strip().splitlines()[0]}") from None
 
 
+def keep_lr_kind(optimizer: torch.optim.Optimizer, graph_safe: bool, device: torch.device) -> None:
+    """Each group's learning rate as `build_optimizer(graph_safe=...)` makes it, after `load_state_dict` put in the
+    saved kind (a run resumed with or without CUDA graphs): a float32 tensor on `device` for a graph-safe optimizer
+    (a float would be frozen into the graph), else a float."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        group["lr"] = torch.tensor(float(lr), device=device) if graph_safe else float(lr)
+
+
 def lr_factor(cfg: OptimizerConfig, epoch: int, epochs: int) -> float:
     """The learning-rate multiplier for 0-based `epoch`: linear warm-up, then the schedule."""
     if epoch < cfg.warmup_epochs:
