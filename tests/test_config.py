@@ -61,7 +61,7 @@ def test_cache_teacher_takes_yaml_booleans_and_auto(value, expected):
 EXECUTION_ONLY = {
     "dataset.root", "dataset.download", "dataset.cache_dir", "dataset.pipeline", "dataset.device_max_gb",
     "dataset.workers", "optimizer.impl", "device.type", "device.precision", "device.deterministic",
-    "device.threads", "device.channels_last", "device.compile", "device.processes", "device.sync_batchnorm",
+    "device.threads", "device.channels_last", "device.compile", "device.processes", "device.sync_batchnorm", "device.cuda_graphs",
     "eval_batch_size", "teacher_cache",
     "per_class", "resume", "teacher.checkpoint", "teacher.name", "student.name", "export", "logger.tensorboard",
     "logger.mlflow", "logger.tracking_uri", "logger.experiment", "logger.name",
@@ -272,7 +272,9 @@ def test_distill_list_names_datasets_models_and_losses(tmp_path):
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 # the presets `distill train` takes; each other preset is a kd preset named <teacher preset>_<student>
-TEACHER_PRESETS = ["cifar100_resnet32x4", "cifar100_resnet56", "cifar100_vgg13", "cifar100_wrn_40_2", "mnist_hinton"]
+TEACHER_PRESETS = [
+    "cifar100_resnet32x4", "cifar100_resnet56", "cifar100_vgg13", "cifar100_wrn_40_2", "cifar10_resnet20", "cifar10_resnet56", "mnist_hinton",
+]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

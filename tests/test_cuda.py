@@ -1,4 +1,5 @@
-"""The CUDA-only paths: fp16 autocast with a GradScaler, bf16 autocast, and the CUDA RNG state in resume.
+"""The CUDA-only paths: fp16 autocast with a GradScaler, bf16 autocast, the CUDA RNG state in resume, and the
+training steps replayed from CUDA graphs (`device.cuda_graphs`) against eager ones.
 
 Skipped without a GPU (no GPU has run them yet); on a machine with one they run as part of the suite.
 """
@@ -25,6 +26,7 @@ from distill_cli.core.config import DeviceConfig, ModelConfig
 from distill_cli.core.errors import Interrupted
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
+from distill_cli.training import graphs
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -44,8 +46,9 @@ def restore_determinism():
     torch.backends.cudnn.benchmark = benchmark
 
 
-def _cuda(precision: str, deterministic: bool = False) -> DeviceConfig:
-    return DeviceConfig(type="cuda", precision=precision, deterministic=deterministic)
+def _cuda(precision: str, deterministic: bool = False, graphs: str = "false") -> DeviceConfig:
+    """The GPU at `precision`; eager steps unless `graphs` says otherwise (the tests below compare the two)."""
+    return DeviceConfig(type="cuda", precision=precision, deterministic=deterministic, cuda_graphs=graphs)
 
 
 def _assert_trained_at(run_dir, precision: str, epochs: int = 2) -> None:
@@ -108,3 +111,74 @@ def test_interrupted_cuda_run_resumes_like_the_uninterrupted_one(tmp_path, monke
 def _numbers(summary: dict) -> dict:
     """The teacher's numeric results in a train summary (accuracies, best epoch)."""
     return {k: v for k, v in comparable_results(summary)["teacher"].items() if isinstance(v, (int, float))}
+
+
+def _captures(monkeypatch) -> list[int]:
+    """The epochs whose step `graphs.GraphedStep` captured successfully, from now on."""
+    captured, capture = [], graphs.GraphedStep._capture
+
+    def counted(self, epoch):
+        done = capture(self, epoch)
+        if done:
+            captured.append(epoch)
+        return done
+
+    monkeypatch.setattr(graphs.GraphedStep, "_capture", counted)
+    return captured
+
+
+def _close_metrics(rows: list[dict], reference: list[dict]) -> None:
+    """Per-epoch losses within 5% and accuracies within 3 points: bf16 rounding over a short run (the graph runs the
+    same kernels as the eager step; what differs is the order of some reductions cuDNN picks)."""
+    assert [row["epoch"] for row in rows] == [row["epoch"] for row in reference]
+    for row, other in zip(rows, reference):
+        for name, value in row.items():
+            if name.startswith("loss") or name in ("ce", "kd"):
+                assert value == pytest.approx(other[name], rel=0.05), (name, row, other)
+            elif name.endswith("acc") and value is not None:
+                assert abs(value - other[name]) <= 0.03, (name, row, other)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_graphed_train_and_kd_steps_match_eager_ones(tmp_path, monkeypatch, precision):
+    """`distill train` and `distill kd` (augmented: the teacher runs inside every captured kd step) with
+    device.cuda_graphs=true give the metrics of the eager steps within bf16 tolerance; the step is captured
+    once per epoch (the epoch may change the step), and with fp16 the GradScaler's scale and inf check are in it."""
+    student = ModelConfig(arch="cnn", kwargs={"width": 4, "blocks": 1})
+    runs = {}
+    for setting in ("false", "true"):
+        captured = _captures(monkeypatch)
+        device = _cuda(precision, deterministic=True, graphs=setting)
+        train_cfg = small_train_config(tmp_path / setting, device=device, epochs=3)
+        run_train(train_cfg, tmp_path / setting / "train")
+        kd_cfg = small_kd_config(tmp_path / setting, device=device, student=student, epochs=3, teacher_epochs=3, baseline=False)
+        run_kd(replace(kd_cfg, dataset=replace(kd_cfg.dataset, augment=True)), tmp_path / setting / "kd")
+        # each network trained (train's teacher, kd's teacher unless cached, the student) captured once per epoch
+        assert captured == [] if setting == "false" else (sorted(set(captured)) == [1, 2, 3] and len(captured) % 3 == 0)
+        runs[setting] = {run: metrics_without_timing(tmp_path / setting / run) for run in ("train", "kd")}
+        for run in ("train", "kd"):
+            _assert_trained_at(tmp_path / setting / run, precision, epochs=3)
+        monkeypatch.undo()
+    for run in ("train", "kd"):
+        _close_metrics(runs["true"][run], runs["false"][run])
+
+
+def test_graphed_steps_of_a_fused_group_match_eager_ones(tmp_path, monkeypatch):
+    """A fused group's kd steps captured as one graph (the teacher run once for them) train each job as its eager
+    steps do, within bf16 tolerance."""
+    from conftest import fused_group
+
+    from distill_cli.runs.fused import run_kd_fused
+
+    cfgs = fused_group(tmp_path, ModelConfig(arch="cnn", kwargs={"width": 4, "blocks": 1}))
+    results = {}
+    for setting in ("false", "true"):
+        captured = _captures(monkeypatch)
+        jobs = [replace(cfg, device=_cuda("bf16", deterministic=True, graphs=setting)) for cfg in cfgs]
+        run_dirs = [tmp_path / setting / f"job{k}" for k in range(len(jobs))]
+        run_kd_fused(jobs, run_dirs)
+        assert len(captured) == (0 if setting == "false" else 2)  # one graph for the group, per epoch
+        results[setting] = [metrics_without_timing(run_dir) for run_dir in run_dirs]
+        monkeypatch.undo()
+    for rows, reference in zip(results["true"], results["false"]):
+        _close_metrics(rows, reference)

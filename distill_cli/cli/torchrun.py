@@ -108,7 +108,7 @@ def follow(command: str) -> int:
 
 def check_devices(cfg, processes: int) -> None:
     """Refuse, before any process starts, what `processes` data-parallel processes cannot do with the
-    device config `cfg`: more processes than GPUs, one named GPU for all, SyncBatchNorm on the CPU."""
+    device config `cfg`: more processes than GPUs, one named GPU for all, SyncBatchNorm on the CPU, CUDA graphs."""
     on_gpu = cfg.type.startswith("cuda") or (cfg.type == "auto" and torch.cuda.is_available())
     if cfg.type not in ("auto", "cpu", "cuda"):
         raise DistillError(f"device.type={cfg.type} with {processes} processes; use cuda (process k takes GPU k) or cpu")
@@ -116,6 +116,8 @@ def check_devices(cfg, processes: int) -> None:
         raise DistillError(f"device.processes={processes}, but this machine has {torch.cuda.device_count()} GPU(s): one process per GPU")
     if cfg.sync_batchnorm and not on_gpu:
         raise DistillError("device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only (torch refuses it on the CPU)")
+    if cfg.cuda_graphs == "true":
+        raise DistillError("device.cuda_graphs=true: the training step cannot be captured with several processes (use device.processes=1)")
 
 
 def launch(command: str, plain_config: dict, run_dir: Path, processes: int) -> dict:

@@ -241,9 +241,14 @@ class DeviceConfig:
     # with several processes on GPUs: BatchNorm statistics over the whole step's batch (SyncBatchNorm)
     # instead of each process's share
     sync_batchnorm: bool = False
+    # replay each training step (forward, backward, optimizer, GradScaler) from a CUDA graph: auto = on CUDA
+    # when the step can be captured (the log says why not), true = refuse to run otherwise, false = eager
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("device.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        self.cuda_graphs = str(self.cuda_graphs).lower()  # a YAML true/false arrives as a bool
+        _choice("device.cuda_graphs", self.cuda_graphs, ("auto", "true", "false"))
         _check(self.threads >= 0, "device.threads", f"must be >= 0, got {self.threads}")
         _check(self.processes >= 1, "device.processes", f"must be >= 1, got {self.processes}")
 

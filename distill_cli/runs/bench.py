@@ -34,9 +34,11 @@ from ..kd.wiring import KDWiring, student_from_checkpoint, student_shaped, wire_
 from ..losses.base import build_method
 from ..models import build_model, count_parameters
 from ..training.compute import Compute, device_name, synchronise
+from ..training.graphs import use_graphs
 from ..training.loop import (
     EpochTotals,
     cross_entropy_step,
+    graphed_steps,
     optimisation_step,
     train_epoch,
     train_steps_stacked,
@@ -78,14 +80,18 @@ def _cycle(loader, steps: int):
     return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
 
 
-def _fast_runner(model: nn.Module, step, loader, cfg: BenchConfig, compute: Compute) -> Callable[[int], int]:
-    """distill's loop: `step` on the run's loader; `model` holds every trained weight (student and method)."""
-    optimizer = build_optimizer(model, cfg.optimizer, compute.device)
+def _fast_runner(model: nn.Module, step, loader, cfg: BenchConfig, compute: Compute, graphs: bool) -> Callable[[int], int]:
+    """distill's loop: `step` on the run's loader; `model` holds every trained weight (student and method); with
+    `graphs`, each step replayed from a CUDA graph (`training.graphs`)."""
+    optimizer = build_optimizer(model, cfg.optimizer, compute.device, graph_safe=graphs)
     scaler = compute.grad_scaler()
+    graphed = graphed_steps([_Learner(model, nn.Module(), step, optimizer, scaler, compute)], cfg.device.cuda_graphs) if graphs else None
 
     def run(steps: int) -> int:
         totals = EpochTotals(compute.device)
-        train_epoch(model, nn.Module(), step, 1, _cycle(loader, steps), optimizer, scaler, compute, _NoProgress(), totals, _NoStop())
+        train_epoch(
+            model, nn.Module(), step, 1, _cycle(loader, steps), optimizer, scaler, compute, _NoProgress(), totals, _NoStop(), graphed=graphed
+        )
         totals.read(model)  # the one host sync per epoch that training also pays
         return totals.images
 
@@ -226,31 +232,49 @@ class _Learner:
     totals: EpochTotals | None = None
 
 
-def _sweep_learners(cfg: BenchConfig, compute: Compute, data: DataSplits, teacher: nn.Module, share_teacher: bool, stacked=None) -> list[_Learner]:
+def _sweep_learners(
+    cfg: BenchConfig, compute: Compute, data: DataSplits, teacher: nn.Module, share_teacher: bool, graphs: bool, stacked=None
+) -> list[_Learner]:
     """The `cfg.fused` students of a T x alpha sweep as `distill kd` wires each (`kd.wiring.wire_kd`), from
     the run's seed; the teacher runs every step, once per batch for them all with `share_teacher` (a fused
-    group), and `stacked` (a `StackedStudents`) makes their forward passes one."""
+    group), and `stacked` (a `StackedStudents`) makes their forward passes one; `graphs`: optimizers a CUDA graph
+    can replay."""
     shared = Shared() if share_teacher else None
     learners = []
     for k in range(cfg.fused):
         job = replace(cfg, **sweep_job(k))
         wired = wire_kd(job, data, compute, teacher, shared=shared, seed=cfg.seed if k == 0 else None, stacked=stacked)
-        optimizer = build_optimizer(wired.trained, cfg.optimizer, compute.device)
+        optimizer = build_optimizer(wired.trained, cfg.optimizer, compute.device, graph_safe=graphs)
         learners.append(_Learner(wired.trained, wired.objective, wired.step, optimizer, compute.grad_scaler(), compute))
     return learners
 
 
-def _sweep_runner(learners: list[_Learner], loader, how: str) -> Callable[[int], int]:
+def _sweep_runner(learners: list[_Learner], loader, how: str, cuda_graphs: str | None) -> Callable[[int], int]:
     """`steps` kd steps of every learner: "serial" (each job its own pass over the loader and its own teacher
-    forward), "fused" (one pass, the students one after another) or "stacked" (one pass, one stacked step)."""
+    forward), "fused" (one pass, the students one after another) or "stacked" (one pass, one stacked step).
+    `cuda_graphs` (the setting, None: off): each job's steps (serial), or the group's (fused, stacked), replayed from
+    one CUDA graph."""
 
     def train(learner: _Learner, batch) -> None:
         optimisation_step(None, learner.method, learner.step, batch, 1, learner.optimizer, learner.scaler, learner.compute, learner.totals)
 
+    graphed = None
+    if cuda_graphs is not None:
+        graphed = [graphed_steps([learner], cuda_graphs) for learner in learners] if how == "serial" else [graphed_steps(learners, cuda_graphs)]
+
+    def replayed(step, group: list[_Learner], batch) -> None:
+        results, on = step(batch, 1)
+        for learner, (parts, logits) in zip(group, results):
+            learner.totals.add(parts, logits, on.labels)
+
     def run(steps: int) -> int:
         for learner in learners:
             learner.totals = EpochTotals(learner.compute.device)
-        if how == "serial":
+        if graphed is not None:
+            for step, group in zip(graphed, [[learner] for learner in learners] if how == "serial" else [learners]):
+                for batch in _cycle(loader, steps):
+                    replayed(step, group, batch)
+        elif how == "serial":
             for learner in learners:
                 for batch in _cycle(loader, steps):
                     train(learner, batch)
@@ -274,17 +298,19 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     fused with the students stacked (when they can stack: `stacked.why_not_stacked`). Untrained teacher; the
     teacher runs on every step, as it does with augmentation. Writes bench.json, prints the table."""
     compute, data, loaders = prepare_run(cfg)
+    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer.impl, "bench")
     seed_everything(cfg.seed)
     teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
     cases = {
-        "serial": _sweep_learners(cfg, compute, data, teacher, share_teacher=False),
-        "fused": _sweep_learners(cfg, compute, data, teacher, share_teacher=True),
+        "serial": _sweep_learners(cfg, compute, data, teacher, share_teacher=False, graphs=graphs),
+        "fused": _sweep_learners(cfg, compute, data, teacher, share_teacher=True, graphs=graphs),
     }
     points = build_method(dict(cfg.loss)).student_points
     not_stacked = why_not_stacked([student_shaped(cfg.student, data, compute) for _ in range(cfg.fused)], points, compute)
     if not_stacked is None:
-        cases["stacked"] = _sweep_learners(cfg, compute, data, teacher, share_teacher=True, stacked=StackedStudents())
-    rates = _timed_in_turns({how: _sweep_runner(learners, loaders.train, how) for how, learners in cases.items()}, cfg, compute)
+        cases["stacked"] = _sweep_learners(cfg, compute, data, teacher, share_teacher=True, graphs=graphs, stacked=StackedStudents())
+    setting = cfg.device.cuda_graphs if graphs else None
+    rates = _timed_in_turns({how: _sweep_runner(learners, loaders.train, how, setting) for how, learners in cases.items()}, cfg, compute)
     serial = statistics.median(rates["serial"])
     rows = {
         how: {"images_per_s": statistics.median(repeats), "time_vs_serial": serial / statistics.median(repeats), "repeats": repeats}
@@ -295,6 +321,7 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "case": "fused sweep",
         "jobs": [sweep_job(k) for k in range(cfg.fused)],
         "not_stacked": not_stacked,
+        "cuda_graphs": graphs,
         "steps": cfg.steps,
         "repeats": cfg.repeats,
         "results": rows,
@@ -321,7 +348,10 @@ def sweep_bench_table(result: dict) -> Group:
     for how, row in result["results"].items():
         table.add_row(SWEEP_ROWS[how], f"{row['images_per_s']:,.0f}", f"{row['time_vs_serial']:.2f}x")
     notes = [
-        f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads), {result['precision']}",
+        (
+            f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads), {result['precision']}, "
+            f"CUDA graphs {'on' if result.get('cuda_graphs') else 'off'}"
+        ),
         f"augmentation: {_describe_augment(result['augment'])}; the (untrained) teacher runs on every step",
     ]
     if result["not_stacked"]:
@@ -346,6 +376,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     if cfg.fused:
         return run_sweep_bench(cfg, run_dir)
     compute, data, loaders = prepare_run(cfg)
+    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer.impl, "bench")
     plain = Compute(compute.device, "fp32", channels_last=False, fold_frozen=False)
     seed_everything(cfg.seed)
     teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
@@ -376,7 +407,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     rows = {}
     for name, ((model, step), (reference_model, reference_step)) in cases.items():
         runs = {
-            "distill": _fast_runner(model, step, loaders.train, cfg, compute),
+            "distill": _fast_runner(model, step, loaders.train, cfg, compute, graphs),
             "reference": _reference_runner(reference_model, reference_step, reference, cfg, compute.device),
         }
         rates = _timed_in_turns(runs, cfg, compute)
@@ -395,6 +426,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "pipeline": loaders.pipeline,
         "channels_last": {"teacher": compute.uses_channels_last(teacher), "student": compute.uses_channels_last(student)},
         "compile": compute.compile,
+        "cuda_graphs": graphs,
         "optimizer_impl": cfg.optimizer.impl,
         "teacher_logits_cached": kd_fast.supply == CACHED,
         "reference_workers": cfg.reference_workers,
@@ -419,12 +451,12 @@ def bench_table(result: dict) -> Group:
         table.add_row(
             name, f"{row['distill_images_per_s']:,.0f}", f"{row['reference_images_per_s']:,.0f}", f"{row['speedup']:.2f}x"
         )
-    on_off = lambda flag: "on" if flag else "off"  # noqa: E731
+    on_off = lambda flag: "on" if flag else "off"
     notes = [
         f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads)",
         f"distill: {result['precision']}, {result['pipeline']} pipeline, channels_last teacher "
         f"{on_off(result['channels_last']['teacher'])} / student {on_off(result['channels_last']['student'])}, "
-        f"compile {on_off(result['compile'])}, optimizer {result['optimizer_impl']}",
+        f"compile {on_off(result['compile'])}, CUDA graphs {on_off(result.get('cuda_graphs'))}, optimizer {result['optimizer_impl']}",
         f"reference: fp32, DataLoader with {result['reference_workers']} workers, PIL transforms, .item() every step; "
         f"reads {result['reference_data']}",
         f"augmentation (both): {_describe_augment(result['augment'])}",

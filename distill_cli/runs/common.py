@@ -29,6 +29,7 @@ from ..kd.teachers import Shared
 from ..models import count_parameters
 from ..models.checkpoints import recorded_layers
 from ..training.compute import Compute
+from ..training.graphs import use_graphs
 from ..training.loop import FitResult, fit
 from ..training.metrics import evaluate
 from ..training.optim import build_optimizer, build_scheduler
@@ -55,9 +56,11 @@ def fit_options(
 ) -> dict:
     """`fit`'s (and `Training`'s) arguments for `model` (and `method`'s trainable parts, with the same optimizer)
     with the run's optimizer and schedule; with `cfg.resume`, from the run's last checkpoint. `fit_options`
-    go to `fit` as they are."""
+    go to `fit` as they are. The optimizer is built graph-safe when the steps replay from CUDA graphs
+    (`training.graphs.use_graphs`, which logs why not under `device.cuda_graphs=auto`)."""
     trained = model if method is None else nn.ModuleList([model, method])
-    optimizer = build_optimizer(trained, cfg.optimizer, compute.device)
+    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer.impl, label)
+    optimizer = build_optimizer(trained, cfg.optimizer, compute.device, graph_safe=graphs)
     scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
     # with several processes rank 0 reads the checkpoint and every rank gets it
     resume_from = compute.world.on_main(lambda: load_resume_checkpoint(run_dir, to_plain(cfg))) if cfg.resume else None
@@ -77,6 +80,7 @@ def fit_options(
         resume_from=resume_from,
         method=method,
         trackers=trackers,
+        cuda_graphs=cfg.device.cuda_graphs if graphs else "false",
         **fit_options,
     )
 

@@ -101,10 +101,12 @@ class Compute:
 
         return frozen
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
+        """Autocast to the run's precision (fp32: none); `cache=False` without the cast weights' cache, which a
+        step captured in a CUDA graph may not keep (torch's CUDA graph notes)."""
         if self.precision == "fp32":
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
+        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision], cache_enabled=cache)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling)."""

@@ -27,7 +27,9 @@ from ..core.errors import DistillError, Interrupted, StopSignals
 from ..core.files import append_text, atomic_write
 from ..data.loader import Batch
 from .compute import Compute
+from .graphs import GraphedStep
 from .metrics import evaluate
+from .optim import keep_lr_kind
 from .rng import rng_state, set_rng_state
 from .trackers import Trackers
 from .world import SINGLE, World
@@ -145,6 +147,7 @@ def fit(
     trackers: Trackers | None = None,
     validate: Callable[[], dict] | None = None,
     save_best: Callable[[int, list[dict]], None] | None = None,
+    cuda_graphs: str = "false",
 ) -> FitResult:
     """Train for `epochs`, writing metrics.jsonl, last.pt and best.pt (best val accuracy) into `run_dir`.
 
@@ -161,17 +164,21 @@ def fit(
     `validate() -> {"val_acc": picks the best epoch, <more metrics of the epoch row>}` and
     `save_best(epoch, history)`, which then writes their best checkpoints in place of best.pt, at the end
     of each epoch, before last.pt.
+
+    `cuda_graphs` ("auto" or "true": on, as `graphs.use_graphs` decided with the optimizer built graph-safe;
+    "false": off) replays each step from a CUDA graph (`graphs.GraphedStep`); "true" refuses a step whose capture fails.
     """
     training = Training(
         model, step, train_loader, val_loader, optimizer=optimizer, scheduler=scheduler, compute=compute, epochs=epochs,
         num_classes=num_classes, run_dir=run_dir, make_checkpoint=make_checkpoint, label=label, resume_from=resume_from,
-        method=method, trackers=trackers, validate=validate, save_best=save_best,
+        method=method, trackers=trackers, validate=validate, save_best=save_best, cuda_graphs=cuda_graphs,
     )
     with training.progress as progress, StopSignals() as stop:
         for epoch in range(training.done + 1, epochs + 1):
             totals = training.begin_epoch(epoch)
             stopping = train_epoch(
-                model, training.method, step, epoch, train_loader, optimizer, training.scaler, compute, progress, totals, stop
+                model, training.method, step, epoch, train_loader, optimizer, training.scaler, compute, progress, totals, stop,
+                graphed=training.graphed,
             )
             training.end_epoch(epoch, stopping, stop.signum)
     return training.best
@@ -188,7 +195,7 @@ class Training:
         self, model: nn.Module, step: Step, train_loader, val_loader, *, optimizer, scheduler, compute: Compute, epochs: int,
         num_classes: int, run_dir: Path, make_checkpoint: Callable[[dict], dict], label: str, resume_from: dict | None = None,
         method: nn.Module | None = None, trackers: Trackers | None = None, validate: Callable[[], dict] | None = None,
-        save_best: Callable[[int, list[dict]], None] | None = None,
+        save_best: Callable[[int, list[dict]], None] | None = None, cuda_graphs: str = "false",
     ):
         self.model, self.step, self.train_loader, self.val_loader = model, step, train_loader, val_loader
         self.optimizer, self.scheduler, self.compute, self.epochs = optimizer, scheduler, compute, epochs
@@ -204,6 +211,8 @@ class Training:
         self.history: list[dict] = []
         self.done, self.partial, self.saved = 0, None, "no checkpoint was written"
         self.totals: EpochTotals | None = None
+        self.cuda_graphs = cuda_graphs
+        self.graphed = graphed_steps([self], cuda_graphs) if cuda_graphs != "false" else None
         world = compute.world
         if resume_from is not None:
             self._resume(resume_from)
@@ -223,6 +232,7 @@ class Training:
         self.model.load_state_dict(resume_from["state_dict"])
         self.method.load_state_dict(training.get("method", {}))  # format 2 (before methods had state): none
         self.optimizer.load_state_dict(training["optimizer"])
+        keep_lr_kind(self.optimizer, self.graphed is not None, self.compute.device)
         self.scheduler.load_state_dict(training["scheduler"])
         self.scaler.load_state_dict(training["scaler"])
         self.train_loader.load_state_dict(training["loader"])
@@ -246,7 +256,9 @@ class Training:
         """Start 1-based `epoch` (or continue its saved part): its running totals, the bar, train mode."""
         self.totals, self.partial = self.partial or EpochTotals(self.compute.device), None
         self.progress.start_epoch(epoch, done=self.totals.steps)
-        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.lr = float(self.optimizer.param_groups[0]["lr"])
+        if isinstance(self.optimizer.param_groups[0]["lr"], torch.Tensor):  # a graph-safe optimizer's float32 tensor
+            self.lr = float(f"{self.lr:.7g}")
         self.method.train()
         self.model.train()
         return self.totals
@@ -339,7 +351,11 @@ def fit_together(trainings: list[Training], loader, streams: list[dict], stacked
 
     `stacked` (a `stacked.StackedStudents` holding the trainings' models, whose steps use its forward): the
     students' forward and backward passes run as one (`train_steps_stacked`) instead of one after another;
-    their steps then draw no random numbers (stacking refuses random layers), so the streams stay as they are."""
+    their steps then draw no random numbers (stacking refuses random layers), so the streams stay as they are.
+
+    With CUDA graphs (the trainings' `cuda_graphs`), the steps of all the running trainings on a batch are captured
+    as one graph (`graphs.GraphedStep`), the teacher run once for them; their random draws inside the step
+    (dropout, CRD's negatives) then come from one stream, not each training's own."""
     if len({training.position for training in trainings}) > 1:
         raise DistillError(f"fused runs must continue from the same epoch and step; found {sorted({t.position for t in trainings})}")
     if trainings[0].compute.world.distributed:
@@ -347,6 +363,7 @@ def fit_together(trainings: list[Training], loader, streams: list[dict], stacked
     errors: list[DistillError | None] = [None] * len(trainings)
     running = list(range(len(trainings)))
     first = trainings[0]
+    graphed: dict[tuple[int, ...], GraphedStep] = {}  # the group's graph, for the trainings still running
 
     def as_run(k: int, action: Callable[[], None]) -> None:
         """`action()` with training k's RNG stream in place (its failure recorded, the stream kept)."""
@@ -367,11 +384,18 @@ def fit_together(trainings: list[Training], loader, streams: list[dict], stacked
             start = time.perf_counter()
             stopping = False
             for batch in loader:
-                if stacked is None:
+                if stacked is not None:
+                    stacked.keep([trainings[k].model for k in running])
+                if first.cuda_graphs != "false":
+                    group = [trainings[k] for k in running]
+                    step = graphed.setdefault(tuple(running), graphed_steps(group, first.cuda_graphs))
+                    results, on = step(batch, epoch)
+                    for learner, (parts, logits) in zip(group, results):
+                        learner.totals.add(parts, logits, on.labels)
+                elif stacked is None:
                     for k in list(running):
                         as_run(k, partial(trainings[k].train_step, batch, epoch))
                 else:
-                    stacked.keep([trainings[k].model for k in running])
                     train_steps_stacked([trainings[k] for k in running], batch, epoch)
                 progress.advance()
                 stopping = stop.signum is not None
@@ -400,45 +424,75 @@ def optimisation_step(model, method, step: Step, batch: Batch, epoch: int, optim
     _update(method, parts, logits, batch, optimizer, scaler, compute, totals)
 
 
-def _forward_step(step: Step, batch: Batch, epoch: int, optimizer, compute: Compute):
-    """The first half of a step: `step`'s terms and logits on `batch` (autocast), the gradients cleared."""
-    with compute.autocast():
+def _forward_step(step: Step, batch: Batch, epoch: int, optimizer, compute: Compute, for_graph: bool = False):
+    """The first half of a step: `step`'s terms and logits on `batch` (autocast), the gradients cleared (set to
+    None; `for_graph`: zeroed in place, where a CUDA graph's backward writes them, and autocast without its cache,
+    which a captured step may not keep)."""
+    with compute.autocast(cache=not for_graph):
         parts, logits = step(batch, epoch)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not for_graph)
     return parts, logits
 
 
-def _update(method, parts: dict, logits: torch.Tensor, batch: Batch, optimizer, scaler, compute: Compute, totals: EpochTotals) -> None:
-    """The second half, once the loss has been backpropagated: the optimizer's step, added to `totals`."""
+def _update(method, parts: dict, logits: torch.Tensor, batch: Batch, optimizer, scaler, compute: Compute, totals: EpochTotals | None) -> None:
+    """The second half, once the loss has been backpropagated: the optimizer's step, added to `totals` (None: not)."""
     compute.world.average_gradients(method)
     scaler.step(optimizer)
     scaler.update()
-    totals.add(parts, logits, batch.labels)
+    if totals is not None:
+        totals.add(parts, logits, batch.labels)
+
+
+def _steps_together(learners: list, batch: Batch, epoch: int, for_graph: bool = False, counted: bool = True) -> list:
+    """One step of each of `learners` (each with `step`, `optimizer`, `scaler`, `method`, `compute`, `totals`) on
+    `batch`: all the losses backpropagated in one pass, then each its own optimizer step; added to each one's
+    totals when `counted`. Returns each one's (terms, logits)."""
+    results = [_forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute, for_graph) for learner in learners]
+    torch.autograd.backward([learner.scaler.scale(parts["loss"]) for learner, (parts, _) in zip(learners, results)])
+    for learner, (parts, logits) in zip(learners, results):
+        totals = learner.totals if counted else None
+        _update(learner.method, parts, logits, batch, learner.optimizer, learner.scaler, learner.compute, totals)
+    return results
 
 
 def train_steps_stacked(learners: list, batch: Batch, epoch: int) -> None:
-    """One step of each of `learners` (each with `step`, `optimizer`, `scaler`, `method`, `compute`, `totals`)
-    on `batch` whose forward passes share one graph (`stacked.StackedStudents`): all the losses are
-    backpropagated in one pass, then each takes its own optimizer step."""
-    results = [_forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute) for learner in learners]
-    torch.autograd.backward([learner.scaler.scale(parts["loss"]) for learner, (parts, _) in zip(learners, results)])
-    for learner, (parts, logits) in zip(learners, results):
-        _update(learner.method, parts, logits, batch, learner.optimizer, learner.scaler, learner.compute, learner.totals)
+    """One step of each of `learners` on `batch` whose forward passes share one graph (`stacked.StackedStudents`),
+    as `_steps_together` takes them."""
+    _steps_together(learners, batch, epoch)
+
+
+def graphed_steps(learners: list, cuda_graphs: str, capture: bool | None = None) -> GraphedStep:
+    """The steps of `learners` (as `_steps_together` takes them) on each batch, replayed from one CUDA graph
+    (`graphs.GraphedStep`; `capture` None: on CUDA); not added to their totals: the caller adds the (terms,
+    logits) it returns. `cuda_graphs="true"` refuses a step whose capture fails."""
+    if capture is None:
+        capture = learners[0].compute.device.type == "cuda"
+
+    def optimise(batch: Batch, epoch: int) -> list:
+        return _steps_together(learners, batch, epoch, for_graph=True, counted=False)
+
+    return GraphedStep(optimise, [learner.optimizer for learner in learners], capture, required=cuda_graphs == "true")
 
 
 def train_epoch(
-    model, method, step: Step, epoch: int, loader, optimizer, scaler, compute: Compute, progress, totals: EpochTotals, stop
+    model, method, step: Step, epoch: int, loader, optimizer, scaler, compute: Compute, progress, totals: EpochTotals, stop,
+    graphed: GraphedStep | None = None,
 ) -> bool:
     """Train on `loader`'s (remaining) batches of 1-based `epoch`, adding to `totals`; stops early once
     `stop.signum` is set (with several processes: on any of them, all at the same step). Returns whether
     it was stopped. The method's trainable parts have their gradients averaged over the processes
-    (DistributedDataParallel does the student's)."""
+    (DistributedDataParallel does the student's). `graphed` (`graphed_steps` of this step): each step replayed
+    from a CUDA graph."""
     model.train()
     world = compute.world
     start = time.perf_counter()
     stopping = False
     for batch in loader:
-        optimisation_step(model, method, step, batch, epoch, optimizer, scaler, compute, totals)
+        if graphed is None:
+            optimisation_step(model, method, step, batch, epoch, optimizer, scaler, compute, totals)
+        else:
+            [(parts, logits)], on = graphed(batch, epoch)
+            totals.add(parts, logits, on.labels)
         progress.advance()
         stopping = world.any(stop.signum is not None)
         if stopping:

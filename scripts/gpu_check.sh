@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU checks of device.cuda_graphs and the CIFAR-10 reproduction, as ONE command for a device session (one H200,
+# at most 10 minutes a command): everything it writes that matters lands in $OUT (7 files).
+#
+# Before the session, on the development machine (fills the git-ignored data/):
+#   scripts/gpu_check.sh prepare     # data/cifar10-jpg.tar.gz (the JPEGs) and data/pydeps (hydra, omegaconf, antlr4,
+#                                    # torch-pruning: the device image has torch but not these pure-Python packages)
+# In the session (the device tool's run):
+#   command: scripts/gpu_check.sh    carry: ["data/cifar10-jpg.tar.gz", "data/pydeps"]    timeout_s: 600
+#
+# What it runs, each step under `timeout` within GPU_CHECK_SECONDS (default 560, to end inside one 600 s command):
+#   a. pytest tests/test_cuda.py (graphs vs eager metrics for train, kd and a fused group; fp16 + GradScaler captured)
+#   b. distill bench resnet32x4 -> resnet8x4, bf16, batch 64, on the CIFAR-10 JPEGs, device.cuda_graphs=true, then false
+#   c. distill bench fused=6 (the T x alpha sweep: one job after another vs fused vs stacked), cuda_graphs=true
+#   d. scripts/reproduce_cifar10.sh at the epoch count the minutes left allow (SECONDS_PER_EPOCH, default 10: a guess
+#      of one epoch's wall time with the runs side by side, not a measurement; the table says which count ran)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ ${1:-} == prepare ]]; then
+    set -e
+    mkdir -p data/pydeps
+    tarball=${CIFAR10_TARBALL:-/work/shared/data/cifar10-jpg.tar.gz}
+    [[ -f data/cifar10-jpg.tar.gz ]] || cp "$tarball" data/cifar10-jpg.tar.gz
+    site=$("${PYTHON:-python3}" -c 'import omegaconf, os; print(os.path.dirname(os.path.dirname(omegaconf.__file__)))')
+    for package in hydra omegaconf antlr4 torch_pruning; do
+        rm -rf "data/pydeps/$package"
+        cp -r "$site/$package" data/pydeps/
+    done
+    find data/pydeps -name __pycache__ -prune -exec rm -rf {} +
+    du -sh data/cifar10-jpg.tar.gz data/pydeps
+    exit 0
+fi
+
+out=${OUT:-outputs/gpu_check}
+mkdir -p "$out"
+exec > >(tee -a "$out/gpu_check.log") 2>&1
+budget=${GPU_CHECK_SECONDS:-560}
+start=$(date +%s)
+left() { echo $((budget - ($(date +%s) - start))); }
+within() {  # seconds for the next step: at most $1, and never past the budget (10 s kept for copying results)
+    local room=$(($(left) - 10))
+    echo $((room < $1 ? (room > 1 ? room : 1) : $1))
+}
+python=${PYTHON:-python3}
+export PYTHONPATH="$PWD:$PWD/data/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+distill=("$python" -m distill_cli)
+
+echo "== machine"
+nvidia-smi -L
+"$python" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+
+echo "== data"
+mkdir -p data/cifar10
+[[ -d data/cifar10/train ]] || tar -xzf data/cifar10-jpg.tar.gz -C data/cifar10
+ls data/cifar10
+
+echo "== a. tests/test_cuda.py ($(left) s left)"
+timeout "$(within 170)" "$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider --durations=10 > "$out/test_cuda.log" 2>&1
+echo "pytest exit $?"; tail -n 15 "$out/test_cuda.log"
+
+bench=(bench teacher=resnet32x4 student=resnet8x4 dataset=imagefolder dataset.root=data/cifar10 device=cuda device.precision=bf16
+    batch_size=64 reference_workers=8 steps=30 repeats=3)
+for graphs in true false; do
+    echo "== b. distill bench, cuda_graphs=$graphs ($(left) s left)"
+    timeout "$(within 80)" "${distill[@]}" "${bench[@]}" "device.cuda_graphs=$graphs" "hydra.run.dir=outputs/gpu_bench_$graphs"
+    echo "exit $?"
+    cp "outputs/gpu_bench_$graphs/bench.json" "$out/bench_graphs_$graphs.json" 2>/dev/null
+done
+
+echo "== c. distill bench fused=6, cuda_graphs=true ($(left) s left)"
+timeout "$(within 80)" "${distill[@]}" "${bench[@]}" fused=6 device.cuda_graphs=true hydra.run.dir=outputs/gpu_bench_fused6
+echo "exit $?"
+cp outputs/gpu_bench_fused6/bench.json "$out/bench_fused6.json" 2>/dev/null
+
+seconds=$(($(left) - 30))
+epochs=$((seconds / (2 * ${SECONDS_PER_EPOCH:-10})))
+epochs=$((epochs < 1 ? 1 : epochs))
+echo "== d. scripts/reproduce_cifar10.sh at $epochs epochs ($(left) s left)"
+rm -rf outputs/reproduce_cifar10
+EPOCHS=$epochs CIFAR10_ROOT=data/cifar10 OUT_DIR=outputs/reproduce_cifar10 DISTILL="$python -m distill_cli" PYTHON="$python" \
+    timeout "$(within "$seconds")" scripts/reproduce_cifar10.sh -- device=cuda
+echo "exit $?"
+EPOCHS=$epochs OUT_DIR=outputs/reproduce_cifar10 PYTHON="$python" scripts/reproduce_cifar10.sh --table  # the runs that finished
+cp outputs/reproduce_cifar10/table.md "$out/reproduce_table.md" 2>/dev/null
+tar -czf "$out/reproduce_runs.tar.gz" --exclude='*.pt' --exclude=teacher_cache outputs/reproduce_cifar10 2>/dev/null
+echo "== done in $(($(date +%s) - start)) s"

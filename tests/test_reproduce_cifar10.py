@@ -1,0 +1,62 @@
+"""scripts/reproduce_cifar10.sh: every command it starts composes and validates as a distill config (with a recording
+stand-in for `distill`). (The whole script at 1 epoch on a tiny image tree takes minutes on 2 CPU cores: five distill
+processes, resnet56 among them; it is not part of the suite.)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+
+from distill_cli.core.config import validate_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_cifar10.sh"
+
+
+def _script(tmp_path: Path, distill: str, *args: str, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "CI": "1", "OUT_DIR": str(tmp_path / "out"), "DISTILL": distill, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=environment, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_every_command_of_the_reproduction_composes(tmp_path, fused):
+    """The commands (2 seeds here): resnet56 and each seed's resnet20 trained side by side, then each seed's kd run
+    from that resnet56 (or one fused-launcher sweep over the seeds), all with the recipe's keys."""
+    calls = tmp_path / "calls.jsonl"
+    recorder = tmp_path / "record"
+    recorder.write_text(f"#!/bin/sh\n{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {calls}\n")
+    recorder.chmod(0o755)
+    result = _script(tmp_path, str(recorder), "--", "device.cuda_graphs=true", SEEDS="0 1", EPOCHS="30", KD_FUSED=fused)
+    assert result.returncode == 0, result.stderr
+    commands = [json.loads(line) for line in calls.read_text().splitlines()]
+    # started side by side: their order in the record is the order they ran in
+    assert sorted(command[:3] for command in commands[:3]) == [
+        ["train", "experiment=cifar10_resnet20", "seed=0"], ["train", "experiment=cifar10_resnet20", "seed=1"],
+        ["train", "experiment=cifar10_resnet56", "seed=0"],
+    ]
+    kd = commands[3:]
+    assert len(kd) == (1 if fused == "1" else 2) and all(command[0] == "kd" for command in kd)
+    for command in commands:
+        # Hydra's launch settings (-m, the launcher, run folders) are not part of the config
+        overrides = [arg for arg in command[1:] if not arg.startswith(("-m", "hydra"))]
+        overrides = [arg.replace("seed=0,1", "seed=0") for arg in overrides]
+        cfg = validate_config(command[0], compose_config(command[0], overrides))
+        assert (cfg.epochs, cfg.batch_size, cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.device.cuda_graphs) == (30, 64, 0.1, 1e-4, "true")
+        assert [round(m * 182) for m in cfg.optimizer.milestones] == [91, 136] and cfg.dataset.name == "imagefolder"
+        if command[0] == "kd":
+            assert cfg.teacher.checkpoint == str(tmp_path / "out" / "resnet56" / "best.pt") and cfg.student.kwargs["depth"] == 20
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_the_kd_runs_find_their_baseline_in_the_cache_the_resnet20_runs_fill(seed):
+    """Step 2 compares each kd run with the resnet20 step 1 trained alone with its seed: the kd preset's baseline
+    recipe (the student alone, as kd would train it) is the resnet20 preset's, so the kd run takes it from the cache."""
+    from distill_cli.runs.teacher_cache import teacher_recipe
+    from distill_cli.runs.teachers import baseline_training_config
+
+    kd = validate_config("kd", compose_config("kd", ["experiment=cifar10_resnet56_resnet20", f"seed={seed}", "epochs=30"]))
+    alone = validate_config("train", compose_config("train", ["experiment=cifar10_resnet20", f"seed={seed}", "epochs=30"]))
+    assert teacher_recipe(baseline_training_config(kd)) == teacher_recipe(alone)
