@@ -173,6 +173,20 @@ def test_kdsvd_compares_rbfs_of_sign_aligned_leading_singular_vectors_across_sta
     check(method, "kdsvd", student, teacher, expected)
 
 
+def test_kdsvd_gradient_stays_finite_through_a_map_of_zeros():
+    """A sample whose stage map is all zeros (every unit of a ReLU stage off) has repeated singular values:
+    SVD's backward divides by zero there. Its non-finite gradient entries are zeroed, the others kept: one
+    such map on the CIFAR-10 table's first steps turned the student's weights into NaN."""
+    torch.manual_seed(0)
+    maps = {"stage1": torch.randn(4, 8, 16, 16).relu(), "stage2": torch.randn(4, 8, 8, 8).relu()}
+    maps["stage1"][0] = 0
+    student = Outputs(torch.randn(4, 10), {k: v.clone().requires_grad_(True) for k, v in maps.items()})
+    teacher = Outputs(torch.randn(4, 10), {"stage1": torch.randn(4, 16, 16, 16).relu(), "stage2": torch.randn(4, 16, 8, 8).relu()})
+    build_method({"name": "kdsvd"})(student, teacher, None, 1)["kdsvd"].backward()
+    for gradient in (student.features["stage1"].grad, student.features["stage2"].grad):
+        assert torch.isfinite(gradient).all() and gradient[1:].abs().sum() > 0
+
+
 # ---- ICKD ----
 
 

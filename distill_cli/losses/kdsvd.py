@@ -11,7 +11,9 @@ R[p, q, n] = exp(-(v_i[p, n] - v_{i-1}[q, n])^2 / 8) over positions p, q and vec
 
     kdsvd = weight * sum over consecutive stage pairs of sum (R_student - R_teacher)^2 / B
 
-with non-finite entries (degenerate decompositions) counted as 0, as mdistiller does. Defaults as
+with non-finite entries (degenerate decompositions) counted as 0, as mdistiller does; so are the non-finite
+entries of the gradient through the decomposition (a sample's map of zeros, whose singular values repeat,
+makes SVD's backward divide by zero; unguarded, one such map turns the student's weights into NaN). Defaults as
 mdistiller's `KDSVD` config: k 1, weight 1, every stage output after the stem, CE weight 1. Nets with
 different stage counts pair their stages from the deepest back; paired maps of different sizes: the
 larger is average-pooled to the smaller.
@@ -38,7 +40,10 @@ def leading_singular(feature: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """(singular values (B, n), right singular vectors (B, W, n)) of each sample's (C*H, W) matrix: the
     `count` leading ones (fewer if W or C*H is smaller), values L2-normalised, vectors unit columns."""
     batch, channels, height, width = feature.shape
-    _, values, vectors_t = torch.linalg.svd(feature.reshape(batch, channels * height, width), full_matrices=False)
+    matrix = feature.reshape(batch, channels * height, width)
+    if matrix.requires_grad:  # repeated singular values (a map of zeros after a ReLU) give SVD's backward inf or NaN
+        matrix.register_hook(finite)
+    _, values, vectors_t = torch.linalg.svd(matrix, full_matrices=False)
     values, vectors = finite(values)[:, :count], finite(vectors_t.transpose(1, 2))[:, :, :count]
     return F.normalize(values, dim=1), F.normalize(vectors, dim=1)
 
