@@ -56,11 +56,12 @@ def test_why_a_step_is_not_captured(compute, impl, reason):
 
 def test_auto_says_why_graphs_are_off_and_true_refuses(caplog):
     with caplog.at_level(logging.INFO, logger="distill"):
-        assert graphs.use_graphs("auto", CPU, "auto", "student") is False
+        assert graphs.use_graphs("auto", CPU, "auto", "teacher") is False  # silent: graphs are CUDA's
+        assert graphs.use_graphs("auto", replace(GPU, compile=True), "auto", "student") is False
         assert graphs.use_graphs("false", CPU, "auto", "teacher") is False
         assert graphs.use_graphs("auto", GPU, "auto", "baseline") is True
     assert [r.getMessage() for r in caplog.records] == [
-        "student: CUDA graphs off: no CUDA device (training on cpu)",
+        "student: CUDA graphs off: device.compile=true (torch.compile runs its own graphs: use one or the other)",
         "baseline: CUDA graphs on (each step replayed from a graph captured once per epoch)",
     ]
     with pytest.raises(DistillError, match="device.cuda_graphs=true: the training step cannot be captured: device.compile=true"):

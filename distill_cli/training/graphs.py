@@ -56,7 +56,8 @@ def why_not_captured(compute: Compute, optimizer_impl: str) -> str | None:
 
 def use_graphs(setting: str, compute: Compute, optimizer_impl: str, label: str) -> bool:
     """Whether `label`'s training replays its steps from CUDA graphs (`device.cuda_graphs=setting`); `auto` logs why
-    not when it cannot, `true` refuses to train (DistillError) when it cannot."""
+    not when it cannot on a CUDA device (silent elsewhere: graphs are CUDA's), `true` refuses to train
+    (DistillError) when it cannot."""
     if setting == "false":
         return False
     reason = why_not_captured(compute, optimizer_impl)
@@ -65,7 +66,8 @@ def use_graphs(setting: str, compute: Compute, optimizer_impl: str, label: str) 
         return True
     if setting == "true":
         raise DistillError(f"device.cuda_graphs=true: the training step cannot be captured: {reason}")
-    log.info(f"{label}: CUDA graphs off: {reason}")
+    if compute.device.type == "cuda":
+        log.info(f"{label}: CUDA graphs off: {reason}")
     return False
 
 
