@@ -165,7 +165,6 @@ def _force_graphs(monkeypatch) -> list[int]:
     """Every check passes on this CPU, so a run takes the graph path, whose steps then run eagerly on static buffers:
     the sizes of the groups of networks whose steps `graphs.GraphedStep` ran, one entry a step."""
     monkeypatch.setattr(graphs, "why_not_captured", lambda compute, impl: None)
-    monkeypatch.setattr(setup, "why_not_captured", lambda compute, impl: None)
     steps, call = [], graphs.GraphedStep.__call__
 
     def counted(self, batch, epoch):

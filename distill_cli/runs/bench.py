@@ -40,6 +40,7 @@ from ..training.loop import (
     cross_entropy_step,
     graphed_steps,
     optimisation_step,
+    replay_counted,
     train_epoch,
     train_steps_stacked,
 )
@@ -262,18 +263,13 @@ def _sweep_runner(learners: list[_Learner], loader, how: str, cuda_graphs: str |
     if cuda_graphs is not None:
         graphed = [graphed_steps([learner], cuda_graphs) for learner in learners] if how == "serial" else [graphed_steps(learners, cuda_graphs)]
 
-    def replayed(step, group: list[_Learner], batch) -> None:
-        results, on = step(batch, 1)
-        for learner, (parts, logits) in zip(group, results):
-            learner.totals.add(parts, logits, on.labels)
-
     def run(steps: int) -> int:
         for learner in learners:
             learner.totals = EpochTotals(learner.compute.device)
         if graphed is not None:
             for step, group in zip(graphed, [[learner] for learner in learners] if how == "serial" else [learners]):
                 for batch in _cycle(loader, steps):
-                    replayed(step, group, batch)
+                    replay_counted(step, group, batch, 1)
         elif how == "serial":
             for learner in learners:
                 for batch in _cycle(loader, steps):
@@ -451,7 +447,7 @@ def bench_table(result: dict) -> Group:
         table.add_row(
             name, f"{row['distill_images_per_s']:,.0f}", f"{row['reference_images_per_s']:,.0f}", f"{row['speedup']:.2f}x"
         )
-    on_off = lambda flag: "on" if flag else "off"
+    on_off = lambda flag: "on" if flag else "off"  # noqa: E731
     notes = [
         f"machine: {result['device']} ({result['device_name']}, {result['threads']} threads)",
         f"distill: {result['precision']}, {result['pipeline']} pipeline, channels_last teacher "

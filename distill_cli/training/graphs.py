@@ -54,18 +54,29 @@ def why_not_captured(compute: Compute, optimizer_impl: str) -> str | None:
     return None
 
 
+def not_capturable(reason: str) -> DistillError:
+    """The one-line refusal of `device.cuda_graphs=true` where the step cannot be captured, for `reason`."""
+    return DistillError(f"device.cuda_graphs=true: the training step cannot be captured: {reason}")
+
+
+def checked_setting(setting: str, compute: Compute, optimizer_impl: str) -> str | None:
+    """`why_not_captured`, refused (`not_capturable`) where `device.cuda_graphs=setting` is "true"."""
+    reason = why_not_captured(compute, optimizer_impl)
+    if setting == "true" and reason is not None:
+        raise not_capturable(reason)
+    return reason
+
+
 def use_graphs(setting: str, compute: Compute, optimizer_impl: str, label: str) -> bool:
     """Whether `label`'s training replays its steps from CUDA graphs (`device.cuda_graphs=setting`); `auto` logs why
     not when it cannot on a CUDA device (silent elsewhere: graphs are CUDA's), `true` refuses to train
     (DistillError) when it cannot."""
     if setting == "false":
         return False
-    reason = why_not_captured(compute, optimizer_impl)
+    reason = checked_setting(setting, compute, optimizer_impl)
     if reason is None:
         log.info(f"{label}: CUDA graphs on (each step replayed from a graph captured once per epoch)")
         return True
-    if setting == "true":
-        raise DistillError(f"device.cuda_graphs=true: the training step cannot be captured: {reason}")
     if compute.device.type == "cuda":
         log.info(f"{label}: CUDA graphs off: {reason}")
     return False
@@ -148,7 +159,7 @@ class GraphedStep(Generic[Results]):
         except RuntimeError as error:  # a host sync, a shape computed from values, another generator
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if self.required:
-                raise DistillError(f"device.cuda_graphs=true: the training step cannot be captured: {reason}") from None
+                raise not_capturable(reason) from None
             log.warning(f"CUDA graphs off: capturing the training step failed ({reason}); it runs eagerly")
             self.capture, self.results = False, None
             return False

@@ -388,10 +388,9 @@ def fit_together(trainings: list[Training], loader, streams: list[dict], stacked
                     stacked.keep([trainings[k].model for k in running])
                 if first.cuda_graphs != "false":
                     group = [trainings[k] for k in running]
-                    step = graphed.setdefault(tuple(running), graphed_steps(group, first.cuda_graphs))
-                    results, on = step(batch, epoch)
-                    for learner, (parts, logits) in zip(group, results):
-                        learner.totals.add(parts, logits, on.labels)
+                    if tuple(running) not in graphed:  # built once per set of running trainings, not per batch
+                        graphed[tuple(running)] = graphed_steps(group, first.cuda_graphs)
+                    replay_counted(graphed[tuple(running)], group, batch, epoch)
                 elif stacked is None:
                     for k in list(running):
                         as_run(k, partial(trainings[k].train_step, batch, epoch))
@@ -472,6 +471,13 @@ def graphed_steps(learners: list, cuda_graphs: str, capture: bool | None = None)
         return _steps_together(learners, batch, epoch, for_graph=True, counted=False)
 
     return GraphedStep(optimise, [learner.optimizer for learner in learners], capture, required=cuda_graphs == "true")
+
+
+def replay_counted(graphed: GraphedStep, learners: list, batch: Batch, epoch: int) -> None:
+    """One replayed step of `learners` (`graphed_steps` of them) on `batch`, added to each one's `totals`."""
+    results, on = graphed(batch, epoch)
+    for learner, (parts, logits) in zip(learners, results):
+        learner.totals.add(parts, logits, on.labels)
 
 
 def train_epoch(

@@ -12,7 +12,7 @@ from ..core.errors import DistillError
 from ..data import DataSplits, load_dataset, training_augment
 from ..data.loader import Loader, build_loader, choose_pipeline
 from .compute import Compute, resolve_compute
-from .graphs import why_not_captured
+from .graphs import checked_setting
 from .world import world as current_world
 
 
@@ -30,9 +30,7 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
     `device.cuda_graphs=true` where the step cannot be captured fails here, before anything is built."""
     world = current_world()
     compute = resolve_compute(cfg.device, world)
-    not_captured = why_not_captured(compute, cfg.optimizer.impl)
-    if cfg.device.cuda_graphs == "true" and not_captured is not None:
-        raise DistillError(f"device.cuda_graphs=true: the training step cannot be captured: {not_captured}")
+    checked_setting(cfg.device.cuda_graphs, compute, cfg.optimizer.impl)
     data = load_dataset(cfg.dataset)
     if cfg.batch_size * world.size > len(data.train):
         processes = f" x {world.size} processes" if world.size > 1 else ""
