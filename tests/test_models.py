@@ -25,6 +25,10 @@ CIFAR = _info("cifar-like", 100, 3, 32)
 MNIST = _info("mnist-like", 10, 1, 28)
 DIGITS = _info("digits-like", 10, 1, 8)
 MODEL_NAMES = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+# one config of each CNN family, its block kinds included (resnet8x4: a projection shortcut in the first
+# stage): depth and width only repeat the same layers, so the checks that trace or rebuild a network
+# (folding, other input shapes) run on these; test_family_samples_cover_every_cnn_family keeps it whole
+FAMILY_SAMPLES = ["cnn", "resnet8", "resnet8x4", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2", "torchvision", "timm"]
 
 
 @cache
@@ -35,6 +39,12 @@ def model_config(name: str) -> ModelConfig:
 
 def build(name: str, info: DatasetInfo) -> nn.Module:
     return build_model(model_config(name), info, "teacher").eval()
+
+
+def test_family_samples_cover_every_cnn_family():
+    families = {model_config(n).arch for n in MODEL_NAMES} - {"mlp"}
+    assert {model_config(n).arch for n in FAMILY_SAMPLES} == families
+    assert {n for n in MODEL_NAMES if model_config(n).arch == "resnet_cifar" and model_config(n).kwargs["stem"] != 16} & set(FAMILY_SAMPLES)
 
 
 def run(model: nn.Module, info: DatasetInfo) -> torch.Tensor:
@@ -69,8 +79,10 @@ def _first(model: nn.Module, kind: type) -> nn.Module:
     return next(m for m in model.modules() if isinstance(m, kind))
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-@pytest.mark.parametrize("info", [CIFAR, MNIST], ids=lambda info: info.name)
+@pytest.mark.parametrize(
+    "name, info",
+    [pytest.param(n, info, id=f"{info.name}-{n}") for info, names in ((CIFAR, MODEL_NAMES), (MNIST, [*FAMILY_SAMPLES, "mlp"])) for n in names],
+)
 def test_every_model_config_builds_and_runs(name, info):
     model = build(name, info)
     assert run(model, info).shape == (2, info.num_classes)
@@ -208,7 +220,7 @@ def _trained_statistics(model: nn.Module, info: DatasetInfo) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if not n.startswith(("mlp", "hinton"))])
+@pytest.mark.parametrize("name", FAMILY_SAMPLES)
 def test_folding_batch_norm_keeps_the_outputs(name):
     norms = lambda m: sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())  # noqa: E731
     model = _trained_statistics(build(name, CIFAR), CIFAR)
