@@ -1,6 +1,7 @@
 """Feature-based KD methods (VID, ReviewKD) against independent computations of their papers' formulas."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from test_losses import batch_of
 from torch import nn
 
 from distill_cli.core.checkpoint import LAST, load_checkpoint
-from distill_cli.core.config import ModelConfig
+from distill_cli.core.config import ModelConfig, TeacherConfig
 from distill_cli.core.errors import DistillError
 from distill_cli.losses.base import MethodContext, build_method
 from distill_cli.losses.reviewkd import hierarchical_context_loss
@@ -24,6 +25,9 @@ BATCH = 4
 STUDENT = {"stage1": (3, 4, 4), "stage2": (5, 2, 2), "pooled": (7,)}
 TEACHER = {"stage1": (2, 8, 8), "stage2": (4, 2, 2), "stage3": (6, 4, 4), "pooled": (9,)}
 PAIRS = [("stage1", "stage2"), ("stage2", "stage3")]
+# ReviewKD reads the teacher's stages before their ReLU (`preactN`), paired as above
+PREACT_TEACHER = {point.replace("stage", "preact"): shape for point, shape in TEACHER.items()}
+REVIEW_PAIRS = [(student, teacher.replace("stage", "preact")) for student, teacher in PAIRS]
 
 
 def set_up(loss: dict, student: dict = STUDENT, teacher: dict = TEACHER, **more):
@@ -160,7 +164,7 @@ def reviewkd_by_hand(method, student: Outputs, teacher: Outputs) -> float:
     """The knowledge review of the paper, composed step by step from the method's layers: deepest level
     (the pooled feature as a 1x1 map) first; each shallower level blends its reduced student map with the
     deeper level's blend, upsampled by repetition, by sigmoid(1x1 conv) weights; HCL per level, summed."""
-    levels = [("pooled", "pooled"), *reversed(PAIRS)]
+    levels = [("pooled", "pooled"), *reversed(REVIEW_PAIRS)]
     as_map = {2: lambda x: x[:, :, None, None], 4: lambda x: x}
     total, deeper = 0.0, None
     for (student_point, teacher_point), fusion in zip(levels, method.fusions, strict=True):
@@ -185,11 +189,11 @@ def reviewkd_by_hand(method, student: Outputs, teacher: Outputs) -> float:
 
 def test_reviewkd_is_the_hcl_of_attention_fused_student_levels_to_the_teacher():
     weight = 3.0
-    method = set_up({"name": "reviewkd", "weight": weight, "warmup_epochs": 20})
+    method = set_up({"name": "reviewkd", "weight": weight, "warmup_epochs": 20}, teacher=PREACT_TEACHER)
     torch.manual_seed(4)
     for parameter in method.parameters():  # BatchNorm scales and shifts too, away from 1 and 0
         parameter.data = torch.randn_like(parameter)
-    student, teacher = outputs_of(STUDENT, seed=5), outputs_of(TEACHER, seed=6)
+    student, teacher = outputs_of(STUDENT, seed=5), outputs_of(PREACT_TEACHER, seed=6)
     expected = weight * reviewkd_by_hand(method, student, teacher)
     labels = torch.zeros(BATCH, dtype=torch.long)
     assert method(student, teacher, batch_of(labels), 20)["reviewkd"].item() == pytest.approx(expected, rel=1e-5)
@@ -202,31 +206,66 @@ def test_reviewkd_shared_width_is_the_student_pooled_width_capped_at_512():
 
 
 def test_reviewkd_warms_up_linearly_over_warmup_epochs_counted_from_one():
-    student, teacher = outputs_of(STUDENT, seed=7), outputs_of(TEACHER, seed=8)
+    student, teacher = outputs_of(STUDENT, seed=7), outputs_of(PREACT_TEACHER, seed=8)
     labels = batch_of(torch.zeros(BATCH, dtype=torch.long))
-    method = set_up({"name": "reviewkd", "warmup_epochs": 20}).eval()
+    method = set_up({"name": "reviewkd", "warmup_epochs": 20}, teacher=PREACT_TEACHER).eval()
     full = method(student, teacher, labels, 20)["reviewkd"].item()
     assert full > 0
     for epoch, factor in [(1, 1 / 20), (10, 0.5), (40, 1.0)]:
         assert method(student, teacher, labels, epoch)["reviewkd"].item() == pytest.approx(factor * full, rel=1e-6)
-    without = set_up({"name": "reviewkd", "warmup_epochs": 0}).eval()
+    without = set_up({"name": "reviewkd", "warmup_epochs": 0}, teacher=PREACT_TEACHER).eval()
     without.load_state_dict(method.state_dict())
     assert without(student, teacher, labels, 1)["reviewkd"].item() == pytest.approx(full, rel=1e-6)
+
+
+def test_reviewkd_reads_the_teachers_stages_before_their_relu_and_the_students_after():
+    """As the authors' code (`preact=True` on the teacher only): what the teacher's ReLU clips (its negative
+    `preactN`) moves the loss and its `stageN` do not; the student's `stageN` move it, its `preactN` do not."""
+    student_shapes = {**STUDENT, "preact1": STUDENT["stage1"], "preact2": STUDENT["stage2"]}
+    method = set_up({"name": "reviewkd"}, student=student_shapes, teacher={**TEACHER, **PREACT_TEACHER})
+    student, teacher = outputs_of(student_shapes, seed=11), outputs_of({**TEACHER, **PREACT_TEACHER}, seed=12)
+    for number in (1, 2, 3):
+        teacher.features[f"stage{number}"] = teacher.features[f"preact{number}"].clamp(min=0)
+    labels = batch_of(torch.zeros(BATCH, dtype=torch.long))
+
+    def loss_with(outputs, point, change):
+        changed = {**outputs.features, point: change(outputs.features[point])}
+        pair = (replace(student, features=changed), teacher) if outputs is student else (student, replace(teacher, features=changed))
+        return method(*pair, labels, 20)["reviewkd"].item()
+
+    loss = method(student, teacher, labels, 20)["reviewkd"].item()
+    assert loss_with(teacher, "preact3", lambda x: torch.where(x < 0, 2 * x, x)) != pytest.approx(loss, rel=1e-4)
+    assert loss_with(teacher, "stage3", lambda x: x + 1) == loss
+    assert loss_with(student, "stage2", lambda x: x.flip(0)) != pytest.approx(loss, rel=1e-4)  # BN would undo a shift
+    assert loss_with(student, "preact2", lambda x: x.flip(0)) == loss
+
+
+def test_reviewkd_refuses_a_teacher_without_pre_activation_stages_before_anything_trains(tmp_path):
+    """MobileNetV2's stages end in no ReLU (linear bottlenecks): no `preactN` to read."""
+    cfg = small_kd_config(
+        tmp_path,
+        loss={"name": "reviewkd"},
+        teacher=TeacherConfig("mobilenetv2", {"width_mult": 0.25}),
+        student=ModelConfig("cnn", {"width": 4}),
+    )
+    with pytest.raises(DistillError, match=r"^loss=reviewkd: teacher=mobilenetv2 has no feature point 'preact1' \(it has: stem, stage1,"):
+        run_kd(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
 
 
 # ---- every method here ----
 
 
 @pytest.mark.parametrize(
-    "name, trainable",
+    "name, teacher_shapes, trainable",
     [
-        ("vid", 2 * (3 + 1)),  # per stage pair: three 1x1 convs and the per-channel variances
-        ("reviewkd", 3 * (1 + 2 + 1 + 2) + 2 * 2),  # per level: two convs + BNs; attention conv but deepest
+        ("vid", TEACHER, 2 * (3 + 1)),  # per stage pair: three 1x1 convs and the per-channel variances
+        ("reviewkd", PREACT_TEACHER, 3 * (1 + 2 + 1 + 2) + 2 * 2),  # per level: two convs + BNs; attention conv but deepest
     ],
 )
-def test_gradients_reach_every_trainable_part_and_the_student(name, trainable):
-    method = set_up({"name": name})
-    student, teacher = outputs_of(STUDENT, seed=9, requires_grad=True), outputs_of(TEACHER, seed=10)
+def test_gradients_reach_every_trainable_part_and_the_student(name, teacher_shapes, trainable):
+    method = set_up({"name": name}, teacher=teacher_shapes)
+    student, teacher = outputs_of(STUDENT, seed=9, requires_grad=True), outputs_of(teacher_shapes, seed=10)
     method(student, teacher, batch_of(torch.zeros(BATCH, dtype=torch.long)), 20)[name].backward()
     parameters = dict(method.named_parameters())
     assert len(parameters) == trainable

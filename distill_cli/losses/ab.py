@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 from ..models.features import PREACT
 from . import LOSSES
-from .base import Method, MethodContext, Stage, non_negative, require, stage_pairs
-from .fitnet import match_size
+from .base import Method, MethodContext, Stage, match_size, non_negative, require, stage_pairs
 
 
 def boundary_distance(student: Tensor, teacher: Tensor, margin: float) -> Tensor:

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from . import LOSSES
-from .base import Method, non_negative, positive, stage_pairs
-from .fitnet import match_size
+from .base import Method, match_size, non_negative, positive, stage_pairs
 
 
 def attention_map(feature, p: float):

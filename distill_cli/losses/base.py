@@ -133,13 +133,26 @@ def non_negative(key: str, value: float) -> None:
     require(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
 
 
-def stage_pairs(student: dict, teacher: dict, prefix: str = "stage") -> list[tuple[str, str]]:
+def stage_pairs(
+    student: dict, teacher: dict, prefix: str = "stage", teacher_prefix: str | None = None
+) -> list[tuple[str, str]]:
     """(student stage, teacher stage) names among the keys of `student` and `teacher` (features or their
     shapes), shallow to deep, paired from the deepest stage back: the deeper net's first stages are left
     out (pairing from the first stage would match a deep net's early stages with a shallow net's late ones).
-    `prefix`: which numbered points (`preact` for the pre-activation ones)."""
-    pairs = list(zip(reversed(stage_points(student, prefix)), reversed(stage_points(teacher, prefix))))
+    `prefix`: which numbered points (`preact` for the pre-activation ones); `teacher_prefix`: the teacher's,
+    when they differ from the student's (default: `prefix`)."""
+    teacher_stages = stage_points(teacher, teacher_prefix or prefix)
+    pairs = list(zip(reversed(stage_points(student, prefix)), reversed(teacher_stages)))
     return pairs[::-1]
+
+
+def match_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool the larger of two (B, C, H, W) maps to the other's height and width."""
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student, teacher
+    if student.shape[-1] > teacher.shape[-1]:
+        return F.adaptive_avg_pool2d(student, teacher.shape[-2:]), teacher
+    return student, F.adaptive_avg_pool2d(teacher, student.shape[-2:])
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from ..models.features import stage_points
 from . import LOSSES
-from .base import Method, MethodContext, Stage, non_negative, positive, require
-from .fitnet import match_size
+from .base import Method, MethodContext, Stage, match_size, non_negative, positive, require
 
 SLOPE = 0.1  # the LeakyReLU of the paraphraser and translator, as the authors
 

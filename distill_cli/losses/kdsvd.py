@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import LOSSES
-from .base import Method, non_negative, require, stage_pairs
-from .fitnet import match_size
+from .base import Method, match_size, non_negative, require, stage_pairs
 
 RBF_WIDTH = 8.0  # the denominator of the RBF, as mdistiller
 

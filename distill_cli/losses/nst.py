@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import LOSSES
-from .base import Method, non_negative, stage_pairs
-from .fitnet import match_size
+from .base import Method, match_size, non_negative, stage_pairs
 
 
 def polynomial_kernel_mean(a: Tensor, b: Tensor) -> Tensor:

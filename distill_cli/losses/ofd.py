@@ -28,8 +28,7 @@ from torch import Tensor, nn
 from ..core.errors import DistillError
 from ..models.features import PREACT, preact_batch_norms
 from . import LOSSES
-from .base import Method, MethodContext, non_negative, stage_pairs
-from .fitnet import match_size
+from .base import Method, MethodContext, match_size, non_negative, stage_pairs
 
 RARE = 1e-3  # below this probability of a negative pre-activation, the margin is -3 standard deviations
 

@@ -13,12 +13,16 @@ Defaults as mdistiller's CIFAR-100 run (resnet32x4 -> resnet8x4; the authors' sc
 most pairs): weight 5, warm-up over 20 epochs, shared width min(512, student's pooled width), CE weight 1.
 Nets with different stage counts pair their stages from the deepest back (`base.stage_pairs`).
 
-Deliberate differences from the authors' code and mdistiller: the teacher's stage outputs are the
-post-ReLU feature points every method reads (they take the teacher's pre-activation maps), and when the
-student's and the teacher's maps of a level differ in size, the larger is average-pooled to the smaller
-after the ABF (`fitnet.match_size`; they nearest-resize the student's blend to the teacher's size before
-the 3x3 conv). Every pair of the peers' CIFAR tables has equal sizes on both sides except ShuffleNet and
-MobileNet students.
+As the authors' code and mdistiller (`preact=True` on the teacher, `STU_PREACT = False`), the teacher's
+stage levels are its pre-activation stage outputs (the `preactN` feature points, see `ofd`) and the
+student's are its stage outputs after the ReLU; both pooled features are as the classifier reads them. A
+teacher without pre-activation points (MobileNetV2's linear bottlenecks, ShuffleNetV2's concatenations:
+their stages end in no ReLU) is refused in one line before training, as for `ofd`.
+
+Deliberate difference from the authors' code and mdistiller: when the student's and the teacher's maps of
+a level differ in size, the larger is average-pooled to the smaller after the ABF (`base.match_size`; they
+nearest-resize the student's blend to the teacher's size before the 3x3 conv). Every pair of the peers'
+CIFAR tables has equal sizes on both sides except ShuffleNet and MobileNet students.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.features import PREACT
 from . import LOSSES
-from .base import Method, MethodContext, non_negative, stage_pairs
-from .fitnet import match_size
+from .base import Method, MethodContext, match_size, non_negative, stage_pairs
 
 MAX_SHARED_WIDTH = 512  # the authors' cap on the ABF width
 
@@ -79,7 +83,8 @@ def _as_map(feature: Tensor) -> Tensor:
 
 @LOSSES.register("reviewkd")
 class ReviewKD(Method):
-    """weight * warm-up * HCL between attention-fused student levels (stages + pooled) and the teacher's."""
+    """weight * warm-up * HCL between attention-fused student levels (stages + pooled) and the teacher's
+    (pre-activation stages + pooled)."""
 
     def __init__(self, weight: float = 5.0, warmup_epochs: int = 20):
         super().__init__()
@@ -87,11 +92,11 @@ class ReviewKD(Method):
         non_negative("loss.warmup_epochs", warmup_epochs)
         self.weight = weight
         self.warmup_epochs = warmup_epochs
-        self.student_points = self.teacher_points = ("stages", "pooled")
+        self.student_points, self.teacher_points = ("stages", "pooled"), ("preacts", "pooled")
 
     def setup(self, context: MethodContext) -> None:
         # deepest level first: the order the fusion runs in
-        self.levels = [("pooled", "pooled"), *reversed(stage_pairs(context.student, context.teacher))]
+        self.levels = [("pooled", "pooled"), *reversed(stage_pairs(context.student, context.teacher, teacher_prefix=PREACT))]
         shared = min(MAX_SHARED_WIDTH, context.student["pooled"][0])
         self.fusions = nn.ModuleList(
             AttentionFusion(context.student[s][0], shared, context.teacher[t][0], fuse=depth > 0)

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import LOSSES
-from .base import Method, MethodContext, non_negative, positive, require, stage_pairs
-from .fitnet import match_size
+from .base import Method, MethodContext, match_size, non_negative, positive, require, stage_pairs
 
 
 def _conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
