@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_distill_in_process, small_kd_config, small_train_config
+from conftest import metrics_without_timing, run_distill_in_process, small_kd_config, small_train_config
 from torch import nn
 
 from distill_cli.cli.main import main
@@ -23,6 +23,7 @@ from distill_cli.models.checkpoints import model_from_checkpoint, recorded_layer
 from distill_cli.models.pruning import copy_teacher, prune_channels, prune_weights, sparsity
 from distill_cli.runs.bench import run_bench
 from distill_cli.runs.fused import run_kd_fused
+from distill_cli.runs.kd import run_kd
 from distill_cli.training.compute import Compute
 
 DIGITS = DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), tuple(str(i) for i in range(10)))
@@ -199,16 +200,19 @@ STARTS = {  # the two ways a student starts trained, as `distill kd student.* ..
 @pytest.mark.parametrize("start", STARTS)
 def test_students_that_start_trained_train_in_fused_sweeps_and_are_timed_by_bench(start, tmp_path, quiet_results):
     """`student.checkpoint=` (its architecture read from the file) and `student.init=teacher` in a fused
-    T sweep and in `distill bench fused=2`."""
+    alpha sweep and in `distill bench fused=2`. alpha=0 reads no teacher, yet its student starts as the run
+    alone starts it (for `init=teacher`: copied from the teacher, whom the group's memory probe must not need)."""
     teacher = digits_checkpoint(tmp_path / "teacher.pt", network("cnn", width=8), "cnn", tmp_path, width=8)
     base = small_kd_config(
         tmp_path, teacher=TeacherConfig(arch="cnn", kwargs={"width": 8}, checkpoint=str(teacher)), student=STARTS[start](tmp_path),
         dataset=DatasetConfig(name="synthetic", num_classes=10, channels=1, image_size=8, train_size=128, test_size=32),  # digits' shape
         epochs=1,
     )
-    summaries = run_kd_fused([replace(base, T=2.0), replace(base, T=4.0)], [tmp_path / "0", tmp_path / "1"])
+    summaries = run_kd_fused([replace(base, alpha=0.0), replace(base, alpha=0.9)], [tmp_path / "0", tmp_path / "1"])
     assert [s["status"] for s in summaries] == ["completed"] * 2
     assert {s["student"]["arch"] for s in summaries} == {"cnn"} and "baseline" not in summaries[0]
+    run_kd(replace(base, alpha=0.0), tmp_path / "alone")
+    assert metrics_without_timing(tmp_path / "0") == metrics_without_timing(tmp_path / "alone")
     bench = BenchConfig(**{**vars(base), "fused": 2, "warmup_steps": 1, "steps": 2, "repeats": 1})
     assert all(row["images_per_s"] > 0 for row in run_bench(bench, tmp_path / "bench")["results"].values())
 

@@ -18,7 +18,7 @@ from ..data import DataSplits
 from ..data.loader import Batch
 from ..kd.objective import needs_teacher
 from ..kd.teachers import Shared
-from ..kd.wiring import untrained_teacher, wire_kd
+from ..kd.wiring import student_shaped, untrained_teacher, wire_kd
 from ..training.compute import Compute
 from ..training.device_memory import GIB, available_bytes, byte_size
 from ..training.setup import Loaders
@@ -97,7 +97,9 @@ def training_bytes(
     training images `batch`, scaled to `cfg.batch_size` (the teacher runs once for all the students of `shared`, as in
     the fused group). Nothing is trained, no global state is kept."""
     compute = replace(compute, compile=False)  # the same step, without compiling it
-    wired = wire_kd(cfg, data, compute, teacher, shared=shared)
+    # the student's shape is what costs memory: `student.init=teacher` is not copied (with alpha=0 the
+    # objective reads no teacher, so there is none here to copy from)
+    wired = wire_kd(cfg, data, compute, teacher, shared=shared, student=student_shaped(cfg.student, data, compute))
     trained = wired.trained
     activations = autograd_saved_bytes(wired.step, batch, compute, trained) * cfg.batch_size / len(batch.labels)
     parameters = tensor_bytes(p for p in trained.parameters() if p.requires_grad)
