@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_distill_in_process, write_image_tree, write_png
+from sklearn.datasets import load_digits
 
 from distill_cli.core.config import DatasetConfig
 from distill_cli.core.errors import DistillError
@@ -21,6 +22,7 @@ from distill_cli.data import (
     load_dataset,
     training_augment,
 )
+from distill_cli.data import digits as digits_module
 from distill_cli.data import imagefolder as imagefolder_module
 from distill_cli.data.augment import random_color_jitter, random_crop, random_flip
 from distill_cli.data.loader import DeviceLoader
@@ -84,6 +86,18 @@ def test_loader_augments_training_batches_reproducibly():
 
 
 # ---------------------------------------------------------------- splits and classes
+
+
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+    """The images and labels scikit-learn's load_digits gives (scaled 0..16 -> 0..255), from its CSV."""
+    raw = digits_module.load_digits(DatasetConfig(name="digits"))
+    reference = load_digits()
+    expected = torch.as_tensor(reference.images, dtype=torch.float32).mul(255 / 16).round().to(torch.uint8)
+    assert torch.equal(raw.train.images, expected.unsqueeze(1))
+    assert torch.equal(raw.train.labels, torch.as_tensor(reference.target, dtype=torch.int64))
+    monkeypatch.setattr(digits_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DistillError, match=r"^dataset=digits: scikit-learn's digits file .* is not installed"):
+        digits_module.load_digits(DatasetConfig(name="digits"))
 
 
 def test_digits_splits_have_the_configured_sizes():
