@@ -160,11 +160,11 @@ def hcl_by_blocks(student: np.ndarray, teacher: np.ndarray) -> float:
     return sum(w * e for w, e in zip(weights, errors)) / sum(weights)
 
 
-def reviewkd_by_hand(method, student: Outputs, teacher: Outputs) -> float:
+def reviewkd_by_hand(method, student: Outputs, teacher: Outputs, pairs=REVIEW_PAIRS) -> float:
     """The knowledge review of the paper, composed step by step from the method's layers: deepest level
     (the pooled feature as a 1x1 map) first; each shallower level blends its reduced student map with the
     deeper level's blend, upsampled by repetition, by sigmoid(1x1 conv) weights; HCL per level, summed."""
-    levels = [("pooled", "pooled"), *reversed(REVIEW_PAIRS)]
+    levels = [("pooled", "pooled"), *reversed(pairs)]
     as_map = {2: lambda x: x[:, :, None, None], 4: lambda x: x}
     total, deeper = 0.0, None
     for (student_point, teacher_point), fusion in zip(levels, method.fusions, strict=True):
@@ -173,28 +173,44 @@ def reviewkd_by_hand(method, student: Outputs, teacher: Outputs) -> float:
         if deeper is None:
             assert fusion.attention is None
         else:
-            factor = blend.shape[-1] // deeper.shape[-1]
-            up = deeper.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+            up = nearest_by_index(deeper, blend.shape[-1])
             conv = fusion.attention[0]
             both = torch.cat([blend, up], dim=1)
             logits = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], both) + conv.bias[None, :, None, None]
             attention = 1 / (1 + torch.exp(-logits))
             blend = blend * attention[:, 0:1] + up * attention[:, 1:2]
-        target = teacher.features[teacher_point]
-        output, target = to_same_size(numpy_of(fusion.project(blend)), numpy_of(as_map[target.dim()](target)))
-        total += hcl_by_blocks(output, target)
+        target = as_map[teacher.features[teacher_point].dim()](teacher.features[teacher_point])
+        blend = nearest_by_index(blend, target.shape[-1])  # to the teacher's size, before the 3x3 conv
+        total += hcl_by_blocks(numpy_of(fusion.project(blend)), numpy_of(target))
         deeper = blend
     return total
 
 
-def test_reviewkd_is_the_hcl_of_attention_fused_student_levels_to_the_teacher():
+def nearest_by_index(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest resize of square maps to `size` x `size`: output pixel i takes input pixel floor(i * in / size)."""
+    index = torch.arange(size) * x.shape[-1] // size
+    return x[:, :, index][:, :, :, index]
+
+
+# the student's 4x4 stage2 meets the teacher's 2x2 preact2: that level's blend goes on at 2x2, and the next
+# (8x8) level upsamples it from there
+SHRINKING_STUDENT = {"stage1": (3, 8, 8), "stage2": (5, 4, 4), "pooled": (7,)}
+SHRINKING_TEACHER = {"preact1": (2, 8, 8), "preact2": (4, 2, 2), "pooled": (9,)}
+
+
+@pytest.mark.parametrize(
+    "student_shapes, teacher_shapes, pairs",
+    [(STUDENT, PREACT_TEACHER, REVIEW_PAIRS), (SHRINKING_STUDENT, SHRINKING_TEACHER, [("stage1", "preact1"), ("stage2", "preact2")])],
+    ids=["two-sizes-each-way", "shrunk-then-upsampled"],
+)
+def test_reviewkd_is_the_hcl_of_attention_fused_student_levels_to_the_teacher(student_shapes, teacher_shapes, pairs):
     weight = 3.0
-    method = set_up({"name": "reviewkd", "weight": weight, "warmup_epochs": 20}, teacher=PREACT_TEACHER)
+    method = set_up({"name": "reviewkd", "weight": weight, "warmup_epochs": 20}, student=student_shapes, teacher=teacher_shapes)
     torch.manual_seed(4)
     for parameter in method.parameters():  # BatchNorm scales and shifts too, away from 1 and 0
         parameter.data = torch.randn_like(parameter)
-    student, teacher = outputs_of(STUDENT, seed=5), outputs_of(PREACT_TEACHER, seed=6)
-    expected = weight * reviewkd_by_hand(method, student, teacher)
+    student, teacher = outputs_of(student_shapes, seed=5), outputs_of(teacher_shapes, seed=6)
+    expected = weight * reviewkd_by_hand(method, student, teacher, pairs)
     labels = torch.zeros(BATCH, dtype=torch.long)
     assert method(student, teacher, batch_of(labels), 20)["reviewkd"].item() == pytest.approx(expected, rel=1e-5)
 

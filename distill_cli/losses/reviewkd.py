@@ -19,10 +19,9 @@ student's are its stage outputs after the ReLU; both pooled features are as the 
 teacher without pre-activation points (MobileNetV2's linear bottlenecks, ShuffleNetV2's concatenations:
 their stages end in no ReLU) is refused in one line before training, as for `ofd`.
 
-Deliberate difference from the authors' code and mdistiller: when the student's and the teacher's maps of
-a level differ in size, the larger is average-pooled to the smaller after the ABF (`base.match_size`; they
-nearest-resize the student's blend to the teacher's size before the 3x3 conv). Every pair of the peers'
-CIFAR tables has equal sizes on both sides except ShuffleNet and MobileNet students.
+When the student's and the teacher's maps of a level differ in size (of the peers' CIFAR pairs, only
+ShuffleNet and MobileNet students), the blend is nearest-resized to the teacher's size before the 3x3 conv
+and handed on at that size, as the authors' ABF does.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 
 from ..models.features import PREACT
 from . import LOSSES
-from .base import Method, MethodContext, match_size, non_negative, stage_pairs
+from .base import Method, MethodContext, non_negative, stage_pairs
 
 MAX_SHARED_WIDTH = 512  # the authors' cap on the ABF width
 
@@ -52,13 +51,16 @@ class AttentionFusion(nn.Module):
         for conv in (self.reduce[0], self.project[0]):
             nn.init.kaiming_uniform_(conv.weight, a=1)  # as the authors
 
-    def forward(self, student: Tensor, deeper: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(output with the teacher's channel count, the blend handed to the next shallower level)."""
+    def forward(self, student: Tensor, deeper: Tensor | None, size: torch.Size) -> tuple[Tensor, Tensor]:
+        """(output with the teacher's channel count and map `size`, the blend handed to the next shallower
+        level): a blend of another size than the teacher's map is nearest-resized to it before the 3x3 conv."""
         blend = self.reduce(student)
         if self.attention is not None:
             deeper = F.interpolate(deeper, size=blend.shape[-2:], mode="nearest")
             weights = self.attention(torch.cat([blend, deeper], dim=1))
             blend = blend * weights[:, :1] + deeper * weights[:, 1:]
+        if blend.shape[-2:] != size:
+            blend = F.interpolate(blend, size=size, mode="nearest")
         return self.project(blend), blend
 
 
@@ -106,8 +108,8 @@ class ReviewKD(Method):
     def forward(self, student, teacher, batch, epoch):
         total, blend = 0.0, None
         for (student_point, teacher_point), fusion in zip(self.levels, self.fusions):
-            output, blend = fusion(_as_map(student.features[student_point].float()), blend)
-            output, target = match_size(output, _as_map(teacher.features[teacher_point]))
+            target = _as_map(teacher.features[teacher_point])
+            output, blend = fusion(_as_map(student.features[student_point].float()), blend, target.shape[-2:])
             total = total + hierarchical_context_loss(output.float(), target.float())
         warm_up = min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
         return {"reviewkd": self.weight * warm_up * total}
