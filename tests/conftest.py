@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from distill_cli.core.checkpoint import load_checkpoint
 from distill_cli.core.config import (
     DeviceConfig,
     KDConfig,
@@ -163,6 +164,19 @@ TIMING_KEYS = {"images_per_s", "seconds"}
 def metrics_without_timing(run_dir: Path) -> list[dict]:
     """metrics.jsonl of a run without the fields that vary between identical runs."""
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def close_runs(stacked_dir, sequential_dir) -> None:
+    """The same training up to float order: metrics, weights and BatchNorm statistics."""
+    rows = [metrics_without_timing(folder) for folder in (stacked_dir, sequential_dir)]
+    assert len(rows[0]) == len(rows[1])
+    for mine, theirs in zip(*rows):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-4), key
+    weights = [load_checkpoint(folder / "last.pt")["state_dict"] for folder in (stacked_dir, sequential_dir)]
+    for key, value in weights[1].items():
+        assert torch.allclose(weights[0][key].float(), value.float(), rtol=1e-3, atol=1e-4), key
 
 
 def write_png(image: torch.Tensor, path: Path) -> None:

@@ -36,6 +36,7 @@ from distill_cli.training.world import World
 
 CPU = Compute(torch.device("cpu"), "fp32")
 GPU = Compute(torch.device("cuda"), "bf16")  # a device object only: nothing runs on it
+AUTO = OptimizerConfig()  # optimizer.impl=auto
 
 
 @pytest.mark.parametrize(
@@ -45,27 +46,29 @@ GPU = Compute(torch.device("cuda"), "bf16")  # a device object only: nothing run
         (replace(GPU, world=World(size=2, joined=True)), "auto", "several processes"),
         (replace(GPU, compile=True), "auto", "device.compile=true"),
         (GPU, "foreach", "optimizer.impl=foreach"),
+        (GPU, "dot", "optimizer.name=dot"),
         (GPU, "auto", None),
         (GPU, "fused", None),
     ],
 )
 def test_why_a_step_is_not_captured(compute, impl, reason):
-    found = graphs.why_not_captured(compute, impl)
+    optimizer = OptimizerConfig(name="dot", nesterov=False) if impl == "dot" else OptimizerConfig(impl=impl)
+    found = graphs.why_not_captured(compute, optimizer)
     assert found == reason if reason is None else found.startswith(reason)
 
 
 def test_auto_says_why_graphs_are_off_and_true_refuses(caplog):
     with caplog.at_level(logging.INFO, logger="distill"):
-        assert graphs.use_graphs("auto", CPU, "auto", "teacher") is False  # silent: graphs are CUDA's
-        assert graphs.use_graphs("auto", replace(GPU, compile=True), "auto", "student") is False
-        assert graphs.use_graphs("false", CPU, "auto", "teacher") is False
-        assert graphs.use_graphs("auto", GPU, "auto", "baseline") is True
+        assert graphs.use_graphs("auto", CPU, AUTO, "teacher") is False  # silent: graphs are CUDA's
+        assert graphs.use_graphs("auto", replace(GPU, compile=True), AUTO, "student") is False
+        assert graphs.use_graphs("false", CPU, AUTO, "teacher") is False
+        assert graphs.use_graphs("auto", GPU, AUTO, "baseline") is True
     assert [r.getMessage() for r in caplog.records] == [
         "student: CUDA graphs off: device.compile=true (torch.compile runs its own graphs: use one or the other)",
         "baseline: CUDA graphs on (each step replayed from a graph captured once per epoch)",
     ]
     with pytest.raises(DistillError, match="device.cuda_graphs=true: the training step cannot be captured: device.compile=true"):
-        graphs.use_graphs("true", replace(GPU, compile=True), "auto", "student")
+        graphs.use_graphs("true", replace(GPU, compile=True), AUTO, "student")
 
 
 def test_cuda_graphs_true_on_the_cpu_fails_in_one_line_before_training(tmp_path, monkeypatch, capsys):

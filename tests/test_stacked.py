@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     CPU_DEVICE,
+    close_runs,
     fused_group,
     metrics_without_timing,
     on_training_step,
@@ -47,19 +48,6 @@ def one_after_another(tmp_path_factory):
     return cfgs, folders
 
 
-def _close_run(stacked_dir, sequential_dir) -> None:
-    """The same training up to float order: metrics, weights and BatchNorm statistics."""
-    rows = [metrics_without_timing(folder) for folder in (stacked_dir, sequential_dir)]
-    assert len(rows[0]) == len(rows[1])
-    for mine, theirs in zip(*rows):
-        assert mine.keys() == theirs.keys()
-        for key in mine:
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-4), key
-    weights = [load_checkpoint(folder / "last.pt")["state_dict"] for folder in (stacked_dir, sequential_dir)]
-    for key, value in weights[1].items():
-        assert torch.allclose(weights[0][key].float(), value.float(), rtol=1e-3, atol=1e-4), key
-
-
 @pytest.fixture(scope="module")
 def stacked_run(one_after_another, tmp_path_factory):
     """The same jobs trained fused and stacked: their folders and what the group logged."""
@@ -87,7 +75,7 @@ def test_stacked_students_train_as_one_after_another(one_after_another, stacked_
     folders, records = stacked_run
     assert "fused: 3 students train on shared batches, stacked (hydra.launcher.batching=stacked)" in records
     for mine, theirs in zip(folders, sequential):
-        _close_run(mine, theirs)
+        close_runs(mine, theirs)
     first = load_checkpoint(folders[0] / "last.pt")["state_dict"]
     assert not torch.equal(first["1.running_mean"], torch.zeros_like(first["1.running_mean"]))
 
@@ -123,7 +111,7 @@ def test_a_diverged_stacked_student_fails_alone(one_after_another, tmp_path, mon
     assert [s["status"] for s in summaries] == ["completed", "failed", "completed"]
     assert "training diverged" in summaries[1]["error"]
     for n in (0, 2):
-        _close_run(folders[n], sequential[n])
+        close_runs(folders[n], sequential[n])
 
 
 def test_auto_stacks_only_when_measured_faster(one_after_another, tmp_path, monkeypatch, caplog):

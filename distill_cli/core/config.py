@@ -206,9 +206,18 @@ class OptimizerConfig:
     # update kernel: fused (one kernel for all parameters), foreach (batched ops), loop (per parameter);
     # auto = fused on CUDA and CPU, torch's default elsewhere
     impl: str = "auto"
+    # name=dot (DOT, Zhao et al. ICCV 2023): momentum - dot_delta for the task (cross-entropy) gradient,
+    # momentum + dot_delta for the distillation terms' gradient
+    dot_delta: float = 0.075
 
     def __post_init__(self) -> None:
-        _choice("optimizer.name", self.name, ("sgd", "adam", "adamw"))
+        _choice("optimizer.name", self.name, ("sgd", "adam", "adamw", "dot"))
+        if self.name == "dot":
+            _check(not self.nesterov, "optimizer.nesterov", "must be false with name=dot (DOT's two momenta are heavy-ball)")
+            _check(
+                0 <= self.dot_delta <= self.momentum and self.momentum + self.dot_delta < 1, "optimizer.dot_delta",
+                f"must be in [0, momentum] with momentum + dot_delta < 1, got {self.dot_delta} (momentum {self.momentum})",
+            )
         _choice("optimizer.impl", self.impl, ("auto", "fused", "foreach", "loop"))
         _choice("optimizer.schedule", self.schedule, ("cosine", "step", "constant"))
         _check(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")

@@ -294,7 +294,7 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     fused with the students stacked (when they can stack: `stacked.why_not_stacked`). Untrained teacher; the
     teacher runs on every step, as it does with augmentation. Writes bench.json, prints the table."""
     compute, data, loaders = prepare_run(cfg)
-    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer.impl, "bench")
+    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer, "bench")
     seed_everything(cfg.seed)
     teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))
     cases = {
@@ -372,7 +372,7 @@ def run_bench(cfg: BenchConfig, run_dir: Path) -> dict:
     if cfg.fused:
         return run_sweep_bench(cfg, run_dir)
     compute, data, loaders = prepare_run(cfg)
-    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer.impl, "bench")
+    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer, "bench")
     plain = Compute(compute.device, "fp32", channels_last=False, fold_frozen=False)
     seed_everything(cfg.seed)
     teacher = compute.place(build_model(cfg.teacher, data.info, "teacher"))

@@ -59,7 +59,7 @@ def fit_options(
     go to `fit` as they are. The optimizer is built graph-safe when the steps replay from CUDA graphs
     (`training.graphs.use_graphs`, which logs why not under `device.cuda_graphs=auto`)."""
     trained = model if method is None else nn.ModuleList([model, method])
-    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer.impl, label)
+    graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer, label)
     optimizer = build_optimizer(trained, cfg.optimizer, compute.device, graph_safe=graphs)
     scheduler = build_scheduler(optimizer, cfg.optimizer, epochs)
     # with several processes rank 0 reads the checkpoint and every rank gets it

@@ -34,6 +34,7 @@ OPTIMIZER_STATES = {
     "sgd": lambda cfg: 1 if cfg.momentum > 0 else 0,  # the momentum buffer
     "adam": lambda cfg: 2,  # first and second moments
     "adamw": lambda cfg: 2,
+    "dot": lambda cfg: 3,  # the task and distillation momentum buffers, and the distillation gradient of a step
 }
 
 

@@ -36,6 +36,10 @@ def teacher_recipe(cfg: TrainConfig, processes: int = 1) -> dict:
     optimizer.pop("impl")
     if not optimizer["decay_all"]:  # the default, absent from the recipes cached before the key existed
         optimizer.pop("decay_all")
+    # a network trained alone under DOT trains as under SGD (it has no distillation term): the same recipe
+    optimizer.pop("dot_delta")
+    if optimizer["name"] == "dot":
+        optimizer["name"] = "sgd"
     return {
         "dataset": dataset,
         "arch": cfg.teacher.arch,

@@ -30,6 +30,7 @@ from typing import Generic, TypeVar
 
 import torch
 
+from ..core.config import OptimizerConfig
 from ..core.errors import DistillError
 from ..data.loader import Batch
 from .compute import Compute
@@ -41,7 +42,7 @@ WARMUP_STEPS = 3  # eager steps on a side stream before the first capture (cuDNN
 Results = TypeVar("Results")
 
 
-def why_not_captured(compute: Compute, optimizer_impl: str) -> str | None:
+def why_not_captured(compute: Compute, optimizer: OptimizerConfig) -> str | None:
     """Why this run's training step cannot be replayed from a CUDA graph (None: it can), before anything is built."""
     if compute.device.type != "cuda":
         return f"no CUDA device (training on {compute.device.type})"
@@ -49,8 +50,10 @@ def why_not_captured(compute: Compute, optimizer_impl: str) -> str | None:
         return "several processes (DistributedDataParallel reduces gradients from hooks outside the graph)"
     if compute.compile:
         return "device.compile=true (torch.compile runs its own graphs: use one or the other)"
-    if optimizer_impl not in ("auto", "fused"):
-        return f"optimizer.impl={optimizer_impl} (the graph needs the fused optimizer step, which makes no host sync)"
+    if optimizer.name == "dot":
+        return "optimizer.name=dot (its step is not the fused kernel the graph needs)"
+    if optimizer.impl not in ("auto", "fused"):
+        return f"optimizer.impl={optimizer.impl} (the graph needs the fused optimizer step, which makes no host sync)"
     return None
 
 
@@ -59,21 +62,21 @@ def not_capturable(reason: str) -> DistillError:
     return DistillError(f"device.cuda_graphs=true: the training step cannot be captured: {reason}")
 
 
-def checked_setting(setting: str, compute: Compute, optimizer_impl: str) -> str | None:
+def checked_setting(setting: str, compute: Compute, optimizer: OptimizerConfig) -> str | None:
     """`why_not_captured`, refused (`not_capturable`) where `device.cuda_graphs=setting` is "true"."""
-    reason = why_not_captured(compute, optimizer_impl)
+    reason = why_not_captured(compute, optimizer)
     if setting == "true" and reason is not None:
         raise not_capturable(reason)
     return reason
 
 
-def use_graphs(setting: str, compute: Compute, optimizer_impl: str, label: str) -> bool:
+def use_graphs(setting: str, compute: Compute, optimizer: OptimizerConfig, label: str) -> bool:
     """Whether `label`'s training replays its steps from CUDA graphs (`device.cuda_graphs=setting`); `auto` logs why
     not when it cannot on a CUDA device (silent elsewhere: graphs are CUDA's), `true` refuses to train
     (DistillError) when it cannot."""
     if setting == "false":
         return False
-    reason = checked_setting(setting, compute, optimizer_impl)
+    reason = checked_setting(setting, compute, optimizer)
     if reason is None:
         log.info(f"{label}: CUDA graphs on (each step replayed from a graph captured once per epoch)")
         return True

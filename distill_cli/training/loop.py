@@ -29,7 +29,7 @@ from ..data.loader import Batch
 from .compute import Compute
 from .graphs import GraphedStep
 from .metrics import evaluate
-from .optim import keep_lr_kind
+from .optim import keep_lr_kind, loss_to_backpropagate
 from .rng import rng_state, set_rng_state
 from .trackers import Trackers
 from .world import SINGLE, World
@@ -419,7 +419,7 @@ def optimisation_step(model, method, step: Step, batch: Batch, epoch: int, optim
     """One optimisation step of `step` on `batch` (gradients of the method's trainable parts averaged over
     the processes), added to `totals`."""
     parts, logits = _forward_step(step, batch, epoch, optimizer, compute)
-    scaler.scale(parts["loss"]).backward()
+    _backward([loss_to_backpropagate(optimizer, parts, scaler.scale)])
     _update(method, parts, logits, batch, optimizer, scaler, compute, totals)
 
 
@@ -431,6 +431,13 @@ def _forward_step(step: Step, batch: Batch, epoch: int, optimizer, compute: Comp
         parts, logits = step(batch, epoch)
     optimizer.zero_grad(set_to_none=not for_graph)
     return parts, logits
+
+
+def _backward(losses: list[torch.Tensor | None]) -> None:
+    """Backpropagate `losses` (`optim.loss_to_backpropagate` of each step; None: nothing to fill) in one pass."""
+    losses = [loss for loss in losses if loss is not None]
+    if losses:
+        torch.autograd.backward(losses)
 
 
 def _update(method, parts: dict, logits: torch.Tensor, batch: Batch, optimizer, scaler, compute: Compute, totals: EpochTotals | None) -> None:
@@ -447,7 +454,7 @@ def _steps_together(learners: list, batch: Batch, epoch: int, for_graph: bool = 
     `batch`: all the losses backpropagated in one pass, then each its own optimizer step; added to each one's
     totals when `counted`. Returns each one's (terms, logits)."""
     results = [_forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute, for_graph) for learner in learners]
-    torch.autograd.backward([learner.scaler.scale(parts["loss"]) for learner, (parts, _) in zip(learners, results)])
+    _backward([loss_to_backpropagate(learner.optimizer, parts, learner.scaler.scale) for learner, (parts, _) in zip(learners, results)])
     for learner, (parts, logits) in zip(learners, results):
         totals = learner.totals if counted else None
         _update(learner.method, parts, logits, batch, learner.optimizer, learner.scaler, learner.compute, totals)

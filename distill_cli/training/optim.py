@@ -1,4 +1,4 @@
-"""The optimiser (SGD, Adam, AdamW with a fused/foreach kernel) and its per-epoch learning-rate schedule.
+"""The optimiser (SGD, Adam, AdamW with a fused/foreach kernel, or DOT) and its per-epoch learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -10,6 +10,99 @@ from torch import nn
 
 from ..core.config import OptimizerConfig
 from ..core.errors import DistillError
+from .compute import Compute
+
+TASK_TERM = "loss/ce"  # the step's task term (`losses.base.Objective`); every other "loss/<term>" distils
+
+
+class DistillationOrientedSGD(torch.optim.Optimizer):
+    """DOT (Zhao et al., "DOT: A Distillation-Oriented Trainer", ICCV 2023): SGD with one momentum buffer for the
+    task loss's gradient (momentum - delta) and another for the distillation loss's (momentum + delta), so the
+    distillation terms carry more of their history and the task term less. A parameter that only one of the two
+    reaches keeps plain `momentum`; with no distillation term (a teacher or a student trained alone) it is SGD.
+    Weight decay goes with the task gradient (with the distillation one where the task loss does not reach).
+
+    Each step takes two gradients: `stash(distillation_loss)` keeps the distillation terms' (a backward pass of
+    its own), then the task loss's backward fills `.grad` as usual and `step()` uses both."""
+
+    def __init__(self, params, lr: float, momentum: float, delta: float, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "delta": delta, "weight_decay": weight_decay})
+        self.distillation_grads: dict[torch.Tensor, torch.Tensor] = {}
+
+    def stash(self, distillation_loss: torch.Tensor) -> None:
+        """The gradients of `distillation_loss` for this step, kept aside (`.grad` is left to the task loss)."""
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        grads = torch.autograd.grad(distillation_loss, params, retain_graph=True, allow_unused=True)
+        self.distillation_grads = {p: g for p, g in zip(params, grads) if g is not None}
+
+    @staticmethod
+    def _momentum(state: dict, key: str, d_p: torch.Tensor, momentum: float) -> torch.Tensor:
+        buffer = state.get(key)
+        if buffer is None:
+            state[key] = buffer = d_p.detach().clone()
+        else:
+            buffer.mul_(momentum).add_(d_p)
+        return buffer
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum, delta, decay = group["momentum"], group["delta"], group["weight_decay"]
+            for p in group["params"]:
+                task, distillation = p.grad, self.distillation_grads.get(p)
+                if task is None and distillation is None:
+                    continue
+                both = task is not None and distillation is not None
+                decayed = task if task is not None else distillation
+                decayed = decayed.add(p, alpha=decay) if decay else decayed
+                state = self.state[p]
+                buffers = []
+                if task is not None:
+                    buffers.append(self._momentum(state, "momentum_buffer", decayed, momentum - delta if both else momentum))
+                if distillation is not None:
+                    d_p = distillation if both else decayed
+                    buffers.append(self._momentum(state, "distillation_momentum_buffer", d_p, momentum + delta if both else momentum))
+                for buffer in buffers:
+                    p.add_(buffer, alpha=-group["lr"])
+        self.distillation_grads = {}
+        return loss
+
+
+def task_and_distillation(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A step's loss split for DOT: the task term ("loss/ce", or the whole loss of a step without named terms,
+    as a network trained alone) and the sum of the other terms (None where there is none)."""
+    terms = {name: value for name, value in parts.items() if name.startswith("loss/")}
+    if not terms:
+        return parts["loss"], None
+    distillation = [value for name, value in terms.items() if name != TASK_TERM]
+    return terms.get(TASK_TERM), (sum(distillation) if distillation else None)
+
+
+def loss_to_backpropagate(optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor], scale) -> torch.Tensor | None:
+    """The loss of a step whose backward fills `.grad`, scaled by `scale` (a GradScaler's): the whole loss, or for
+    DOT the task term once the distillation terms' gradients are stashed (None: no task term, nothing to fill)."""
+    if not isinstance(optimizer, DistillationOrientedSGD):
+        return scale(parts["loss"])
+    task, distillation = task_and_distillation(parts)
+    if distillation is not None:
+        optimizer.stash(scale(distillation))
+    return None if task is None else scale(task)
+
+
+def check_optimizer(cfg: OptimizerConfig, compute: Compute) -> None:
+    """Refuse in one line an optimizer this run's compute cannot drive: DOT under fp16 (the GradScaler unscales
+    and inf-checks `.grad` only, not DOT's stashed gradients) or with several processes (DistributedDataParallel
+    averages the gradients of one backward pass a step)."""
+    if cfg.name != "dot":
+        return
+    if compute.precision == "fp16":
+        raise DistillError("optimizer.name=dot: device.precision=fp16 is not supported (the GradScaler sees one of DOT's two gradients); use bf16 or fp32")
+    if compute.world.distributed:
+        raise DistillError("optimizer.name=dot: runs in one process (DistributedDataParallel averages one of DOT's two gradients)")
 
 
 def _optimizer_kernel(impl: str, device: torch.device) -> dict:
@@ -20,7 +113,7 @@ def _optimizer_kernel(impl: str, device: torch.device) -> dict:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device, graph_safe: bool = False) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over `model`'s trainable parameters with the `optimizer.impl` kernel; weight decay
+    """SGD / Adam / AdamW / DOT over `model`'s trainable parameters with the `optimizer.impl` kernel; weight decay
     on every parameter with `optimizer.decay_all`, else none on 1-D ones (biases, norm parameters).
     `graph_safe`: a step a CUDA graph can replay (`training.graphs`): the fused kernel (no host sync, the
     GradScaler's scale and inf check taken as tensors), capturable, and the learning rate a tensor on the device,
@@ -29,6 +122,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
     for parameter in (p for p in model.parameters() if p.requires_grad):
         (decay if cfg.decay_all or parameter.ndim > 1 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "dot":
+        return DistillationOrientedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, delta=cfg.dot_delta)
     kernel = _optimizer_kernel(cfg.impl, device)
     lr = cfg.lr
     if graph_safe:

@@ -13,6 +13,7 @@ from ..data import DataSplits, load_dataset, training_augment
 from ..data.loader import Loader, build_loader, choose_pipeline
 from .compute import Compute, resolve_compute
 from .graphs import checked_setting
+from .optim import check_optimizer
 from .world import world as current_world
 
 
@@ -30,7 +31,8 @@ def prepare_run(cfg: RunConfig) -> tuple[Compute, DataSplits, Loaders]:
     `device.cuda_graphs=true` where the step cannot be captured fails here, before anything is built."""
     world = current_world()
     compute = resolve_compute(cfg.device, world)
-    checked_setting(cfg.device.cuda_graphs, compute, cfg.optimizer.impl)
+    checked_setting(cfg.device.cuda_graphs, compute, cfg.optimizer)
+    check_optimizer(cfg.optimizer, compute)
     data = load_dataset(cfg.dataset)
     if cfg.batch_size * world.size > len(data.train):
         processes = f" x {world.size} processes" if world.size > 1 else ""
