@@ -14,6 +14,13 @@
 #   c. distill bench fused=6 (the T x alpha sweep: one job after another vs fused vs stacked), cuda_graphs=true
 #   d. scripts/reproduce_cifar10.sh at the epoch count the minutes left allow (SECONDS_PER_EPOCH, default 10: a guess
 #      of one epoch's wall time with the runs side by side, not a measurement; the table says which count ran)
+#
+# A rehearsal of the plumbing where there is no GPU (every step, every file in $OUT; the figures mean nothing):
+#   DEVICE=cpu GRAPHS=auto BENCH_STEPS=2 BENCH_REPEATS=1 EPOCHS=1 SEEDS="0 1" CIFAR10_ROOT=<a small JPEG tree> \
+#       GPU_CHECK_SECONDS=1500 scripts/gpu_check.sh
+# Settings (environment): DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs, true), BENCH_STEPS (30),
+# BENCH_REPEATS (3), EPOCHS (default: what the minutes left allow), CIFAR10_ROOT (default: data/cifar10, unpacked
+# from data/cifar10-jpg.tar.gz), GPU_CHECK_SECONDS, SECONDS_PER_EPOCH, and SEEDS for the reproduction.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,42 +53,47 @@ python=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$PWD/data/pydeps${PYTHONPATH:+:$PYTHONPATH}"
 distill=("$python" -m distill_cli)
 
+device=${DEVICE:-cuda}
+graphs=${GRAPHS:-true}
 echo "== machine"
 nvidia-smi -L
-"$python" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+"$python" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
 
 echo "== data"
-mkdir -p data/cifar10
-[[ -d data/cifar10/train ]] || tar -xzf data/cifar10-jpg.tar.gz -C data/cifar10
-ls data/cifar10
+root=${CIFAR10_ROOT:-data/cifar10}
+if [[ ! -d $root/train ]]; then
+    mkdir -p "$root"
+    tar -xzf data/cifar10-jpg.tar.gz -C "$root"
+fi
+ls "$root"
 
 echo "== a. tests/test_cuda.py ($(left) s left)"
 timeout "$(within 170)" "$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider --durations=10 > "$out/test_cuda.log" 2>&1
 echo "pytest exit $?"; tail -n 15 "$out/test_cuda.log"
 
-bench=(bench teacher=resnet32x4 student=resnet8x4 dataset=imagefolder dataset.root=data/cifar10 device=cuda device.precision=bf16
-    batch_size=64 reference_workers=8 steps=30 repeats=3)
-for graphs in true false; do
-    echo "== b. distill bench, cuda_graphs=$graphs ($(left) s left)"
-    timeout "$(within 80)" "${distill[@]}" "${bench[@]}" "device.cuda_graphs=$graphs" "hydra.run.dir=outputs/gpu_bench_$graphs"
+bench=(bench teacher=resnet32x4 student=resnet8x4 dataset=imagefolder "dataset.root=$root" "device=$device" device.precision=bf16
+    batch_size=64 reference_workers=8 "steps=${BENCH_STEPS:-30}" "repeats=${BENCH_REPEATS:-3}")
+for setting in "$graphs" false; do
+    echo "== b. distill bench, cuda_graphs=$setting ($(left) s left)"
+    timeout "$(within 80)" "${distill[@]}" "${bench[@]}" "device.cuda_graphs=$setting" "hydra.run.dir=outputs/gpu_bench_$setting"
     echo "exit $?"
-    cp "outputs/gpu_bench_$graphs/bench.json" "$out/bench_graphs_$graphs.json" 2>/dev/null
+    cp "outputs/gpu_bench_$setting/bench.json" "$out/bench_graphs_$setting.json"
 done
 
-echo "== c. distill bench fused=6, cuda_graphs=true ($(left) s left)"
-timeout "$(within 80)" "${distill[@]}" "${bench[@]}" fused=6 device.cuda_graphs=true hydra.run.dir=outputs/gpu_bench_fused6
+echo "== c. distill bench fused=6, cuda_graphs=$graphs ($(left) s left)"
+timeout "$(within 80)" "${distill[@]}" "${bench[@]}" fused=6 "device.cuda_graphs=$graphs" hydra.run.dir=outputs/gpu_bench_fused6
 echo "exit $?"
-cp outputs/gpu_bench_fused6/bench.json "$out/bench_fused6.json" 2>/dev/null
+cp outputs/gpu_bench_fused6/bench.json "$out/bench_fused6.json"
 
 seconds=$(($(left) - 30))
 epochs=$((seconds / (2 * ${SECONDS_PER_EPOCH:-10})))
-epochs=$((epochs < 1 ? 1 : epochs))
+epochs=${EPOCHS:-$((epochs < 1 ? 1 : epochs))}
 echo "== d. scripts/reproduce_cifar10.sh at $epochs epochs ($(left) s left)"
 rm -rf outputs/reproduce_cifar10
-EPOCHS=$epochs CIFAR10_ROOT=data/cifar10 OUT_DIR=outputs/reproduce_cifar10 DISTILL="$python -m distill_cli" PYTHON="$python" \
-    timeout "$(within "$seconds")" scripts/reproduce_cifar10.sh -- device=cuda
+EPOCHS=$epochs CIFAR10_ROOT=$root OUT_DIR=outputs/reproduce_cifar10 DISTILL="$python -m distill_cli" PYTHON="$python" \
+    timeout "$(within "$seconds")" scripts/reproduce_cifar10.sh -- "device=$device"
 echo "exit $?"
 EPOCHS=$epochs OUT_DIR=outputs/reproduce_cifar10 PYTHON="$python" scripts/reproduce_cifar10.sh --table  # the runs that finished
-cp outputs/reproduce_cifar10/table.md "$out/reproduce_table.md" 2>/dev/null
-tar -czf "$out/reproduce_runs.tar.gz" --exclude='*.pt' --exclude=teacher_cache outputs/reproduce_cifar10 2>/dev/null
+cp outputs/reproduce_cifar10/table.md "$out/reproduce_table.md"
+tar -czf "$out/reproduce_runs.tar.gz" --exclude='*.pt' --exclude=teacher_cache outputs/reproduce_cifar10
 echo "== done in $(($(date +%s) - start)) s"
