@@ -1,6 +1,7 @@
 """Stacked students (distill_cli/training/stacked.py): a fused group's students of one architecture run as one
 vmapped network; same training as one after another, up to float summation order."""
 
+import copy
 import logging
 import os
 import signal
@@ -128,6 +129,28 @@ def test_auto_stacks_only_when_measured_faster(one_after_another, tmp_path, monk
     assert isinstance(chosen[0], stacked.StackedStudents) and chosen[1] is None
     assert "stacked (measured per step on cpu: 20.0 ms one after another, 10.0 ms stacked)" in caplog.text
     assert "one after another (measured per step on cpu: 20.0 ms one after another, 30.0 ms stacked)" in caplog.text
+
+
+@pytest.mark.parametrize("images_dtype", [torch.bfloat16, torch.float32])
+def test_under_autocast_the_stacked_pass_computes_in_fp32(tmp_path, images_dtype):
+    """A bf16 run's stacked students (autocast does not reach vmap's batched kernels): each member's logits and
+    BatchNorm statistics are those of its own forward in fp32, on the batch the loader gives (bf16 or fp32)."""
+    from distill_cli.models import build_model
+
+    info = prepare_run(small_kd_config(tmp_path))[1].info
+    torch.manual_seed(0)
+    students = [build_model(CNN, info, "student") for _ in range(2)]
+    copies = [copy.deepcopy(student) for student in students]
+    group = stacked.StackedStudents()
+    forwards = [group.add(student) for student in students]
+    images = torch.randn(8, info.channels, *info.image_size).to(images_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = [forward(images).logits for forward in forwards]
+    for mine, student, alone in zip(logits, students, copies):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, alone(images.float()), rtol=1e-5, atol=1e-5)
+        for (name, buffer), theirs in zip(student.named_buffers(), alone.buffers()):
+            torch.testing.assert_close(buffer, theirs, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_students_that_cannot_stack_run_one_after_another(tmp_path):

@@ -7,6 +7,10 @@ group stacks is measured on the device before it trains (`choose_batching`), nev
 Each student stays its own module with its own optimizer, schedule and checkpoints: the stacked weights are
 made from the students' parameters every step (`torch.stack`, so gradients flow back to each student's own
 `.grad`), and the BatchNorm statistics the stacked pass updates are copied back into each student.
+
+The stacked pass computes in fp32, also in a bf16 or fp16 run: autocast does not reach vmap's batched
+convolutions (bf16 images then meet fp32 weights and fail), and vmap's batch norm takes one dtype for the
+input, the weights and the running statistics, which must stay fp32. The losses are fp32 either way.
 """
 
 from __future__ import annotations
@@ -69,12 +73,13 @@ class StackedStudents:
         # in the default memory format: vmap has no batching rule for some channels_last kernels (a slow loop)
         params = {name: torch.stack([w[name] for w in weights]).contiguous() for name in weights[0]}
         buffers = {name: torch.stack([b[name] for b in states]) for name in states[0]}
-        images = images.contiguous()
+        images = images.contiguous().float()
 
         def one(member_params, member_buffers):
             return functional_call(template, (member_params, member_buffers), (images,))
 
-        logits = vmap(one, randomness="error")(params, buffers)
+        with torch.autocast(images.device.type, enabled=False):
+            logits = vmap(one, randomness="error")(params, buffers)
         with torch.no_grad():
             for k, state in enumerate(states):
                 for name, buffer in state.items():
