@@ -73,7 +73,7 @@ STUDENT_ONLY = {
     "dataset.exclude_classes",
 }
 # the student trained alone (the baseline) ignores the teacher
-TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "teacher_views", "loss"}
+TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "teacher_lr", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "teacher_views", "loss"}
 # an ensemble's members, the peers of mutual learning, born-again generations and teacher assistants pick
 # how kd trains; each network they add is cached (where it is) under a recipe of its own; a student that starts
 # trained (student.checkpoint, student.init=teacher) is never cached and has no cached baseline
@@ -99,7 +99,7 @@ def _other_values(value, hint) -> list:
     """Values of `hint`'s type other than `value`; for a dict (model kwargs): each entry changed, and one added."""
     if value is None:
         kind = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        return [{int: 1, bool: True, str: "other"}[kind]]
+        return [{int: 1, float: 0.5, bool: True, str: "other"}[kind]]
     if isinstance(value, bool):
         return [not value]
     if isinstance(value, (int, float)):
@@ -276,7 +276,8 @@ def test_distill_list_names_datasets_models_and_losses(tmp_path):
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 # the presets `distill train` takes; each other preset is a kd preset named <teacher preset>_<student>
 TEACHER_PRESETS = [
-    "cifar100_resnet32x4", "cifar100_resnet56", "cifar100_vgg13", "cifar100_wrn_40_2", "cifar10_resnet20", "cifar10_resnet56", "mnist_hinton",
+    "cifar100_resnet32x4", "cifar100_resnet56", "cifar100_resnet110", "cifar100_vgg13", "cifar100_wrn_40_2", "cifar10_resnet20",
+    "cifar10_resnet56", "mnist_hinton",
 ]
 
 

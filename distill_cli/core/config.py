@@ -330,6 +330,9 @@ class KDConfig(RunConfig):
     alpha: float = 0.5
     # epochs for the teacher when kd has to train it (same optimizer, batch size and seed as the run)
     teacher_epochs: int = 30
+    # the teacher's learning rate when kd trains it or looks it up in the cache (null: optimizer.lr, as the
+    # student's); the tables train ShuffleNet/MobileNet students at 0.01 from teachers trained at 0.05
+    teacher_lr: Optional[float] = None
     # also train (once per recipe, cached) the same student alone and report what KD bought over it
     baseline: bool = True
     # compute the teacher's logits once and skip its forward pass in every step (methods that read only
@@ -369,6 +372,7 @@ class KDConfig(RunConfig):
         _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
         _check(isinstance(self.loss.get("name"), str), "loss.name", "name the KD method (loss=<method>; see distill list)")
         _check(self.teacher_epochs >= 1, "teacher_epochs", f"must be >= 1, got {self.teacher_epochs}")
+        _check(self.teacher_lr is None or self.teacher_lr > 0, "teacher_lr", f"must be > 0 (or null: optimizer.lr), got {self.teacher_lr}")
         _check(self.generations >= 1, "generations", f"must be >= 1 (1: no born-again generations), got {self.generations}")
         _check(len(self.peers) != 1, "peers", f"deep mutual learning needs two or more networks, got one ({self.peers[0] if self.peers else ''})")
         for key in ("peers", "assistants"):

@@ -29,10 +29,10 @@ from .train import run_train
 
 def teacher_training_config(cfg: KDConfig, teacher: ModelConfig | None = None) -> TrainConfig:
     """The `distill train` config that kd uses when it has to train its teacher (or `teacher`, a member
-    of teacher=ensemble)."""
+    of teacher=ensemble): the run's recipe, with `teacher_epochs` and `teacher_lr`."""
     teacher = teacher or cfg.teacher
     return TrainConfig(
-        optimizer=cfg.optimizer,
+        optimizer=cfg.optimizer if cfg.teacher_lr is None else replace(cfg.optimizer, lr=cfg.teacher_lr),
         device=cfg.device,
         epochs=cfg.teacher_epochs,
         batch_size=cfg.batch_size,
@@ -102,7 +102,7 @@ def baseline_training_config(cfg: KDConfig) -> TrainConfig:
 
     That is exactly `distill train teacher=<student>` (and `distill kd alpha=0`), so it shares their cache.
     """
-    return replace(teacher_training_config(cfg, cfg.student), epochs=cfg.epochs, dataset=cfg.dataset)
+    return replace(teacher_training_config(cfg, cfg.student), epochs=cfg.epochs, dataset=cfg.dataset, optimizer=cfg.optimizer)
 
 
 def obtain_teacher(run: KDRun) -> tuple[nn.Module, dict]:
