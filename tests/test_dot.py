@@ -202,9 +202,10 @@ def test_settings_dot_cannot_take_are_refused_naming_the_key(changes, key):
     [
         (Compute(torch.device("cuda"), "fp16"), "device.precision=fp16 is not supported"),
         (Compute(CPU, "fp32", world=World(size=2, joined=True)), "runs in one process"),
+        (Compute(CPU, "fp32", compile=True), "device.compile=true is not supported"),
     ],
 )
-def test_fp16_and_several_processes_are_refused_in_one_line(compute, reason):
+def test_fp16_several_processes_and_compile_are_refused_in_one_line(compute, reason):
     with pytest.raises(DistillError, match=f"^optimizer.name=dot: {reason}"):
         check_optimizer(DOT, compute)
     check_optimizer(replace(DOT, name="sgd"), compute)  # SGD takes both

@@ -95,14 +95,16 @@ def loss_to_backpropagate(optimizer: torch.optim.Optimizer, parts: dict[str, tor
 
 def check_optimizer(cfg: OptimizerConfig, compute: Compute) -> None:
     """Refuse in one line an optimizer this run's compute cannot drive: DOT under fp16 (the GradScaler unscales
-    and inf-checks `.grad` only, not DOT's stashed gradients) or with several processes (DistributedDataParallel
-    averages the gradients of one backward pass a step)."""
+    and inf-checks `.grad` only, not DOT's stashed gradients), with several processes (DistributedDataParallel
+    averages the gradients of one backward pass a step) or compiled (torch.compile's backward frees its buffers)."""
     if cfg.name != "dot":
         return
     if compute.precision == "fp16":
         raise DistillError("optimizer.name=dot: device.precision=fp16 is not supported (the GradScaler sees one of DOT's two gradients); use bf16 or fp32")
     if compute.world.distributed:
         raise DistillError("optimizer.name=dot: runs in one process (DistributedDataParallel averages one of DOT's two gradients)")
+    if compute.compile:
+        raise DistillError("optimizer.name=dot: device.compile=true is not supported (a compiled backward runs once a step, DOT's twice)")
 
 
 def _optimizer_kernel(impl: str, device: torch.device) -> dict:
