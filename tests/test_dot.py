@@ -106,6 +106,8 @@ def test_a_steps_loss_splits_into_the_task_term_and_the_rest():
     assert task_and_distillation({"loss": ce + kd + hint, "loss/ce": ce, "loss/kd": kd, "loss/hint": hint}) == (ce, kd + hint)
     assert task_and_distillation({"loss": kd, "loss/kd": kd}) == (None, kd)  # loss.ce_weight=0
     assert task_and_distillation({"loss": ce}) == (ce, None)  # a network trained alone
+    peers = {"loss/peer1/ce": ce, "loss/peer1/kd": kd, "loss/peer2/ce": 2 * ce, "loss/peer2/kd": hint, "train_acc/peer1": ce}
+    assert task_and_distillation({"loss": 3 * ce + kd + hint, **peers}) == (3 * ce, kd + hint)  # mutual learning
 
 
 @pytest.fixture(scope="module")

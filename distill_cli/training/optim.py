@@ -12,7 +12,7 @@ from ..core.config import OptimizerConfig
 from ..core.errors import DistillError
 from .compute import Compute
 
-TASK_TERM = "loss/ce"  # the step's task term (`losses.base.Objective`); every other "loss/<term>" distils
+TASK_TERM = "ce"  # the task term of a step ("loss/ce", `losses.base.Objective`; a mutual-learning peer's "loss/<peer>/ce")
 
 
 class DistillationOrientedSGD(torch.optim.Optimizer):
@@ -73,13 +73,14 @@ class DistillationOrientedSGD(torch.optim.Optimizer):
 
 
 def task_and_distillation(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """A step's loss split for DOT: the task term ("loss/ce", or the whole loss of a step without named terms,
-    as a network trained alone) and the sum of the other terms (None where there is none)."""
+    """A step's loss split for DOT: the sum of its task terms (`TASK_TERM`; the whole loss of a step without named
+    terms, as a network trained alone) and the sum of its other "loss/..." terms (None where there is none)."""
     terms = {name: value for name, value in parts.items() if name.startswith("loss/")}
     if not terms:
         return parts["loss"], None
-    distillation = [value for name, value in terms.items() if name != TASK_TERM]
-    return terms.get(TASK_TERM), (sum(distillation) if distillation else None)
+    task = [value for name, value in terms.items() if name.rsplit("/", 1)[-1] == TASK_TERM]
+    distillation = [value for name, value in terms.items() if name.rsplit("/", 1)[-1] != TASK_TERM]
+    return (sum(task) if task else None), (sum(distillation) if distillation else None)
 
 
 def loss_to_backpropagate(optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor], scale) -> torch.Tensor | None:
