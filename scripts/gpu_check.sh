@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of device.cuda_graphs and the CIFAR-10 reproduction, as ONE command for a device session (one H200,
-# at most 10 minutes a command): everything it writes that matters lands in $OUT (7 files).
+# at most 10 minutes a command): everything it writes that matters lands in $OUT (8 files).
 #
 # Before the session, on the development machine (fills the git-ignored data/):
 #   scripts/gpu_check.sh prepare     # data/cifar10-jpg.tar.gz (the JPEGs) and data/pydeps (hydra, omegaconf, antlr4,
@@ -12,15 +12,16 @@
 #   a. pytest tests/test_cuda.py (graphs vs eager metrics for train, kd and a fused group; fp16 + GradScaler captured)
 #   b. distill bench resnet32x4 -> resnet8x4, bf16, batch 64, on the CIFAR-10 JPEGs, device.cuda_graphs=true, then false
 #   c. distill bench fused=6 (the T x alpha sweep: one job after another vs fused vs stacked), cuda_graphs=true
-#   d. scripts/reproduce_cifar10.sh at the epoch count the minutes left allow (SECONDS_PER_EPOCH, default 10: a guess
-#      of one epoch's wall time with the runs side by side, not a measurement; the table says which count ran)
+#   d. scripts/reproduce_cifar10.sh at the epoch count the minutes left allow: first the whole of it at 1 epoch (d0),
+#      timed, to size it; then the run, its table beside torchdistill's numbers (the table says which count ran)
 #
 # A rehearsal of the plumbing where there is no GPU (every step, every file in $OUT; the figures mean nothing):
 #   DEVICE=cpu GRAPHS=auto BENCH_STEPS=2 BENCH_REPEATS=1 EPOCHS=1 SEEDS="0 1" CIFAR10_ROOT=<a small JPEG tree> \
 #       GPU_CHECK_SECONDS=1500 scripts/gpu_check.sh
-# Settings (environment): DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs, true), BENCH_STEPS (30),
-# BENCH_REPEATS (3), EPOCHS (default: what the minutes left allow), CIFAR10_ROOT (default: data/cifar10, unpacked
-# from data/cifar10-jpg.tar.gz), GPU_CHECK_SECONDS, SECONDS_PER_EPOCH, and SEEDS for the reproduction.
+# Settings (environment): STEPS (abcd: which steps run), DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs,
+# true), BENCH_STEPS (30), BENCH_REPEATS (3), EPOCHS (default: what the minutes left allow, timed by step d0),
+# CIFAR10_ROOT (default: data/cifar10, unpacked from data/cifar10-jpg.tar.gz), GPU_CHECK_SECONDS, SECONDS_PER_EPOCH
+# (step d0's fallback, 10), and SEEDS for the reproduction.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,33 +68,65 @@ if [[ ! -d $root/train ]]; then
 fi
 ls "$root"
 
-echo "== a. tests/test_cuda.py ($(left) s left)"
-timeout "$(within 170)" "$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider --durations=10 > "$out/test_cuda.log" 2>&1
-echo "pytest exit $?"; tail -n 15 "$out/test_cuda.log"
+steps=${STEPS:-abcd}
+if [[ $steps == *a* ]]; then
+    echo "== a. tests/test_cuda.py ($(left) s left)"
+    timeout "$(within 170)" "$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider --durations=10 > "$out/test_cuda.log" 2>&1
+    echo "pytest exit $?"; tail -n 15 "$out/test_cuda.log"
+fi
 
 bench=(bench teacher=resnet32x4 student=resnet8x4 dataset=imagefolder "dataset.root=$root" "device=$device" device.precision=bf16
     batch_size=64 reference_workers=8 "steps=${BENCH_STEPS:-30}" "repeats=${BENCH_REPEATS:-3}")
-for setting in "$graphs" false; do
-    echo "== b. distill bench, cuda_graphs=$setting ($(left) s left)"
-    timeout "$(within 80)" "${distill[@]}" "${bench[@]}" "device.cuda_graphs=$setting" "hydra.run.dir=outputs/gpu_bench_$setting"
+if [[ $steps == *b* ]]; then
+    for setting in "$graphs" false; do
+        echo "== b. distill bench, cuda_graphs=$setting ($(left) s left)"
+        timeout "$(within 80)" "${distill[@]}" "${bench[@]}" "device.cuda_graphs=$setting" "hydra.run.dir=outputs/gpu_bench_$setting"
+        echo "exit $?"
+        cp "outputs/gpu_bench_$setting/bench.json" "$out/bench_graphs_$setting.json"
+    done
+fi
+
+if [[ $steps == *c* ]]; then
+    echo "== c. distill bench fused=6, cuda_graphs=$graphs ($(left) s left)"
+    timeout "$(within 80)" "${distill[@]}" "${bench[@]}" fused=6 "device.cuda_graphs=$graphs" hydra.run.dir=outputs/gpu_bench_fused6
     echo "exit $?"
-    cp "outputs/gpu_bench_$setting/bench.json" "$out/bench_graphs_$setting.json"
-done
+    cp outputs/gpu_bench_fused6/bench.json "$out/bench_fused6.json"
+fi
 
-echo "== c. distill bench fused=6, cuda_graphs=$graphs ($(left) s left)"
-timeout "$(within 80)" "${distill[@]}" "${bench[@]}" fused=6 "device.cuda_graphs=$graphs" hydra.run.dir=outputs/gpu_bench_fused6
-echo "exit $?"
-cp outputs/gpu_bench_fused6/bench.json "$out/bench_fused6.json"
+reproduce() {  # reproduce_cifar10.sh into outputs/$1 at $2 epochs, for at most $3 seconds; its table into $OUT/$1_table.md
+    rm -rf "outputs/$1"
+    EPOCHS=$2 CIFAR10_ROOT=$root OUT_DIR=outputs/$1 DISTILL="$python -m distill_cli" PYTHON="$python" \
+        timeout "$3" scripts/reproduce_cifar10.sh -- "device=$device"
+    echo "exit $?"
+    EPOCHS=$2 OUT_DIR=outputs/$1 PYTHON="$python" scripts/reproduce_cifar10.sh --table  # the runs that finished
+    cp "outputs/$1/table.md" "$out/$1_table.md"
+}
+if [[ $steps == *d* ]]; then
+    epochs=${EPOCHS:-}
+    if [[ -z $epochs ]]; then
+        # The whole reproduction at 1 epoch: its wall time less the slowest run's epoch in each step is what starting
+        # the runs costs; what is left, over both steps' epochs (+20% for evaluation), sets the epoch count.
+        echo "== d0. scripts/reproduce_cifar10.sh at 1 epoch, to time an epoch ($(left) s left)"
+        probe_start=$(date +%s)
+        reproduce reproduce_probe 1 "$(within 240)"
+        probe=$(($(date +%s) - probe_start))
+        per_epoch=$("$python" - outputs/reproduce_probe <<'EOF'
+import json, sys
+from pathlib import Path
 
-seconds=$(($(left) - 30))
-epochs=$((seconds / (2 * ${SECONDS_PER_EPOCH:-10})))
-epochs=${EPOCHS:-$((epochs < 1 ? 1 : epochs))}
-echo "== d. scripts/reproduce_cifar10.sh at $epochs epochs ($(left) s left)"
-rm -rf outputs/reproduce_cifar10
-EPOCHS=$epochs CIFAR10_ROOT=$root OUT_DIR=outputs/reproduce_cifar10 DISTILL="$python -m distill_cli" PYTHON="$python" \
-    timeout "$(within "$seconds")" scripts/reproduce_cifar10.sh -- "device=$device"
-echo "exit $?"
-EPOCHS=$epochs OUT_DIR=outputs/reproduce_cifar10 PYTHON="$python" scripts/reproduce_cifar10.sh --table  # the runs that finished
-cp outputs/reproduce_cifar10/table.md "$out/reproduce_table.md"
-tar -czf "$out/reproduce_runs.tar.gz" --exclude='*.pt' --exclude=teacher_cache outputs/reproduce_cifar10
+out = Path(sys.argv[1])
+def slowest(pattern):  # the slowest run's epoch (s) among the runs side by side in one step
+    return max((json.loads(line)["seconds"] for path in out.glob(pattern) for line in path.read_text().splitlines()), default=0)
+print(round(slowest("resnet*/metrics.jsonl") + slowest("kd*/metrics.jsonl")))
+EOF
+)
+        per_epoch=$((per_epoch > 0 ? per_epoch : 2 * ${SECONDS_PER_EPOCH:-10}))
+        epochs=$(( ($(left) - 30 - (probe - per_epoch)) * 10 / (12 * per_epoch) ))
+        epochs=$((epochs < 1 ? 1 : epochs))
+        echo "probe: $probe s in all, the two steps' epochs $per_epoch s: $epochs epochs fit"
+    fi
+    echo "== d. scripts/reproduce_cifar10.sh at $epochs epochs ($(left) s left)"
+    reproduce reproduce_cifar10 "$epochs" "$(within $(($(left) - 20)))"
+    tar -czf "$out/reproduce_runs.tar.gz" --exclude='*.pt' --exclude=teacher_cache outputs/reproduce_cifar10 outputs/reproduce_probe 2>/dev/null
+fi
 echo "== done in $(($(date +%s) - start)) s"
