@@ -276,7 +276,7 @@ def test_distill_list_names_datasets_models_and_losses(tmp_path):
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 # the presets `distill train` takes; each other preset is a kd preset named <teacher preset>_<student>
 TEACHER_PRESETS = [
-    "cifar100_resnet32x4", "cifar100_resnet56", "cifar100_resnet110", "cifar100_vgg13", "cifar100_wrn_40_2", "cifar10_resnet20",
+    "cifar100_resnet32x4", "cifar100_resnet50", "cifar100_resnet56", "cifar100_resnet110", "cifar100_vgg13", "cifar100_wrn_40_2", "cifar10_resnet20",
     "cifar10_resnet56", "mnist_hinton",
 ]
 

@@ -41,7 +41,10 @@ PAIRS = {
     "vgg": ("vgg", {"depth": 11}, "vgg", {"depth": 8}),
     "mobilenetv2": ("resnet_cifar", {"depth": 8}, "mobilenetv2", {}),
     "shufflenet": ("resnet_cifar", {"depth": 8}, "shufflenetv1", {}),
+    # a 4-stage bottleneck teacher (ResNet50's design, one block a stage) for a 3-stage student
+    "bottleneck": ("resnet_bottleneck", {"blocks": [1, 1, 1, 1], "stem": 16}, "resnet_cifar", {"depth": 8}),
 }
+THREE_STAGE = [family for family in PAIRS if family != "bottleneck"]
 # refused before training, in one line: FSP compares Gram matrices channel by channel (these pairs pair
 # stages of different widths); OFD and AB read pre-ReLU stage outputs, which MobileNetV2's linear bottlenecks lack
 REFUSED = {
@@ -86,8 +89,12 @@ def _batch(data, size: int = 8, start: int = 0) -> Batch:
 LOGIT_ONLY = [m for m in METHODS if not build_method({"name": m}).student_points]
 # AB's term trains the student before distillation only (its stage: tests/test_methods_stages.py): here its
 # main step is cross-entropy on any family, so it runs on one, and on MobileNetV2, which it refuses
-FAMILIES_OF = {**{m: ["resnet"] for m in LOGIT_ONLY}, "ab": ["resnet", "mobilenetv2"]}
-METHOD_FAMILIES = [(m, f) for m in METHODS for f in FAMILIES_OF.get(m, PAIRS)]
+FAMILIES_OF = {
+    **{m: ["resnet"] for m in LOGIT_ONLY}, "ab": ["resnet", "mobilenetv2"],
+    # the bottleneck teacher with methods that read every stage or its pre-ReLU sums, paired from the deepest
+    **{m: [*THREE_STAGE, "bottleneck"] for m in ("at", "ofd", "reviewkd")},
+}
+METHOD_FAMILIES = [(m, f) for m in METHODS for f in FAMILIES_OF.get(m, THREE_STAGE)]
 
 
 @pytest.mark.parametrize("method, family", METHOD_FAMILIES)

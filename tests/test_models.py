@@ -28,7 +28,9 @@ MODEL_NAMES = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
 # one config of each CNN family, its block kinds included (resnet8x4: a projection shortcut in the first
 # stage): depth and width only repeat the same layers, so the checks that trace or rebuild a network
 # (folding, other input shapes) run on these; test_family_samples_cover_every_cnn_family keeps it whole
-FAMILY_SAMPLES = ["cnn", "resnet8", "resnet8x4", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2", "torchvision", "timm"]
+FAMILY_SAMPLES = [
+    "cnn", "resnet8", "resnet8x4", "resnet50", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2", "torchvision", "timm",
+]
 
 
 @cache
@@ -67,6 +69,7 @@ PUBLISHED = {
     "mobilenetv2": 0.81,
     "shufflenetv1": 0.95,
     "shufflenetv2": 1.36,
+    "resnet50": 23.71,  # also torchvision's resnet50 at 100 classes with a 3x3 stem for its 7x7: 23,705,252
 }
 
 

@@ -24,7 +24,7 @@ from distill_cli.ship.evaluate import Timing
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
-TEACHER_PRESETS = ["cifar100_resnet32x4", "cifar100_resnet56", "cifar100_resnet110", "cifar100_vgg13", "cifar100_wrn_40_2", "mnist_hinton"]
+TEACHER_PRESETS = ["cifar100_resnet32x4", "cifar100_resnet50", "cifar100_resnet56", "cifar100_resnet110", "cifar100_vgg13", "cifar100_wrn_40_2", "mnist_hinton"]
 
 
 def _synthetic(name: str, images: int = 0) -> list[str]:
@@ -42,11 +42,12 @@ def _synthetic(name: str, images: int = 0) -> list[str]:
 # their teacher in test_config.py; every zoo network trains in test_models.py): the CIFAR-10 recipe's resnets are
 # the CIFAR-100 presets'; resnet110 -> resnet32 and wrn_40_2 -> wrn_40_1 are resnet56 -> resnet20's and
 # wrn_40_2 -> wrn_16_2's at other depths or widths; the ShuffleNet and MobileNet pairs are their teachers' pairs
-# with the student at lr 0.01 (the teacher's recipe, teacher_lr 0.05, is checked in test_config.py)
+# with the student at lr 0.01 (the teacher's recipe, teacher_lr 0.05, is checked in test_config.py); resnet50's
+# recipe is the other teachers' (its network: test_models.py)
 TRAINED_BY_ANOTHER = {
     "cifar10_resnet20", "cifar10_resnet56", "cifar10_resnet56_resnet20", "cifar100_resnet110", "cifar100_resnet110_resnet32",
     "cifar100_wrn_40_2_wrn_40_1", "cifar100_resnet32x4_shufflenetv1", "cifar100_resnet32x4_shufflenetv2",
-    "cifar100_wrn_40_2_shufflenetv1", "cifar100_vgg13_mobilenetv2",
+    "cifar100_wrn_40_2_shufflenetv1", "cifar100_vgg13_mobilenetv2", "cifar100_resnet50", "cifar100_resnet50_mobilenetv2",
 }
 
 
