@@ -166,6 +166,17 @@ def metrics_without_timing(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_jsonl(run_dir / "metrics.jsonl")]
 
 
+def same_runs(run, reference) -> None:
+    """Two run folders hold the same training: metrics, summary results and best/last weights."""
+    assert metrics_without_timing(run) == metrics_without_timing(reference)
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (run, reference)]
+    assert summaries[0]["status"] == "completed"
+    assert comparable_results(summaries[0]) == comparable_results(summaries[1])
+    for name in ("best.pt", "last.pt"):
+        weights = [load_checkpoint(folder / name)["state_dict"] for folder in (run, reference)]
+        assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[1])
+
+
 def close_runs(stacked_dir, sequential_dir) -> None:
     """The same training up to float order: metrics, weights and BatchNorm statistics."""
     rows = [metrics_without_timing(folder) for folder in (stacked_dir, sequential_dir)]

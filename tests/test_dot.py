@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import close_runs, compose_config, fused_group, metrics_without_timing, on_training_step
+from conftest import close_runs, compose_config, fused_group, on_training_step, same_runs
 from torch import nn
 
 from distill_cli.core.checkpoint import load_checkpoint
@@ -140,9 +140,7 @@ def test_dot_jobs_train_fused_as_alone(dot_runs, tmp_path):
     fused = [tmp_path / str(n) for n in range(len(cfgs))]
     assert [s["status"] for s in run_kd_fused(cfgs, fused)] == ["completed"] * 2
     for mine, alone in zip(fused, folders):
-        assert metrics_without_timing(mine) == metrics_without_timing(alone)
-        weights = [load_checkpoint(folder / "last.pt")["state_dict"] for folder in (mine, alone)]
-        assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[1])
+        same_runs(mine, alone)
 
 
 def test_dot_students_stacked_train_as_one_after_another(dot_runs, tmp_path):
@@ -169,9 +167,7 @@ def test_an_interrupted_dot_run_resumes_exactly(dot_runs, tmp_path, monkeypatch)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     monkeypatch.undo()
     run_kd(replace(cfgs[0], resume=True), tmp_path)
-    assert metrics_without_timing(tmp_path) == metrics_without_timing(folders[0])
-    weights = [load_checkpoint(folder / "last.pt")["state_dict"] for folder in (tmp_path, folders[0])]
-    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[1])
+    same_runs(tmp_path, folders[0])
 
 
 def test_the_preset_composes_as_mdistillers_recipe():

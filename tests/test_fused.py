@@ -7,12 +7,11 @@ import signal
 from dataclasses import replace
 
 import pytest
-import torch
 from conftest import (
-    comparable_results,
     fused_group,
     metrics_without_timing,
     on_training_step,
+    same_runs,
     small_kd_config,
 )
 
@@ -46,17 +45,6 @@ def alone(tmp_path_factory):
     return cfgs, folders
 
 
-def _same_run(fused, alone) -> None:
-    """Two run folders hold the same training: metrics, summary results and best/last weights."""
-    assert metrics_without_timing(fused) == metrics_without_timing(alone)
-    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (fused, alone)]
-    assert summaries[0]["status"] == "completed"
-    assert comparable_results(summaries[0]) == comparable_results(summaries[1])
-    for name in ("best.pt", "last.pt"):
-        weights = [load_checkpoint(folder / name)["state_dict"] for folder in (fused, alone)]
-        assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[1])
-
-
 def test_fused_students_train_exactly_as_alone_with_one_teacher_forward_per_batch(alone, tmp_path, monkeypatch):
     cfgs, alone_folders = alone
     assert len({group_key(cfg) for cfg in cfgs}) == 1
@@ -72,7 +60,7 @@ def test_fused_students_train_exactly_as_alone_with_one_teacher_forward_per_batc
     summaries = run_kd_fused(cfgs, folders)
     assert [s["status"] for s in summaries] == ["completed"] * 3
     for fused, single in zip(folders, alone_folders):
-        _same_run(fused, single)
+        same_runs(fused, single)
     steps = len(metrics_without_timing(folders[0])) * len(prepare_run(cfgs[0])[2].train)
     # once per batch, not once per student; and once on the memory plan's probe batch, for all the students
     assert len(teacher_runs) == steps + 1
@@ -89,7 +77,7 @@ def test_a_diverged_student_fails_alone_and_the_others_finish(alone, tmp_path, m
     assert json.loads((folders[1] / "summary.json").read_text())["error"] == summaries[1]["error"]
     assert not (folders[1] / "last.pt").exists()
     for n in (0, 2):
-        _same_run(folders[n], alone_folders[n])
+        same_runs(folders[n], alone_folders[n])
 
 
 def test_only_jobs_with_the_same_data_and_teacher_fuse(tmp_path):
@@ -128,7 +116,7 @@ def test_an_interrupted_fused_group_resumes_exactly_fused_or_job_by_job(alone, t
     run_kd(resumed[0], folders[0])  # `distill resume` of one job folder: that job alone
     run_kd_fused(resumed[1:], folders[1:])  # the rest of the group, fused again
     for fused, single in zip(folders, alone_folders):
-        _same_run(fused, single)
+        same_runs(fused, single)
 
 
 def test_a_group_over_its_memory_budget_trains_as_sub_groups_each_job_exactly_as_alone(alone, tmp_path, monkeypatch, caplog):
@@ -145,4 +133,4 @@ def test_a_group_over_its_memory_budget_trains_as_sub_groups_each_job_exactly_as
     assert fused_sizes == [2, 1]
     assert [s["status"] for s in summaries] == ["completed"] * 3
     for fused_run, single in zip(folders, alone_folders):
-        _same_run(fused_run, single)
+        same_runs(fused_run, single)

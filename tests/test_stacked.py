@@ -23,6 +23,7 @@ import distill_cli.training.stacked as stacked
 from distill_cli.core.checkpoint import load_checkpoint
 from distill_cli.core.config import ModelConfig
 from distill_cli.core.errors import Interrupted
+from distill_cli.models import build_model
 from distill_cli.runs.fused import run_kd_fused
 from distill_cli.training.compute import resolve_compute
 from distill_cli.training.setup import prepare_run
@@ -135,8 +136,6 @@ def test_auto_stacks_only_when_measured_faster(one_after_another, tmp_path, monk
 def test_under_autocast_the_stacked_pass_computes_in_fp32(tmp_path, images_dtype):
     """A bf16 run's stacked students (autocast does not reach vmap's batched kernels): each member's logits and
     BatchNorm statistics are those of its own forward in fp32, on the batch the loader gives (bf16 or fp32)."""
-    from distill_cli.models import build_model
-
     info = prepare_run(small_kd_config(tmp_path))[1].info
     torch.manual_seed(0)
     students = [build_model(CNN, info, "student") for _ in range(2)]
@@ -156,8 +155,6 @@ def test_under_autocast_the_stacked_pass_computes_in_fp32(tmp_path, images_dtype
 def test_students_that_cannot_stack_run_one_after_another(tmp_path):
     compute = resolve_compute(CPU_DEVICE)
     info = prepare_run(small_kd_config(tmp_path))[1].info
-    from distill_cli.models import build_model
-
     cnns = [build_model(CNN, info, "student") for _ in range(2)]
     with_dropout = [build_model(ModelConfig(arch="mlp", kwargs={"hidden": [4], "dropout": 0.1}), info, "student") for _ in range(2)]
     assert stacked.why_not_stacked(cnns, (), compute) is None
@@ -170,8 +167,6 @@ def test_students_that_cannot_stack_run_one_after_another(tmp_path):
 def test_measured_timings_come_from_both_ways(tmp_path):
     compute = resolve_compute(CPU_DEVICE)
     info = prepare_run(small_kd_config(tmp_path))[1].info
-    from distill_cli.models import build_model
-
     students = [build_model(CNN, info, "student") for _ in range(3)]
     before = [s.state_dict()["0.weight"].clone() for s in students]
     seconds = stacked.time_both(students, torch.randn(8, info.channels, *info.image_size), compute, steps=1)

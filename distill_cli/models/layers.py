@@ -9,7 +9,7 @@ convolution, global average pooling, `head.fc`). `features.default_feature_layer
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -43,12 +43,14 @@ def stage(
 
 
 def resolution_stages(
-    block: Callable[..., nn.Module], in_channels: int, widths: Iterable[int], count: int, **kwargs
+    block: Callable[..., nn.Module], in_channels: int, widths: Sequence[int], count: int | Sequence[int], **kwargs
 ) -> list[nn.Sequential]:
-    """One `stage` of `count` blocks per width; the first keeps the resolution, each later one halves it."""
+    """One `stage` per width, of `count` blocks (one count for every stage, or one per stage); the first stage keeps
+    the resolution, each later one halves it."""
+    counts = [count] * len(widths) if isinstance(count, int) else count
     stages = []
-    for index, width in enumerate(widths):
-        stages.append(stage(block, in_channels, width, count, stride=1 if index == 0 else 2, **kwargs))
+    for index, (width, blocks) in enumerate(zip(widths, counts, strict=True)):
+        stages.append(stage(block, in_channels, width, blocks, stride=1 if index == 0 else 2, **kwargs))
         in_channels = width
     return stages
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..core.errors import DistillError
 from ..data import DatasetInfo
 from . import MODELS
-from .layers import classifier_head, conv_bn, resolution_stages, stage, zoo_net
+from .layers import classifier_head, conv_bn, resolution_stages, zoo_net
 
 
 class ResidualBlock(nn.Module):
@@ -63,8 +63,5 @@ def resnet_bottleneck(info: DatasetInfo, blocks: tuple[int, ...] = (3, 4, 6, 3),
     256, 512) channels, each stage after the first halving the resolution."""
     if len(blocks) != 4 or min(blocks) < 1:
         raise DistillError(f"resnet_bottleneck: blocks must be four counts >= 1 (ResNet50: [3, 4, 6, 3]), got {list(blocks)}")
-    stages, channels = [], stem
-    for index, (count, width) in enumerate(zip(blocks, (256, 512, 1024, 2048))):
-        stages.append(stage(bottleneck_block, channels, width, count, stride=1 if index == 0 else 2))
-        channels = width
-    return zoo_net(conv_bn(info.channels, stem, 3), stages, classifier_head(channels, info.num_classes))
+    stages = resolution_stages(bottleneck_block, stem, (256, 512, 1024, 2048), list(blocks))
+    return zoo_net(conv_bn(info.channels, stem, 3), stages, classifier_head(2048, info.num_classes))
