@@ -18,7 +18,7 @@
 # A rehearsal of the plumbing where there is no GPU (every step, every file in $OUT; the figures mean nothing):
 #   DEVICE=cpu GRAPHS=auto BENCH_STEPS=2 BENCH_REPEATS=1 EPOCHS=1 SEEDS="0 1" CIFAR10_ROOT=<a small JPEG tree> \
 #       GPU_CHECK_SECONDS=1500 scripts/gpu_check.sh
-# Settings (environment): STEPS (abcd: which steps run), DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs,
+# Settings (environment): STEPS (abcd: which steps run, in that order), DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs,
 # true), BENCH_STEPS (30), BENCH_REPEATS (3), EPOCHS (default: what the minutes left allow, timed by step d0),
 # CIFAR10_ROOT (default: data/cifar10, unpacked from data/cifar10-jpg.tar.gz), GPU_CHECK_SECONDS, SECONDS_PER_EPOCH
 # (step d0's fallback, 10), and SEEDS for the reproduction.
@@ -51,13 +51,14 @@ within() {  # seconds for the next step: at most $1, and never past the budget (
     echo $((room < $1 ? (room > 1 ? room : 1) : $1))
 }
 python=${PYTHON:-python3}
-export PYTHONPATH="$PWD:$PWD/data/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/data/pydeps${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 distill=("$python" -m distill_cli)
 
 device=${DEVICE:-cuda}
 graphs=${GRAPHS:-true}
 echo "== machine"
 nvidia-smi -L
+echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB"
 "$python" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
 
 echo "== data"
@@ -68,30 +69,29 @@ if [[ ! -d $root/train ]]; then
 fi
 ls "$root"
 
-steps=${STEPS:-abcd}
-if [[ $steps == *a* ]]; then
+step_a() {
     echo "== a. tests/test_cuda.py ($(left) s left)"
     timeout "$(within 170)" "$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider --durations=10 > "$out/test_cuda.log" 2>&1
     echo "pytest exit $?"; tail -n 15 "$out/test_cuda.log"
-fi
+}
 
 bench=(bench teacher=resnet32x4 student=resnet8x4 dataset=imagefolder "dataset.root=$root" "device=$device" device.precision=bf16
     batch_size=64 reference_workers=8 "steps=${BENCH_STEPS:-30}" "repeats=${BENCH_REPEATS:-3}")
-if [[ $steps == *b* ]]; then
+step_b() {
     for setting in "$graphs" false; do
         echo "== b. distill bench, cuda_graphs=$setting ($(left) s left)"
         timeout "$(within 80)" "${distill[@]}" "${bench[@]}" "device.cuda_graphs=$setting" "hydra.run.dir=outputs/gpu_bench_$setting"
         echo "exit $?"
         cp "outputs/gpu_bench_$setting/bench.json" "$out/bench_graphs_$setting.json"
     done
-fi
+}
 
-if [[ $steps == *c* ]]; then
+step_c() {
     echo "== c. distill bench fused=6, cuda_graphs=$graphs ($(left) s left)"
     timeout "$(within 80)" "${distill[@]}" "${bench[@]}" fused=6 "device.cuda_graphs=$graphs" hydra.run.dir=outputs/gpu_bench_fused6
     echo "exit $?"
     cp outputs/gpu_bench_fused6/bench.json "$out/bench_fused6.json"
-fi
+}
 
 reproduce() {  # reproduce_cifar10.sh into outputs/$1 at $2 epochs, for at most $3 seconds; its table into $OUT/$1_table.md
     rm -rf "outputs/$1"
@@ -101,8 +101,8 @@ reproduce() {  # reproduce_cifar10.sh into outputs/$1 at $2 epochs, for at most 
     EPOCHS=$2 OUT_DIR=outputs/$1 PYTHON="$python" scripts/reproduce_cifar10.sh --table  # the runs that finished
     cp "outputs/$1/table.md" "$out/$1_table.md"
 }
-if [[ $steps == *d* ]]; then
-    epochs=${EPOCHS:-}
+step_d() {
+    local epochs=${EPOCHS:-}
     if [[ -z $epochs ]]; then
         # The whole reproduction at 1 epoch: its wall time less the slowest run's epoch in each step is what starting
         # the runs costs; what is left, over both steps' epochs (+20% for evaluation), sets the epoch count.
@@ -128,5 +128,9 @@ EOF
     echo "== d. scripts/reproduce_cifar10.sh at $epochs epochs ($(left) s left)"
     reproduce reproduce_cifar10 "$epochs" "$(within $(($(left) - 20)))"
     tar -czf "$out/reproduce_runs.tar.gz" --exclude='*.pt' --exclude=teacher_cache outputs/reproduce_cifar10 outputs/reproduce_probe 2>/dev/null
-fi
+}
+
+for step in $(grep -o '[abcd]' <<< "${STEPS:-abcd}"); do  # in the order STEPS gives them
+    "step_$step"
+done
 echo "== done in $(($(date +%s) - start)) s"
