@@ -14,11 +14,12 @@
 #   c. distill bench fused=6 (the T x alpha sweep: one job after another vs fused vs stacked), cuda_graphs=true
 #   d. scripts/reproduce_cifar10.sh at the epoch count the minutes left allow: first the whole of it at 1 epoch (d0),
 #      timed, to size it; then the run, its table beside torchdistill's numbers (the table says which count ran)
+#   e. (only when STEPS names it) distill bench loss=dkd and loss=crd with cuda_graphs=true
 #
 # A rehearsal of the plumbing where there is no GPU (every step, every file in $OUT; the figures mean nothing):
 #   DEVICE=cpu GRAPHS=auto BENCH_STEPS=2 BENCH_REPEATS=1 EPOCHS=1 SEEDS="0 1" CIFAR10_ROOT=<a small JPEG tree> \
 #       GPU_CHECK_SECONDS=1500 scripts/gpu_check.sh
-# Settings (environment): STEPS (abcd: which steps run, in that order), DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs,
+# Settings (environment): STEPS (abcd: which steps run, in that order; e too where named), DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs,
 # true), BENCH_STEPS (30), BENCH_REPEATS (3), EPOCHS (default: what the minutes left allow, timed by step d0),
 # CIFAR10_ROOT (default: data/cifar10, unpacked from data/cifar10-jpg.tar.gz), GPU_CHECK_SECONDS, SECONDS_PER_EPOCH
 # (step d0's fallback, 10), and SEEDS for the reproduction.
@@ -88,9 +89,18 @@ step_b() {
 
 step_c() {
     echo "== c. distill bench fused=6, cuda_graphs=$graphs ($(left) s left)"
-    timeout "$(within 80)" "${distill[@]}" "${bench[@]}" fused=6 "device.cuda_graphs=$graphs" hydra.run.dir=outputs/gpu_bench_fused6
+    timeout "$(within 120)" "${distill[@]}" "${bench[@]}" fused=6 "device.cuda_graphs=$graphs" hydra.run.dir=outputs/gpu_bench_fused6
     echo "exit $?"
     cp outputs/gpu_bench_fused6/bench.json "$out/bench_fused6.json"
+}
+
+step_e() {  # the captured kd step of two more methods: DKD reads the epoch, CRD draws negatives inside the graph
+    for loss in dkd crd; do
+        echo "== e. distill bench loss=$loss, cuda_graphs=$graphs ($(left) s left)"
+        timeout "$(within 60)" "${distill[@]}" "${bench[@]}" "loss=$loss" "device.cuda_graphs=$graphs" "hydra.run.dir=outputs/gpu_bench_$loss"
+        echo "exit $?"
+        cp "outputs/gpu_bench_$loss/bench.json" "$out/bench_$loss.json"
+    done
 }
 
 reproduce() {  # reproduce_cifar10.sh into outputs/$1 at $2 epochs, for at most $3 seconds; its table into $OUT/$1_table.md
@@ -130,7 +140,7 @@ EOF
     tar -czf "$out/reproduce_runs.tar.gz" --exclude='*.pt' --exclude=teacher_cache outputs/reproduce_cifar10 outputs/reproduce_probe 2>/dev/null
 }
 
-for step in $(grep -o '[abcd]' <<< "${STEPS:-abcd}"); do  # in the order STEPS gives them
+for step in $(grep -o '[abcde]' <<< "${STEPS:-abcd}"); do  # in the order STEPS gives them
     "step_$step"
 done
 echo "== done in $(($(date +%s) - start)) s"

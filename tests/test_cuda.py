@@ -4,6 +4,7 @@ training steps replayed from CUDA graphs (`device.cuda_graphs`) against eager on
 Skipped without a GPU (no GPU has run them yet); on a machine with one they run as part of the suite.
 """
 
+import copy
 import math
 import os
 import signal
@@ -26,7 +27,10 @@ from distill_cli.core.config import DeviceConfig, ModelConfig
 from distill_cli.core.errors import Interrupted
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
+from distill_cli.models import build_model
 from distill_cli.training import graphs
+from distill_cli.training.setup import prepare_run
+from distill_cli.training.stacked import StackedStudents
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -182,3 +186,23 @@ def test_graphed_steps_of_a_fused_group_match_eager_ones(tmp_path, monkeypatch):
         monkeypatch.undo()
     for rows, reference in zip(results["true"], results["false"]):
         _close_metrics(rows, reference)
+
+
+def test_stacked_channels_last_students_run_on_cuda(tmp_path):
+    """Stacked students in channels_last with 1x1 convolutions (resnet8x4's shortcuts), bf16 autocast: each member's
+    logits are those of its own forward (TF32 tolerance) and backward reaches every member. It failed in vmap's batch
+    norm ("NYI: querying is_contiguous inside of vmap") until the stacked weights got their plain strides."""
+    info = prepare_run(small_kd_config(tmp_path))[1].info
+    resnet = ModelConfig(arch="resnet_cifar", kwargs={"depth": 8, "width": 4, "stem": 32})
+    torch.manual_seed(0)
+    students = [build_model(resnet, info, "student").cuda().to(memory_format=torch.channels_last) for _ in range(2)]
+    copies = [copy.deepcopy(student) for student in students]
+    group = StackedStudents()
+    forwards = [group.add(student) for student in students]
+    images = torch.randn(16, info.channels, *info.image_size, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = [forward(images).logits for forward in forwards]
+    torch.autograd.backward([value.square().mean() for value in logits])
+    for mine, student, alone in zip(logits, students, copies):
+        torch.testing.assert_close(mine, alone(images), rtol=2e-2, atol=2e-2)
+        assert all(parameter.grad is not None for parameter in student.parameters())

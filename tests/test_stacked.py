@@ -152,6 +152,21 @@ def test_under_autocast_the_stacked_pass_computes_in_fp32(tmp_path, images_dtype
             torch.testing.assert_close(buffer, theirs, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_stacked_weights_have_the_default_strides_of_channels_last_students(tmp_path):
+    """resnet8x4's 1x1 shortcut convolutions in channels_last: their stacked weights get the plain strides (stacked as
+    they were, cuDNN took them for channels_last and the stacked pass failed on CUDA), and still carry gradients."""
+    info = prepare_run(small_kd_config(tmp_path))[1].info
+    resnet = ModelConfig(arch="resnet_cifar", kwargs={"depth": 8, "width": 4, "stem": 32})
+    students = [build_model(resnet, info, "student").to(memory_format=torch.channels_last) for _ in range(2)]
+    weights = stacked.stacked_weights(students)
+    assert any(w.dim() == 5 and w.shape[-2:] == (1, 1) for w in weights.values())  # the 1x1 case is there
+    for name, weight in weights.items():
+        assert weight.stride() == torch.empty(weight.shape).stride(), name
+        torch.testing.assert_close(weight[1], dict(students[1].named_parameters())[name], rtol=0, atol=0)
+    sum(w.sum() for w in weights.values()).backward()
+    assert all(p.grad is not None and bool((p.grad == 1).all()) for p in students[0].parameters())
+
+
 def test_students_that_cannot_stack_run_one_after_another(tmp_path):
     compute = resolve_compute(CPU_DEVICE)
     info = prepare_run(small_kd_config(tmp_path))[1].info

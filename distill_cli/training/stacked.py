@@ -68,10 +68,8 @@ class StackedStudents:
         in each member as its own forward would update them."""
         template, members = self._template, self.members
         template.train(members[0].training)
-        weights = [dict(member.named_parameters()) for member in members]
         states = [dict(member.named_buffers()) for member in members]
-        # in the default memory format: vmap has no batching rule for some channels_last kernels (a slow loop)
-        params = {name: torch.stack([w[name] for w in weights]).contiguous() for name in weights[0]}
+        params = stacked_weights(members)
         buffers = {name: torch.stack([b[name] for b in states]) for name in states[0]}
         images = images.contiguous().float()
 
@@ -85,6 +83,18 @@ class StackedStudents:
                 for name, buffer in state.items():
                     buffer.copy_(buffers[name][k])
         return logits
+
+
+def stacked_weights(members: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Each parameter of `members` stacked along a new first axis, in the default memory format with its plain
+    strides. A channels_last member's 1x1 convolution weight counts as contiguous in either format; stacked as it
+    is, cuDNN reads it as channels_last and gives channels_last outputs, whose batch norm under vmap fails on CUDA
+    ("NYI: querying is_contiguous inside of vmap"). Stacking flat copies and viewing them back sets the strides."""
+    weights = [dict(member.named_parameters()) for member in members]
+    return {
+        name: torch.stack([w[name].reshape(-1) for w in weights]).view(len(members), *weights[0][name].shape)
+        for name in weights[0]
+    }
 
 
 def why_not_stacked(students: list[nn.Module], student_points: tuple, compute) -> str | None:
