@@ -162,6 +162,20 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (T * T)
 
 
+def one_hot_rows(labels: Tensor, classes: int) -> Tensor:
+    """(B, classes) float one-hot rows of `labels`. Not F.one_hot: its check of the labels' range reads them on the
+    host, which a step replayed from a CUDA graph cannot do."""
+    return torch.zeros(len(labels), classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
+
+
+def non_target(logits: Tensor, labels: Tensor) -> Tensor:
+    """(B, C - 1): each row of `logits` without its label's column, the others in class order; gathered, not
+    masked, so its shape does not depend on the values (a CUDA graph needs static shapes)."""
+    rows, classes = logits.shape
+    columns = torch.arange(classes - 1, device=logits.device).expand(rows, -1)
+    return logits.gather(1, columns + (columns >= labels[:, None]))
+
+
 def standardized(logits: Tensor) -> Tensor:
     """Each row of `logits` z-scored (Sun et al. 2024, "Logit Standardization in Knowledge Distillation"):
     minus its mean, over its standard deviation (unbiased, + 1e-7 as the authors), in fp32."""

@@ -25,19 +25,18 @@ import torch
 import torch.nn.functional as F
 
 from . import LOSSES
-from .base import Method, MethodContext, non_negative, positive, require
+from .base import Method, MethodContext, non_negative, non_target, positive, require
 
 
 def decoupled_kd(student_logits, teacher_logits, labels, T: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(TCKD, NCKD) at temperature T, batch means, each times T^2 (unweighted, no warm-up)."""
     student, teacher = student_logits.float() / T, teacher_logits.float() / T
-    target = F.one_hot(labels, student.shape[1]).bool()
-    rows, others = student.shape[0], student.shape[1] - 1
-    student_rest, teacher_rest = student[~target].reshape(rows, others), teacher[~target].reshape(rows, others)
+    label = labels[:, None]
+    student_rest, teacher_rest = non_target(student, labels), non_target(teacher, labels)
     student_total, teacher_total = student.logsumexp(1), teacher.logsumexp(1)
     # log [p_t, 1 - p_t]: the target logit, and the log-sum-exp of the others, minus the log of the total
-    student_binary = torch.stack([student[target], student_rest.logsumexp(1)], 1) - student_total[:, None]
-    teacher_binary = torch.stack([teacher[target], teacher_rest.logsumexp(1)], 1) - teacher_total[:, None]
+    student_binary = torch.stack([student.gather(1, label)[:, 0], student_rest.logsumexp(1)], 1) - student_total[:, None]
+    teacher_binary = torch.stack([teacher.gather(1, label)[:, 0], teacher_rest.logsumexp(1)], 1) - teacher_total[:, None]
     tckd = F.kl_div(student_binary, teacher_binary, reduction="batchmean", log_target=True)
     nckd = F.kl_div(
         F.log_softmax(student_rest, 1), F.log_softmax(teacher_rest, 1), reduction="batchmean", log_target=True

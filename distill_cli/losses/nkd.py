@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from . import LOSSES
-from .base import Method, non_negative, positive
+from .base import Method, non_negative, non_target, positive
 
 
 @LOSSES.register("nkd")
@@ -34,13 +34,11 @@ class NKD(Method):
 
     def forward(self, student, teacher, batch, epoch):
         s, t = student.logits.float(), teacher.logits.float()
-        rows, classes = s.shape
         label = batch.labels[:, None]
         target_log_p = F.log_softmax(s, 1).gather(1, label)
         target_p_teacher = F.softmax(t, 1).gather(1, label)
         target = -(target_p_teacher * target_log_p).mean()
-        others = F.one_hot(batch.labels, classes) == 0
-        s_rest, t_rest = s[others].reshape(rows, classes - 1), t[others].reshape(rows, classes - 1)
+        s_rest, t_rest = non_target(s, batch.labels), non_target(t, batch.labels)
         T = self.temperature
         cross = (F.softmax(t_rest / T, 1) * F.log_softmax(s_rest / T, 1)).sum(1).mean()
         return {"nkd_target": target, "nkd_non_target": -self.gamma * T * T * cross}

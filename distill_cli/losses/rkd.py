@@ -35,7 +35,8 @@ def relations(embedding) -> tuple[torch.Tensor, torch.Tensor]:
     off_diagonal = ~torch.eye(len(embedding), dtype=torch.bool, device=embedding.device)
     distances = differences.pow(2).sum(2).clamp_min(EPS).sqrt() * off_diagonal
     directions = F.normalize(differences, dim=2)
-    return distances / distances[off_diagonal].mean(), directions @ directions.transpose(1, 2)
+    pairs = len(embedding) * (len(embedding) - 1)  # the mean off the diagonal (zero on it), without a mask's shape
+    return distances / (distances.sum() / pairs), directions @ directions.transpose(1, 2)
 
 
 @LOSSES.register("rkd")

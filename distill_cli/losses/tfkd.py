@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from . import LOSSES
-from .base import Method, MethodContext, non_negative, positive, require
+from .base import Method, MethodContext, non_negative, one_hot_rows, positive, require
 
 
 @LOSSES.register("tfkd")
@@ -44,7 +44,7 @@ class TeacherFreeKD(Method):
         s = student.logits.float()
         classes = s.shape[1]
         rest = (1 - self.correct_prob) / (classes - 1)
-        virtual = F.one_hot(batch.labels, classes).float() * (self.correct_prob - rest) + rest
+        virtual = one_hot_rows(batch.labels, classes) * (self.correct_prob - rest) + rest
         log_target = F.log_softmax(virtual / self.temperature, 1)
         # the authors' KLDivLoss() mean: over samples and classes (written out: torch warns on reduction="mean")
         kl = F.kl_div(F.log_softmax(s, 1), log_target, reduction="sum", log_target=True) / s.numel()
