@@ -99,7 +99,7 @@ def _other_values(value, hint) -> list:
     """Values of `hint`'s type other than `value`; for a dict (model kwargs): each entry changed, and one added."""
     if value is None:
         kind = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        return [{int: 1, float: 0.5, bool: True, str: "other"}[kind]]
+        return [[0.5]] if typing.get_origin(kind) is list else [{int: 1, float: 0.5, bool: True, str: "other"}[kind]]
     if isinstance(value, bool):
         return [not value]
     if isinstance(value, (int, float)):
@@ -277,7 +277,7 @@ EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"
 # the presets `distill train` takes; each other preset is a kd preset named <teacher preset>_<student>
 TEACHER_PRESETS = [
     "cifar100_resnet32x4", "cifar100_resnet50", "cifar100_resnet56", "cifar100_resnet110", "cifar100_vgg13", "cifar100_wrn_40_2", "cifar10_resnet20",
-    "cifar10_resnet56", "mnist_hinton",
+    "cifar10_resnet56", "imagenet_resnet18", "imagenet_resnet34", "mnist_hinton",
 ]
 
 

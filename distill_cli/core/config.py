@@ -76,9 +76,26 @@ class DatasetConfig:
     device_max_gb: float = 8.0
     # DataLoader worker processes of the stream pipeline; null = min(8, CPU count)
     workers: Optional[int] = None
+    # imagefolder: pad = the training crop jitters by +-image_size/8 pixels after zero padding, evaluation sees the
+    # whole image (CIFAR-style); resized = ImageNet-style: a random-resized crop (area 8-100%, aspect 3/4-4/3) to
+    # image_size for training, resize to image_size/0.875 and a centre crop for evaluation (needs image_size; streams)
+    crop: str = "pad"
+    # per-channel normalisation on the [0, 1] scale; null = measured on the training images. Set them to what a
+    # pretrained teacher was trained with (ImageNet: 0.485 0.456 0.406 / 0.229 0.224 0.225)
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
 
     def __post_init__(self) -> None:
         _choice("dataset.pipeline", self.pipeline, ("auto", "device", "stream"))
+        _choice("dataset.crop", self.crop, ("pad", "resized"))
+        _check(
+            self.crop == "pad" or (self.name == "imagefolder" and self.image_size is not None and self.pipeline != "device"),
+            "dataset.crop",
+            "resized is for image folders of any size, read as a stream: it needs dataset=imagefolder, "
+            "dataset.image_size (the crop's size) and dataset.pipeline auto or stream",
+        )
+        _check((self.mean is None) == (self.std is None), "dataset.mean", "and dataset.std come together (or neither)")
+        _check(self.std is None or all(value > 0 for value in self.std), "dataset.std", f"must be > 0, got {self.std}")
         _check(self.device_max_gb > 0, "dataset.device_max_gb", f"must be > 0, got {self.device_max_gb}")
         _check(self.workers is None or self.workers >= 0, "dataset.workers", f"must be >= 0, got {self.workers}")
         _check(0 <= self.color_jitter <= 1, "dataset.color_jitter", f"must be in [0, 1], got {self.color_jitter}")

@@ -20,8 +20,9 @@ from ..core.registry import Registry
 
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentation: random crop after zero-padding by `pad` pixels (a +-pad pixel jitter),
-    optional horizontal flip, and colour jitter of brightness, contrast and saturation by +-`color_jitter`.
+    """Training augmentation: random crop after zero-padding by `pad` pixels (a +-pad pixel jitter) or, `resized`,
+    a random-resized crop of the file, optional horizontal flip, and colour jitter of brightness, contrast and
+    saturation by +-`color_jitter`.
     `drawn` > 0 restricts each image to that many views drawn once (`data.augment.draw_views`, FKD's stored
     views; kd's `teacher_views`), among which every epoch picks: a narrower distribution, opt-in."""
 
@@ -29,10 +30,12 @@ class Augment:
     flip: bool = False
     color_jitter: float = 0.0
     drawn: int = 0
+    # ImageNet-style random-resized crop of the decoded file (`data.augment.random_resized_crop`), before the rest
+    resized: bool = False
 
     @property
     def active(self) -> bool:
-        return bool(self.pad or self.flip or self.color_jitter)
+        return bool(self.pad or self.flip or self.color_jitter or self.resized)
 
     @property
     def view_count(self) -> int:
@@ -43,7 +46,7 @@ class Augment:
             return 0
         if self.drawn:
             return self.drawn
-        if self.color_jitter:
+        if self.color_jitter or self.resized:
             return 0
         return (2 * self.pad + 1) ** 2 * (2 if self.flip else 1)
 
@@ -123,9 +126,17 @@ def _drop_classes(split: Split, classes: list[int], info: DatasetInfo) -> Split:
     return split.subset(keep.nonzero().squeeze(1))
 
 
+def _per_channel(key: str, values: list[float], info: DatasetInfo) -> tuple[float, ...]:
+    if len(values) != info.channels:
+        raise DistillError(f"{key}: {len(values)} values for {info.channels} channels of dataset {info.name}")
+    return tuple(float(value) for value in values)
+
+
 def load_dataset(cfg: DatasetConfig) -> DataSplits:
     """Load `cfg.name`; carve test (if the dataset has none) and validation splits, seeded; drop excluded classes."""
     raw = DATASETS.get(cfg.name)(cfg)
+    if cfg.mean is not None:
+        raw = replace(raw, info=replace(raw.info, mean=_per_channel("dataset.mean", cfg.mean, raw.info), std=_per_channel("dataset.std", cfg.std, raw.info)))
     classes = raw.info.class_names
     if len(classes) < 2:
         raise DistillError(f"dataset {cfg.name} has {len(classes)} class ({', '.join(classes)}); classification needs at least 2")
@@ -146,6 +157,11 @@ def training_augment(cfg: DatasetConfig, info: DatasetInfo, drawn: int = 0) -> A
     views per image drawn once, if > 0), or None when off."""
     if not cfg.augment:
         return None
+    if drawn and info.augment.resized:
+        raise DistillError(
+            "teacher_views: views drawn once are pad crops and flips; dataset.crop=resized draws its crops from a "
+            "continuum (use teacher_views=0: the teacher then runs on every step)"
+        )
     augment = replace(info.augment, color_jitter=cfg.color_jitter, drawn=drawn)
     return augment if augment.active else None
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as transforms
 
 from . import Augment
 
@@ -187,15 +189,59 @@ def apply_drawn_views(
     return apply_drawn(images, augment, drawn[positions, views]), views
 
 
-def augment_one(image: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Apply a dataset's augmentation preset to one uint8 image (C, H, W)."""
-    return augment_one_with_view(image, augment, generator)[0]
+# torchvision's RandomResizedCrop defaults: the crop's share of the image's area, and the range of its aspect ratio
+RESIZED_SCALE = (0.08, 1.0)
+RESIZED_RATIO = (3 / 4, 4 / 3)
+RESIZED_ATTEMPTS = 10
 
 
-def augment_one_with_view(image: torch.Tensor, augment: Augment, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-    """`augment_one`, with the view the image got (`view_id`; -1 when the views cannot be enumerated)."""
+def resized_crop_box(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) of a random-resized crop of a `height` x `width` image, drawn as
+    torchvision's `RandomResizedCrop.get_params` draws it (area share uniform in RESIZED_SCALE, aspect ratio
+    log-uniform in RESIZED_RATIO, up to RESIZED_ATTEMPTS tries; else the centre crop at the nearest ratio), but from
+    `generator`, so that a sample's crop depends on its seed alone."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(RESIZED_RATIO))
+    for _ in range(RESIZED_ATTEMPTS):
+        target_area = area * torch.empty(1).uniform_(*RESIZED_SCALE, generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator)).item()
+        crop_width = round((target_area * aspect) ** 0.5)
+        crop_height = round((target_area / aspect) ** 0.5)
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(torch.randint(0, height - crop_height + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - crop_width + 1, (1,), generator=generator))
+            return top, left, crop_height, crop_width
+    ratio = width / height
+    if ratio < RESIZED_RATIO[0]:
+        crop_width, crop_height = width, round(width / RESIZED_RATIO[0])
+    elif ratio > RESIZED_RATIO[1]:
+        crop_height, crop_width = height, round(height * RESIZED_RATIO[1])
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def random_resized_crop(image: Image.Image, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """A Pillow image of any size: a random-resized crop (`resized_crop_box`) resized to `size` (H, W), bilinear, as
+    torchvision's RandomResizedCrop does it on Pillow images; uint8 (C, H, W)."""
+    top, left, height, width = resized_crop_box(image.height, image.width, generator)
+    return transforms.pil_to_tensor(transforms.resized_crop(image, top, left, height, width, list(size)))
+
+
+def augment_one(image: torch.Tensor, augment: Augment, generator: torch.Generator, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Apply a dataset's augmentation preset to one uint8 image (C, H, W); `size`: the random-resized crop's."""
+    return augment_one_with_view(image, augment, generator, size)[0]
+
+
+def augment_one_with_view(
+    image: torch.Tensor, augment: Augment, generator: torch.Generator, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, int]:
+    """`augment_one`, with the view the image got (`view_id`; -1 when the views cannot be enumerated). With
+    `augment.resized`, `image` is the decoded file (a Pillow image at its own size) and `size` the crop's (H, W)."""
     top = left = 0
     flipped = False
+    if augment.resized:
+        image = random_resized_crop(image, size, generator)
     if augment.pad:
         _, height, width = image.shape
         top, left = torch.randint(0, 2 * augment.pad + 1, (2,), generator=generator).tolist()

@@ -5,7 +5,9 @@ tensor cache under `dataset.cache_dir`, keyed by the folder, split and image siz
 fingerprint of the files (names, sizes, modification times): changing the tree rebuilds the cache.
 For the stream pipeline (`dataset.pipeline=stream`, or `auto` when the decoded tree would exceed
 `dataset.device_max_gb`) nothing is decoded up front: a `FileSplit` decodes each image when a
-DataLoader worker asks for it.
+DataLoader worker asks for it. `dataset.crop=resized` (ImageNet-style) always streams: training cuts a
+random-resized crop from each file at its own size, evaluation resizes it and takes the centre crop.
+An ImageNet tree's `val/` serves as the test split where there is no `test/`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as transforms
 
 from ..core.checkpoint import save_atomic
 from ..core.config import DatasetConfig
@@ -27,6 +31,7 @@ from . import DATASETS, Augment, DatasetInfo, RawDataset, Split, channel_stats
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CACHE_VERSION = 1
 STATS_SAMPLE = 2000  # images of a streamed tree that its normalisation statistics are computed from
+CENTRE_CROP = 0.875  # dataset.crop=resized: evaluation's centre crop over the resized shorter side (224 / 256)
 
 
 def _list_tree(folder: Path, classes: list[str]) -> dict[str, list[tuple[Path, int]]]:
@@ -47,18 +52,33 @@ def _fingerprint(files: list[tuple[Path, int]], folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _decode(path: Path, size: tuple[int, int] | None) -> torch.Tensor:
-    """One image as uint8 RGB (3, H, W), resized (bilinear, antialiased) to size = (H, W) if given."""
-    from PIL import Image, UnidentifiedImageError
-
+def open_rgb(path: Path) -> Image.Image:
+    """One image file decoded as an RGB Pillow image, or a one-line DistillError naming the file."""
     try:
         with Image.open(path) as file:
-            image = file.convert("RGB")
+            return file.convert("RGB")
     except (OSError, UnidentifiedImageError) as error:
         raise DistillError(f"cannot decode image {path}: {error}") from None
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _decode(path: Path, size: tuple[int, int] | None) -> torch.Tensor:
+    """One image as uint8 RGB (3, H, W), resized (bilinear, antialiased) to size = (H, W) if given."""
+    image = open_rgb(path)
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return _tensor(image)
+
+
+def _decode_centre(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """One image as ImageNet-style evaluation sees it: its shorter side resized to size / CENTRE_CROP (Pillow,
+    bilinear), then the centre crop of `size` (H, W): torchvision's Resize(256) + CenterCrop(224) for size 224."""
+    image = open_rgb(path)
+    image = transforms.resize(image, [round(min(size) / CENTRE_CROP)])
+    return _tensor(transforms.center_crop(image, list(size)))
 
 
 def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int] | None) -> Split:
@@ -89,24 +109,33 @@ def _cached_split(folder: Path, files: list[tuple[Path, int]], cfg: DatasetConfi
 
 @dataclass
 class FileSplit:
-    """An image-folder split read lazily: `image(i)` decodes file i, resized to `size` (H, W)."""
+    """An image-folder split read lazily: `image(i)` decodes file i as evaluation sees it, of `size` (H, W): the whole
+    image resized (`crop` "resize"), or ImageNet's resize and centre crop ("centre"); `source(i)` is the file as it
+    is, which dataset.crop=resized's training crops are cut from."""
 
     paths: list[Path]
     labels: torch.Tensor
     size: tuple[int, int]
+    crop: str = "resize"
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "FileSplit":
-        return FileSplit([self.paths[i] for i in index.tolist()], self.labels[index], self.size)
+        return FileSplit([self.paths[i] for i in index.tolist()], self.labels[index], self.size, self.crop)
 
     def image(self, position: int) -> torch.Tensor:
+        if self.crop == "centre":
+            return _decode_centre(self.paths[position], self.size)
         return _decode(self.paths[position], self.size)
 
+    def source(self, position: int) -> Image.Image:
+        return open_rgb(self.paths[position])
 
-def _file_split(files: list[tuple[Path, int]], size: tuple[int, int]) -> FileSplit:
-    return FileSplit([path for path, _ in files], torch.tensor([label for _, label in files], dtype=torch.int64), size)
+
+def _file_split(files: list[tuple[Path, int]], size: tuple[int, int], crop: str) -> FileSplit:
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return FileSplit([path for path, _ in files], labels, size, crop)
 
 
 def _list_split(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
@@ -133,6 +162,8 @@ def _stream_size(files: list[tuple[Path, int]], cfg: DatasetConfig) -> tuple[int
 def load_imagefolder(cfg: DatasetConfig) -> RawDataset:
     root = Path(cfg.root)
     train_dir, test_dir = root / "train", root / "test"
+    if not test_dir.is_dir() and (root / "val").is_dir():  # ImageNet's layout: its validation set is the test split
+        test_dir = root / "val"
     if not train_dir.is_dir():
         raise DistillError(
             f"dataset.root={root}: expected {train_dir}/<class>/<image> (and optionally {test_dir}/<class>/<image>); "
@@ -150,9 +181,10 @@ def load_imagefolder(cfg: DatasetConfig) -> RawDataset:
     files = {name: _list_split(folder, classes) for name, folder in folders.items()}
     size = _stream_size(files["train"], cfg)
     decoded_bytes = sum(len(listed) for listed in files.values()) * 3 * size[0] * size[1]
-    stream = cfg.pipeline == "stream" or (cfg.pipeline == "auto" and decoded_bytes > cfg.device_max_gb * 2**30)
+    stream = cfg.pipeline == "stream" or cfg.crop == "resized" or (cfg.pipeline == "auto" and decoded_bytes > cfg.device_max_gb * 2**30)
     if stream:
-        splits = {name: _file_split(listed, size) for name, listed in files.items()}
+        crop = "centre" if cfg.crop == "resized" else "resize"
+        splits = {name: _file_split(listed, size, crop) for name, listed in files.items()}
         sample = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(cfg.split_seed))
         mean, std = channel_stats(torch.stack([splits["train"].image(i) for i in sample[:STATS_SAMPLE].tolist()]))
     else:
@@ -168,6 +200,6 @@ def load_imagefolder(cfg: DatasetConfig) -> RawDataset:
         mean=mean,
         std=std,
         class_names=tuple(classes),
-        augment=Augment(pad=max(1, min(height, width) // 8), flip=True),
+        augment=Augment(flip=True, resized=True) if cfg.crop == "resized" else Augment(pad=max(1, min(height, width) // 8), flip=True),
     )
     return RawDataset(train=train, test=test, info=info)

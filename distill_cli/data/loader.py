@@ -191,6 +191,9 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         position, seed = key
+        if self.augment is not None and self.augment.resized:  # cropped from the file as it is, to the split's size
+            image, view = augment_one_with_view(self.split.source(position), self.augment, torch.Generator().manual_seed(seed), self.split.size)
+            return image, self.split.labels[position], position, view
         image, view = self.split.image(position), -1
         if self.drawn is not None:
             view = int(torch.randint(0, self.augment.drawn, (), generator=torch.Generator().manual_seed(seed)))
