@@ -4,14 +4,14 @@ resize + centre crop for evaluation, torchvision's ImageNet recipe and its prese
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, run_distill_in_process
 from PIL import Image
 from torchvision import transforms as classic
 from torchvision.models import resnet34
 
 from distill_cli.core.config import DatasetConfig, validate_config
 from distill_cli.core.errors import DistillError
-from distill_cli.data import Augment, load_dataset, training_augment
+from distill_cli.data import Augment, imagefolder, load_dataset, training_augment
 from distill_cli.data.augment import RESIZED_RATIO, RESIZED_SCALE, augment_one, resized_crop_box
 from distill_cli.data.imagefolder import FileSplit
 from distill_cli.data.loader import build_loader
@@ -110,10 +110,11 @@ def test_the_stream_loader_gives_seeded_crops_of_the_files(tree, monkeypatch):
     assert all(batch.view is None for batch in build_loader("stream", data.train, data.info, 12, torch.device("cpu"), workers=0, augment=augment))
 
 
-def test_the_normalisation_can_be_given(tree):
-    """dataset.mean / dataset.std replace the measured statistics (a pretrained teacher's); a count that is not the
-    channels' is one line."""
+def test_the_normalisation_can_be_given(tree, monkeypatch):
+    """dataset.mean / dataset.std replace the measured statistics (a pretrained teacher's), and a streamed tree then
+    decodes no sample to measure them; a count that is not the channels' is one line."""
     measured = load_dataset(_cfg(tree)).info
+    monkeypatch.setattr(imagefolder, "channel_stats", lambda images: pytest.fail("measured the given statistics"))
     given = load_dataset(_cfg(tree, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])).info
     assert given.mean == (0.485, 0.456, 0.406) and given.std == (0.229, 0.224, 0.225) and measured.mean != given.mean
     with pytest.raises(DistillError, match=r"^dataset.mean: 1 values for 3 channels of dataset imagefolder$"):
@@ -140,6 +141,19 @@ def test_views_drawn_once_are_refused_with_resized_crops(tree):
     cfg = _cfg(tree)
     with pytest.raises(DistillError, match=r"^teacher_views: views drawn once are pad crops and flips; dataset.crop=resized"):
         training_augment(cfg, load_dataset(cfg).info, drawn=4)
+
+
+def test_bench_times_resized_crops_against_torchvisions_own(tree, tmp_path):
+    """`distill bench` on an ImageNet-style folder: the reference loop is torchvision's RandomResizedCrop + flip on
+    the files (even with reference_from_files=false: the crops are cut from the files), and says so."""
+    result = run_distill_in_process(
+        "bench", "dataset=imagefolder", f"dataset.root={tree}", f"dataset.image_size={SIZE}", "dataset.crop=resized",
+        "teacher.kwargs.width=4", "student=mlp", "student.kwargs.hidden=[8]", "batch_size=8", "warmup_steps=1", "steps=2",
+        "repeats=1", "reference_workers=0", "reference_from_files=false", cwd=tmp_path,
+    )
+    output = " ".join(result.stdout.split())
+    assert "augmentation (both): random-resized crop, flip" in output
+    assert "reads torchvision ImageFolder, 36 files decoded per sample" in output and "stream pipeline" in output
 
 
 @pytest.mark.slow

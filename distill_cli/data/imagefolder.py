@@ -185,8 +185,11 @@ def load_imagefolder(cfg: DatasetConfig) -> RawDataset:
     if stream:
         crop = "centre" if cfg.crop == "resized" else "resize"
         splits = {name: _file_split(listed, size, crop) for name, listed in files.items()}
-        sample = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(cfg.split_seed))
-        mean, std = channel_stats(torch.stack([splits["train"].image(i) for i in sample[:STATS_SAMPLE].tolist()]))
+        if cfg.mean is not None:  # given (a pretrained teacher's): no need to decode a sample of the tree first
+            mean, std = tuple(cfg.mean), tuple(cfg.std)
+        else:
+            sample = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(cfg.split_seed))
+            mean, std = channel_stats(torch.stack([splits["train"].image(i) for i in sample[:STATS_SAMPLE].tolist()]))
     else:
         splits = {name: _cached_split(folders[name], listed, cfg) for name, listed in files.items()}
         mean, std = channel_stats(splits["train"].images)

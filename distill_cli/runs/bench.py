@@ -114,11 +114,14 @@ def _reference_loader(
     from torchvision import datasets, transforms
 
     info = data.info
-    from_files = cfg.dataset.name == "imagefolder" and cfg.reference_from_files
-    steps: list = []
-    if from_files and cfg.dataset.image_size is not None:
-        steps.append(transforms.Resize((cfg.dataset.image_size, cfg.dataset.image_size)))
     augment = augment or Augment()
+    # ImageNet-style crops are cut from the files themselves, so the reference reads them too
+    from_files = cfg.dataset.name == "imagefolder" and (cfg.reference_from_files or augment.resized)
+    steps: list = []
+    if augment.resized:
+        steps.append(transforms.RandomResizedCrop(info.image_size))
+    elif from_files and cfg.dataset.image_size is not None:
+        steps.append(transforms.Resize((cfg.dataset.image_size, cfg.dataset.image_size)))
     if augment.pad:
         steps.append(transforms.RandomCrop(info.image_size, padding=augment.pad))
     if augment.flip:
@@ -463,7 +466,7 @@ def bench_table(result: dict) -> Group:
 def _describe_augment(augment: dict | None) -> str:
     if augment is None:
         return "off"
-    parts = []
+    parts = ["random-resized crop"] if augment.get("resized") else []
     if augment["pad"]:
         parts.append(f"crop with padding {augment['pad']}")
     if augment["flip"]:
