@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of device.cuda_graphs and the CIFAR-10 reproduction, as ONE command for a device session (one H200,
-# at most 10 minutes a command): everything it writes that matters lands in $OUT (8 files).
+# at most 10 minutes a command): everything it writes that matters lands in $OUT (8 files, the device tool's
+# limit: the log, test_cuda.log, five bench.json, and reproduce_runs.tar.gz with each reproduction's table.md).
 #
 # Before the session, on the development machine (fills the git-ignored data/):
 #   scripts/gpu_check.sh prepare     # data/cifar10-jpg.tar.gz (the JPEGs) and data/pydeps (hydra, omegaconf, antlr4,
@@ -14,12 +15,12 @@
 #   c. distill bench fused=6 (the T x alpha sweep: one job after another vs fused vs stacked), cuda_graphs=true
 #   d. scripts/reproduce_cifar10.sh at the epoch count the minutes left allow: first the whole of it at 1 epoch (d0),
 #      timed, to size it; then the run, its table beside torchdistill's numbers (the table says which count ran)
-#   e. (only when STEPS names it) distill bench loss=dkd and loss=crd with cuda_graphs=true
+#   e. distill bench loss=dkd and loss=crd with cuda_graphs=true (DKD reads the epoch; CRD draws inside the graph)
 #
 # A rehearsal of the plumbing where there is no GPU (every step, every file in $OUT; the figures mean nothing):
 #   DEVICE=cpu GRAPHS=auto BENCH_STEPS=2 BENCH_REPEATS=1 EPOCHS=1 SEEDS="0 1" CIFAR10_ROOT=<a small JPEG tree> \
 #       GPU_CHECK_SECONDS=1500 scripts/gpu_check.sh
-# Settings (environment): STEPS (abcd: which steps run, in that order; e too where named), DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs,
+# Settings (environment): STEPS (abced: which steps run, in that order; d last takes the minutes left), DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs,
 # true), BENCH_STEPS (30), BENCH_REPEATS (3), EPOCHS (default: what the minutes left allow, timed by step d0),
 # CIFAR10_ROOT (default: data/cifar10, unpacked from data/cifar10-jpg.tar.gz), GPU_CHECK_SECONDS, SECONDS_PER_EPOCH
 # (step d0's fallback, 10), and SEEDS for the reproduction.
@@ -103,13 +104,12 @@ step_e() {  # the captured kd step of two more methods: DKD reads the epoch, CRD
     done
 }
 
-reproduce() {  # reproduce_cifar10.sh into outputs/$1 at $2 epochs, for at most $3 seconds; its table into $OUT/$1_table.md
+reproduce() {  # reproduce_cifar10.sh into outputs/$1 at $2 epochs, for at most $3 seconds; its table into the log
     rm -rf "outputs/$1"
     EPOCHS=$2 CIFAR10_ROOT=$root OUT_DIR=outputs/$1 DISTILL="$python -m distill_cli" PYTHON="$python" \
         timeout "$3" scripts/reproduce_cifar10.sh -- "device=$device"
     echo "exit $?"
-    EPOCHS=$2 OUT_DIR=outputs/$1 PYTHON="$python" scripts/reproduce_cifar10.sh --table  # the runs that finished
-    cp "outputs/$1/table.md" "$out/$1_table.md"
+    EPOCHS=$2 OUT_DIR=outputs/$1 PYTHON="$python" scripts/reproduce_cifar10.sh --table  # the runs that finished (to the log)
 }
 step_d() {
     local epochs=${EPOCHS:-}
@@ -140,7 +140,7 @@ EOF
     tar -czf "$out/reproduce_runs.tar.gz" --exclude='*.pt' --exclude=teacher_cache outputs/reproduce_cifar10 outputs/reproduce_probe 2>/dev/null
 }
 
-for step in $(grep -o '[abcde]' <<< "${STEPS:-abcd}"); do  # in the order STEPS gives them
+for step in $(grep -o '[abcde]' <<< "${STEPS:-abced}"); do  # in the order STEPS gives them
     "step_$step"
 done
 echo "== done in $(($(date +%s) - start)) s"
