@@ -1,22 +1,26 @@
 """ImageNet-style image folders (`dataset.crop=resized`): files of any size, a random-resized crop for training and
-resize + centre crop for evaluation, torchvision's ImageNet recipe and its presets (configs/experiment/imagenet_*)."""
+resize + centre crop for evaluation, torchvision's ImageNet recipe and its presets (configs/experiment/imagenet_*),
+and the top-5 accuracy reported from 100 classes on."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, run_distill_in_process
+from conftest import compose_config, run_distill_in_process, small_kd_config
 from PIL import Image
 from torchvision import transforms as classic
 from torchvision.models import resnet34
 
 from distill_cli.core.config import DatasetConfig, validate_config
+from distill_cli.core.console import results_table
 from distill_cli.core.errors import DistillError
 from distill_cli.data import Augment, imagefolder, load_dataset, training_augment
 from distill_cli.data.augment import RESIZED_RATIO, RESIZED_SCALE, augment_one, resized_crop_box
 from distill_cli.data.imagefolder import FileSplit
-from distill_cli.data.loader import build_loader
+from distill_cli.data.loader import Batch, build_loader
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
+from distill_cli.training.compute import Compute
+from distill_cli.training.metrics import evaluate
 
 pytestmark = pytest.mark.usefixtures("quiet_results")
 
@@ -154,6 +158,28 @@ def test_bench_times_resized_crops_against_torchvisions_own(tree, tmp_path):
     output = " ".join(result.stdout.split())
     assert "augmentation (both): random-resized crop, flip" in output
     assert "reads torchvision ImageFolder, 36 files decoded per sample" in output and "stream pipeline" in output
+
+
+@pytest.mark.parametrize("classes, top5", [(100, 0.75), (10, None)])
+def test_top5_accuracy_is_measured_from_100_classes(classes, top5):
+    """The label ranked 1st, 4th, 7th and 5th by its row's logits: top-1 0.25, top-5 0.75; not measured at 10 classes."""
+    logits = torch.arange(classes, 0, -1, dtype=torch.float32).repeat(4, 1)  # class k ranked k + 1 in every row
+    labels = torch.tensor([0, 3, 6, 4])
+    loader = [Batch(logits, labels, torch.arange(4))]
+    accuracy = evaluate(torch.nn.Identity(), loader, Compute(torch.device("cpu"), "fp32"), classes)
+    assert accuracy.overall == 0.25 and accuracy.top5 == top5
+
+
+def test_a_kd_run_of_100_classes_reports_top5_for_each_network(tmp_path):
+    """Teacher, student and the student alone each carry their top-5 test accuracy in the summary, and the results
+    table's caption lists them."""
+    data = DatasetConfig(name="synthetic", num_classes=100, channels=3, image_size=8, train_size=400, test_size=200, val_split=0.1)
+    summary = run_kd(small_kd_config(tmp_path, dataset=data, epochs=1, teacher_epochs=1), tmp_path / "kd")
+    top5 = [summary["teacher"]["test_acc_top5"], summary["student"]["test_acc_top5_best"], summary["baseline"]["test_acc_top5_best"]]
+    assert all(0 <= value <= 1 for value in top5)
+    assert summary["teacher"]["test_acc_top5"] >= summary["teacher"]["test_acc"]
+    caption = str(results_table(summary).caption)
+    assert caption.endswith(f"top-5 test acc: teacher {top5[0]:.2%}, student {top5[1]:.2%}, student alone {top5[2]:.2%}")
 
 
 @pytest.mark.slow

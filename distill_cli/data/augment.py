@@ -228,13 +228,15 @@ def random_resized_crop(image: Image.Image, size: tuple[int, int], generator: to
     return transforms.pil_to_tensor(transforms.resized_crop(image, top, left, height, width, list(size)))
 
 
-def augment_one(image: torch.Tensor, augment: Augment, generator: torch.Generator, size: tuple[int, int] | None = None) -> torch.Tensor:
+def augment_one(
+    image: torch.Tensor | Image.Image, augment: Augment, generator: torch.Generator, size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Apply a dataset's augmentation preset to one uint8 image (C, H, W); `size`: the random-resized crop's."""
     return augment_one_with_view(image, augment, generator, size)[0]
 
 
 def augment_one_with_view(
-    image: torch.Tensor, augment: Augment, generator: torch.Generator, size: tuple[int, int] | None = None
+    image: torch.Tensor | Image.Image, augment: Augment, generator: torch.Generator, size: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, int]:
     """`augment_one`, with the view the image got (`view_id`; -1 when the views cannot be enumerated). With
     `augment.resized`, `image` is the decoded file (a Pillow image at its own size) and `size` the crop's (H, W)."""

@@ -31,7 +31,7 @@ from ..models.checkpoints import recorded_layers
 from ..training.compute import Compute
 from ..training.graphs import use_graphs
 from ..training.loop import FitResult, fit
-from ..training.metrics import evaluate
+from ..training.metrics import evaluate, top5_entry
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.setup import Loaders
 from ..training.trackers import Trackers
@@ -121,6 +121,7 @@ def trained_result(
         "test_acc_best": best.overall,
         "test_acc_last": last.overall,
         "test_acc_per_class": dict(zip(data.info.class_names, best.per_class)),
+        **top5_entry(best, "test_acc_top5_best"),
         "best_epoch": result.best_epoch,
         "val_acc_best": result.best_val_acc,
         "selection": result.selection,

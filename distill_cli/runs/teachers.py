@@ -20,6 +20,7 @@ from ..kd.ensemble import EnsembleTeacher, checked_member, member_configs
 from ..models import count_parameters
 from ..models.checkpoints import checked_checkpoint, checked_model
 from ..training.compute import Compute
+from ..training.metrics import top5_entry
 from ..training.world import SINGLE, World
 from ..training.world import world as current_world
 from .common import KDRun, log
@@ -132,6 +133,7 @@ def model_entry(run: KDRun, model: nn.Module, model_cfg: ModelConfig, path: Path
         "params": count_parameters(model),
         "test_acc": accuracy.overall,
         "test_acc_per_class": dict(zip(run.data.info.class_names, accuracy.per_class)),
+        **top5_entry(accuracy, "test_acc_top5"),
         "checkpoint": None if path is None else str(path.resolve()),
         "source": source,
     }
@@ -143,11 +145,12 @@ def baseline_entry(run: KDRun, student_cfg: ModelConfig, folder: Path) -> dict:
     path, source = trained_once(cfg, baseline_training_config(cfg), folder, "baseline")
 
     def entry() -> dict:  # rank 0's work: with several processes all of them trained it
-        baseline = load_frozen(path, student_cfg, "student", run.data, run.compute)
+        accuracy = run.evaluate(load_frozen(path, student_cfg, "student", run.data, run.compute))
         return {
             "name": student_cfg.label,
             "arch": student_cfg.arch,
-            "test_acc_best": run.evaluate(baseline).overall,
+            "test_acc_best": accuracy.overall,
+            **top5_entry(accuracy, "test_acc_top5_best"),
             "checkpoint": str(path.resolve()),
             "source": source,
         }
