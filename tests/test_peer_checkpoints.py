@@ -1,6 +1,6 @@
 """`teacher.checkpoint=` reads other tools' files: RepDistiller / mdistiller CIFAR teachers (`{"model": state_dict}`
 with their layer names) and plain torchvision state dicts. The reference networks below follow RepDistiller's
-models/resnet.py, wrn.py, vgg.py, mobilenetv2.py, ShuffleNetv1.py and ShuffleNetv2.py (mdistiller's
+models/resnet.py, resnetv2.py (ResNet50), wrn.py, vgg.py, mobilenetv2.py, ShuffleNetv1.py and ShuffleNetv2.py (mdistiller's
 mdistiller/models/cifar/ are the same): their attribute names make the state dict as those tools write it,
 and their forward passes say what the loaded teacher must compute."""
 
@@ -61,6 +61,43 @@ class RepResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class RepBottleneck(nn.Module):
+    """RepDistiller's models/resnetv2.py Bottleneck: 1x1, 3x3 (the stride), 1x1 to 4x, `shortcut` conv + BN."""
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_planes, planes, 1, bias=False), _bn(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), _bn(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), _bn(4 * planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != 4 * planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, 4 * planes, 1, stride, bias=False), _bn(4 * planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class RepResNetV2(nn.Module):
+    """RepDistiller's ResNet of models/resnetv2.py (ResNet50 with blocks 3-4-6-3): a 3x3 64-channel stem, `layer1-4`
+    of 64-128-256-512 x 4 channels, `linear`."""
+
+    def __init__(self, blocks=(1, 1, 1, 1), classes=10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False), _bn(64)
+        in_planes = 64
+        for index, (planes, count, stride) in enumerate(zip((64, 128, 256, 512), blocks, (1, 2, 2, 2)), start=1):
+            layers = [RepBottleneck(in_planes if b == 0 else 4 * planes, planes, stride if b == 0 else 1) for b in range(count)]
+            setattr(self, f"layer{index}", nn.Sequential(*layers))
+            in_planes = 4 * planes
+        self.linear = nn.Linear(2048, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 class RepWideBlock(nn.Module):
@@ -268,13 +305,14 @@ def _loaded(path, arch: str, kwargs: dict) -> nn.Module:
     [
         (RepResNet, "resnet_cifar", {"depth": 8, "width": 4, "stem": 32}, "repdistiller"),  # {"model", "epoch", ...}
         (RepResNet, "resnet_cifar", {"depth": 8, "width": 4, "stem": 32}, "dataparallel"),  # module.* names
+        (lambda: RepResNetV2(blocks=(1, 2, 1, 1)), "resnet_bottleneck", {"blocks": [1, 2, 1, 1], "stem": 64}, "repdistiller"),
         (RepWRN, "wrn", {"depth": 16, "widen_factor": 2}, "repdistiller"),
         (RepVGG, "vgg", {"depth": 11}, "repdistiller"),
         (lambda: RepMobileNetV2(T=2), "mobilenetv2", {"expansion": 2}, "repdistiller"),
         (RepShuffleV1, "shufflenetv1", {"out_channels": [48, 96, 192], "blocks": [2, 2, 2]}, "repdistiller"),
         (RepShuffleV2, "shufflenetv2", {"out_channels": [48, 96, 192, 256], "blocks": [1, 2, 1]}, "repdistiller"),
     ],
-    ids=["resnet8x4", "resnet8x4-dataparallel", "wrn_16_2", "vgg11", "mobilenetv2", "shufflenetv1", "shufflenetv2"],
+    ids=["resnet8x4", "resnet8x4-dataparallel", "resnet50-like", "wrn_16_2", "vgg11", "mobilenetv2", "shufflenetv1", "shufflenetv2"],
 )
 def test_a_peer_teacher_file_computes_what_the_peer_network_computes(tmp_path, reference, arch, kwargs, wrapped):
     torch.manual_seed(0)
@@ -308,7 +346,7 @@ def test_a_file_that_does_not_fit_is_refused_naming_the_first_key(tmp_path):
     resnet20 = _save(tmp_path, {"model": state}, "resnet8x4.pth")  # a resnet8x4 file given for resnet20
     with pytest.raises(DistillError, match=r"does not fit teacher=resnet_cifar: 'stem\.0\.weight' is \(32, 3, 3, 3\), the network's \(16, 3, 3, 3\)$"):
         _loaded(resnet20, "resnet_cifar", {"depth": 20})
-    with pytest.raises(DistillError, match=r"RepDistiller/mdistiller files are read for resnet_cifar, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2 \(teacher=cnn is cnn\)"):
+    with pytest.raises(DistillError, match=r"RepDistiller/mdistiller files are read for resnet_cifar, resnet_bottleneck, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2 \(teacher=cnn is cnn\)"):
         _loaded(resnet20, "cnn", {"width": 4})
 
 

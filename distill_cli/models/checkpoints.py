@@ -4,8 +4,8 @@ config names, the dataset's classes, weights that fit. Every command that loads 
 
 A given checkpoint (`teacher.checkpoint=`) may also be another tool's file (`peer_checkpoint`): a
 RepDistiller / mdistiller CIFAR file (`{"model": state_dict, ...}` with their layer names, renamed by the
-explicit rules of `PEER_NAMES`, for the zoo's ResNet, WRN, VGG, MobileNetV2 and ShuffleNet V1/V2; no fuzzy
-matching), or a plain state dict: torchvision's and timm's names are the model's own.
+explicit rules of `PEER_NAMES`, for the zoo's ResNet, ResNet50, WRN, VGG, MobileNetV2 and ShuffleNet V1/V2; no
+fuzzy matching), or a plain state dict: torchvision's and timm's names are the model's own.
 """
 
 from __future__ import annotations
@@ -98,6 +98,20 @@ PEER_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
         (r"layer(?P<layer>[1-3])\.(?P<b>\d+)\.bn2\.{p}", "stages.{stage}.{b}.body.1.1.{p}"),
         (r"layer(?P<layer>[1-3])\.(?P<b>\d+)\.downsample\.(?P<i>[01])\.{p}", "stages.{stage}.{b}.shortcut.{i}.{p}"),
         (r"fc\.{p}", "head.fc.{p}"),
+    ),
+    "resnet_bottleneck": (  # RepDistiller's models/resnetv2.py (its ResNet50): bottleneck blocks, `shortcut`, `linear`
+        (r"conv1\.{p}", "stem.0.{p}"),
+        (r"bn1\.{p}", "stem.1.{p}"),
+        *(
+            rule
+            for k in range(3)
+            for rule in _conv_bn(
+                rf"layer(?P<layer>[1-4])\.(?P<b>\d+)\.conv{k + 1}", rf"layer(?P<layer>[1-4])\.(?P<b>\d+)\.bn{k + 1}",
+                f"stages.{{stage}}.{{b}}.body.{k}",
+            )
+        ),
+        (r"layer(?P<layer>[1-4])\.(?P<b>\d+)\.shortcut\.(?P<i>[01])\.{p}", "stages.{stage}.{b}.shortcut.{i}.{p}"),
+        (r"linear\.{p}", "head.fc.{p}"),
     ),
     "wrn": (  # without dropout (their teachers' dropRate 0): the second conv is body.3
         (r"conv1\.{p}", "stem.{p}"),
