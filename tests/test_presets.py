@@ -43,13 +43,14 @@ def _synthetic(name: str, images: int = 0) -> list[str]:
 # the CIFAR-100 presets'; resnet110 -> resnet32 and wrn_40_2 -> wrn_40_1 are resnet56 -> resnet20's and
 # wrn_40_2 -> wrn_16_2's at other depths or widths; the ShuffleNet and MobileNet pairs are their teachers' pairs
 # with the student at lr 0.01 (the teacher's recipe, teacher_lr 0.05, is checked in test_config.py); resnet50's
-# recipe is the other teachers' (its network: test_models.py); the ImageNet presets need an image tree (their crops
+# recipe is the other teachers' (its network: test_models.py), and resnet50 -> vgg8 is vgg13 -> vgg8's student under it; the ImageNet presets need an image tree (their crops
 # are cut from files), and train on one in test_imagenet_style.py
 TRAINED_BY_ANOTHER = {
     "imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet34_resnet18",
     "cifar10_resnet20", "cifar10_resnet56", "cifar10_resnet56_resnet20", "cifar100_resnet110", "cifar100_resnet110_resnet32",
     "cifar100_wrn_40_2_wrn_40_1", "cifar100_resnet32x4_shufflenetv1", "cifar100_resnet32x4_shufflenetv2",
     "cifar100_wrn_40_2_shufflenetv1", "cifar100_vgg13_mobilenetv2", "cifar100_resnet50", "cifar100_resnet50_mobilenetv2",
+    "cifar100_resnet50_vgg8",
 }
 
 
