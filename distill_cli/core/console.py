@@ -300,7 +300,8 @@ def results_table(summary: dict) -> Table:
 
 
 def _top5_line(summary: dict) -> str:
-    """"top-5 test acc: teacher 91.20%, student 89.10%, student alone 88.00%" where top-5 was measured (100+ classes)."""
+    """The caption line `top-5 test acc: teacher 91.20%, student 89.10%, student alone 88.00%` of the networks whose
+    top-5 was measured (100+ classes); empty where none was."""
     entries = [(summary.get("role", "teacher"), summary.get("teacher")), ("student", summary.get("student")), ("student alone", summary.get("baseline"))]
     parts = [
         f"{role} {_pct(entry.get('test_acc_top5', entry.get('test_acc_top5_best')))}"
