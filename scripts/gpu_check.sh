@@ -23,7 +23,7 @@
 # Settings (environment): STEPS (abced: which steps run, in that order; d last takes the minutes left), DEVICE (cuda), GRAPHS (the bench's device.cuda_graphs,
 # true), BENCH_STEPS (30), BENCH_REPEATS (3), EPOCHS (default: what the minutes left allow, timed by step d0),
 # CIFAR10_ROOT (default: data/cifar10, unpacked from data/cifar10-jpg.tar.gz), GPU_CHECK_SECONDS, SECONDS_PER_EPOCH
-# (step d0's fallback, 10), and SEEDS for the reproduction.
+# (step d0's fallback, 10), and SEEDS and SIDE_BY_SIDE for the reproduction (scripts/reproduce_cifar10.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

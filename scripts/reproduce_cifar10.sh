@@ -15,8 +15,10 @@
 #
 # Settings (environment): CIFAR10_ROOT (the JPEG tree, root/{train,test}/<class>/*.jpg; default data/cifar10),
 # EPOCHS (182), SEEDS ("0 1 2"), OUT_DIR (outputs/reproduce_cifar10), DISTILL (the command; default distill),
-# PYTHON (for the table; default python3), KD_FUSED (0), and any further overrides for every command as arguments
-# after `--`, e.g. `-- device.cuda_graphs=true`.
+# PYTHON (for the table; default python3), KD_FUSED (0), SIDE_BY_SIDE (1; 0 runs the commands of a step one after
+# another: with CUDA graphs a process keeps the GPU busy, and on one H200 resnet56 took 2.8 s an epoch alone, 12.3 s
+# beside three resnet20 processes, docs/results.md), and any further overrides for every command as arguments after
+# `--`, e.g. `-- device.cuda_graphs=true`.
 set -euo pipefail
 
 dry_run=0
@@ -43,20 +45,26 @@ if ((dry_run)); then
 fi
 
 pids=()
-run() {  # one distill command in the background, its output in $out/<name>.log
+failed_here=0
+run() {  # one distill command, its output in $out/<name>.log: in the background (SIDE_BY_SIDE=1), else to its end
     local name=$1
     shift
     mkdir -p "$out"
     echo "+ ${distill[*]} $*" | tee "$out/$name.log"
-    "${distill[@]}" "$@" >> "$out/$name.log" 2>&1 &
-    pids+=($!)
+    if [[ ${SIDE_BY_SIDE:-1} == 1 ]]; then
+        "${distill[@]}" "$@" >> "$out/$name.log" 2>&1 &
+        pids+=($!)
+    else
+        "${distill[@]}" "$@" >> "$out/$name.log" 2>&1 || failed_here=1
+    fi
 }
 wait_all() {  # wait for every command started; fail when any failed
-    local failed=0
+    local failed=$failed_here
     for pid in "${pids[@]}"; do
         wait "$pid" || failed=1
     done
     pids=()
+    failed_here=0
     return $failed
 }
 

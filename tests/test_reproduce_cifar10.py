@@ -60,3 +60,21 @@ def test_the_kd_runs_find_their_baseline_in_the_cache_the_resnet20_runs_fill(see
     kd = validate_config("kd", compose_config("kd", ["experiment=cifar10_resnet56_resnet20", f"seed={seed}", "epochs=30"]))
     alone = validate_config("train", compose_config("train", ["experiment=cifar10_resnet20", f"seed={seed}", "epochs=30"]))
     assert teacher_recipe(baseline_training_config(kd)) == teacher_recipe(alone)
+
+
+@pytest.mark.parametrize("side_by_side, overlapping", [("1", True), ("0", False)])
+def test_side_by_side_0_runs_the_commands_one_after_another(tmp_path, side_by_side, overlapping):
+    """SIDE_BY_SIDE=0: each command of a step starts after the last one ended (the default starts them together);
+    a failed command still fails the script."""
+    spans = tmp_path / "spans.txt"
+    recorder = tmp_path / "record"
+    recorder.write_text(f"#!/bin/sh\nstart=$(date +%s.%N)\nsleep 0.3\necho \"$start $(date +%s.%N)\" >> {spans}\n")
+    recorder.chmod(0o755)
+    result = _script(tmp_path, str(recorder), SEEDS="0 1", EPOCHS="2", SIDE_BY_SIDE=side_by_side)
+    assert result.returncode == 0, result.stderr
+    step_one = sorted(tuple(map(float, line.split())) for line in spans.read_text().splitlines())[:3]
+    assert any(start < end for (_, end), (start, _) in zip(step_one, step_one[1:])) is overlapping
+    failing = tmp_path / "fail"
+    failing.write_text("#!/bin/sh\nexit 3\n")
+    failing.chmod(0o755)
+    assert _script(tmp_path, str(failing), SEEDS="0", EPOCHS="2", SIDE_BY_SIDE=side_by_side).returncode != 0
