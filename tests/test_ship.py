@@ -96,6 +96,14 @@ def test_quality_confusion_matrix_and_per_class_accuracy():
     assert result["confusion"] == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]  # rows: true class
     assert result["test_acc"] == pytest.approx(4 / 6)
     assert result["test_acc_per_class"] == pytest.approx({"a": 0.5, "b": 0.5, "c": 1.0})
+    assert "test_acc_top5" not in result  # measured from 100 classes on
+
+
+def test_quality_has_the_top5_accuracy_from_100_classes():
+    """The label ranked 1st, 4th, 7th and 5th by its row's logits: top-1 0.25, top-5 0.75 (as `evaluate` counts it)."""
+    logits = torch.arange(100, 0, -1, dtype=torch.float32).repeat(4, 1)
+    result = quality(logits, torch.tensor([0, 3, 6, 4]), tuple(map(str, range(100))))
+    assert (result["test_acc"], result["test_acc_top5"]) == (0.25, 0.75)
 
 
 # ---------------------------------------------------------------- speed-up

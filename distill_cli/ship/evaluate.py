@@ -41,6 +41,7 @@ from ..models import count_parameters
 from ..models.checkpoints import model_from_checkpoint
 from ..models.fold import fold_batch_norm
 from ..training.compute import Compute, device_name, synchronise
+from ..training.metrics import TOP5_FROM_CLASSES, top5_hits
 from ..training.setup import prepare_run
 from .programs import distill_record, load_program, program_forward
 
@@ -162,13 +163,16 @@ def calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: i
 
 
 def quality(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...]) -> dict:
-    """Accuracy overall and per class, the confusion matrix (rows: true class, columns: predicted) and the ECE."""
+    """Accuracy overall and per class (top-5 too from TOP5_FROM_CLASSES classes), the confusion matrix (rows: true
+    class, columns: predicted) and the ECE."""
     n = len(class_names)
     predicted = logits.argmax(1)
     confusion = torch.bincount(labels * n + predicted, minlength=n * n).view(n, n)
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    top5 = top5_hits(logits, labels).float().mean().item() if n >= TOP5_FROM_CLASSES else None
     return {
         "test_acc": (predicted == labels).float().mean().item(),
+        **({} if top5 is None else {"test_acc_top5": top5}),
         "test_acc_per_class": dict(zip(class_names, per_class.tolist())),
         "ece": calibration_error(logits.softmax(1), labels),
         "confusion": confusion.tolist(),
@@ -482,8 +486,9 @@ def eval_table(result: dict) -> Group:
         table.add_column(column, justify="left" if column in ("role", "model") else "right")
     for row in rows:
         cells = [
-            row["role"], row["name"], f"{row['test_acc']:.2%}", f"{row['ece']:.3f}", f"{row['params']:,}",
-            human_bytes(row["size_bytes"]), f"{row['macs'] / 1e6:.2f}", human_bytes(row["peak_activation_bytes"]),
+            row["role"], row["name"], f"{row['test_acc']:.2%}" + (f" (top-5 {row['test_acc_top5']:.2%})" if "test_acc_top5" in row else ""),
+            f"{row['ece']:.3f}", f"{row['params']:,}", human_bytes(row["size_bytes"]), f"{row['macs'] / 1e6:.2f}",
+            human_bytes(row["peak_activation_bytes"]),
         ]
         for device in devices:
             timed_here = row["speed"].get(device)

@@ -37,7 +37,7 @@ def evaluate(model: nn.Module, loader, compute: Compute, num_classes: int) -> Ac
         correct.index_add_(0, batch.labels, hits)
         total.index_add_(0, batch.labels, torch.ones_like(hits))
         if num_classes >= TOP5_FROM_CLASSES:
-            top5 += (logits.topk(5, 1).indices == batch.labels[:, None]).any(1).sum()
+            top5 += top5_hits(logits, batch.labels).sum()
     correct, total = correct.cpu(), total.cpu()
     per_class = (correct / total.clamp(min=1)).tolist()
     count = total.sum().clamp(min=1)
@@ -45,6 +45,11 @@ def evaluate(model: nn.Module, loader, compute: Compute, num_classes: int) -> Ac
         overall=(correct.sum() / count).item(), per_class=per_class,
         top5=(top5.cpu() / count).item() if num_classes >= TOP5_FROM_CLASSES else None,
     )
+
+
+def top5_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: whether each label is among its row's 5 highest logits."""
+    return (logits.topk(5, 1).indices == labels[:, None]).any(1)
 
 
 def top5_entry(accuracy: Accuracy, key: str) -> dict:
