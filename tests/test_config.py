@@ -13,6 +13,7 @@ from distill_cli.core.config import (
     KDConfig,
     TrainConfig,
     config_dir,
+    experiment_presets,
     validate_config,
 )
 from distill_cli.core.errors import DistillError
@@ -271,6 +272,8 @@ def test_distill_list_names_datasets_models_and_losses(tmp_path):
     out = run_distill_in_process("list", cwd=tmp_path).stdout
     for name in ("digits", "cifar100", "imagefolder", "synthetic", "mlp_small", "kd", "sgd"):
         assert name in out
+    flat = " ".join(out.split())
+    assert "experiment (train)" in flat and "imagenet_resnet34_resnet18" in flat and "cifar10_resnet56_resnet20" in flat
 
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
@@ -279,6 +282,12 @@ TEACHER_PRESETS = [
     "cifar100_resnet32x4", "cifar100_resnet50", "cifar100_resnet56", "cifar100_resnet110", "cifar100_vgg13", "cifar100_wrn_40_2", "cifar10_resnet20",
     "cifar10_resnet56", "imagenet_resnet18", "imagenet_resnet34", "mnist_hinton",
 ]
+
+
+def test_every_preset_says_which_command_it_is_for():
+    """Each preset's comment gives its usage line (`distill train|kd experiment=<name>`), which `distill list` reads:
+    the train presets are those `distill train` takes, the others kd's."""
+    assert experiment_presets() == {name: "train" if name in TEACHER_PRESETS else "kd" for name in EXPERIMENTS}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from ..core.commands import BY_NAME, command_lines
-from ..core.config import config_dir, register_configs, validate_config
+from ..core.config import config_dir, experiment_presets, register_configs, validate_config
 from ..core.console import CONSOLE, log, share_terminal
 from ..core.errors import DistillError, Interrupted, StopSignals, did_you_mean, one_line
 from ..core.processes import available_cpus, jobs_at_once, threads_per_job, torchrun_world_size
@@ -161,6 +161,9 @@ def _list() -> None:
     table.add_row("loss", ", ".join(LOSSES.names()))
     for group in ("optimizer", "device", "logger"):
         table.add_row(group, ", ".join(p.stem for p in sorted((config_dir() / group).glob("*.yaml"))))
+    presets = experiment_presets()
+    for command in ("train", "kd"):
+        table.add_row(f"experiment ({command})", ", ".join(name for name, used_by in presets.items() if used_by == command))
     CONSOLE.print(table)
     CONSOLE.print(_methods_table())
 

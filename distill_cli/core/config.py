@@ -8,6 +8,7 @@ a task converts its config with `to_object` (done first thing in every command).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +24,16 @@ def config_dir() -> Path:
     """The `configs/` folder: inside the package for a wheel install, at the repo top otherwise."""
     packaged = PACKAGE_DIR / "configs"
     return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "configs"
+
+
+def experiment_presets() -> dict[str, str]:
+    """Each preset of configs/experiment/ and the command it is for ("train" or "kd"), read from the usage line its
+    comment gives (`#   distill kd experiment=<name> ...`); "" where it gives none."""
+    commands = {}
+    for path in sorted((config_dir() / "experiment").glob("*.yaml")):
+        usage = re.search(rf"distill (train|kd) experiment={re.escape(path.stem)}\b", path.read_text())
+        commands[path.stem] = usage.group(1) if usage else ""
+    return commands
 
 
 def _check(ok: bool, key: str, message: str) -> None:
