@@ -79,28 +79,26 @@ step_a() {
 
 bench=(bench teacher=resnet32x4 student=resnet8x4 dataset=imagefolder "dataset.root=$root" "device=$device" device.precision=bf16
     batch_size=64 reference_workers=8 "steps=${BENCH_STEPS:-30}" "repeats=${BENCH_REPEATS:-3}")
+bench_step() {  # $1: the step's line; one distill bench with the overrides after $4, for at most $3 s, into
+    # outputs/gpu_bench_$2, its bench.json copied to $OUT/$4
+    local label=$1 dir=outputs/gpu_bench_$2 seconds=$3 json=$4
+    shift 4
+    echo "== $label ($(left) s left)"
+    timeout "$(within "$seconds")" "${distill[@]}" "${bench[@]}" "$@" "hydra.run.dir=$dir"
+    echo "exit $?"
+    cp "$dir/bench.json" "$out/$json"
+}
 step_b() {
     for setting in "$graphs" false; do
-        echo "== b. distill bench, cuda_graphs=$setting ($(left) s left)"
-        timeout "$(within 80)" "${distill[@]}" "${bench[@]}" "device.cuda_graphs=$setting" "hydra.run.dir=outputs/gpu_bench_$setting"
-        echo "exit $?"
-        cp "outputs/gpu_bench_$setting/bench.json" "$out/bench_graphs_$setting.json"
+        bench_step "b. distill bench, cuda_graphs=$setting" "$setting" 80 "bench_graphs_$setting.json" "device.cuda_graphs=$setting"
     done
 }
-
 step_c() {
-    echo "== c. distill bench fused=6, cuda_graphs=$graphs ($(left) s left)"
-    timeout "$(within 120)" "${distill[@]}" "${bench[@]}" fused=6 "device.cuda_graphs=$graphs" hydra.run.dir=outputs/gpu_bench_fused6
-    echo "exit $?"
-    cp outputs/gpu_bench_fused6/bench.json "$out/bench_fused6.json"
+    bench_step "c. distill bench fused=6, cuda_graphs=$graphs" fused6 120 bench_fused6.json fused=6 "device.cuda_graphs=$graphs"
 }
-
 step_e() {  # the captured kd step of two more methods: DKD reads the epoch, CRD draws negatives inside the graph
     for loss in dkd crd; do
-        echo "== e. distill bench loss=$loss, cuda_graphs=$graphs ($(left) s left)"
-        timeout "$(within 60)" "${distill[@]}" "${bench[@]}" "loss=$loss" "device.cuda_graphs=$graphs" "hydra.run.dir=outputs/gpu_bench_$loss"
-        echo "exit $?"
-        cp "outputs/gpu_bench_$loss/bench.json" "$out/bench_$loss.json"
+        bench_step "e. distill bench loss=$loss, cuda_graphs=$graphs" "$loss" 60 "bench_$loss.json" "loss=$loss" "device.cuda_graphs=$graphs"
     done
 }
 
@@ -114,20 +112,22 @@ reproduce() {  # reproduce_cifar10.sh into outputs/$1 at $2 epochs, for at most 
 step_d() {
     local epochs=${EPOCHS:-}
     if [[ -z $epochs ]]; then
-        # The whole reproduction at 1 epoch: its wall time less the slowest run's epoch in each step is what starting
-        # the runs costs; what is left, over both steps' epochs (+20% for evaluation), sets the epoch count.
+        # The whole reproduction at 1 epoch: its wall time less each step's epoch (the slowest run's where the runs go
+        # side by side, all of them added up with SIDE_BY_SIDE=0) is what starting the runs costs; what is left, over
+        # both steps' epochs (+20% for evaluation), sets the epoch count.
         echo "== d0. scripts/reproduce_cifar10.sh at 1 epoch, to time an epoch ($(left) s left)"
         probe_start=$(date +%s)
         reproduce reproduce_probe 1 "$(within 240)"
         probe=$(($(date +%s) - probe_start))
-        per_epoch=$("$python" - outputs/reproduce_probe <<'EOF'
+        per_epoch=$("$python" - outputs/reproduce_probe "${SIDE_BY_SIDE:-1}" <<'EOF'
 import json, sys
 from pathlib import Path
 
-out = Path(sys.argv[1])
-def slowest(pattern):  # the slowest run's epoch (s) among the runs side by side in one step
-    return max((json.loads(line)["seconds"] for path in out.glob(pattern) for line in path.read_text().splitlines()), default=0)
-print(round(slowest("resnet*/metrics.jsonl") + slowest("kd*/metrics.jsonl")))
+out, side_by_side = Path(sys.argv[1]), sys.argv[2] == "1"
+def step(pattern):  # one epoch of a step (s): the slowest run's when they run side by side, else all of theirs
+    seconds = [json.loads(line)["seconds"] for path in out.glob(pattern) for line in path.read_text().splitlines()]
+    return max(seconds, default=0) if side_by_side else sum(seconds)
+print(round(step("resnet*/metrics.jsonl") + step("kd*/metrics.jsonl")))
 EOF
 )
         per_epoch=$((per_epoch > 0 ? per_epoch : 2 * ${SECONDS_PER_EPOCH:-10}))

@@ -466,7 +466,7 @@ def bench_table(result: dict) -> Group:
 def _describe_augment(augment: dict | None) -> str:
     if augment is None:
         return "off"
-    parts = ["random-resized crop"] if augment.get("resized") else []
+    parts = ["random-resized crop"] if augment["resized"] else []
     if augment["pad"]:
         parts.append(f"crop with padding {augment['pad']}")
     if augment["flip"]:
