@@ -12,7 +12,8 @@
 # What it runs, each step under `timeout` within GPU_CHECK_SECONDS (default 560, to end inside one 600 s command):
 #   a. pytest tests/test_cuda.py (graphs vs eager metrics for train, kd and a fused group; fp16 + GradScaler captured)
 #   b. distill bench resnet32x4 -> resnet8x4, bf16, batch 64, on the CIFAR-10 JPEGs, device.cuda_graphs=true, then false
-#   c. distill bench fused=6 (the T x alpha sweep: one job after another vs fused vs stacked), cuda_graphs=true
+#   c. distill bench fused=6 (the T x alpha sweep: one job after another vs fused, the students one after another or on
+#      their own CUDA streams, vs stacked), cuda_graphs=true
 #   d. scripts/reproduce_cifar10.sh at the epoch count the minutes left allow: first the whole of it at 1 epoch (d0),
 #      timed, to size it; then the run, its table beside torchdistill's numbers (the table says which count ran)
 #   e. distill bench loss=dkd and loss=crd with cuda_graphs=true (DKD reads the epoch; CRD draws inside the graph)
@@ -94,7 +95,7 @@ step_b() {
     done
 }
 step_c() {
-    bench_step "c. distill bench fused=6, cuda_graphs=$graphs" fused6 120 bench_fused6.json fused=6 "device.cuda_graphs=$graphs"
+    bench_step "c. distill bench fused=6, cuda_graphs=$graphs" fused6 150 bench_fused6.json fused=6 "device.cuda_graphs=$graphs"
 }
 step_e() {  # the captured kd step of two more methods: DKD reads the epoch, CRD draws negatives inside the graph
     for loss in dkd crd; do

@@ -68,11 +68,19 @@ def test_bench_times_any_method_through_the_kd_wiring(tmp_path):
     assert all(row["distill_images_per_s"] > 0 and row["reference_images_per_s"] > 0 for row in bench["results"].values())
 
 
-@pytest.mark.parametrize("student, ways", [("cnn", {"serial", "fused", "stacked"}), ("mlp", {"serial", "fused"})])
-def test_bench_fused_times_a_sweep_with_one_teacher_forward_per_batch(tmp_path, monkeypatch, student, ways):
+@pytest.mark.parametrize(
+    "student, graphs, ways",
+    [("cnn", False, {"serial", "fused", "stacked"}), ("mlp", False, {"serial", "fused"}), ("cnn", True, {"serial", "fused", "streams", "stacked"})],
+)
+def test_bench_fused_times_a_sweep_with_one_teacher_forward_per_batch(tmp_path, monkeypatch, student, graphs, ways):
     """`distill bench fused=K`: K jobs one after another run the teacher K times per step, fused jobs once; a
-    student with dropout is not stacked (and the table says why)."""
+    student with dropout is not stacked (and the table says why). With CUDA graphs (forced here: on the CPU the
+    graph path runs eagerly) the students on their own streams are timed too."""
     import distill_cli.kd.wiring as wiring
+    from distill_cli.training import graphs as cuda_graphs
+
+    if graphs:
+        monkeypatch.setattr(cuda_graphs, "why_not_captured", lambda compute, optimizer: None)
 
     teacher_runs = []
     build_objective = wiring.build_objective
@@ -90,13 +98,14 @@ def test_bench_fused_times_a_sweep_with_one_teacher_forward_per_batch(tmp_path, 
     (path,) = (tmp_path / "outputs").glob("*/*_bench/bench.json")
     bench_json = json.loads(path.read_text())
     assert set(bench_json["results"]) == ways and bench_json["jobs"][:2] == [{"T": 2.0, "alpha": 0.5}, {"T": 4.0, "alpha": 0.5}]
-    runs_per_step = 3 + (len(ways) - 1)  # serial: every job; fused (and stacked): once for all
+    runs_per_step = 3 + (len(ways) - 1)  # serial: every job; fused (streams, stacked): once for all
     assert len(teacher_runs) == (1 + 2 * 2) * runs_per_step
     serial = bench_json["results"]["serial"]["images_per_s"]
     for row in bench_json["results"].values():
         assert len(row["repeats"]) == 2 and row["time_vs_serial"] == pytest.approx(serial / row["images_per_s"])
         assert f"{row['time_vs_serial']:.2f}x" in result.stdout
     assert ("not stacked: the student has dropout" in result.stdout) is (student == "mlp")
+    assert ("fused, students on their own CUDA streams" in result.stdout) is graphs
 
 
 def test_bench_fused_needs_two_jobs(tmp_path):

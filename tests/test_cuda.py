@@ -28,7 +28,7 @@ from distill_cli.core.errors import Interrupted
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
 from distill_cli.models import build_model
-from distill_cli.training import graphs
+from distill_cli.training import graphs, loop
 from distill_cli.training.setup import prepare_run
 from distill_cli.training.stacked import StackedStudents
 
@@ -168,8 +168,8 @@ def test_graphed_train_and_kd_steps_match_eager_ones(tmp_path, monkeypatch, prec
 
 
 def test_graphed_steps_of_a_fused_group_match_eager_ones(tmp_path, monkeypatch):
-    """A fused group's kd steps captured as one graph (the teacher run once for them) train each job as its eager
-    steps do, within bf16 tolerance."""
+    """A fused group's kd steps captured as one graph (the teacher run once for them, each student's step a branch on
+    its own CUDA stream) train each job as its eager steps do, within bf16 tolerance."""
     from conftest import fused_group
 
     from distill_cli.runs.fused import run_kd_fused
@@ -178,10 +178,14 @@ def test_graphed_steps_of_a_fused_group_match_eager_ones(tmp_path, monkeypatch):
     results = {}
     for setting in ("false", "true"):
         captured = _captures(monkeypatch)
+        branches = []
+        monkeypatch.setattr(loop, "Branches", lambda *args: branches.append(graphs.Branches(*args)) or branches[-1])
         jobs = [replace(cfg, device=_cuda("bf16", deterministic=True, graphs=setting)) for cfg in cfgs]
         run_dirs = [tmp_path / setting / f"job{k}" for k in range(len(jobs))]
         run_kd_fused(jobs, run_dirs)
         assert len(captured) == (0 if setting == "false" else 2)  # one graph for the group, per epoch
+        # each student's step on its own stream: the first on the current one, the others on side streams
+        assert [len(made.streams) for made in branches] == ([] if setting == "false" else [len(jobs) - 1])
         results[setting] = [metrics_without_timing(run_dir) for run_dir in run_dirs]
         monkeypatch.undo()
     for rows, reference in zip(results["true"], results["false"]):

@@ -255,16 +255,19 @@ def _sweep_learners(
 
 def _sweep_runner(learners: list[_Learner], loader, how: str, cuda_graphs: str | None) -> Callable[[int], int]:
     """`steps` kd steps of every learner: "serial" (each job its own pass over the loader and its own teacher
-    forward), "fused" (one pass, the students one after another) or "stacked" (one pass, one stacked step).
-    `cuda_graphs` (the setting, None: off): each job's steps (serial), or the group's (fused, stacked), replayed from
-    one CUDA graph."""
+    forward), "fused" (one pass, the students one after another), "streams" (one pass, each student's step on its
+    own CUDA stream) or "stacked" (one pass, one stacked step). `cuda_graphs` (the setting, None: off): each job's
+    steps (serial), or the group's (fused, streams, stacked), replayed from one CUDA graph."""
 
     def train(learner: _Learner, batch) -> None:
         optimisation_step(None, learner.method, learner.step, batch, 1, learner.optimizer, learner.scaler, learner.compute, learner.totals)
 
     graphed = None
     if cuda_graphs is not None:
-        graphed = [graphed_steps([learner], cuda_graphs) for learner in learners] if how == "serial" else [graphed_steps(learners, cuda_graphs)]
+        if how == "serial":
+            graphed = [graphed_steps([learner], cuda_graphs) for learner in learners]
+        else:
+            graphed = [graphed_steps(learners, cuda_graphs, concurrent=how == "streams")]
 
     def run(steps: int) -> int:
         for learner in learners:
@@ -292,9 +295,10 @@ def _sweep_runner(learners: list[_Learner], loader, how: str, cuda_graphs: str |
 
 
 def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
-    """`distill bench fused=K`: the kd steps of a K-job T x alpha sweep timed three ways in turns: one job after
-    another (each with its own data pass and teacher forward), fused with the students one after another, and
-    fused with the students stacked (when they can stack: `stacked.why_not_stacked`). Untrained teacher; the
+    """`distill bench fused=K`: the kd steps of a K-job T x alpha sweep timed in turns: one job after another (each
+    with its own data pass and teacher forward), fused with the students one after another, with CUDA graphs fused
+    with each student on its own CUDA stream (as `distill kd -m` trains a group), and fused with the students
+    stacked (when they can stack: `stacked.why_not_stacked`). Untrained teacher; the
     teacher runs on every step, as it does with augmentation. Writes bench.json, prints the table."""
     compute, data, loaders = prepare_run(cfg)
     graphs = use_graphs(cfg.device.cuda_graphs, compute, cfg.optimizer, "bench")
@@ -304,6 +308,8 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
         "serial": _sweep_learners(cfg, compute, data, teacher, share_teacher=False, graphs=graphs),
         "fused": _sweep_learners(cfg, compute, data, teacher, share_teacher=True, graphs=graphs),
     }
+    if graphs:
+        cases["streams"] = _sweep_learners(cfg, compute, data, teacher, share_teacher=True, graphs=graphs)
     points = build_method(dict(cfg.loss)).student_points
     not_stacked = why_not_stacked([student_shaped(cfg.student, data, compute) for _ in range(cfg.fused)], points, compute)
     if not_stacked is None:
@@ -333,6 +339,7 @@ def run_sweep_bench(cfg: BenchConfig, run_dir: Path) -> dict:
 SWEEP_ROWS = {
     "serial": "one job after another",
     "fused": "fused, students one after another",
+    "streams": "fused, students on their own CUDA streams",
     "stacked": "fused, students stacked",
 }
 

@@ -18,7 +18,9 @@ only torch's default CUDA generator is used (dropout, CRD's negatives), which to
 so that each replay draws new numbers. A step that draws from another generator is not graph-safe.
 
 `GraphedStep` is the one place both the train step and the kd step (and a fused group's steps) are captured;
-the loop hands it the step to run (`training.loop`). On the CPU it runs the same static-buffer step eagerly,
+the loop hands it the step to run (`training.loop`). A fused group's students take `Branches`: each student's step
+on its own CUDA stream, so that the captured graph holds them as parallel branches the GPU runs concurrently
+(with graphs each step is one launch already; one after another, K small students still leave a GPU mostly idle). On the CPU it runs the same static-buffer step eagerly,
 which the tests compare with the plain step.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Generic, TypeVar
 
 import torch
@@ -97,6 +100,31 @@ def _fresh_views(static: Batch) -> Batch:
     """The static buffers as new tensor objects: steps that share work per batch by tensor identity (the teacher
     run once for a fused group's students, stacked students) see each copied-in batch as a new one."""
     return Batch(*(None if value is None else value.view_as(value) for value in static))
+
+
+class Branches:
+    """The steps of a group, `count` of them, each on its own CUDA stream: `on(0)` is the current stream, where the
+    first step's forward runs the teacher (shared by the others through `kd.teachers.once_per_batch`); `fork()`,
+    called once that forward has run, starts every other stream from there; `join()` makes the current stream wait
+    for them all. Inside a capture the streams become parallel branches of the one graph. Each step allocates on its
+    own stream and reads only the batch and the teacher's outputs from the current one, which live until after the
+    join, so no memory is reused under another stream's feet. On the CPU (or for one step) every branch is the
+    current stream and the steps run one after another."""
+
+    def __init__(self, count: int, device: torch.device):
+        self.streams = [torch.cuda.Stream(device) for _ in range(count - 1)] if device.type == "cuda" and count > 1 else []
+
+    def on(self, k: int):
+        """The context step `k` runs in."""
+        return torch.cuda.stream(self.streams[k - 1]) if k > 0 and self.streams else nullcontext()
+
+    def fork(self) -> None:
+        for stream in self.streams:
+            stream.wait_stream(torch.cuda.current_stream())
+
+    def join(self) -> None:
+        for stream in self.streams:
+            torch.cuda.current_stream().wait_stream(stream)
 
 
 class GraphedStep(Generic[Results]):

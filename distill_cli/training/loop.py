@@ -27,7 +27,7 @@ from ..core.errors import DistillError, Interrupted, StopSignals
 from ..core.files import append_text, atomic_write
 from ..data.loader import Batch
 from .compute import Compute
-from .graphs import GraphedStep
+from .graphs import Branches, GraphedStep
 from .metrics import evaluate
 from .optim import keep_lr_kind, loss_to_backpropagate
 from .rng import rng_state, set_rng_state
@@ -354,8 +354,9 @@ def fit_together(trainings: list[Training], loader, streams: list[dict], stacked
     their steps then draw no random numbers (stacking refuses random layers), so the streams stay as they are.
 
     With CUDA graphs (the trainings' `cuda_graphs`), the steps of all the running trainings on a batch are captured
-    as one graph (`graphs.GraphedStep`), the teacher run once for them; their random draws inside the step
-    (dropout, CRD's negatives) then come from one stream, not each training's own."""
+    as one graph (`graphs.GraphedStep`), the teacher run once for them, each student's step (unless stacked) on its own
+    CUDA stream, a branch of the graph the GPU runs beside the others (`graphs.Branches`); their random draws inside
+    the step (dropout, CRD's negatives) then come from one generator, not each training's own."""
     if len({training.position for training in trainings}) > 1:
         raise DistillError(f"fused runs must continue from the same epoch and step; found {sorted({t.position for t in trainings})}")
     if trainings[0].compute.world.distributed:
@@ -389,7 +390,7 @@ def fit_together(trainings: list[Training], loader, streams: list[dict], stacked
                 if first.cuda_graphs != "false":
                     group = [trainings[k] for k in running]
                     if tuple(running) not in graphed:  # built once per set of running trainings, not per batch
-                        graphed[tuple(running)] = graphed_steps(group, first.cuda_graphs)
+                        graphed[tuple(running)] = graphed_steps(group, first.cuda_graphs, concurrent=stacked is None)
                     replay_counted(graphed[tuple(running)], group, batch, epoch)
                 elif stacked is None:
                     for k in list(running):
@@ -449,15 +450,34 @@ def _update(method, parts: dict, logits: torch.Tensor, batch: Batch, optimizer, 
         totals.add(parts, logits, batch.labels)
 
 
-def _steps_together(learners: list, batch: Batch, epoch: int, for_graph: bool = False, counted: bool = True) -> list:
+def _steps_together(learners: list, batch: Batch, epoch: int, for_graph: bool = False, counted: bool = True, branches: Branches | None = None) -> list:
     """One step of each of `learners` (each with `step`, `optimizer`, `scaler`, `method`, `compute`, `totals`) on
     `batch`: all the losses backpropagated in one pass, then each its own optimizer step; added to each one's
-    totals when `counted`. Returns each one's (terms, logits)."""
+    totals when `counted`. Returns each one's (terms, logits). `branches` (`graphs.Branches`, for students whose
+    forward passes are their own, not stacked): each learner's whole step on its own branch instead."""
+    if branches is not None:
+        return _steps_on_branches(learners, batch, epoch, for_graph, counted, branches)
     results = [_forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute, for_graph) for learner in learners]
     _backward([loss_to_backpropagate(learner.optimizer, parts, learner.scaler.scale) for learner, (parts, _) in zip(learners, results)])
     for learner, (parts, logits) in zip(learners, results):
         totals = learner.totals if counted else None
         _update(learner.method, parts, logits, batch, learner.optimizer, learner.scaler, learner.compute, totals)
+    return results
+
+
+def _steps_on_branches(learners: list, batch: Batch, epoch: int, for_graph: bool, counted: bool, branches: Branches) -> list:
+    """`_steps_together` with each learner's forward, backward and optimizer step on its own branch: the first on the
+    current stream, where its forward runs the teacher for them all; the others forked once it has run."""
+    results = []
+    for k, learner in enumerate(learners):
+        with branches.on(k):
+            parts, logits = _forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute, for_graph)
+            if k == 0:
+                branches.fork()
+            _backward([loss_to_backpropagate(learner.optimizer, parts, learner.scaler.scale)])
+            _update(learner.method, parts, logits, batch, learner.optimizer, learner.scaler, learner.compute, learner.totals if counted else None)
+        results.append((parts, logits))
+    branches.join()
     return results
 
 
@@ -467,15 +487,18 @@ def train_steps_stacked(learners: list, batch: Batch, epoch: int) -> None:
     _steps_together(learners, batch, epoch)
 
 
-def graphed_steps(learners: list, cuda_graphs: str, capture: bool | None = None) -> GraphedStep:
+def graphed_steps(learners: list, cuda_graphs: str, capture: bool | None = None, concurrent: bool = False) -> GraphedStep:
     """The steps of `learners` (as `_steps_together` takes them) on each batch, replayed from one CUDA graph
     (`graphs.GraphedStep`; `capture` None: on CUDA); not added to their totals: the caller adds the (terms,
-    logits) it returns. `cuda_graphs="true"` refuses a step whose capture fails."""
+    logits) it returns. `cuda_graphs="true"` refuses a step whose capture fails. `concurrent` (students whose
+    forward passes are their own): each learner's step on its own CUDA stream (`graphs.Branches`)."""
+    device = learners[0].compute.device
     if capture is None:
-        capture = learners[0].compute.device.type == "cuda"
+        capture = device.type == "cuda"
+    branches = Branches(len(learners), device) if concurrent else None
 
     def optimise(batch: Batch, epoch: int) -> list:
-        return _steps_together(learners, batch, epoch, for_graph=True, counted=False)
+        return _steps_together(learners, batch, epoch, for_graph=True, counted=False, branches=branches)
 
     return GraphedStep(optimise, [learner.optimizer for learner in learners], capture, required=cuda_graphs == "true")
 
