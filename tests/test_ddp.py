@@ -139,7 +139,6 @@ def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path
         (["device.processes=0"], "device.processes: must be >= 1, got 0"),
         (["device.processes=2", "device.sync_batchnorm=true", "device=cpu"], "device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only"),
         (["device.processes=2", "device.type=cuda:1"], "device.type=cuda:1 with 2 processes"),
-        (["device.processes=2", "loss=crd"], "loss=crd cannot be trained by several processes yet"),
         (["device.processes=2", "generations=2"], "generations: the training modes run in one process for now"),
     ],
 )
@@ -261,6 +260,28 @@ def test_two_processes_of_half_the_batch_train_what_one_process_does(ddp, tmp_pa
     assert summary["status"] == "completed" and summary["processes"] == 2
     assert summary["student"]["test_acc_best"] == pytest.approx(json.loads((one / "summary.json").read_text())["student"]["test_acc_best"])
     assert not (root / "outputs").exists()  # one run folder: the ranks made none of their own
+
+
+@pytest.mark.slow
+def test_crd_in_two_processes_trains_what_one_process_does(ddp, tmp_path, quiet_results):
+    """CRD's memory banks under data parallelism: each step's rows updated from both processes' embeddings, Z set from
+    the mean over both, each rank's share of the negatives one process would draw for the whole batch; with Hinton's
+    term too (alpha 0.5). The runs agree to float rounding, the banks in last.pt included."""
+    root, overrides = ddp
+    crd = [*overrides, "loss=crd", "loss.negatives=64", "alpha=0.5", "epochs=2"]
+    run_distill("kd", *crd, "device.processes=2", "batch_size=32", "hydra.run.dir=crd_two", cwd=root)
+    one = tmp_path / "one"
+    run_kd(validate_config("kd", compose_config("kd", [*crd, "batch_size=64"])), one)
+    rows_two, rows_one = metrics_without_timing(root / "crd_two"), metrics_without_timing(one)
+    assert len(rows_two) == len(rows_one) == 2 and rows_one[0]["loss/crd"] > 0
+    for row_two, row_one in zip(rows_two, rows_one):
+        for key in row_one:
+            assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-7), key
+    states = [load_checkpoint(run / LAST)["training"]["method"] for run in (root / "crd_two", one)]
+    names = [name for name in states[1] if name.endswith(("student_bank", "teacher_bank", "normaliser"))]
+    assert len(names) == 3, list(states[1])
+    for name in names:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow

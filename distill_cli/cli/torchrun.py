@@ -32,7 +32,6 @@ from ..core.errors import DistillError, Interrupted, one_line
 from ..core.files import write_json_atomic
 from ..core.processes import torchrun_world_size
 from ..core.run_folders import read_summary
-from ..losses.base import build_method
 from ..runs.commands import runner
 from ..training.world import join, leave, world
 
@@ -197,8 +196,6 @@ def run_distributed(command: str, config, run_dir: Path) -> dict | None:
     world_size = torchrun_world_size()
     check_devices(config.device, max(world_size, config.device.processes))
     if command == "kd":
-        if not build_method(dict(config.loss)).data_parallel:
-            raise DistillError(f"loss={config.loss['name']} cannot be trained by several processes yet (its memory banks); use one")
         chosen = ["teacher=ensemble"] * (config.teacher.arch == ENSEMBLE) + [MODE_KEYS[mode] for mode in config.modes_asked()]
         if chosen:
             raise DistillError(f"{chosen[0]}: the training modes run in one process for now (not with several processes)")

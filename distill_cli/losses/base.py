@@ -88,9 +88,6 @@ class Method(nn.Module):
     needs_teacher: bool = True
     reads_logits: bool = False
     logit_standardization: bool = False  # set by `build_method` from `loss.logit_standardization`
-    # False for a method whose state is built from every sample across steps (memory banks): it cannot
-    # be trained by several data-parallel processes, each seeing its share of the batches
-    data_parallel: bool = True
     # the fewest samples a step's batch (in each process) needs: 2 for a method that compares the samples
     # of a batch with each other, which a batch of one leaves without a pair (refused before training)
     min_batch: int = 1

@@ -26,6 +26,10 @@ weight 0.8 with CE weight 1 and no Hinton term. The embeddings' input sizes are 
   with autocast off (exp(x / 0.07) amplifies bf16 rounding of the dot products).
 - Scores come from one product of the anchors with the whole bank, then a lookup, instead of gathering
   B * (1 + K) bank rows: the same numbers, several times faster (see `_scores`).
+With several data-parallel processes (`device.processes`) every process keeps whole banks and they stay equal:
+each step's rows are updated from every process's embeddings (gathered in rank order), Z is set from the mean over
+all processes, and each process draws the negatives of the whole step's batch (every rank's generator is seeded
+alike) and keeps its own rows, so N processes of batch B train what one process of batch N * B does (tested).
 The banks cost 2 * num_train * embed_dim floats (RepDistiller #40: a queue would scale better), twice that
 while a step keeps their copies, and a step about 64 bytes per score (B x (1 + K)): a run that would not fit
 the free memory is refused before training (`planned_memory`).
@@ -36,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -50,10 +55,6 @@ SCORE_BYTES = 64
 @LOSSES.register("crd")
 class ContrastiveRepresentation(Method):
     """weight * NCE of each net's embedding against the other's memory bank: same sample vs K other-class negatives."""
-
-    # each step updates the memory banks' rows of the batch's samples: with several processes every rank
-    # would keep a bank of its own shares only
-    data_parallel = False
 
     def __init__(
         self,
@@ -105,10 +106,13 @@ class ContrastiveRepresentation(Method):
 
     def draw_negatives(self, labels: Tensor) -> Tensor:
         """(B, K) transfer-set positions drawn uniformly, with replacement, among those of a class other than
-        each label's, on the labels' device."""
+        each label's, on the labels' device. With several processes: this process's rows of the draws for the
+        whole step's batch (each process's generator is seeded alike), the draws of one process training on it."""
         count, start = self.class_counts[labels, None], self.class_starts[labels, None]
+        rank, processes = _process_group()
         # a uniform rank among the other classes' positions, then skip over the label's own block
-        draws = torch.randint(0, 2**62, (len(labels), self.negatives), device=labels.device)
+        draws = torch.randint(0, 2**62, (processes * len(labels), self.negatives), device=labels.device)
+        draws = draws[rank * len(labels) : (rank + 1) * len(labels)]
         rank = draws % (len(self.by_class) - count)
         return self.by_class[rank + (rank >= start) * count]
 
@@ -122,12 +126,14 @@ class ContrastiveRepresentation(Method):
             scores_t = self._scores(self.student_bank, anchor_t, positions)  # teacher anchors, student's bank
             scores = torch.stack([scores_s, scores_t])  # (2, B, 1 + K)
             num_train = len(self.student_bank)
-            normaliser = torch.where(self.normaliser < 0, scores.detach().mean((1, 2)) * num_train, self.normaliser)
+            mean_score = _mean_over_processes(scores.detach().mean((1, 2)))
+            normaliser = torch.where(self.normaliser < 0, mean_score * num_train, self.normaliser)
             self.normaliser.copy_(normaliser)
             loss = self._nce(scores / normaliser[:, None, None], self.negatives / num_train)
             with torch.no_grad():
-                self._update(self.student_bank, batch.index, anchor_s)
-                self._update(self.teacher_bank, batch.index, anchor_t)
+                positions = _every_process(batch.index)
+                self._update(self.student_bank, positions, _every_process(anchor_s))
+                self._update(self.teacher_bank, positions, _every_process(anchor_t))
         return {"crd": self.weight * loss}
 
     def _scores(self, bank: Tensor, anchors: Tensor, positions: Tensor) -> Tensor:
@@ -150,3 +156,30 @@ class ContrastiveRepresentation(Method):
         """Rows `positions` of `bank` <- normalize(momentum * row + (1 - momentum) * embedding)."""
         mixed = self.momentum * bank[positions] + (1 - self.momentum) * embeddings.detach()
         bank.index_copy_(0, positions, F.normalize(mixed, dim=1))
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, number of processes) of the data-parallel training this process is in; (0, 1) alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _every_process(tensor: Tensor) -> Tensor:
+    """`tensor` of every data-parallel process (the same shape on each), concatenated in rank order; itself alone."""
+    processes = _process_group()[1]
+    if processes == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(processes)]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts)
+
+
+def _mean_over_processes(tensor: Tensor) -> Tensor:
+    """`tensor` averaged over the data-parallel processes (equal shares of the batch); itself alone."""
+    processes = _process_group()[1]
+    if processes == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / processes
