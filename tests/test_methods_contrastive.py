@@ -189,6 +189,21 @@ def test_crd_state_comes_back_from_its_state_dict():
     assert {"student_bank", "teacher_bank", "normaliser"} <= set(method.state_dict())
 
 
+def test_crd_plans_the_negatives_it_draws_for_the_other_processes():
+    """Each of N processes draws the negatives of the whole step's batch (N x batch_size x K int64 and their
+    remainders) and keeps its rows: the memory plan counts the other N - 1 shares."""
+    method = build_method({"name": "crd", "negatives": 1000})
+    context = MethodContext(
+        num_classes=3, num_train=12, train_labels=TRAIN_LABELS, student={"pooled": torch.Size([STUDENT_DIM])},
+        teacher={"pooled": torch.Size([TEACHER_DIM])}, epochs=1, batch_size=64,
+    )
+    alone = method.planned_memory(context)
+    context.processes = 4
+    four = method.planned_memory(context)
+    assert sum(four.values()) - sum(alone.values()) == 3 * 64 * 1000 * 16
+    assert "the other 3 processes' negatives, drawn here too" in four
+
+
 def test_crd_refuses_a_transfer_set_of_one_class():
     with pytest.raises(DistillError, match="^loss=crd: .*single class"):
         built(CRD, torch.tensor([1, 1, 1, 1]))

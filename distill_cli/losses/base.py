@@ -48,6 +48,7 @@ class MethodContext:
     epochs: int
     dataset: str = ""  # the dataset's name (`dataset=<name>`), for a method's messages about the data
     batch_size: int = 0  # samples per training step in each process (`batch_size`; 0: not known)
+    processes: int = 1  # data-parallel training processes
     # the frozen teacher as built (BatchNorm not folded; None without a teacher), for a method that copies
     # something of it at set-up (SRD's classifier, OFD's BatchNorm statistics); a method never keeps it
     teacher_network: nn.Module | None = None

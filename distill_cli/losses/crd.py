@@ -99,10 +99,13 @@ class ContrastiveRepresentation(Method):
     def planned_memory(self, context: MethodContext) -> dict[str, int]:
         """The two banks and the copies a step keeps of them; a step's scores and its products with both banks."""
         rows, batch, negatives = context.num_train, context.batch_size, self.negatives
-        return {
+        planned = {
             f"2 memory banks of {rows} x loss.embed_dim={self.embed_dim} floats and a step's copies": 4 * rows * self.embed_dim * 4,
             f"a step's batch_size={batch} x (1 + loss.negatives={negatives}) scores": batch * ((1 + negatives) * SCORE_BYTES + 4 * rows * 4),
         }
+        if context.processes > 1:  # the draws for the other processes' rows (int64, and their remainders)
+            planned[f"the other {context.processes - 1} processes' negatives, drawn here too"] = (context.processes - 1) * batch * negatives * 16
+        return planned
 
     def draw_negatives(self, labels: Tensor) -> Tensor:
         """(B, K) transfer-set positions drawn uniformly, with replacement, among those of a class other than
