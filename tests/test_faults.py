@@ -602,6 +602,9 @@ BAD_INPUT = [  # (arguments, what the one line says); {tmp} is the test's direct
      "distill kd: error: dataset.root: the class folder {tmp}/tree/train/b has no images (.bmp"),
     (["kd", "teacher.checkpoint={tmp}/notes.txt"], "distill kd: error: {tmp}/notes.txt is not a checkpoint distill can load: it is text, beginning 'teacher"),
     (["quantize", "{tmp}/notes.txt"], "distill quantize: error: {tmp}/notes.txt is not a checkpoint distill can load: it is text"),
+    # a preset's published numbers: a method key that names no method, a number that is no accuracy in %
+    (["kd", "alpha=0", "+published.kd.dkdd=70"], "distill kd: error: published.kd.dkdd: 'dkdd' is no method (loss=)"),
+    (["train", "published.teacher=0.79"], "distill train: error: published.teacher: must be a top-1 accuracy in % (79.42, not 0.7942), got 0.79"),
 ]
 
 

@@ -4,19 +4,22 @@ the teacher and baseline results it obtained."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from conftest import (
     compose_config,
     on_training_step,
     run_distill_in_process,
+    small_kd_config,
     small_train_config,
     table_rows,
 )
 
-from distill_cli.core.config import config_dir, validate_config
+from distill_cli.core.config import PublishedConfig, config_dir, experiment_presets, validate_config
 from distill_cli.core.console import results_table
 from distill_cli.runs import student
+from distill_cli.runs.common import published_entry
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
 from distill_cli.ship.evaluate import Timing
@@ -110,3 +113,59 @@ def test_a_failed_kd_keeps_the_teacher_and_baseline_it_trained_in_its_summary(tm
         accuracy = summary[part].get("test_acc", summary[part].get("test_acc_best"))
         assert summary[part]["source"] == "trained" and 0 < accuracy <= 1
     assert summary["dataset"] == "digits" and "student" not in summary
+
+
+def _method_run(name: str, key: str, *overrides: str):
+    """`distill kd experiment=<name>` with the method of the published key `key` (loss=, alpha > 0 for "_kd",
+    optimizer=dot for "_dot")."""
+    method = key.removesuffix("_dot").removesuffix("_kd")
+    chosen = [f"loss={method}", *(["alpha=0.5"] if "_kd" in key else []), *(["optimizer=dot"] if key.endswith("_dot") else [])]
+    return validate_config("kd", compose_config("kd", [f"experiment={name}", *chosen, *overrides]))
+
+
+@pytest.mark.parametrize("name", [name for name, command in experiment_presets().items() if command == "kd"])
+def test_each_published_number_of_a_kd_preset_is_set_beside_the_run_it_was_published_for(name):
+    """Every method a kd preset publishes a number for is a method, and `distill kd experiment=<name> loss=<it>`
+    is set beside that number, nothing of its recipe said to differ once the published settings are given (DKD's
+    NCKD weight for some pairs: without it, the run is told); a run of other epochs is told so too."""
+    preset = validate_config("kd", compose_config("kd", [f"experiment={name}"]))
+    assert preset.published.kd or preset.published.student, name  # every kd preset publishes something
+    for key, number in preset.published.kd.items():
+        settings = preset.published.settings.get(key, {})
+        entry = published_entry(_method_run(name, key, *(f"loss.{k}={v}" for k, v in settings.items())))
+        assert (entry["method"], entry["kd"], entry["differs"]) == (key, number, []), key
+        for setting, value in settings.items():
+            assert published_entry(_method_run(name, key))["differs"] == [f"loss.{setting} 8.0 (published: {value})"]
+    shorter = published_entry(validate_config("kd", compose_config("kd", [f"experiment={name}", "epochs=3"])))
+    assert shorter["differs"] == ([] if preset.published.epochs is None else [f"epochs 3 (published: {preset.published.epochs})"])
+
+
+def test_kd_presets_take_their_teachers_published_number_from_the_teachers_preset():
+    """The kd presets build on their teacher's preset, and so do its published numbers: torchdistill's CIFAR-10
+    resnet56 (93.57) teaches resnet20, whose own 91.92 is the student alone; CRD's resnet32x4 (79.42) teaches resnet8x4."""
+    cifar10 = validate_config("kd", compose_config("kd", ["experiment=cifar10_resnet56_resnet20"])).published
+    assert (cifar10.teacher, cifar10.student, cifar10.epochs, cifar10.kd) == (93.57, 91.92, 182, {})
+    resnet8x4 = validate_config("kd", compose_config("kd", ["experiment=cifar100_resnet32x4_resnet8x4"])).published
+    assert (resnet8x4.teacher, resnet8x4.student, resnet8x4.kd["kd"], resnet8x4.epochs) == (79.42, 72.50, 73.33, 240)
+
+
+def test_a_runs_summary_and_table_set_the_published_numbers_beside_its_own(tmp_path):
+    """A kd run with published numbers: its summary carries them with what of the run differs, its table's caption
+    sets each beside the run's own; a student trained alone (alpha=0) is set beside the published student alone."""
+    published = PublishedConfig(source="a paper", epochs=5, teacher=90.0, student=80.0, kd={"kd": 85.0, "dkd": 86.0}, settings={"dkd": {"nckd_weight": 2.0}})
+    cfg = replace(small_kd_config(tmp_path), published=published)
+    summary = run_kd(cfg, tmp_path / "kd")
+    assert summary["published"] == {
+        "source": "a paper", "epochs": 5, "teacher": 90.0, "student": 80.0, "method": "kd", "kd": 85.0, "differs": ["epochs 2 (published: 5)"],
+    }
+    here = {role: f"{summary[role][key]:.2%}" for role, key in (("teacher", "test_acc"), ("student", "test_acc_best"), ("baseline", "test_acc_best"))}
+    assert results_table(summary).caption.splitlines()[-1] == (
+        f"published (a paper, 5 epochs): teacher 90.00% (here {here['teacher']}), student alone 80.00% (here {here['baseline']}), "
+        f"kd 85.00% (here {here['student']}); this run: epochs 2 (published: 5)"
+    )
+    alone = published_entry(replace(cfg, alpha=0.0, epochs=5))
+    assert (alone["method"], alone["kd"], alone["differs"]) == (None, None, [])
+    dkd = published_entry(replace(cfg, loss={"name": "dkd", "nckd_weight": 8.0}, alpha=0.0, epochs=5))
+    assert (dkd["method"], dkd["kd"], dkd["differs"]) == ("dkd", 86.0, ["loss.nckd_weight 8.0 (published: 2.0)"])
+    with_hinton = published_entry(replace(cfg, loss={"name": "dkd", "nckd_weight": 2.0}, epochs=5))  # alpha 0.5: DKD + KD
+    assert (with_hinton["method"], with_hinton["kd"]) == ("dkd_kd", None)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from distill_cli.cli import main as cli
 from distill_cli.sweeps.plots import accuracy_heatmap, report_figures
+from distill_cli.sweeps.report import table_cells
 from distill_cli.sweeps.results import (
     Job,
     SweepReport,
@@ -309,3 +310,23 @@ def test_heatmap_over_two_swept_numbers():
     assert sorted(report_figures(report)) == ["accuracy_vs_T", "accuracy_vs_alpha", "heatmap_T_alpha"]
     (axes,) = report_figures(report)["accuracy_vs_T"].axes
     assert len(axes.containers) == 2  # one line per alpha
+
+
+def test_the_published_number_of_each_runs_model_is_a_column_beside_its_own():
+    """`published %`: a train run's network (`published.teacher`), a kd student by its method (`published.kd`), a
+    student trained alone (`published.student`); one number over the seeds, no spread; absent without a preset's."""
+    published = {"teacher": 79.42, "student": 72.5, "method": "dkd", "kd": 76.32}
+    kd = [_job(4.0, 0.5, seed, acc) for seed, acc in ((0, 0.76), (1, 0.75))]
+    for job in kd:
+        job.summary.update(published=published, mode="single")
+        job.results = job_results(job.summary)
+    [row] = aggregate(kd, grouping_keys(kd))
+    assert row.stats["published_acc"].mean == pytest.approx(0.7632)
+    headers, [cells] = table_cells(SweepReport(folders=[], jobs=kd, keys=[], rows=[row], datasets=[], models=[], notes=[]))
+    assert cells[headers.index("published %")] == "76.32" and cells[headers.index("test acc %")] == "75.50±0.71"
+    alone = {**kd[0].summary, "published": {**published, "method": None, "kd": None}}
+    train = {"command": "train", "wall_time_s": 1.0, "teacher": {"test_acc_best": 0.79, "params": 3}, "published": {"teacher": 79.42}}
+    assert (job_results(alone)["published_acc"], job_results(train)["published_acc"]) == (pytest.approx(0.725), pytest.approx(0.7942))
+    assert job_results({**kd[0].summary, "published": None})["published_acc"] is None
+    plain = [_job(4.0, 0.5, 0, 0.7)]
+    assert "published %" not in table_cells(SweepReport(folders=[], jobs=plain, keys=[], rows=aggregate(plain, []), datasets=[], models=[], notes=[]))[0]

@@ -206,8 +206,9 @@ def _first_difference(old: Any, new: Any, added: list[str], key: str = "") -> st
     return None if old == new else f"{key}: {old!r} then, {new!r} now"
 
 
-# config keys that do not change the training: resuming itself, and the trackers metrics also go to
-_NOT_TRAINING = ("resume", "logger")
+# config keys that do not change the training: resuming itself, the trackers metrics also go to, and the
+# published numbers a preset sets beside the results
+_NOT_TRAINING = ("resume", "logger", "published")
 
 
 def load_resume_checkpoint(run_dir: Path, config: dict) -> dict | None:

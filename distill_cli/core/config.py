@@ -309,6 +309,37 @@ class LoggerConfig:
 
 
 @dataclass
+class PublishedConfig:
+    """The published test top-1 accuracies (%) of the recipe an experiment preset follows (`published:` in
+    configs/experiment/), set beside the run's own in its summary and results table. Descriptive only: they never
+    change what a run trains (and a run resumes whatever they say)."""
+
+    source: str = ""  # where the numbers come from: the paper's or repository's table
+    epochs: Optional[int] = None  # the schedule they come from: a run of another length is told so
+    teacher: Optional[float] = None  # the network `distill train` trains with the preset; a kd preset's teacher
+    student: Optional[float] = None  # a kd preset's student trained alone
+    # a kd preset's distilled student, by method: the loss name, then "_kd" where the run adds Hinton's term to
+    # another method (alpha > 0) and "_dot" under optimizer=dot (kd, crd, crd_kd, kd_dot)
+    kd: dict[str, float] = field(default_factory=dict)
+    # the loss settings a kd number was published with, where they are not the method's defaults, by the key of
+    # `kd` ({dkd: {nckd_weight: 2}}): a run with other values is told so
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs is None or self.epochs >= 1, "published.epochs", f"must be >= 1, got {self.epochs}")
+        for key in self.settings:
+            _check(key in self.kd, f"published.settings.{key}", f"has no published number (published.kd: {', '.join(self.kd) or 'none'})")
+        named = {"teacher": self.teacher, "student": self.student, **{f"kd.{key}": value for key, value in self.kd.items()}}
+        for key, value in named.items():
+            _check(value is None or 1 < value <= 100, f"published.{key}", f"must be a top-1 accuracy in % (79.42, not 0.7942), got {value}")
+
+    @property
+    def given(self) -> bool:
+        """Whether any number is set."""
+        return self.teacher is not None or self.student is not None or bool(self.kd)
+
+
+@dataclass
 class RunConfig:
     """Keys shared by every command."""
 
@@ -326,6 +357,8 @@ class RunConfig:
     per_class: bool = False
     # continue the run in hydra.run.dir from its last checkpoint (set by `distill resume <run dir>`)
     resume: bool = False
+    # what the recipe of an experiment preset scored in its paper (set by the preset; see PublishedConfig)
+    published: PublishedConfig = field(default_factory=PublishedConfig)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
@@ -489,12 +522,16 @@ def register_configs() -> None:
     store.store(group="teacher", name=ENSEMBLE, node={"arch": ENSEMBLE, "name": ENSEMBLE})
 
 
+# dicts whose keys are names the config does not know: a model's arguments, a method's, a preset's published methods
+_OPEN_KEYS, _OPEN_PATHS = ("kwargs", "loss"), ("published.kd", "published.settings")
+
+
 def _unknown_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:
     unknown = []
     for key, value in values.items():
         if key not in schema:
             unknown.append(prefix + key)
-        elif isinstance(value, dict) and isinstance(schema[key], dict) and key not in ("kwargs", "loss"):
+        elif isinstance(value, dict) and isinstance(schema[key], dict) and key not in _OPEN_KEYS and prefix + key not in _OPEN_PATHS:
             unknown += _unknown_keys(value, schema[key], f"{prefix}{key}.")
     return unknown
 

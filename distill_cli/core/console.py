@@ -293,10 +293,33 @@ def results_table(summary: dict) -> Table:
     ensemble = summary.get("generations_ensemble")
     if ensemble:
         table.add_row(*_row(f"ensemble of the {ensemble['members']} generations", {"name": "-", "arch": "-", **ensemble}, len(columns)))
-    top5 = _top5_line(summary)
-    if top5:
-        table.caption = f"{table.caption}\n{top5}" if table.caption else top5
+    for line in (_top5_line(summary), published_line(summary)):
+        if line:
+            table.caption = f"{table.caption}\n{line}" if table.caption else line
     return table
+
+
+def published_line(summary: dict) -> str:
+    """The caption line that sets the preset's published top-1 (`summary["published"]`) beside this run's:
+    `published (CRD's table, 240 epochs): teacher 79.42% (here 79.10%), student alone 72.50% (here 72.31%), kd
+    73.33% (here 73.02%)`, then what of this run differs from the published recipe; empty without numbers."""
+    published = summary.get("published")
+    if not published:
+        return ""
+    teacher, student, baseline = summary.get("teacher"), summary.get("student"), summary.get("baseline")
+    entries = [
+        (summary.get("role", "teacher"), published.get("teacher"), teacher and teacher.get("test_acc", teacher.get("test_acc_best"))),
+        ("student alone", published.get("student"), baseline and baseline["test_acc_best"]),
+        (published.get("method"), published.get("kd"), student and student["test_acc_best"]),
+    ]
+    parts = [f"{name} {number:.2f}%{'' if here is None else f' (here {_pct(here)})'}" for name, number, here in entries if number is not None]
+    if not parts:
+        return ""
+    recipe = ", ".join(filter(None, [published.get("source"), published.get("epochs") and f"{published['epochs']} epochs"]))
+    line = f"published{f' ({recipe})' if recipe else ''}: {', '.join(parts)}"
+    if published.get("differs"):
+        line += f"; this run: {', '.join(published['differs'])}"
+    return line
 
 
 def _top5_line(summary: dict) -> str:

@@ -24,8 +24,11 @@ from ..core.config import (
     RunConfig,
     to_plain,
 )
+from ..core.errors import DistillError
 from ..data import DataSplits
+from ..kd.objective import needs_teacher
 from ..kd.teachers import Shared
+from ..losses import LOSSES
 from ..models import count_parameters
 from ..models.checkpoints import recorded_layers
 from ..training.compute import Compute
@@ -187,7 +190,44 @@ def run_header(command: str, cfg: RunConfig, compute: Compute, data: DataSplits,
         "exclude_classes": list(cfg.dataset.exclude_classes),
         "data": _data_facts(data),
         "run_dir": str(run_dir),
+        **({"published": published_entry(cfg)} if cfg.published.given else {}),
     }
+
+
+PUBLISHED_SUFFIXES = ("_kd", "_dot")  # a published method key: the loss name, then "_kd" (Hinton's term added), "_dot"
+
+
+def published_key(cfg: KDConfig) -> str | None:
+    """The key of `published.kd` this run's student is set beside: the method, "_kd" where Hinton's term comes
+    with another method (alpha > 0), "_dot" under optimizer=dot; None for a student trained alone (set beside
+    `published.student`) and for the training modes (a preset publishes one student per teacher)."""
+    if cfg.mode != "single" or not needs_teacher(cfg):
+        return None
+    name = cfg.loss["name"]
+    return name + "_kd" * (name != "kd" and cfg.alpha > 0) + "_dot" * (cfg.optimizer.name == "dot")
+
+
+def published_entry(cfg: RunConfig) -> dict:
+    """The summary's `published` entry: the preset's published numbers for what this run trains, and `differs`:
+    what of this run is not what they were published with (its epochs, the method's settings). A `published.kd`
+    key that names no method is refused in one line."""
+    published = cfg.published
+    for key in published.kd:
+        name = key
+        for suffix in reversed(PUBLISHED_SUFFIXES):
+            name = name.removesuffix(suffix)
+        if name not in LOSSES:
+            raise DistillError(f"published.kd.{key}: {name!r} is no method (loss=); a key is the loss name, then _kd, then _dot")
+    entry = {"source": published.source, "epochs": published.epochs, "teacher": published.teacher, "differs": []}
+    if published.epochs is not None and cfg.epochs != published.epochs:
+        entry["differs"].append(f"epochs {cfg.epochs} (published: {published.epochs})")
+    if isinstance(cfg, KDConfig):
+        key = published_key(cfg)
+        entry.update(student=published.student, method=key, kd=published.kd.get(key) if key else None)
+        for name, value in published.settings.get(key, {}).items():
+            if cfg.loss.get(name) != value:
+                entry["differs"].append(f"loss.{name} {cfg.loss.get(name)} (published: {value})")
+    return entry
 
 
 @dataclass

@@ -21,6 +21,8 @@ def _cell(name: str, stat: Stat) -> str:
     """Accuracies and the gain in percent (points) with their std over seeds; costs as a mean."""
     if stat.mean is None:
         return "-"
+    if name == "published_acc":  # one number for every seed
+        return f"{100 * stat.mean:.2f}"
     if name in ("test_acc", "alone_acc", "teacher_acc", "kd_gain"):
         text = f"{100 * stat.mean:{'+' if name == 'kd_gain' else ''}.2f}"
         return text if stat.std is None else f"{text}±{100 * stat.std:.2f}"

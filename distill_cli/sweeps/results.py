@@ -20,9 +20,11 @@ from ..core.errors import DistillError, did_you_mean
 
 # the result columns: key in report.csv/json and for --sort -> header. test acc: the student's best.pt (the
 # trained model's for `distill train`), alone: the same student trained without a teacher, KD gain: the
-# difference in points, teacher: the teacher's test accuracy; all on the test split
+# difference in points, teacher: the teacher's test accuracy; all on the test split; published: what the preset's
+# paper published for the run's model (`published` in its summary)
 RESULTS = {
     "test_acc": "test acc %",
+    "published_acc": "published %",
     "alone_acc": "alone %",
     "kd_gain": "KD gain",
     "teacher_acc": "teacher %",
@@ -84,6 +86,7 @@ def job_results(summary: dict) -> dict[str, float | None]:
         model, teacher, baseline = summary["student"], summary.get("teacher") or {}, summary.get("baseline") or {}
     results = {
         "test_acc": model["test_acc_best"],
+        "published_acc": published_accuracy(summary),
         "alone_acc": baseline.get("test_acc_best"),
         "kd_gain": summary.get("kd_gain"),
         "teacher_acc": teacher.get("test_acc"),
@@ -96,6 +99,19 @@ def job_results(summary: dict) -> dict[str, float | None]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise ValueError(f"{name} is {value!r}")
     return results
+
+
+def published_accuracy(summary: dict) -> float | None:
+    """The published top-1 (a fraction, as the run's own) for the model the run reports: a train run's network, a kd
+    run's student by its method (`published.kd`), or the student alone (`published.student`) where it used no teacher."""
+    published = summary.get("published") or {}
+    if summary["command"] == "train":
+        number = published.get("teacher")
+    elif published.get("method"):
+        number = published.get("kd")
+    else:
+        number = published.get("student") if summary.get("mode") == "single" else None
+    return None if number is None else number / 100
 
 
 def _load_yaml(path: Path) -> Any:
