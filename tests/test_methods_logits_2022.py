@@ -322,3 +322,64 @@ def test_tfkd_builds_and_trains_no_teacher_and_is_compared_with_the_student_alon
     assert summary["teacher"] is None and summary["teacher_supply"] == "none"
     assert not list((tmp_path / "cache").glob("cnn-*"))  # no teacher (a cnn) trained or cached, the baseline (mlp) is
     assert summary["kd_gain"] == summary["student"]["test_acc_best"] - summary["baseline"]["test_acc_best"]
+
+
+# --- OFA -------------------------------------------------------------------------------------------------
+
+OFA_STAGES = {"stage1": torch.Size([4, 16, 16]), "stage2": torch.Size([8, 8, 8]), "stage3": torch.Size([16, 4, 4])}
+
+
+def ofa_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, eps: float, T: float) -> torch.Tensor:
+    """The authors' `ofa_loss` (Hao840/OFAKD distillers/ofa.py) in float64: -sum((p_t + y)^eps - y) * log p_s, batch mean."""
+    mask = torch.zeros(len(labels), student.shape[1], dtype=torch.float64)
+    mask[torch.arange(len(labels)), labels] = 1.0
+    weights = (p64(teacher, T) + mask) ** eps - mask
+    return (-(weights * p64(student, T).log()).sum(1)).mean()
+
+
+def ofa_method(**loss) -> torch.nn.Module:
+    method = build_method({"name": "ofa", **loss})
+    method.setup(MethodContext(num_classes=CLASSES, num_train=8, train_labels=LABELS, student=OFA_STAGES, teacher={}, epochs=10))
+    return method
+
+
+@pytest.mark.parametrize("eps, T", [(1.0, 1.0), (1.5, 1.0), (1.5, 2.0)])
+def test_ofa_is_the_authors_enhanced_target_loss_on_the_logits_and_every_stage_exit(eps, T):
+    """`ofa_logits` is the authors' loss of the student's logits (value and gradient); `ofa` their loss of each stage
+    exit's logits, summed; each term times its weight."""
+    torch.manual_seed(0)
+    student, teacher = logits(3)
+    method = ofa_method(eps=eps, temperature=T, weight=0.5, logits_weight=2.0)
+    features = {stage: torch.randn(8, *shape) for stage, shape in OFA_STAGES.items()}
+    terms = method(Outputs(student, features), Outputs(teacher), batch_of(LABELS), 1)
+    assert_same_value_and_gradient(terms["ofa_logits"], 2.0 * ofa_reference(student, teacher, LABELS, eps, T), student)
+    exits = [exit_(features[stage]).detach() for stage, exit_ in zip(OFA_STAGES, method.exits)]
+    expected = 0.5 * sum(ofa_reference(exit_logits, teacher, LABELS, eps, T) for exit_logits in exits)
+    assert terms["ofa"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ofa_at_eps_1_is_cross_entropy_with_the_teachers_probabilities():
+    student, teacher = logits(4)
+    method = ofa_method()
+    features = {stage: torch.randn(8, *shape) for stage, shape in OFA_STAGES.items()}
+    terms = method(Outputs(student, features), Outputs(teacher), batch_of(LABELS), 1)
+    soft_ce = torch.nn.functional.cross_entropy(student, teacher.softmax(1))
+    assert terms["ofa_logits"].item() == pytest.approx(soft_ce.item(), rel=1e-6)
+
+
+def test_ofa_exits_downsample_each_stage_to_the_last_and_train():
+    """Stage k of N exits through N - k SepConv downsamplers (channels doubling, the last to the hidden width: the
+    student's last stage's, or loss.hidden), the last stage through a 1x1 convolution; every exit's weights and the
+    student's stage maps get gradients; a student without stage maps is refused in one line."""
+    method = ofa_method()
+    downsamplers = [sum(1 for block in exit_ if isinstance(block, torch.nn.Sequential)) for exit_ in method.exits]
+    assert downsamplers == [2, 1, 0] and isinstance(method.exits[2][0], torch.nn.Conv2d)
+    assert [exit_[-1].in_features for exit_ in method.exits] == [16, 16, 16] and method.exits[0][0][5].out_channels == 8
+    assert [exit_[-1].in_features for exit_ in ofa_method(hidden=24).exits] == [24, 24, 24]
+    student, teacher = logits(5)
+    features = {stage: torch.randn(8, *shape, requires_grad=True) for stage, shape in OFA_STAGES.items()}
+    sum(method(Outputs(student, features), Outputs(teacher), batch_of(LABELS), 1).values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+    assert all(feature.grad.abs().sum() > 0 for feature in features.values())
+    with pytest.raises(DistillError, match="^loss=ofa: the student has no stages"):
+        build_method({"name": "ofa"}).setup(context())
