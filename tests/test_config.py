@@ -67,7 +67,7 @@ EXECUTION_ONLY = {
     "per_class", "resume", "teacher.checkpoint", "teacher.name", "student.name", "export", "logger.tensorboard",
     "logger.mlflow", "logger.tracking_uri", "logger.experiment", "logger.name",
     # what a preset's paper published: set beside the results, never part of what trains
-    "published.source", "published.epochs", "published.teacher", "published.student", "published.kd", "published.settings",
+    "published.source", "published.dataset", "published.epochs", "published.teacher", "published.student", "published.kd", "published.settings",
 }
 # kd's keys that train the student only: the teacher kd trains (or takes from the cache) ignores them;
 # it learns from every class (exclude_classes shrinks the transfer set only)

@@ -144,7 +144,7 @@ def test_kd_presets_take_their_teachers_published_number_from_the_teachers_prese
     """The kd presets build on their teacher's preset, and so do its published numbers: torchdistill's CIFAR-10
     resnet56 (93.57) teaches resnet20, whose own 91.92 is the student alone; CRD's resnet32x4 (79.42) teaches resnet8x4."""
     cifar10 = validate_config("kd", compose_config("kd", ["experiment=cifar10_resnet56_resnet20"])).published
-    assert (cifar10.teacher, cifar10.student, cifar10.epochs, cifar10.kd) == (93.57, 91.92, 182, {})
+    assert (cifar10.teacher, cifar10.student, cifar10.epochs, cifar10.kd, cifar10.dataset) == (93.57, 91.92, 182, {}, "imagefolder")
     resnet8x4 = validate_config("kd", compose_config("kd", ["experiment=cifar100_resnet32x4_resnet8x4"])).published
     assert (resnet8x4.teacher, resnet8x4.student, resnet8x4.kd["kd"], resnet8x4.epochs) == (79.42, 72.50, 73.33, 240)
 
@@ -152,17 +152,19 @@ def test_kd_presets_take_their_teachers_published_number_from_the_teachers_prese
 def test_a_runs_summary_and_table_set_the_published_numbers_beside_its_own(tmp_path):
     """A kd run with published numbers: its summary carries them with what of the run differs, its table's caption
     sets each beside the run's own; a student trained alone (alpha=0) is set beside the published student alone."""
-    published = PublishedConfig(source="a paper", epochs=5, teacher=90.0, student=80.0, kd={"kd": 85.0, "dkd": 86.0}, settings={"dkd": {"nckd_weight": 2.0}})
+    published = PublishedConfig(source="a paper", dataset="cifar100", epochs=5, teacher=90.0, student=80.0, kd={"kd": 85.0, "dkd": 86.0}, settings={"dkd": {"nckd_weight": 2.0}})
     cfg = replace(small_kd_config(tmp_path), published=published)
     summary = run_kd(cfg, tmp_path / "kd")
     assert summary["published"] == {
-        "source": "a paper", "epochs": 5, "teacher": 90.0, "student": 80.0, "method": "kd", "kd": 85.0, "differs": ["epochs 2 (published: 5)"],
+        "source": "a paper", "epochs": 5, "teacher": 90.0, "student": 80.0, "method": "kd", "kd": 85.0,
+        "differs": ["dataset digits (published: cifar100)", "epochs 2 (published: 5)"],
     }
     here = {role: f"{summary[role][key]:.2%}" for role, key in (("teacher", "test_acc"), ("student", "test_acc_best"), ("baseline", "test_acc_best"))}
     assert results_table(summary).caption.splitlines()[-1] == (
         f"published (a paper, 5 epochs): teacher 90.00% (here {here['teacher']}), student alone 80.00% (here {here['baseline']}), "
-        f"kd 85.00% (here {here['student']}); this run: epochs 2 (published: 5)"
+        f"kd 85.00% (here {here['student']}); this run: dataset digits (published: cifar100), epochs 2 (published: 5)"
     )
+    cfg = replace(cfg, published=replace(published, dataset="digits"))
     alone = published_entry(replace(cfg, alpha=0.0, epochs=5))
     assert (alone["method"], alone["kd"], alone["differs"]) == (None, None, [])
     dkd = published_entry(replace(cfg, loss={"name": "dkd", "nckd_weight": 8.0}, alpha=0.0, epochs=5))

@@ -315,6 +315,7 @@ class PublishedConfig:
     change what a run trains (and a run resumes whatever they say)."""
 
     source: str = ""  # where the numbers come from: the paper's or repository's table
+    dataset: Optional[str] = None  # the dataset they are on (`dataset.name`): a run on another is told so
     epochs: Optional[int] = None  # the schedule they come from: a run of another length is told so
     teacher: Optional[float] = None  # the network `distill train` trains with the preset; a kd preset's teacher
     student: Optional[float] = None  # a kd preset's student trained alone

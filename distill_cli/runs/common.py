@@ -209,7 +209,7 @@ def published_key(cfg: KDConfig) -> str | None:
 
 def published_entry(cfg: RunConfig) -> dict:
     """The summary's `published` entry: the preset's published numbers for what this run trains, and `differs`:
-    what of this run is not what they were published with (its epochs, the method's settings). A `published.kd`
+    what of this run is not what they were published with (its dataset, its epochs, the method's settings). A `published.kd`
     key that names no method is refused in one line."""
     published = cfg.published
     for key in published.kd:
@@ -219,6 +219,8 @@ def published_entry(cfg: RunConfig) -> dict:
         if name not in LOSSES:
             raise DistillError(f"published.kd.{key}: {name!r} is no method (loss=); a key is the loss name, then _kd, then _dot")
     entry = {"source": published.source, "epochs": published.epochs, "teacher": published.teacher, "differs": []}
+    if published.dataset is not None and cfg.dataset.name != published.dataset:
+        entry["differs"].append(f"dataset {cfg.dataset.name} (published: {published.dataset})")
     if published.epochs is not None and cfg.epochs != published.epochs:
         entry["differs"].append(f"epochs {cfg.epochs} (published: {published.epochs})")
     if isinstance(cfg, KDConfig):
