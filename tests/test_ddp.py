@@ -139,7 +139,7 @@ def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path
         (["device.processes=0"], "device.processes: must be >= 1, got 0"),
         (["device.processes=2", "device.sync_batchnorm=true", "device=cpu"], "device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only"),
         (["device.processes=2", "device.type=cuda:1"], "device.type=cuda:1 with 2 processes"),
-        (["device.processes=2", "generations=2"], "generations: the training modes run in one process for now"),
+        (["device.processes=2", "peers=[mlp,mlp]"], "peers: the training modes run in one process for now"),
     ],
 )
 def test_what_several_processes_cannot_do_is_refused_before_any_starts(tmp_path, monkeypatch, capsys, overrides, message):
@@ -282,6 +282,36 @@ def test_crd_in_two_processes_trains_what_one_process_does(ddp, tmp_path, quiet_
     assert len(names) == 3, list(states[1])
     for name in names:
         torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [["generations=2"], ["assistants=[mlp_small]"]], ids=["born-again", "assistants"])
+def test_born_again_and_assistant_chains_in_two_processes_train_what_one_process_does(ddp, tmp_path, quiet_results, mode):
+    """Born-again generations and a teacher-assistant chain are kd runs one after another: in 2 processes of batch 32
+    each of them trains what it trains in one process of batch 64 (to float rounding), and the summary is the same."""
+    root, overrides = ddp
+    chain = [*overrides, *mode, "epochs=2"]
+    two = root / f"two_{mode[0].split('=')[0]}"
+    run_distill("kd", *chain, "device.processes=2", "batch_size=32", f"hydra.run.dir={two}", cwd=root)
+    one = tmp_path / "one"
+    run_kd(validate_config("kd", compose_config("kd", [*chain, "batch_size=64", f"teacher_cache={root / 'outputs' / 'teacher_cache'}"])), one)
+    parts = sorted(path.parent.relative_to(one) for path in one.rglob("metrics.jsonl"))
+    assert len(parts) == 2, parts  # gen1 and gen2, or the assistant and the student
+    for part in parts:
+        rows_two, rows_one = metrics_without_timing(two / part), metrics_without_timing(one / part)
+        assert len(rows_two) == len(rows_one) == 2
+        for row_two, row_one in zip(rows_two, rows_one):
+            for key in row_one:
+                assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-7), (part, key)
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (two, one)]
+    assert summaries[0]["processes"] == 2 and summaries[0]["mode"] == summaries[1]["mode"]
+    assert summaries[0]["student"]["test_acc_best"] == pytest.approx(summaries[1]["student"]["test_acc_best"])
+    for key in ("generations_ensemble", "chain"):
+        assert (key in summaries[0]) is (key in summaries[1])
+    if "chain" in summaries[0]:  # an assistant distilled by 2 processes is cached as its own recipe
+        assert summaries[0]["chain"][1]["source"] == "trained"
+        recipes = [json.loads(path.read_text()) for path in (root / "outputs" / "teacher_cache").rglob("recipe.json")]
+        assert {(recipe.get("processes"), recipe["batch_size"]) for recipe in recipes if "kd" in recipe} == {(2, 32), (None, 64)}
 
 
 @pytest.mark.slow

@@ -196,7 +196,9 @@ def run_distributed(command: str, config, run_dir: Path) -> dict | None:
     world_size = torchrun_world_size()
     check_devices(config.device, max(world_size, config.device.processes))
     if command == "kd":
-        chosen = ["teacher=ensemble"] * (config.teacher.arch == ENSEMBLE) + [MODE_KEYS[mode] for mode in config.modes_asked()]
+        # born-again generations and assistant chains are kd runs one after another, each trained by every process
+        together = [MODE_KEYS[mode] for mode in config.modes_asked() if mode not in ("born_again", "assistants")]
+        chosen = ["teacher=ensemble"] * (config.teacher.arch == ENSEMBLE) + together
         if chosen:
             raise DistillError(f"{chosen[0]}: the training modes run in one process for now (not with several processes)")
     if not world_size:

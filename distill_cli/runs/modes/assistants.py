@@ -34,19 +34,20 @@ def link_config(cfg: KDConfig, teacher: ModelConfig, checkpoint: str | None, stu
     return replace(cfg, teacher=taught_by, student=student, assistants=[])
 
 
-def chain_teacher_recipe(cfg: KDConfig) -> dict:
-    """What determines the chain's teacher: its training recipe, or a given checkpoint's content."""
+def chain_teacher_recipe(cfg: KDConfig, processes: int = 1) -> dict:
+    """What determines the chain's teacher: its training recipe (by `processes` data-parallel processes), or a given
+    checkpoint's content."""
     if cfg.teacher.checkpoint is None:
-        return teacher_recipe(teacher_training_config(cfg))
+        return teacher_recipe(teacher_training_config(cfg), processes)
     return {"arch": cfg.teacher.arch, "checkpoint_sha256": hashlib.sha256(Path(cfg.teacher.checkpoint).read_bytes()).hexdigest()}
 
 
-def assistant_recipe(cfg: KDConfig, assistant: ModelConfig, teacher_recipe_: dict) -> dict:
-    """What determines a distilled assistant: its training recipe (on the transfer set, `epochs`), the kd
-    settings and its teacher's recipe."""
+def assistant_recipe(cfg: KDConfig, assistant: ModelConfig, teacher_recipe_: dict, processes: int = 1) -> dict:
+    """What determines a distilled assistant: its training recipe (on the transfer set, `epochs`, by `processes`
+    data-parallel processes: another batch per step), the kd settings and its teacher's recipe."""
     train_cfg = baseline_training_config(replace(cfg, student=assistant))
     kd = {"T": cfg.T, "alpha": cfg.alpha, "loss": dict(cfg.loss), "cache_teacher": cfg.cache_teacher}
-    return {**teacher_recipe(train_cfg), "kd": kd, "teacher": teacher_recipe_}
+    return {**teacher_recipe(train_cfg, processes), "kd": kd, "teacher": teacher_recipe_}
 
 
 def links(cfg: KDConfig) -> list[Link]:
@@ -65,16 +66,18 @@ def assistant_chain(run: KDRun, summary: dict) -> None:
     assistants = cfg.assistant_models()
     chain = [cfg.teacher, *assistants, cfg.student]
     teacher_module, teacher_entry = obtain_teacher(run)
-    recipe = chain_teacher_recipe(cfg)
+    processes = run.compute.world.size
+    recipe = chain_teacher_recipe(cfg, processes)
     rows, path = [{"role": "teacher", **teacher_entry}], teacher_entry["checkpoint"]
     for index, (teacher, assistant) in enumerate(zip(chain, assistants), 1):
         link = link_config(cfg, teacher, path, assistant)
         link = replace(link, baseline=False, export=None, logger=replace(cfg.logger, mlflow=False))
-        recipe = assistant_recipe(cfg, assistant, recipe)
+        recipe = assistant_recipe(cfg, assistant, recipe, processes)
         label = f"assistant {index}"
         made, source = made_once(cfg, recipe, run.run_dir / f"assistant{index}", label, partial(run.nested, link))
-        model = load_frozen(made, assistant, "assistant", run.data, run.compute)
-        rows.append({"role": label, **model_entry(run, model, assistant, made, source)})
+        model = load_frozen(made, assistant, "assistant", run.data, run.compute, run.compute.world)
+        entry = run.compute.world.on_main(lambda: model_entry(run, model, assistant, made, source))  # called here, in this iteration
+        rows.append({"role": label, **entry})
         path = str(made)
     student = distil(replace(run, cfg=link_config(cfg, assistants[-1], path, cfg.student)), summary)
     summary["chain"] = rows

@@ -2,7 +2,7 @@
 generation k is the same architecture again, taught by generation k-1's best.pt, with the same method.
 
 Each generation is a kd run of its own in `<run>/gen<k>/` (generation 1 brings the teacher and the
-student-alone baseline). `distill resume` keeps the generations that completed and continues the one
+student-alone baseline); with several processes (`device.processes`) all of them train every generation. `distill resume` keeps the generations that completed and continues the one
 that was stopped. The summary has a row per generation and the test accuracy of the ensemble of all
 generations (their averaged probabilities).
 """
@@ -45,12 +45,13 @@ def links(cfg: KDConfig) -> list[Link]:
 def born_again(run: KDRun, summary: dict) -> None:
     """Train generations 1..N into `<run>/gen<k>/`; fills `summary` with the first generation's teacher and
     baseline, the last generation as the student, a row per generation and their ensemble's accuracy."""
-    cfg = run.cfg
+    cfg, world = run.cfg, run.compute.world
     rows, previous = [], None
     for generation in range(1, cfg.generations + 1):
         folder = run.run_dir / f"gen{generation}"
-        done = cfg.resume and run_status(folder) == "completed"
-        result = read_summary(folder) if done else run.nested(generation_config(cfg, previous), folder)
+        done = cfg.resume and world.on_main(lambda folder=folder: run_status(folder) == "completed")
+        # with several processes every rank trains each generation; rank 0 reads or writes its summary
+        result = world.on_main(lambda folder=folder: read_summary(folder)) if done else world.broadcast(run.nested(generation_config(cfg, previous), folder))
         if generation == 1:  # every generation has the student's architecture: its speed-up is generation 1's
             summary.update(teacher=result["teacher"], baseline=result.get("baseline"), speedup=result.get("speedup"))
         teacher = result["teacher"]
@@ -65,7 +66,8 @@ def born_again(run: KDRun, summary: dict) -> None:
 
 def _ensemble_accuracy(run: KDRun, checkpoints: list[Path]) -> dict:
     """Test accuracy of the generations' averaged probabilities (temperature 1)."""
-    members = [load_frozen(path, run.cfg.student, "student", run.data, run.compute) for path in checkpoints]
+    world = run.compute.world
+    members = [load_frozen(path, run.cfg.student, "student", run.data, run.compute, world) for path in checkpoints]
     ensemble = run.compute.place(EnsembleTeacher(members)).eval()
-    accuracy = run.evaluate(ensemble)
+    accuracy = world.on_main(lambda: run.evaluate(ensemble))
     return {"members": len(members), "test_acc": accuracy.overall, "test_acc_per_class": dict(zip(run.data.info.class_names, accuracy.per_class))}
