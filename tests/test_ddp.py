@@ -285,18 +285,24 @@ def test_crd_in_two_processes_trains_what_one_process_does(ddp, tmp_path, quiet_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [["generations=2"], ["assistants=[mlp_small]"]], ids=["born-again", "assistants"])
-def test_born_again_and_assistant_chains_in_two_processes_train_what_one_process_does(ddp, tmp_path, quiet_results, mode):
-    """Born-again generations and a teacher-assistant chain are kd runs one after another: in 2 processes of batch 32
-    each of them trains what it trains in one process of batch 64 (to float rounding), and the summary is the same."""
+@pytest.mark.parametrize(
+    "mode", [["generations=2"], ["assistants=[mlp_small]"], ["teacher=ensemble", "teacher.checkpoints=[{teacher},{teacher}]", "teacher.weights=[2,1]"]],
+    ids=["born-again", "assistants", "ensemble"],
+)
+def test_training_modes_in_two_processes_train_what_one_process_does(ddp, tmp_path, quiet_results, mode):
+    """Born-again generations and a teacher-assistant chain are kd runs one after another, an ensemble a teacher: in
+    2 processes of batch 32 each run trains what it trains in one process of batch 64 (to float rounding), and the
+    summary is the same (rank 0 reads the members' files and tests them)."""
     root, overrides = ddp
-    chain = [*overrides, *mode, "epochs=2"]
+    mode = [arg.format(teacher=root / "teacher" / "best.pt") for arg in mode]
+    ensemble = mode[0] == "teacher=ensemble"  # its members replace the fixture's teacher
+    chain = [*(o for o in overrides if not (ensemble and o.startswith(("teacher.checkpoint", "teacher=", "teacher.kwargs")))), *mode, "epochs=2"]
     two = root / f"two_{mode[0].split('=')[0]}"
     run_distill("kd", *chain, "device.processes=2", "batch_size=32", f"hydra.run.dir={two}", cwd=root)
     one = tmp_path / "one"
     run_kd(validate_config("kd", compose_config("kd", [*chain, "batch_size=64", f"teacher_cache={root / 'outputs' / 'teacher_cache'}"])), one)
     parts = sorted(path.parent.relative_to(one) for path in one.rglob("metrics.jsonl"))
-    assert len(parts) == 2, parts  # gen1 and gen2, or the assistant and the student
+    assert len(parts) == (1 if ensemble else 2), parts  # gen1 and gen2, the assistant and the student
     for part in parts:
         rows_two, rows_one = metrics_without_timing(two / part), metrics_without_timing(one / part)
         assert len(rows_two) == len(rows_one) == 2

@@ -75,6 +75,19 @@ def _probabilities(checkpoints: list[str], loader, info, T: float = 1.0, weights
 # --- multi-teacher ensemble -----------------------------------------------------------------------
 
 
+def test_an_ensemble_teacher_on_augmented_data_learns_from_its_view_store(tmp_path):
+    """teacher=ensemble with crop + flip: the store of the ensemble's logits for every view is built (its key from the
+    transfer set, which the ensemble's recipe-less teacher config once broke: "an empty ensemble"), and the student
+    learns from it as from the ensemble run live."""
+    teacher = TeacherConfig(arch="ensemble", name="ensemble", members=["mlp_small", "mlp_small"], weights=[1.0, 2.0])
+    cfg = small_kd_config(tmp_path, teacher=teacher, baseline=False)
+    cfg = replace(cfg, dataset=replace(cfg.dataset, augment=True))
+    runs = {supply: run_kd(replace(cfg, cache_teacher=supply), tmp_path / supply) for supply in ("views", "false")}
+    assert (runs["views"]["teacher_supply"], runs["false"]["teacher_supply"]) == ("teacher views", "live")
+    for row_views, row_live in zip(metrics_without_timing(tmp_path / "views"), metrics_without_timing(tmp_path / "false"), strict=True):
+        assert row_views["loss/kd"] == pytest.approx(row_live["loss/kd"], rel=1e-4)
+
+
 def test_ensemble_target_is_the_weighted_average_of_the_members_softened_probabilities(tmp_path, monkeypatch):
     """teacher=ensemble: each member trained once (and cached); the student learns, from the cached teacher
     logits, softmax(logits / T) = w1 softmax(z1 / T) + w2 softmax(z2 / T); the summary gives each member's

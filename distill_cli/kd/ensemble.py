@@ -23,6 +23,7 @@ from ..losses import logit_methods
 from ..models import build_model
 from ..models.checkpoints import load_weights
 from ..training.compute import Compute
+from ..training.world import SINGLE, World
 from .objective import objective_of
 
 
@@ -43,15 +44,20 @@ class EnsembleTeacher(nn.Module):
         return self.T * torch.logsumexp(log_probs, dim=0)
 
 
-def member_configs(teacher: TeacherConfig) -> list[tuple[str, ModelConfig, Path | None]]:
+def member_configs(teacher: TeacherConfig, world: World = SINGLE) -> list[tuple[str, ModelConfig, Path | None]]:
     """(key, model config, checkpoint or None) of each member: `teacher.members`, then `teacher.checkpoints`
-    (whose architecture is read from the checkpoint)."""
+    (whose architecture is read from the checkpoint, by rank 0 with several processes)."""
     members = [(f"teacher.members[{i}]", member, None) for i, member in enumerate(teacher.ensemble_members())]
     for index, path in enumerate(map(Path, teacher.checkpoints)):
-        checkpoint = load_checkpoint(path)
-        name = f"{checkpoint['arch']}:{path.parent.name}/{path.name}"
-        members.append((f"teacher.checkpoints[{index}]", ModelConfig(checkpoint["arch"], checkpoint["kwargs"], name), path))
+        arch, kwargs = world.on_main(lambda path=path: _architecture(path))
+        members.append((f"teacher.checkpoints[{index}]", ModelConfig(arch, kwargs, f"{arch}:{path.parent.name}/{path.name}"), path))
     return members
+
+
+def _architecture(path: Path) -> tuple[str, dict]:
+    """The architecture and its arguments a checkpoint records."""
+    checkpoint = load_checkpoint(path)
+    return checkpoint["arch"], checkpoint["kwargs"]
 
 
 def _refuse_feature_methods(cfg: KDConfig) -> None:
@@ -67,15 +73,15 @@ def untrained_ensemble(cfg: KDConfig, compute: Compute, data) -> EnsembleTeacher
     the dataset's classes (and its weights against the input shape)."""
     _refuse_feature_methods(cfg)
     members = []
-    for key, member, path in member_configs(cfg.teacher):
-        members.append(checked_member(key, member, path, data) if path else build_model(member, data.info, key))
+    for key, member, path in member_configs(cfg.teacher, compute.world):
+        members.append(checked_member(key, member, path, data, compute.world) if path else build_model(member, data.info, key))
     return compute.place(EnsembleTeacher(members, cfg.teacher.weights, cfg.T))
 
 
-def checked_member(key: str, member: ModelConfig, path: Path, data) -> nn.Module:
-    """The member in checkpoint `path`, refused (naming `key`) unless it predicts the dataset's classes
-    from its images."""
-    checkpoint = load_checkpoint(path)
+def checked_member(key: str, member: ModelConfig, path: Path, data, world: World = SINGLE) -> nn.Module:
+    """The member in checkpoint `path` (read by rank 0 with several processes, every rank getting it), refused
+    (naming `key`) unless it predicts the dataset's classes from its images."""
+    checkpoint = world.on_main(lambda: load_checkpoint(path))
     if checkpoint["num_classes"] != data.info.num_classes:
         raise DistillError(
             f"{key}: {path} predicts {checkpoint['num_classes']} classes but dataset {data.info.name} has "

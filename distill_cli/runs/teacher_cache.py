@@ -15,8 +15,21 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..core.config import TrainConfig
+from ..core.config import DatasetConfig, TrainConfig
 from ..core.files import write_json_atomic
+
+
+def dataset_recipe(dataset: DatasetConfig) -> dict:
+    """What of `dataset` determines the data a model learns from, not where its files live or how they are read."""
+    recipe = asdict(dataset)
+    for execution_only in ("download", "cache_dir", "pipeline", "device_max_gb", "workers"):
+        recipe.pop(execution_only)
+    # the root of a torchvision dataset only says where its files are; an image folder's root is its data
+    if dataset.name == "imagefolder":
+        recipe["root"] = str(Path(dataset.root).resolve())
+    else:
+        recipe.pop("root")
+    return recipe
 
 
 def teacher_recipe(cfg: TrainConfig, processes: int = 1) -> dict:
@@ -24,14 +37,7 @@ def teacher_recipe(cfg: TrainConfig, processes: int = 1) -> dict:
     (device, data pipeline, optimizer kernel): those change rounding and random draws, not the recipe.
     Trained by several data-parallel `processes`, a step's batch is batch_size x processes and BatchNorm
     sees each process's share (or the whole, with device.sync_batchnorm): that is another recipe."""
-    dataset = asdict(cfg.dataset)
-    for execution_only in ("download", "cache_dir", "pipeline", "device_max_gb", "workers"):
-        dataset.pop(execution_only)
-    # the root of a torchvision dataset only says where its files are; an image folder's root is its data
-    if cfg.dataset.name == "imagefolder":
-        dataset["root"] = str(Path(cfg.dataset.root).resolve())
-    else:
-        dataset.pop("root")
+    dataset = dataset_recipe(cfg.dataset)
     optimizer = asdict(cfg.optimizer)
     optimizer.pop("impl")
     if not optimizer["decay_all"]:  # the default, absent from the recipes cached before the key existed

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,8 +27,7 @@ from ..data.augment import DRAWN_VIEWS_SEED
 from ..kd.teachers import teacher_view_logits, view_store_bytes, views_pay
 from ..training.device_memory import GIB
 from .common import KDRun, log
-from .teacher_cache import recipe_key, teacher_recipe
-from .teachers import teacher_training_config
+from .teacher_cache import dataset_recipe, recipe_key
 
 PROGRESS_STEPS = 10  # the partial store is saved (and a line logged) this many times during a build
 
@@ -48,7 +47,8 @@ def view_store_recipe(run: KDRun, teacher: nn.Module) -> dict:
     return {
         "arch": run.cfg.teacher.arch,
         "teacher_sha256": weights_sha256(teacher),
-        "dataset": teacher_recipe(teacher_training_config(run.cfg))["dataset"] | {"exclude_classes": list(run.cfg.dataset.exclude_classes)},
+        # the transfer set: the training split as the teacher learns it (no classes left out), then the exclusions
+        "dataset": dataset_recipe(replace(run.cfg.dataset, exclude_classes=[])) | {"exclude_classes": list(run.cfg.dataset.exclude_classes)},
         "augment": asdict(augment) | ({"drawn_seed": DRAWN_VIEWS_SEED} if augment.drawn else {}),
         "precision": run.compute.precision,
         "dtype": run.cfg.teacher_views_dtype,

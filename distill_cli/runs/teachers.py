@@ -165,17 +165,19 @@ def obtain_ensemble(run: KDRun) -> tuple[EnsembleTeacher, dict]:
     cfg, compute, data = run.cfg, run.compute, run.data
     members, entries = [], []
     weights = cfg.teacher.weights or [1.0] * (len(cfg.teacher.members) + len(cfg.teacher.checkpoints))
-    for index, ((key, member, path), weight) in enumerate(zip(member_configs(cfg.teacher), weights), 1):
+    for index, ((key, member, path), weight) in enumerate(zip(member_configs(cfg.teacher, compute.world), weights), 1):
         if path is None:
             train_cfg = teacher_training_config(cfg, member)
             path, source = trained_once(cfg, train_cfg, run.run_dir / f"teacher{index}", f"teacher {index}")
         else:
             source = "checkpoint"
-        model = compute.place(checked_member(key, member, path, data)).eval().requires_grad_(False)
+        model = compute.place(checked_member(key, member, path, data, compute.world)).eval().requires_grad_(False)
         members.append(model)
-        entries.append({**model_entry(run, model, member, path, source), "weight": weight / sum(weights)})
+        # rank 0 tests each member and the ensemble; with several processes the others wait for the entries
+        entry = compute.world.on_main(lambda: model_entry(run, model, member, path, source))  # called here, in this iteration
+        entries.append({**entry, "weight": weight / sum(weights)})
     ensemble = compute.place(EnsembleTeacher(members, weights, cfg.T)).eval()
-    entry = model_entry(run, ensemble, cfg.teacher, None, "members")
+    entry = compute.world.on_main(lambda: model_entry(run, ensemble, cfg.teacher, None, "members"))
     entry["name"] = "ensemble of " + " + ".join(member["name"] for member in entries)
     entry.update(params=count_parameters(ensemble), members=entries)
     return ensemble, entry
