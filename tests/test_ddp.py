@@ -139,7 +139,6 @@ def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path
         (["device.processes=0"], "device.processes: must be >= 1, got 0"),
         (["device.processes=2", "device.sync_batchnorm=true", "device=cpu"], "device.sync_batchnorm: SyncBatchNorm runs on CUDA GPUs only"),
         (["device.processes=2", "device.type=cuda:1"], "device.type=cuda:1 with 2 processes"),
-        (["device.processes=2", "peers=[mlp,mlp]"], "peers: the training modes run in one process for now"),
     ],
 )
 def test_what_several_processes_cannot_do_is_refused_before_any_starts(tmp_path, monkeypatch, capsys, overrides, message):
@@ -286,8 +285,10 @@ def test_crd_in_two_processes_trains_what_one_process_does(ddp, tmp_path, quiet_
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "mode", [["generations=2"], ["assistants=[mlp_small]"], ["teacher=ensemble", "teacher.checkpoints=[{teacher},{teacher}]", "teacher.weights=[2,1]"]],
-    ids=["born-again", "assistants", "ensemble"],
+    "mode",
+    [["generations=2"], ["assistants=[mlp_small]"], ["teacher=ensemble", "teacher.checkpoints=[{teacher},{teacher}]", "teacher.weights=[2,1]"],
+     ["peers=[mlp_small,mlp_small]", "alpha=0.5", "T=1"]],
+    ids=["born-again", "assistants", "ensemble", "mutual"],
 )
 def test_training_modes_in_two_processes_train_what_one_process_does(ddp, tmp_path, quiet_results, mode):
     """Born-again generations and a teacher-assistant chain are kd runs one after another, an ensemble a teacher: in
@@ -295,14 +296,14 @@ def test_training_modes_in_two_processes_train_what_one_process_does(ddp, tmp_pa
     summary is the same (rank 0 reads the members' files and tests them)."""
     root, overrides = ddp
     mode = [arg.format(teacher=root / "teacher" / "best.pt") for arg in mode]
-    ensemble = mode[0] == "teacher=ensemble"  # its members replace the fixture's teacher
-    chain = [*(o for o in overrides if not (ensemble and o.startswith(("teacher.checkpoint", "teacher=", "teacher.kwargs")))), *mode, "epochs=2"]
+    own_teachers = mode[0].startswith(("teacher=ensemble", "peers="))  # members or peers replace the fixture's teacher
+    chain = [*(o for o in overrides if not (own_teachers and o.startswith(("teacher.checkpoint", "teacher=", "teacher.kwargs")))), *mode, "epochs=2"]
     two = root / f"two_{mode[0].split('=')[0]}"
     run_distill("kd", *chain, "device.processes=2", "batch_size=32", f"hydra.run.dir={two}", cwd=root)
     one = tmp_path / "one"
     run_kd(validate_config("kd", compose_config("kd", [*chain, "batch_size=64", f"teacher_cache={root / 'outputs' / 'teacher_cache'}"])), one)
     parts = sorted(path.parent.relative_to(one) for path in one.rglob("metrics.jsonl"))
-    assert len(parts) == (1 if ensemble else 2), parts  # gen1 and gen2, the assistant and the student
+    assert len(parts) == (1 if own_teachers else 2), parts  # gen1 and gen2, the assistant and the student
     for part in parts:
         rows_two, rows_one = metrics_without_timing(two / part), metrics_without_timing(one / part)
         assert len(rows_two) == len(rows_one) == 2

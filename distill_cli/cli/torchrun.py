@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..core.commands import BY_NAME
-from ..core.config import MODE_KEYS, to_plain, validate_config
+from ..core.config import to_plain, validate_config
 from ..core.console import console_handler, silence
 from ..core.errors import DistillError, Interrupted, one_line
 from ..core.files import write_json_atomic
@@ -195,12 +195,6 @@ def run_distributed(command: str, config, run_dir: Path) -> dict | None:
     of the torchrun that started this process, handing the other ranks their work."""
     world_size = torchrun_world_size()
     check_devices(config.device, max(world_size, config.device.processes))
-    if command == "kd":
-        # born-again generations and assistant chains are kd runs one after another, each trained by every process;
-        # an ensemble is a teacher (each member trained by every process); mutual learning trains its peers together
-        chosen = [MODE_KEYS[mode] for mode in config.modes_asked() if mode == "mutual"]
-        if chosen:
-            raise DistillError(f"{chosen[0]}: the training modes run in one process for now (not with several processes)")
     if not world_size:
         return launch(command, to_plain(config), run_dir, config.device.processes)
     if config.device.processes not in (1, world_size):

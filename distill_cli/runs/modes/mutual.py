@@ -105,6 +105,8 @@ def mutual_learning(run: KDRun, summary: dict) -> None:
         validate=validate,
         save_best=save_best,
     )
+    if not compute.world.is_main:  # with several processes rank 0 tests the peers and writes the summary
+        return
     rows = []
     for index, (label, peer, model) in enumerate(zip(labels, peers, models)):
         best = load_checkpoint(run.run_dir / label / BEST)
