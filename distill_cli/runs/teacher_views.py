@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -47,8 +47,7 @@ def view_store_recipe(run: KDRun, teacher: nn.Module) -> dict:
     return {
         "arch": run.cfg.teacher.arch,
         "teacher_sha256": weights_sha256(teacher),
-        # the transfer set: the training split as the teacher learns it (no classes left out), then the exclusions
-        "dataset": dataset_recipe(replace(run.cfg.dataset, exclude_classes=[])) | {"exclude_classes": list(run.cfg.dataset.exclude_classes)},
+        "dataset": dataset_recipe(run.cfg.dataset),  # the transfer set, its excluded classes included
         "augment": asdict(augment) | ({"drawn_seed": DRAWN_VIEWS_SEED} if augment.drawn else {}),
         "precision": run.compute.precision,
         "dtype": run.cfg.teacher_views_dtype,

@@ -450,13 +450,10 @@ def _update(method, parts: dict, logits: torch.Tensor, batch: Batch, optimizer, 
         totals.add(parts, logits, batch.labels)
 
 
-def _steps_together(learners: list, batch: Batch, epoch: int, for_graph: bool = False, counted: bool = True, branches: Branches | None = None) -> list:
+def _steps_together(learners: list, batch: Batch, epoch: int, for_graph: bool = False, counted: bool = True) -> list:
     """One step of each of `learners` (each with `step`, `optimizer`, `scaler`, `method`, `compute`, `totals`) on
     `batch`: all the losses backpropagated in one pass, then each its own optimizer step; added to each one's
-    totals when `counted`. Returns each one's (terms, logits). `branches` (`graphs.Branches`, for students whose
-    forward passes are their own, not stacked): each learner's whole step on its own branch instead."""
-    if branches is not None:
-        return _steps_on_branches(learners, batch, epoch, for_graph, counted, branches)
+    totals when `counted`. Returns each one's (terms, logits)."""
     results = [_forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute, for_graph) for learner in learners]
     _backward([loss_to_backpropagate(learner.optimizer, parts, learner.scaler.scale) for learner, (parts, _) in zip(learners, results)])
     for learner, (parts, logits) in zip(learners, results):
@@ -465,17 +462,18 @@ def _steps_together(learners: list, batch: Batch, epoch: int, for_graph: bool = 
     return results
 
 
-def _steps_on_branches(learners: list, batch: Batch, epoch: int, for_graph: bool, counted: bool, branches: Branches) -> list:
-    """`_steps_together` with each learner's forward, backward and optimizer step on its own branch: the first on the
-    current stream, where its forward runs the teacher for them all; the others forked once it has run."""
+def _steps_on_branches(learners: list, batch: Batch, epoch: int, branches: Branches) -> list:
+    """`_steps_together` as a graph runs it (`for_graph`, not counted) for students whose forward passes are their
+    own (not stacked), each learner's forward, backward and optimizer step on its own branch (`graphs.Branches`): the
+    first on the current stream, where its forward runs the teacher for them all; the others forked once it has run."""
     results = []
     for k, learner in enumerate(learners):
         with branches.on(k):
-            parts, logits = _forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute, for_graph)
+            parts, logits = _forward_step(learner.step, batch, epoch, learner.optimizer, learner.compute, for_graph=True)
             if k == 0:
                 branches.fork()
             _backward([loss_to_backpropagate(learner.optimizer, parts, learner.scaler.scale)])
-            _update(learner.method, parts, logits, batch, learner.optimizer, learner.scaler, learner.compute, learner.totals if counted else None)
+            _update(learner.method, parts, logits, batch, learner.optimizer, learner.scaler, learner.compute, None)
         results.append((parts, logits))
     branches.join()
     return results
@@ -498,7 +496,9 @@ def graphed_steps(learners: list, cuda_graphs: str, capture: bool | None = None,
     branches = Branches(len(learners), device) if concurrent else None
 
     def optimise(batch: Batch, epoch: int) -> list:
-        return _steps_together(learners, batch, epoch, for_graph=True, counted=False, branches=branches)
+        if branches is not None:
+            return _steps_on_branches(learners, batch, epoch, branches)
+        return _steps_together(learners, batch, epoch, for_graph=True, counted=False)
 
     return GraphedStep(optimise, [learner.optimizer for learner in learners], capture, required=cuda_graphs == "true")
 

@@ -2,8 +2,8 @@
 generation k is the same architecture again, taught by generation k-1's best.pt, with the same method.
 
 Each generation is a kd run of its own in `<run>/gen<k>/` (generation 1 brings the teacher and the
-student-alone baseline); with several processes (`device.processes`) all of them train every generation. `distill resume` keeps the generations that completed and continues the one
-that was stopped. The summary has a row per generation and the test accuracy of the ensemble of all
+student-alone baseline); with several processes (`device.processes`) all of them train every generation.
+`distill resume` keeps the generations that completed and continues the one that was stopped. The summary has a row per generation and the test accuracy of the ensemble of all
 generations (their averaged probabilities).
 """
 
@@ -49,9 +49,11 @@ def born_again(run: KDRun, summary: dict) -> None:
     rows, previous = [], None
     for generation in range(1, cfg.generations + 1):
         folder = run.run_dir / f"gen{generation}"
-        done = cfg.resume and world.on_main(lambda folder=folder: run_status(folder) == "completed")
         # with several processes every rank trains each generation; rank 0 reads or writes its summary
-        result = world.on_main(lambda folder=folder: read_summary(folder)) if done else world.broadcast(run.nested(generation_config(cfg, previous), folder))
+        if cfg.resume and world.on_main(lambda folder=folder: run_status(folder) == "completed"):
+            result = world.on_main(lambda folder=folder: read_summary(folder))
+        else:
+            result = world.broadcast(run.nested(generation_config(cfg, previous), folder))
         if generation == 1:  # every generation has the student's architecture: its speed-up is generation 1's
             summary.update(teacher=result["teacher"], baseline=result.get("baseline"), speedup=result.get("speedup"))
         teacher = result["teacher"]
