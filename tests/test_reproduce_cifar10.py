@@ -78,3 +78,75 @@ def test_side_by_side_0_runs_the_commands_one_after_another(tmp_path, side_by_si
     failing.write_text("#!/bin/sh\nexit 3\n")
     failing.chmod(0o755)
     assert _script(tmp_path, str(failing), SEEDS="0", EPOCHS="2", SIDE_BY_SIDE=side_by_side).returncode != 0
+
+
+def _recorder(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "record"
+    script.write_text(f"#!/bin/bash\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _completed_summary(run_dir: Path, accuracy: float) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"status": "completed", "command": "train", "teacher": {"test_acc_best": accuracy}, "published": {"teacher": 93.57}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def test_a_second_start_continues_the_runs_that_did_not_complete(tmp_path):
+    """Started again on the same OUT_DIR, the script leaves a completed run alone and starts every other one with
+    resume=true (which continues from its last.pt, or starts it when it has none)."""
+    calls = tmp_path / "calls.jsonl"
+    recorder = _recorder(tmp_path, f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {calls}")
+    _completed_summary(tmp_path / "out" / "resnet56", 0.93)
+    result = _script(tmp_path, recorder, SEEDS="0 1", EPOCHS="30")
+    assert result.returncode == 0, result.stderr
+    commands = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [command[1] for command in commands if command[0] == "train"] == ["experiment=cifar10_resnet20"] * 2
+    assert len(commands) == 4 and all("resume=true" in command for command in commands)
+    assert "resnet56: completed before, not run again" in result.stdout
+
+
+def test_sigterm_waits_for_every_run_to_save_its_checkpoint(tmp_path):
+    """`timeout` sends SIGTERM to the script and its runs; each run saves a mid-epoch checkpoint before it exits, and
+    the script returns only once they all have (so what is packed after it is their last state)."""
+    saved = tmp_path / "saved"
+    recorder = _recorder(tmp_path, f"trap 'sleep 1; echo saved >> {saved}; exit 143' TERM\nsleep 30 &\nwait")
+    environment = {**os.environ, "OUT_DIR": str(tmp_path / "out"), "DISTILL": recorder, "SEEDS": "0 1", "EPOCHS": "2"}
+    result = subprocess.run(["timeout", "2", "bash", str(SCRIPT)], env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 124
+    assert saved.read_text().splitlines() == ["saved"] * 3  # resnet56 and both resnet20, started side by side
+
+
+def test_pack_keeps_what_a_continuation_needs_in_parts_and_unpack_puts_it_back(tmp_path):
+    """--pack: the whole OUT_DIR in parts of at most PART_BYTES, less the files a continuation never reads (every
+    last.prev.pt, a completed run's last.pt, lock files); --unpack restores it under another OUT_DIR as it was; the
+    table counts the completed runs and says how far the others got."""
+    out = tmp_path / "out"
+    _completed_summary(out / "resnet56", 0.9357)
+    (out / "resnet20_seed0").mkdir()
+    (out / "resnet20_seed0" / "summary.json").write_text(json.dumps({"status": "interrupted", "command": "train"}))
+    (out / "resnet20_seed0" / "metrics.jsonl").write_text('{"seconds": 30}\n{"seconds": 30}\n')
+    (out / "resnet56" / "metrics.jsonl").write_text('{"seconds": 60}\n' * 3)
+    (out / "teacher_cache" / "resnet_cifar-1").mkdir(parents=True)
+    (out / "teacher_cache" / "resnet_cifar-1.lock").touch()
+    for name in ("resnet56/best.pt", "resnet56/last.pt", "resnet56/last.prev.pt", "resnet20_seed0/last.pt",
+                 "resnet20_seed0/last.prev.pt", "resnet20_seed0/best.pt", "teacher_cache/resnet_cifar-1/teacher.pt"):
+        (out / name).write_bytes(os.urandom(600_000))
+    packed = tmp_path / "packed"
+    assert _script(tmp_path, "distill", "--pack", str(packed), PART_BYTES="1M").returncode == 0
+    parts = sorted(packed.iterdir())
+    assert len(parts) > 1 and all(part.stat().st_size <= 2**20 for part in parts)
+    restored = tmp_path / "restored"
+    result = _script(tmp_path, "distill", "--unpack", str(packed), OUT_DIR=str(restored))
+    assert result.returncode == 0, result.stderr
+    files = {str(path.relative_to(restored)) for path in restored.rglob("*") if path.is_file()}
+    kept = {path for path in files if (out / path).read_bytes() == (restored / path).read_bytes()}
+    assert kept == files == {
+        "resnet56/summary.json", "resnet56/metrics.jsonl", "resnet56/best.pt", "resnet20_seed0/summary.json",
+        "resnet20_seed0/metrics.jsonl", "resnet20_seed0/last.pt", "resnet20_seed0/best.pt",
+        "teacher_cache/resnet_cifar-1/teacher.pt",
+    }
+    table = _script(tmp_path, "distill", "--table", OUT_DIR=str(restored), EPOCHS="3")
+    assert "| resnet56 alone | 1 | 93.57 | 93.57-93.57 | 93.57 | 3.0 |" in table.stdout
+    assert "Not finished yet: resnet20_seed0 2/3 epochs (interrupted)" in table.stdout
