@@ -314,3 +314,63 @@ def test_cli_refuses_vid_for_the_default_mlp_student_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     (error,) = result.stderr.strip().splitlines()
     assert error == "distill kd: error: loss=vid: student=mlp_small has no feature point 'stage1' (it has: pooled)"
+
+
+def pad_l2_by_hand(student_pooled, teacher_pooled, linear, batch_norm, eps):
+    """torchdistill's PADL2Loss over VarianceBranch4PAD (Linear, then BatchNorm1d in training mode), in float64: the
+    mean over samples of the mean over dimensions of (t - s)^2 / (eps + exp(log v)) + log v."""
+    s, t = student_pooled.double(), teacher_pooled.double()
+    hidden = s @ linear.weight.double().T + linear.bias.double()
+    mean, variance = hidden.mean(0), hidden.var(0, unbiased=False)
+    log_v = (hidden - mean) / torch.sqrt(variance + batch_norm.eps) * batch_norm.weight.double() + batch_norm.bias.double()
+    return torch.mean(((t - s) ** 2 / (eps + torch.exp(log_v)) + log_v).mean(1))
+
+
+@pytest.mark.parametrize("weight, eps", [(1.0, 1e-6), (2.5, 0.1)])
+def test_pad_l2_is_torchdistills_padl2loss_over_a_linear_batchnorm_variance_branch(weight, eps):
+    """Equal widths (torchdistill's case): no embedding; value and gradients (student feature, the branch) as
+    torchdistill computes them, re-typed here in float64."""
+    shapes = {"pooled": (6,)}
+    method = set_up({"name": "pad_l2", "weight": weight, "eps": eps}, shapes, shapes)
+    linear, batch_norm = method.variance
+    nn.init.normal_(batch_norm.weight)  # not the identity it starts as, nor a zero mean of log v
+    nn.init.normal_(batch_norm.bias)
+    student, teacher = outputs_of(shapes, 0, requires_grad=True), outputs_of(shapes, 1)
+    term = method(student, teacher, None, 1)["pad_l2"]
+    expected = weight * pad_l2_by_hand(student.features["pooled"], teacher.features["pooled"], linear, batch_norm, eps)
+    assert isinstance(method.embed, nn.Identity)
+    assert term.item() == pytest.approx(expected.item(), rel=1e-5)
+    got = torch.autograd.grad(term, [student.features["pooled"], linear.weight])
+    wanted = torch.autograd.grad(expected, [student.features["pooled"], linear.weight])
+    for a, b in zip(got, wanted):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_pad_l2_weights_the_squared_error_down_where_the_predicted_variance_is_large():
+    """With the branch's output fixed at log v, the term is mean((t - s)^2 / (eps + e^log v) + log v): larger variances
+    shrink the error's share and cost log v; for one squared error e the term is least at v = e."""
+    shapes = {"pooled": (3,)}
+    method = set_up({"name": "pad_l2", "eps": 0.0}, shapes, shapes)
+    linear, batch_norm = method.variance
+    student, teacher = outputs_of(shapes, 0), Outputs(None, {"pooled": outputs_of(shapes, 0).features["pooled"] + 2.0})
+    terms = []
+    for log_v in (0.0, float(np.log(4.0)), 3.0):
+        nn.init.constant_(batch_norm.bias, log_v)
+        nn.init.zeros_(batch_norm.weight)
+        terms.append(method(student, teacher, None, 1)["pad_l2"].item())
+    assert terms[0] == pytest.approx(4.0) and terms[1] == pytest.approx(1 + np.log(4.0), rel=1e-5)
+    assert terms[1] < terms[0] and terms[1] < terms[2]
+
+
+def test_l2_is_the_weighted_mse_of_the_pooled_features_and_embeds_a_narrower_student():
+    """l2 (PAD's first stage): weight x MSE of the pooled features; widths 7 -> 9 through a linear layer, which
+    pad_l2 shares, its variance branch predicting the teacher's 9 dimensions from the student's 7."""
+    student, teacher = outputs_of(STUDENT, 0), outputs_of(TEACHER, 1)
+    method = set_up({"name": "l2", "weight": 15.0})
+    embedded = method.embed(student.features["pooled"])
+    expected = 15.0 * torch.nn.functional.mse_loss(embedded, teacher.features["pooled"])
+    assert method(student, teacher, None, 1)["l2"].item() == pytest.approx(expected.item(), rel=1e-6)
+    pad = set_up({"name": "pad_l2"})
+    assert (pad.embed.in_features, pad.embed.out_features) == (7, 9)
+    assert (pad.variance[0].in_features, pad.variance[1].num_features) == (7, 9)
+    assert pad(student, teacher, None, 1)["pad_l2"].isfinite()
