@@ -89,8 +89,9 @@ def _world_primitives(rank: int, init_file: str, results) -> None:
     """Rank `rank` of 2 (gloo): what the World primitives give each rank."""
     import torch.distributed as dist
 
+    from distill_cli.core.world import World
+    from distill_cli.training.data_parallel import average_gradients
     from distill_cli.training.loop import EpochTotals
-    from distill_cli.training.world import World
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     world = World(rank=rank, size=2, joined=True)
@@ -98,7 +99,8 @@ def _world_primitives(rank: int, init_file: str, results) -> None:
         layer = torch.nn.Linear(2, 1)
         layer.weight.grad = torch.full((1, 2), float(rank + 1))  # 1 on rank 0, 2 on rank 1
         layer.bias.grad = torch.tensor([4.0 * rank])
-        world.average_gradients(layer)
+        average_gradients(layer, world)
+        gathered = world.gathered(torch.tensor([[rank, 10 + rank]])).tolist()
         totals = EpochTotals(torch.device("cpu"))
         loss = torch.tensor(float("nan") if rank == 1 else 1.0)
         for _ in range(3):
@@ -108,14 +110,15 @@ def _world_primitives(rank: int, init_file: str, results) -> None:
             refused = None
         except DistillError as error:
             refused = str(error)
-        results.put((rank, layer.weight.grad.tolist(), layer.bias.grad.tolist(), totals.read(layer, world), refused, world.any(rank == 1)))
+        results.put((rank, layer.weight.grad.tolist(), layer.bias.grad.tolist(), totals.read(layer, world), refused, world.any(rank == 1), gathered))
     finally:
         dist.destroy_process_group()
 
 
 def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path):
     """Two real gloo processes: a method's gradients are averaged; epoch totals are summed (images, correct,
-    bad steps) with the earliest bad step of any rank; a DistillError on rank 0 is raised on every rank."""
+    bad steps) with the earliest bad step of any rank; a DistillError on rank 0 is raised on every rank; every
+    rank's rows are gathered in rank order."""
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
     processes = [context.Process(target=_world_primitives, args=(rank, str(tmp_path / "init"), results)) for rank in (0, 1)]
@@ -125,12 +128,13 @@ def test_world_averages_gradients_sums_epochs_and_shares_rank_0s_errors(tmp_path
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    for weight, bias, read, refused, any_rank_1 in got.values():
+    for weight, bias, read, refused, any_rank_1, gathered in got.values():
         assert weight == [[1.5, 1.5]] and bias == [2.0]
         assert read["images"] == 3 * 2 + 3 * 3 and read["train_acc"] == 1.0
         assert read["bad_steps"] == 3 and read["first_bad"] == 0  # rank 1's, the only rank with bad steps
         assert read["losses"]["loss"] == 1.0  # the finite steps' mean
         assert refused == "only rank 0 sees this file" and any_rank_1
+        assert gathered == [[0, 10], [1, 11]]
 
 
 @pytest.mark.parametrize(
@@ -174,7 +178,7 @@ if "RANK" in os.environ:
 
     loop.train_epoch = injected
 
-    import distill_cli.training.world as world
+    import distill_cli.core.world as world
     root_cause = world.World.root_cause
 
     def slow_root_cause(self, message, error):  # the launcher's SIGTERM arrives while the error is handled

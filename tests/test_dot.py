@@ -19,8 +19,8 @@ from distill_cli.runs.fused import run_kd_fused
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.teacher_cache import recipe_key, teacher_recipe
 from distill_cli.runs.teachers import baseline_training_config, teacher_training_config
-from distill_cli.training.setup import prepare_run
 from distill_cli.training.compute import Compute
+from distill_cli.training.setup import prepare_run
 from distill_cli.training.optim import (
     DistillationOrientedSGD,
     build_optimizer,
@@ -29,7 +29,7 @@ from distill_cli.training.optim import (
     loss_to_backpropagate,
     task_and_distillation,
 )
-from distill_cli.training.world import World
+from distill_cli.core.world import World
 
 DOT = OptimizerConfig(name="dot", lr=0.1, momentum=0.9, nesterov=False, dot_delta=0.075, weight_decay=0.01, decay_all=True)
 CPU = torch.device("cpu")

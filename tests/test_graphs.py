@@ -27,13 +27,13 @@ from distill_cli.core.config import (
     TeacherConfig,
 )
 from distill_cli.core.errors import DistillError
+from distill_cli.core.world import World
 from distill_cli.data.loader import Batch
 from distill_cli.kd.teachers import once_per_batch
 from distill_cli.training import graphs, loop, setup
 from distill_cli.training.compute import Compute
 from distill_cli.training.loop import EpochTotals, graphed_steps, optimisation_step
 from distill_cli.training.optim import build_optimizer, build_scheduler, keep_lr_kind
-from distill_cli.training.world import World
 
 CPU = Compute(torch.device("cpu"), "fp32")
 GPU = Compute(torch.device("cuda"), "bf16")  # a device object only: nothing runs on it

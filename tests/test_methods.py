@@ -19,6 +19,7 @@ from conftest import (
 from distill_cli.core.checkpoint import LAST, load_checkpoint
 from distill_cli.core.config import DatasetConfig, KDConfig, ModelConfig, TeacherConfig
 from distill_cli.core.errors import DistillError, Interrupted
+from distill_cli.core.world import World
 from distill_cli.data import Augment, load_dataset
 from distill_cli.data.loader import Batch
 from distill_cli.kd import objective as objective_module
@@ -31,7 +32,6 @@ from distill_cli.models.features import Outputs
 from distill_cli.runs.kd import run_kd
 from distill_cli.training.compute import Compute
 from distill_cli.training.optim import build_optimizer
-from distill_cli.training.world import World
 
 CPU = Compute(torch.device("cpu"), "fp32", channels_last=None)
 METHODS = LOSSES.names()

@@ -106,7 +106,7 @@ def _record_failure(error: Exception, run_dir: Path, hydra_config, record) -> No
 
     message = one_line(error)
     if torchrun_world_size():
-        from ..training.world import world
+        from ..core.world import world
 
         message = world().root_cause(message, error)
         world().report_error(message)

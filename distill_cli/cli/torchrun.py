@@ -9,7 +9,7 @@ Two ways in, one engine:
   machine, each process running this module's `main`.
 
 What the processes do together in training (sharded batches, DistributedDataParallel, averaged method
-gradients, rank 0 reading and writing files) is `training.world.World`'s.
+gradients, rank 0 reading and writing files) is `core.world.World`'s.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from ..core.errors import DistillError, Interrupted, one_line
 from ..core.files import write_json_atomic
 from ..core.processes import torchrun_world_size
 from ..core.run_folders import read_summary
+from ..core.world import join, leave, world
 from ..runs.commands import runner
-from ..training.world import join, leave, world
 
 log = logging.getLogger("distill")
 

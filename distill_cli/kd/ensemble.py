@@ -19,11 +19,11 @@ from torch import nn
 from ..core.checkpoint import load_checkpoint
 from ..core.config import KDConfig, ModelConfig, TeacherConfig
 from ..core.errors import DistillError
+from ..core.world import SINGLE, World
 from ..losses import logit_methods
 from ..models import build_model
 from ..models.checkpoints import load_weights
 from ..training.compute import Compute
-from ..training.world import SINGLE, World
 from .objective import objective_of
 
 

@@ -40,10 +40,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.world import world
 from . import LOSSES
 from .base import Method, MethodContext, non_negative, positive, require
 
@@ -112,7 +112,7 @@ class ContrastiveRepresentation(Method):
         each label's, on the labels' device. With several processes: this process's rows of the draws for the
         whole step's batch (each process's generator is seeded alike), the draws of one process training on it."""
         count, start = self.class_counts[labels, None], self.class_starts[labels, None]
-        rank, processes = _process_group()
+        rank, processes = world().rank, world().size
         # a uniform rank among the other classes' positions, then skip over the label's own block
         draws = torch.randint(0, 2**62, (processes * len(labels), self.negatives), device=labels.device)
         draws = draws[rank * len(labels) : (rank + 1) * len(labels)]
@@ -129,14 +129,14 @@ class ContrastiveRepresentation(Method):
             scores_t = self._scores(self.student_bank, anchor_t, positions)  # teacher anchors, student's bank
             scores = torch.stack([scores_s, scores_t])  # (2, B, 1 + K)
             num_train = len(self.student_bank)
-            mean_score = _mean_over_processes(scores.detach().mean((1, 2)))
+            mean_score = world().sum(scores.detach().mean((1, 2))) / world().size  # the processes take equal shares
             normaliser = torch.where(self.normaliser < 0, mean_score * num_train, self.normaliser)
             self.normaliser.copy_(normaliser)
             loss = self._nce(scores / normaliser[:, None, None], self.negatives / num_train)
             with torch.no_grad():
-                positions = _every_process(batch.index)
-                self._update(self.student_bank, positions, _every_process(anchor_s))
-                self._update(self.teacher_bank, positions, _every_process(anchor_t))
+                positions = world().gathered(batch.index)
+                self._update(self.student_bank, positions, world().gathered(anchor_s))
+                self._update(self.teacher_bank, positions, world().gathered(anchor_t))
         return {"crd": self.weight * loss}
 
     def _scores(self, bank: Tensor, anchors: Tensor, positions: Tensor) -> Tensor:
@@ -160,29 +160,3 @@ class ContrastiveRepresentation(Method):
         mixed = self.momentum * bank[positions] + (1 - self.momentum) * embeddings.detach()
         bank.index_copy_(0, positions, F.normalize(mixed, dim=1))
 
-
-def _process_group() -> tuple[int, int]:
-    """(rank, number of processes) of the data-parallel training this process is in; (0, 1) alone."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _every_process(tensor: Tensor) -> Tensor:
-    """`tensor` of every data-parallel process (the same shape on each), concatenated in rank order; itself alone."""
-    processes = _process_group()[1]
-    if processes == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(processes)]
-    dist.all_gather(parts, tensor.detach().contiguous())
-    return torch.cat(parts)
-
-
-def _mean_over_processes(tensor: Tensor) -> Tensor:
-    """`tensor` averaged over the data-parallel processes (equal shares of the batch); itself alone."""
-    processes = _process_group()[1]
-    if processes == 1:
-        return tensor
-    total = tensor.clone()
-    dist.all_reduce(total)
-    return total / processes

@@ -15,14 +15,14 @@ from torch import nn
 from ..core.checkpoint import BEST
 from ..core.config import ENSEMBLE, KDConfig, ModelConfig, TeacherConfig, TrainConfig
 from ..core.run_folders import run_status
+from ..core.world import SINGLE, World
+from ..core.world import world as current_world
 from ..data import DataSplits
 from ..kd.ensemble import EnsembleTeacher, checked_member, member_configs
 from ..models import count_parameters
 from ..models.checkpoints import checked_checkpoint, checked_model
 from ..training.compute import Compute
 from ..training.metrics import top5_entry
-from ..training.world import SINGLE, World
-from ..training.world import world as current_world
 from .common import KDRun, log
 from .teacher_cache import TeacherCache, teacher_recipe
 from .train import run_train

@@ -16,9 +16,10 @@ from torch import nn
 
 from ..core.config import DeviceConfig
 from ..core.errors import DistillError
+from ..core.world import SINGLE, World
 from ..models.features import Outputs, feature_extractor
 from ..models.fold import fold_batch_norm
-from .world import SINGLE, World
+from .data_parallel import data_parallel
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,7 +62,7 @@ class Compute:
         `device.compile=true`; a `trained` model goes through DistributedDataParallel when several processes
         train it. The module itself stays unwrapped, so its state_dict is unaffected."""
         memory_format = torch.channels_last if self.uses_channels_last(model) else torch.contiguous_format
-        run = self.world.wrap(model, self.sync_batchnorm) if trained else model
+        run = data_parallel(model, self.world, self.sync_batchnorm) if trained else model
         run = torch.compile(run) if self.compile and compile else run
 
         def forward(images: torch.Tensor) -> torch.Tensor:

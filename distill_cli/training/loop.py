@@ -25,14 +25,15 @@ from ..core.checkpoint import BEST, save_atomic, save_last
 from ..core.console import EpochProgress, log, logging_run
 from ..core.errors import DistillError, Interrupted, StopSignals
 from ..core.files import append_text, atomic_write
+from ..core.world import SINGLE, World
 from ..data.loader import Batch
 from .compute import Compute
+from .data_parallel import average_gradients
 from .graphs import Branches, GraphedStep
 from .metrics import evaluate
 from .optim import keep_lr_kind, loss_to_backpropagate
 from .rng import rng_state, set_rng_state
 from .trackers import Trackers
-from .world import SINGLE, World
 
 # a training step: (batch, 1-based epoch) -> ({"loss": total, "loss/<term>": ...}, logits)
 Step = Callable[[Batch, int], tuple[dict[str, torch.Tensor], torch.Tensor]]
@@ -443,7 +444,7 @@ def _backward(losses: list[torch.Tensor | None]) -> None:
 
 def _update(method, parts: dict, logits: torch.Tensor, batch: Batch, optimizer, scaler, compute: Compute, totals: EpochTotals | None) -> None:
     """The second half, once the loss has been backpropagated: the optimizer's step, added to `totals` (None: not)."""
-    compute.world.average_gradients(method)
+    average_gradients(method, compute.world)
     scaler.step(optimizer)
     scaler.update()
     if totals is not None:

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from ..core.config import KDConfig, RunConfig
 from ..core.errors import DistillError
+from ..core.world import world as current_world
 from ..data import DataSplits, load_dataset, training_augment
 from ..data.loader import Loader, build_loader, choose_pipeline
 from .compute import Compute, resolve_compute
 from .graphs import checked_setting
 from .optim import check_optimizer
-from .world import world as current_world
 
 
 @dataclass

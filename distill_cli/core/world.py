@@ -1,12 +1,13 @@
 """Data-parallel training with torch.distributed: this process's place among the training processes
-(`World`) and what they do together.
+(`World`) and what they do together (collectives on objects and tensors, one-line errors across ranks).
 
 In training (`training.loop.fit`) each rank takes its slice of every global batch (loaders:
-`Loader(shard=...)`), the student is wrapped in DistributedDataParallel (`World.wrap`), a KD method's
-trainable parts have their gradients averaged (`World.average_gradients`), epoch metrics are summed over
-ranks, and rank 0 alone reads and writes files; what other ranks need from a file (a checkpoint to
-resume, a teacher) rank 0 broadcasts (`World.on_main`), so ranks on other nodes need no shared filesystem,
-only the data. How the processes are started is the CLI's (`cli/torchrun.py`).
+`Loader(shard=...)`), the student is wrapped in DistributedDataParallel and a KD method's trainable parts
+have their gradients averaged (`training.data_parallel`), epoch metrics are summed over ranks, and rank 0
+alone reads and writes files; what other ranks need from a file (a checkpoint to resume, a teacher) rank 0
+broadcasts (`World.on_main`), so ranks on other nodes need no shared filesystem, only the data. A method
+that keeps state across the batch (CRD's memory banks) gathers what it needs (`World.gathered`). How the
+processes are started is the CLI's (`cli/torchrun.py`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ..core.errors import DistillError
-from ..core.processes import torchrun_world_size
+from .errors import DistillError
+from .processes import torchrun_world_size
 
 T = TypeVar("T")
 
@@ -102,33 +102,14 @@ class World:
             dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return tensor
 
-    def wrap(self, model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
-        """`model` in DistributedDataParallel (gradients averaged over ranks in backward, rank 0's
-        BatchNorm statistics broadcast at each forward; with `sync_batchnorm`, BatchNorm layers computing
-        their statistics over every rank's batch); `model` itself when training alone."""
-        if not self.distributed:
-            return model
-        if sync_batchnorm:  # the layers are replaced; their weights and statistics stay the model's
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        device = next(model.parameters()).device
-        device_ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-    def average_gradients(self, module: nn.Module) -> None:
-        """Average the gradients of `module`'s trainable parameters over ranks (a KD method's parts:
-        DDP wraps the student, whose forward it sees, not the loss)."""
-        if not self.distributed:
-            return
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.size
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+    def gathered(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` of every rank (the same shape on each), concatenated along its first axis in rank order
+        (detached); `tensor` itself alone."""
+        if not self.distributed or self.size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.detach().contiguous())
+        return torch.cat(parts)
 
     def report_error(self, message: str) -> None:
         """Leave the one-line error `root_cause` gave where the other ranks find it; the first one wins."""
