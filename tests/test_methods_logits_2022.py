@@ -383,3 +383,68 @@ def test_ofa_exits_downsample_each_stage_to_the_last_and_train():
     assert all(feature.grad.abs().sum() > 0 for feature in features.values())
     with pytest.raises(DistillError, match="^loss=ofa: the student has no stages"):
         build_method({"name": "ofa"}).setup(context())
+
+
+TOKEN_STAGES = {f"stage{k}": torch.Size([17, 8]) for k in range(1, 7)}  # 6 blocks: a class token, 4 x 4 patches, width 8
+
+
+def token_method(stages: dict = TOKEN_STAGES, **loss) -> torch.nn.Module:
+    method = build_method({"name": "ofa", **loss})
+    method.setup(MethodContext(num_classes=CLASSES, num_train=8, train_labels=LABELS, student=stages, teacher={}, epochs=10))
+    return method
+
+
+def test_ofa_exits_on_a_vits_blocks_are_transformer_blocks_on_the_last_block_of_each_quarter():
+    """A ViT student's stages are its blocks' token sequences: exits on the last block of each quarter (blocks 1, 3, 4
+    and 6 of 6) with 3, 2, 1, 1 transformer blocks; `ofa` is the authors' loss of their logits, summed; every exit
+    trains, and only the four blocks read get gradients."""
+    torch.manual_seed(0)
+    method = token_method(eps=1.5)
+    assert method.stages == ["stage1", "stage3", "stage4", "stage6"]
+    assert [len(exit_.blocks) for exit_ in method.exits] == [3, 2, 1, 1]
+    assert all(exit_.class_tokens == 1 and len(exit_.merges) == 0 for exit_ in method.exits)
+    student, teacher = logits(6)
+    features = {stage: torch.randn(8, *shape, requires_grad=True) for stage, shape in TOKEN_STAGES.items()}
+    terms = method(Outputs(student, features), Outputs(teacher), batch_of(LABELS), 1)
+    exits = [exit_(features[stage]).detach() for stage, exit_ in zip(method.stages, method.exits)]
+    expected = sum(ofa_reference(exit_logits, teacher, LABELS, 1.5, 1.0) for exit_logits in exits)
+    assert terms["ofa"].item() == pytest.approx(expected.item(), rel=1e-5)
+    terms["ofa"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+    assert [features[stage].grad is not None for stage in TOKEN_STAGES] == [True, False, True, True, False, True]
+
+
+@pytest.mark.parametrize("tokens", [17, 16])
+def test_a_token_exit_reads_the_class_token_or_the_mean_of_the_tokens(tokens):
+    """The exit has no positions of its own, so with a class token (17 tokens) its logits come from that token and
+    do not change when the patches are permuted, but do when the class token changes; an MLP-Mixer's 16 patches
+    alone are averaged, in any order."""
+    torch.manual_seed(1)
+    exit_ = token_method({"stage1": torch.Size([tokens, 8])}).exits[0].eval()
+    sequence = torch.randn(2, tokens, 8)
+    first = tokens - 16  # the class tokens before the 4 x 4 patches
+    permuted = torch.cat([sequence[:, :first], sequence[:, first:].flip(1)], dim=1)
+    torch.testing.assert_close(exit_(permuted), exit_(sequence), rtol=1e-5, atol=1e-6)
+    if first:
+        changed = sequence.clone()
+        changed[:, 0] += 1.0
+        assert not torch.allclose(exit_(changed), exit_(sequence))
+
+
+def test_a_token_exit_merges_2x2_patches_down_to_a_grid_of_at_most_7():
+    """ImageNet's 14 x 14 patches (and a class token) are merged once, each new token from the 2 x 2 patches (0, 0),
+    (1, 0), (0, 1), (1, 1) of its neighbourhood in that order (Swin's patch merging), the class token kept apart;
+    8 x 8 patches are not merged; a grid that cannot be halved is refused in one line."""
+    exit_ = token_method({"stage1": torch.Size([197, 8])}).exits[0]
+    (merging,) = exit_.merges
+    seen = []
+    merging.norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    tokens = torch.randn(2, 197, 8)
+    assert exit_(tokens).shape == (2, CLASSES)
+    patches = exit_.project(tokens)[:, 1:]
+    expected_first = torch.cat([patches[:, 0], patches[:, 14], patches[:, 1], patches[:, 15]], dim=-1)
+    assert seen[0].shape == (2, 49, 32)
+    torch.testing.assert_close(seen[0][:, 0], expected_first)
+    assert len(token_method({"stage1": torch.Size([65, 8])}).exits[0].merges) == 0
+    with pytest.raises(DistillError, match=r"^loss=ofa: a token stage's grid of 15 x 15 patches cannot be halved 1 times"):
+        token_method({"stage1": torch.Size([226, 8])})

@@ -60,11 +60,12 @@ def test_a_local_pretrained_file_and_a_timm_state_dict_as_teacher_checkpoint(tmp
 
 
 @pytest.mark.slow
-def test_a_cnn_teacher_distils_a_vit_student_with_a_logit_method(tmp_path, quiet_results):
-    """The quick cnn teacher of `small_kd_config` (a conv net of width 8) and a one-block ViT, DKD, an epoch each
-    on 200 synthetic 8x8 images."""
+@pytest.mark.parametrize("loss", ["dkd", "ofa"])
+def test_a_cnn_teacher_distils_a_vit_student_with_a_logit_method(tmp_path, quiet_results, loss):
+    """The quick cnn teacher of `small_kd_config` (a conv net of width 8) and a one-block ViT, DKD, or OFA with an exit
+    on the ViT's block, an epoch each on 200 synthetic 8x8 images."""
     data = DatasetConfig(name="synthetic", num_classes=10, channels=1, image_size=8, train_size=200, test_size=50)
-    cfg = small_kd_config(tmp_path, student=VIT, loss={"name": "dkd"}, epochs=1, teacher_epochs=1, baseline=False, dataset=data)
+    cfg = small_kd_config(tmp_path, student=VIT, loss={"name": loss}, epochs=1, teacher_epochs=1, baseline=False, dataset=data)
     summary = run_kd(cfg, tmp_path / "run")
     assert summary["status"] == "completed" and 0 <= summary["student"]["test_acc_best"] <= 1
 

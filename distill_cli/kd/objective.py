@@ -118,7 +118,8 @@ def build_objective(
         )
         shapes = _probe(teacher_forward, teacher, data, compute)
     student_shapes = _probe(student_forward, student, data, compute)
-    check_maps(name, f"student={cfg.student.label}", student_shapes)
+    if not method.token_stages:
+        check_maps(name, f"student={cfg.student.label}", student_shapes)
     check_maps(name, f"teacher={cfg.teacher.label}", shapes)
     context = MethodContext(
         num_classes=data.info.num_classes,

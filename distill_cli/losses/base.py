@@ -94,6 +94,8 @@ class Method(nn.Module):
     min_batch: int = 1
     # True for a method with a stage before distillation (`stage`): such a run trains alone, not fused
     pretrains: bool = False
+    # True for a method that takes the student's stages as token sequences (N, D), a ViT's blocks, as well as maps
+    token_stages: bool = False
 
     def __init__(self) -> None:
         super().__init__()

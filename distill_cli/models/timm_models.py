@@ -6,7 +6,7 @@ a classifier of another class count is left out and made for the dataset); nothi
 `teacher.checkpoint=` (`models.checkpoints`). The model gets the dataset's channels and classes;
 `model_args` go to `timm.create_model` (a ViT on 32x32 images: `+teacher.kwargs.model_args.img_size=32`).
 Feature points come from timm's feature API: each entry of the model's `feature_info` is a stage
-(`models.features`); a ViT's are token sequences, which the feature methods refuse.
+(`models.features`); a ViT's are token sequences, which the feature methods refuse (but `loss=ofa`).
 """
 
 from __future__ import annotations
