@@ -142,6 +142,18 @@ def test_every_kd_step_can_be_captured_in_a_cuda_graph(method, data):
         parts["loss"].backward()
 
 
+def test_ofas_exits_on_a_vits_blocks_can_be_captured_in_a_cuda_graph_too(data):
+    """OFA's token exits (patch merging, transformer blocks, the class token) on a timm ViT student, the whole kd step
+    on fake tensors as above."""
+    pytest.importorskip("timm")
+    vit = ("timm", {"name": "vit_tiny_patch16_224", "model_args": {"img_size": 8, "patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2}})
+    _, objective, step = _wired(_config("ofa", student=vit, alpha=0.5), data)
+    assert [len(exit_.blocks) for exit_ in objective.method.exits] == [1, 1]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        parts, _ = step(_batch(data), 30)
+        parts["loss"].backward()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_every_trainable_part_of_the_method(method, data):
     _, objective, step = _wired(_config(method, alpha=0.0), data)
