@@ -21,15 +21,26 @@ def _script(tmp_path: Path, distill: str, *args: str, **env) -> subprocess.Compl
     return subprocess.run(["bash", str(SCRIPT), *args], env=environment, capture_output=True, text=True, timeout=600, check=False)
 
 
+def _recorder(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "record"
+    script.write_text(f"#!/bin/bash\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _recording(tmp_path: Path, calls: Path) -> str:
+    """A stand-in for `distill` that appends its arguments to `calls` as one JSON line, in one write: the runs of a
+    step start side by side, and a line written in pieces could interleave with another's."""
+    write = "import json, os, sys; os.write(os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT), (json.dumps(sys.argv[2:]) + chr(10)).encode())"
+    return _recorder(tmp_path, f"{sys.executable} -c '{write}' {calls} \"$@\"")
+
+
 @pytest.mark.parametrize("fused", ["0", "1"])
 def test_every_command_of_the_reproduction_composes(tmp_path, fused):
     """The commands (2 seeds here): resnet56 and each seed's resnet20 trained side by side, then each seed's kd run
     from that resnet56 (or one fused-launcher sweep over the seeds), all with the recipe's keys."""
     calls = tmp_path / "calls.jsonl"
-    recorder = tmp_path / "record"
-    recorder.write_text(f"#!/bin/sh\n{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {calls}\n")
-    recorder.chmod(0o755)
-    result = _script(tmp_path, str(recorder), "--", "device.cuda_graphs=true", SEEDS="0 1", EPOCHS="30", KD_FUSED=fused)
+    result = _script(tmp_path, _recording(tmp_path, calls), "--", "device.cuda_graphs=true", SEEDS="0 1", EPOCHS="30", KD_FUSED=fused)
     assert result.returncode == 0, result.stderr
     commands = [json.loads(line) for line in calls.read_text().splitlines()]
     # started side by side: their order in the record is the order they ran in
@@ -80,13 +91,6 @@ def test_side_by_side_0_runs_the_commands_one_after_another(tmp_path, side_by_si
     assert _script(tmp_path, str(failing), SEEDS="0", EPOCHS="2", SIDE_BY_SIDE=side_by_side).returncode != 0
 
 
-def _recorder(tmp_path: Path, body: str) -> str:
-    script = tmp_path / "record"
-    script.write_text(f"#!/bin/bash\n{body}\n")
-    script.chmod(0o755)
-    return str(script)
-
-
 def _completed_summary(run_dir: Path, accuracy: float) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"status": "completed", "command": "train", "teacher": {"test_acc_best": accuracy}, "published": {"teacher": 93.57}}
@@ -97,9 +101,8 @@ def test_a_second_start_continues_the_runs_that_did_not_complete(tmp_path):
     """Started again on the same OUT_DIR, the script leaves a completed run alone and starts every other one with
     resume=true (which continues from its last.pt, or starts it when it has none)."""
     calls = tmp_path / "calls.jsonl"
-    recorder = _recorder(tmp_path, f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {calls}")
     _completed_summary(tmp_path / "out" / "resnet56", 0.93)
-    result = _script(tmp_path, recorder, SEEDS="0 1", EPOCHS="30")
+    result = _script(tmp_path, _recording(tmp_path, calls), SEEDS="0 1", EPOCHS="30")
     assert result.returncode == 0, result.stderr
     commands = [json.loads(line) for line in calls.read_text().splitlines()]
     assert [command[1] for command in commands if command[0] == "train"] == ["experiment=cifar10_resnet20"] * 2
