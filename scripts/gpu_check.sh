@@ -177,16 +177,17 @@ mps_on() {  # start CUDA's Multi-Process Service and check that a CUDA process s
 }
 step_r() {
     echo "== r. scripts/reproduce_cifar10.sh, the whole recipe, continued from $state ($(left) s left)"
-    if [[ -d $state ]]; then EPOCHS=${EPOCHS:-182} OUT_DIR=$state PYTHON="$python" scripts/reproduce_cifar10.sh --table; fi
+    local epochs=${EPOCHS:-182}
+    if [[ -d $state ]]; then EPOCHS=$epochs OUT_DIR=$state PYTHON="$python" scripts/reproduce_cifar10.sh --table; fi
     local mps=0
     if mps_on; then mps=1; fi
     echo "MPS: $mps"
     # 40 s kept: the runs save their checkpoints after SIGTERM, then the state is packed and copied back
-    CIFAR10_ROOT=$root EPOCHS=${EPOCHS:-182} OUT_DIR=$state DISTILL="$python -m distill_cli" PYTHON="$python" \
+    CIFAR10_ROOT=$root EPOCHS=$epochs OUT_DIR=$state DISTILL="$python -m distill_cli" PYTHON="$python" \
         timeout "$(within $(($(left) - 40)))" scripts/reproduce_cifar10.sh -- "device=$device"
     echo "exit $?"
     if ((mps)); then echo quit | nvidia-cuda-mps-control; fi
-    EPOCHS=${EPOCHS:-182} OUT_DIR=$state PYTHON="$python" scripts/reproduce_cifar10.sh --table
+    EPOCHS=$epochs OUT_DIR=$state PYTHON="$python" scripts/reproduce_cifar10.sh --table
     OUT_DIR=$state scripts/reproduce_cifar10.sh --pack "$out"
 }
 

@@ -9,6 +9,7 @@ import torch
 from test_losses import batch_of
 
 from distill_cli.core.errors import DistillError
+from distill_cli.core.world import World
 from distill_cli.data.loader import Batch
 from distill_cli.losses.base import MethodContext, build_method
 from distill_cli.models.features import Outputs
@@ -198,7 +199,7 @@ def test_crd_plans_the_negatives_it_draws_for_the_other_processes():
         teacher={"pooled": torch.Size([TEACHER_DIM])}, epochs=1, batch_size=64,
     )
     alone = method.planned_memory(context)
-    context.processes = 4
+    context.world = World(size=4)
     four = method.planned_memory(context)
     assert sum(four.values()) - sum(alone.values()) == 3 * 64 * 1000 * 16
     assert "the other 3 processes' negatives, drawn here too" in four

@@ -130,7 +130,7 @@ def build_objective(
         epochs=cfg.epochs,
         dataset=data.info.name,
         batch_size=cfg.batch_size,
-        processes=compute.world.size,
+        world=compute.world,
         info=data.info,
         teacher_network=teacher if teacher_forward is not None else None,
     )

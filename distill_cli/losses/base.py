@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.errors import DistillError
+from ..core.world import SINGLE, World
 from ..data import DatasetInfo
 from ..models.features import Outputs, stage_points
 from . import LOSSES, logit_methods
@@ -48,7 +49,7 @@ class MethodContext:
     epochs: int
     dataset: str = ""  # the dataset's name (`dataset=<name>`), for a method's messages about the data
     batch_size: int = 0  # samples per training step in each process (`batch_size`; 0: not known)
-    processes: int = 1  # data-parallel training processes
+    world: World = SINGLE  # the data-parallel training processes: this one's rank among them, their collectives
     # the frozen teacher as built (BatchNorm not folded; None without a teacher), for a method that copies
     # something of it at set-up (SRD's classifier, OFD's BatchNorm statistics); a method never keeps it
     teacher_network: nn.Module | None = None

@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.world import world
 from . import LOSSES
 from .base import Method, MethodContext, non_negative, positive, require
 
@@ -95,6 +94,7 @@ class ContrastiveRepresentation(Method):
         self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
         self.register_buffer("class_counts", counts, persistent=False)
         self.register_buffer("class_starts", torch.cumsum(counts, 0) - counts, persistent=False)
+        self.world = context.world
 
     def planned_memory(self, context: MethodContext) -> dict[str, int]:
         """The two banks and the copies a step keeps of them; a step's scores and its products with both banks."""
@@ -103,8 +103,9 @@ class ContrastiveRepresentation(Method):
             f"2 memory banks of {rows} x loss.embed_dim={self.embed_dim} floats and a step's copies": 4 * rows * self.embed_dim * 4,
             f"a step's batch_size={batch} x (1 + loss.negatives={negatives}) scores": batch * ((1 + negatives) * SCORE_BYTES + 4 * rows * 4),
         }
-        if context.processes > 1:  # the draws for the other processes' rows (int64, and their remainders)
-            planned[f"the other {context.processes - 1} processes' negatives, drawn here too"] = (context.processes - 1) * batch * negatives * 16
+        others = context.world.size - 1
+        if others:  # the draws for the other processes' rows (int64, and their remainders)
+            planned[f"the other {others} processes' negatives, drawn here too"] = others * batch * negatives * 16
         return planned
 
     def draw_negatives(self, labels: Tensor) -> Tensor:
@@ -112,7 +113,7 @@ class ContrastiveRepresentation(Method):
         each label's, on the labels' device. With several processes: this process's rows of the draws for the
         whole step's batch (each process's generator is seeded alike), the draws of one process training on it."""
         count, start = self.class_counts[labels, None], self.class_starts[labels, None]
-        rank, processes = world().rank, world().size
+        rank, processes = self.world.rank, self.world.size
         # a uniform rank among the other classes' positions, then skip over the label's own block
         draws = torch.randint(0, 2**62, (processes * len(labels), self.negatives), device=labels.device)
         draws = draws[rank * len(labels) : (rank + 1) * len(labels)]
@@ -129,14 +130,14 @@ class ContrastiveRepresentation(Method):
             scores_t = self._scores(self.student_bank, anchor_t, positions)  # teacher anchors, student's bank
             scores = torch.stack([scores_s, scores_t])  # (2, B, 1 + K)
             num_train = len(self.student_bank)
-            mean_score = world().sum(scores.detach().mean((1, 2))) / world().size  # the processes take equal shares
+            mean_score = self.world.sum(scores.detach().mean((1, 2))) / self.world.size  # the processes take equal shares
             normaliser = torch.where(self.normaliser < 0, mean_score * num_train, self.normaliser)
             self.normaliser.copy_(normaliser)
             loss = self._nce(scores / normaliser[:, None, None], self.negatives / num_train)
             with torch.no_grad():
-                positions = world().gathered(batch.index)
-                self._update(self.student_bank, positions, world().gathered(anchor_s))
-                self._update(self.teacher_bank, positions, world().gathered(anchor_t))
+                positions = self.world.gathered(batch.index)
+                self._update(self.student_bank, positions, self.world.gathered(anchor_s))
+                self._update(self.teacher_bank, positions, self.world.gathered(anchor_t))
         return {"crd": self.weight * loss}
 
     def _scores(self, bank: Tensor, anchors: Tensor, positions: Tensor) -> Tensor:

@@ -3,8 +3,9 @@ generation k is the same architecture again, taught by generation k-1's best.pt,
 
 Each generation is a kd run of its own in `<run>/gen<k>/` (generation 1 brings the teacher and the
 student-alone baseline); with several processes (`device.processes`) all of them train every generation.
-`distill resume` keeps the generations that completed and continues the one that was stopped. The summary has a row per generation and the test accuracy of the ensemble of all
-generations (their averaged probabilities).
+`distill resume` keeps the generations that completed and continues the one that was stopped. The summary
+has a row per generation and the test accuracy of the ensemble of all generations (their averaged
+probabilities).
 """
 
 from __future__ import annotations
