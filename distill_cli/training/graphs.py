@@ -21,8 +21,7 @@ so that each replay draws new numbers. A step that draws from another generator 
 the loop hands it the step to run (`training.loop`). A fused group's students take `Branches`: each student's step
 on its own CUDA stream, so that the captured graph holds them as parallel branches the GPU runs concurrently
 (with graphs each step is one launch already; one after another, K small students still leave a GPU mostly idle).
-On the CPU it runs the same static-buffer step eagerly,
-which the tests compare with the plain step.
+On the CPU it runs the same static-buffer step eagerly, which the tests compare with the plain step.
 """
 
 from __future__ import annotations
