@@ -16,10 +16,10 @@ outputs can be computed once per view and looked up in every epoch (`kd.teachers
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as transforms
 
 from . import Augment
 
@@ -225,7 +225,13 @@ def random_resized_crop(image: Image.Image, size: tuple[int, int], generator: to
     """A Pillow image of any size: a random-resized crop (`resized_crop_box`) resized to `size` (H, W), bilinear, as
     torchvision's RandomResizedCrop does it on Pillow images; uint8 (C, H, W)."""
     top, left, height, width = resized_crop_box(image.height, image.width, generator)
-    return transforms.pil_to_tensor(transforms.resized_crop(image, top, left, height, width, list(size)))
+    crop = image.crop((left, top, left + width, top + height))  # then resized: a box given to resize would blend in its surroundings
+    return image_tensor(crop.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A Pillow RGB image as a uint8 (C, H, W) tensor."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
 def augment_one(

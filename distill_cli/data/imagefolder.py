@@ -18,15 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as transforms
 
 from ..core.checkpoint import save_atomic
 from ..core.config import DatasetConfig
 from ..core.errors import DistillError
 from . import DATASETS, Augment, DatasetInfo, RawDataset, Split, channel_stats
+from .augment import image_tensor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CACHE_VERSION = 1
@@ -61,24 +60,24 @@ def open_rgb(path: Path) -> Image.Image:
         raise DistillError(f"cannot decode image {path}: {error}") from None
 
 
-def _tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-
-
 def _decode(path: Path, size: tuple[int, int] | None) -> torch.Tensor:
     """One image as uint8 RGB (3, H, W), resized (bilinear, antialiased) to size = (H, W) if given."""
     image = open_rgb(path)
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return _tensor(image)
+    return image_tensor(image)
 
 
 def _decode_centre(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """One image as ImageNet-style evaluation sees it: its shorter side resized to size / CENTRE_CROP (Pillow,
     bilinear), then the centre crop of `size` (H, W): torchvision's Resize(256) + CenterCrop(224) for size 224."""
     image = open_rgb(path)
-    image = transforms.resize(image, [round(min(size) / CENTRE_CROP)])
-    return _tensor(transforms.center_crop(image, list(size)))
+    shorter, longer = sorted(image.size)
+    side = round(min(size) / CENTRE_CROP)
+    resized = side, int(side * longer / shorter)  # (shorter, longer), rounded as torchvision's Resize(side) does
+    image = image.resize(resized if image.width <= image.height else resized[::-1], Image.Resampling.BILINEAR)
+    top, left = round((image.height - size[0]) / 2), round((image.width - size[1]) / 2)
+    return image_tensor(image.crop((left, top, left + size[1], top + size[0])))
 
 
 def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int] | None) -> Split:
