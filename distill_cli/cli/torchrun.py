@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from ..core.commands import BY_NAME
 from ..core.config import to_plain, validate_config
@@ -71,9 +72,6 @@ def quiet_rank() -> None:
 def run_rank(command: str, plain_config: dict, run_dir: Path) -> int:
     """Run `command` on this rank with an already validated config; errors become one line on stderr
     (the first rank's error also goes to the others, see `root_cause`). Returns the exit status."""
-    from omegaconf import OmegaConf
-
-
     try:
         config = validate_config(command, OmegaConf.create(plain_config))
         runner(command)(config, run_dir)
