@@ -26,6 +26,8 @@ from distill_cli.core.config import (
     config_dir,
     register_configs,
 )
+from distill_cli.runs import student
+from distill_cli.ship.evaluate import Timing
 
 DISTILL = Path(sys.executable).with_name("distill")  # the installed console script
 
@@ -34,6 +36,16 @@ DISTILL = Path(sys.executable).with_name("distill")  # the installed console scr
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 CPU_DEVICE = DeviceConfig(type="cpu")
+
+
+# how a kd run times its student's speed-up over the teacher (tests/test_ship.py checks it); the other tests' runs
+# time 2 quick rounds at batch 32, which took a second of each run at 10 rounds of 256 (speed-ups are no test's business)
+SPEEDUP_TIMING = student.SPEEDUP_TIMING
+
+
+@pytest.fixture(autouse=True)
+def _quick_speed_up(monkeypatch):
+    monkeypatch.setattr(student, "SPEEDUP_TIMING", Timing(warmup=1, batch=32, repeats=2))
 
 
 @pytest.fixture(autouse=True)

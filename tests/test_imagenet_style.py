@@ -17,10 +17,8 @@ from distill_cli.data import Augment, imagefolder, load_dataset, training_augmen
 from distill_cli.data.augment import RESIZED_RATIO, RESIZED_SCALE, augment_one, resized_crop_box
 from distill_cli.data.imagefolder import FileSplit
 from distill_cli.data.loader import Batch, build_loader
-from distill_cli.runs import student
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
-from distill_cli.ship.evaluate import Timing
 from distill_cli.training.compute import Compute
 from distill_cli.training.metrics import evaluate
 
@@ -185,11 +183,10 @@ def test_a_kd_run_of_100_classes_reports_top5_for_each_network(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_imagenet_presets_train_on_an_imagenet_tree(tree, tmp_path, monkeypatch):
+def test_the_imagenet_presets_train_on_an_imagenet_tree(tree, tmp_path):
     """`distill train experiment=imagenet_resnet18`, then `distill kd experiment=imagenet_resnet34_resnet18` with
     the teacher from a plain torchvision state dict (as torchvision's released weights are), on the small tree at
     24 x 24: the baseline comes from train's cache, the kd run completes, and the recipe is torchdistill's."""
-    monkeypatch.setattr(student, "SPEEDUP_TIMING", Timing(warmup=1, batch=16, repeats=2))  # timing is test_ship's
     shrink = [f"dataset.root={tree}", f"dataset.image_size={SIZE}", "batch_size=12", "epochs=1", "dataset.val_split=0.2",
               "dataset.workers=0", "device=cpu", f"teacher_cache={tmp_path / 'cache'}"]
     train = validate_config("train", compose_config("train", ["experiment=imagenet_resnet18", *shrink]))
