@@ -15,6 +15,7 @@ from conftest import run_distill_in_process
 from distill_cli.core.checkpoint import model_checkpoint, save_atomic
 from distill_cli.core.config import ModelConfig
 from distill_cli.data import DatasetInfo
+from distill_cli.losses import LOSSES
 from distill_cli.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,16 @@ def test_a_documented_error_example_prints_what_the_docs_say(where, command, exp
     pattern = ".*".join(map(re.escape, expected.split("...")))
     assert re.fullmatch(pattern, printed[-1]), f"{where}: `distill {command}` printed\n{printed[-1]}\nnot\n{expected}"
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.pt")), "it trained"
+
+
+def test_the_readme_and_the_methods_doc_name_every_method_and_count_them_right():
+    """Each registered method is in the README's `loss` row and in a row of docs/methods.md's table, and every
+    "N KD methods" in the README says how many there are."""
+    methods = LOSSES.names()
+    readme = (ROOT / "README.md").read_text()
+    [loss_row] = [line for line in readme.splitlines() if line.startswith("| `loss` |")]
+    assert sorted(re.findall(r"`(\w+)`", loss_row.split("|")[2])) == sorted(methods)
+    table = (ROOT / "docs" / "methods.md").read_text()
+    assert [name for name in methods if f"\n| `{name}` |" not in table] == []
+    counts = re.findall(r"(\d+) KD methods", readme)
+    assert counts and set(counts) == {str(len(methods))}
