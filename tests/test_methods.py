@@ -167,7 +167,8 @@ def test_gradients_reach_every_trainable_part_of_the_method(method, data):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_term_is_fp32_from_low_precision_outputs(method, data):
     """Autocast hands a loss bf16/fp16 logits and features: every term must be computed in fp32 from
-    them, equal to the fp32 computation on the same (rounded) values. Both dtypes share one wiring."""
+    them, equal to the fp32 computation on the same (rounded) values. Both dtypes share one wiring. The networks
+    run on the images a step shows them (`Method.step_images`: SSKD's rotations too)."""
     cfg = _config(method, alpha=0.5)
     student, objective, _ = _wired(cfg, data)
     batch = _batch(data)
@@ -175,7 +176,8 @@ def test_every_term_is_fp32_from_low_precision_outputs(method, data):
         forward = CPU.outputs(student, data.info, objective.method.student_points)
         teacher_model = build_model(cfg.teacher, data.info, "teacher").eval()
         teacher_forward = CPU.frozen_forward(teacher_model, points=objective.method.teacher_points, info=data.info)
-        s, t = forward(batch.images), teacher_forward(batch.images)
+        images = objective.method.step_images(batch.images)
+        s, t = forward(images), teacher_forward(images)
 
     def rounded(outputs: Outputs, dtype, to) -> Outputs:
         return Outputs(outputs.logits.to(dtype).to(to), {k: v.to(dtype).to(to) for k, v in outputs.features.items()})
@@ -223,8 +225,9 @@ def test_teacher_logits_are_cached_only_for_methods_that_read_logits_alone(metho
 
 
 # the methods that compare the samples of a batch with each other (CRD compares each sample with its memory
-# banks: a batch of one has its negatives there; DIST correlates each class over the batch)
-BATCH_RELATIONAL = ["rkd", "cc", "sp", "pkt", "dist"]
+# banks: a batch of one has its negatives there; DIST correlates each class over the batch; SSKD each rotated
+# image with the batch's images)
+BATCH_RELATIONAL = ["rkd", "cc", "sp", "pkt", "dist", "sskd"]
 SMALL_CNN = ("cnn", {"width": 4})  # quick to build, with stages and a pooled feature
 
 

@@ -140,28 +140,37 @@ def build_objective(
     return objective.to(compute.device), student_forward, teacher_forward
 
 
+def shown(batch: Batch, method: Method) -> Batch:
+    """`batch` with the images both networks run on in a step (`Method.step_images`: the batch's own first)."""
+    return batch._replace(images=method.step_images(batch.images))
+
+
 def kd_step(student_forward, teacher_outputs: Callable[[Batch], Outputs] | None, objective: Objective) -> Step:
     """A training step of the student: the teacher's outputs for the batch (`teacher_outputs`: the teacher run,
     or its logits looked up, see `kd.teachers`; None: the objective reads no teacher), the student's, and
-    the objective's terms."""
+    the objective's terms; both networks run on the images the method shows (`shown`), and the logits counted
+    for accuracy are the student's on the batch's own."""
 
     def step(batch, epoch: int):
-        teacher = teacher_outputs(batch) if teacher_outputs is not None else None
-        student = student_forward(batch.images)
-        return objective(student, teacher, batch, epoch), student.logits
+        showing = shown(batch, objective.method)
+        teacher = teacher_outputs(showing) if teacher_outputs is not None else None
+        student = student_forward(showing.images)
+        return objective(student, teacher, batch, epoch), student.logits[: len(batch.labels)]
 
     return step
 
 
-def stage_step(student_forward, teacher_outputs: Callable[[Batch], Outputs], stage: Stage) -> Step:
-    """A training step of a method's stage before distillation (`Stage`): its terms alone from the teacher's
-    outputs and, where the stage trains the student, the student's; the logits counted for accuracy are
-    those of the network the stage trains (the student), else the teacher's."""
+def stage_step(student_forward, teacher_outputs: Callable[[Batch], Outputs], stage: Stage, method: Method) -> Step:
+    """A training step of `method`'s stage before distillation (`Stage`): its terms alone from the teacher's
+    outputs and, where the stage trains the student, the student's, both on the images the method shows
+    (`shown`); the logits counted for accuracy are those of the network the stage trains (the student), else
+    the teacher's, on the batch's own images."""
 
     def step(batch, epoch: int):
-        teacher = teacher_outputs(batch)
-        student = student_forward(batch.images) if stage.trains_student else None
+        showing = shown(batch, method)
+        teacher = teacher_outputs(showing)
+        student = student_forward(showing.images) if stage.trains_student else None
         parts = {f"loss/{name}": value.float() for name, value in stage.terms(student, teacher, batch, epoch).items()}
-        return {"loss": sum(parts.values()), **parts}, (student or teacher).logits
+        return {"loss": sum(parts.values()), **parts}, (student or teacher).logits[: len(batch.labels)]
 
     return step

@@ -156,7 +156,7 @@ def wire_kd(
         teacher_outputs = run_live(teacher_forward)
     supply = supply if teacher_outputs is not None else NONE
     stage = objective.method.stage()
-    before = None if stage is None else stage_step(student_forward, teacher_outputs, stage)
+    before = None if stage is None else stage_step(student_forward, teacher_outputs, stage, objective.method)
     return KDWiring(student, objective, student_forward, kd_step(student_forward, teacher_outputs, objective), supply, stage, before)
 
 

@@ -59,15 +59,18 @@ class MethodContext:
 @dataclass
 class Stage:
     """What a method trains before distillation (`distill kd` runs it into <run>/pretrain, resumable, once):
-    `terms(student, teacher, batch, epoch)` -> its loss terms, alone, for `epochs` at a constant learning rate
-    `lr` (None: the run's `optimizer.lr`). They train the method's `parts` (frozen outside the stage) and,
-    with `trains_student`, the student, whose outputs `terms` then reads (else None: the student is not run)."""
+    `terms(student, teacher, batch, epoch)` -> its loss terms, alone, for `epochs` at the learning rate `lr`
+    (None: the run's `optimizer.lr`), constant, or multiplied by the run's `optimizer.gamma` at `milestones`
+    (fractions of the stage, as `optimizer.milestones`). They train the method's `parts` (frozen outside the
+    stage) and, with `trains_student`, the student, whose outputs `terms` then reads (else None: the student is
+    not run)."""
 
     epochs: int
     parts: nn.Module
     terms: Callable[[Outputs | None, Outputs, object, int], dict[str, Tensor]]
     trains_student: bool = False
     lr: float | None = None
+    milestones: tuple[float, ...] = ()
 
     @contextmanager
     def training(self) -> Iterator[None]:
@@ -109,6 +112,11 @@ class Method(nn.Module):
     def stage(self) -> Stage | None:
         """What the method trains before distillation, once `setup` built its parts (None: nothing)."""
         return None
+
+    def step_images(self, images: Tensor) -> Tensor:
+        """The images both networks run on in a step, from the batch's (B, C, H, W): the batch's own, which a method
+        may follow with more (SSKD: their rotations). The first B rows of both networks' outputs are the batch's."""
+        return images
 
     def planned_memory(self, context: MethodContext) -> dict[str, int]:
         """What the method will hold on the device as it trains, estimated from its hyperparameters and the
@@ -252,9 +260,10 @@ def ce_weight(loss: dict, alpha: float) -> float:
 
 class Objective(nn.Module):
     """The training loss of a kd step: `ce_weight` CE (default 1 - alpha) + alpha Hinton KD at temperature T
-    + the method's terms. Every term is its weighted contribution, named `loss/<term>`, and "loss" is their
-    exact sum. With the method's `logit_standardization`, the Hinton term and the method see both networks'
-    logits z-scored (`standardized`); the cross-entropy keeps the student's raw logits."""
+    + the method's terms, the first two on the batch's own images (`Method.step_images`). Every term is its
+    weighted contribution, named `loss/<term>`, and "loss" is their exact sum. With the method's
+    `logit_standardization`, the Hinton term and the method see both networks' logits z-scored (`standardized`);
+    the cross-entropy keeps the student's raw logits."""
 
     def __init__(self, method: Method, T: float, alpha: float, ce_weight: float | None = None):
         super().__init__()
@@ -272,14 +281,15 @@ class Objective(nn.Module):
         return bool(self.method.teacher_points)
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch, epoch: int) -> dict[str, Tensor]:
+        rows = len(batch.labels)  # the batch's own images, first among those the step showed (`Method.step_images`)
         terms: dict[str, Tensor] = {}
         if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits.float(), batch.labels)
+            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits[:rows].float(), batch.labels)
         if self.method.logit_standardization:
             student = replace(student, logits=standardized(student.logits))
             teacher = teacher if teacher is None else replace(teacher, logits=standardized(teacher.logits))
         if self.alpha > 0:
-            terms["kd"] = self.alpha * kd_loss(student.logits, teacher.logits, self.T)
+            terms["kd"] = self.alpha * kd_loss(student.logits[:rows], teacher.logits[:rows], self.T)
         for name, value in self.method(student, teacher, batch, epoch).items():
             if name in terms:
                 raise ValueError(f"loss term {name!r} of {type(self.method).__name__} collides with {name!r}")

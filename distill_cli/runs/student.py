@@ -49,11 +49,12 @@ def pretrain(run: KDRun, wired: KDWiring) -> dict:
     """The method's stage before distillation (`wired.stage`: FT's paraphraser, AB's connectors and student)
     trained into <run>/pretrain by the run's training loop: metrics.jsonl and last.pt (the student and, as for
     distillation, the method's state; no best.pt: nothing is validated), the run's optimizer at the stage's
-    constant learning rate. `resume=true` continues a stopped
+    learning rate (constant, or stepped down at its milestones). `resume=true` continues a stopped
     stage from its last.pt, and a finished one is loaded from it, not trained again. Returns its summary entry."""
     cfg, stage, folder = run.cfg, wired.stage, run.run_dir / PRETRAIN
     lr = cfg.optimizer.lr if stage.lr is None else stage.lr
-    stage_cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=lr, schedule="constant", warmup_epochs=0))
+    schedule = {"schedule": "step", "milestones": list(stage.milestones)} if stage.milestones else {"schedule": "constant"}
+    stage_cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=lr, warmup_epochs=0, **schedule))
     make_checkpoint = checkpoint_maker(wired.student, cfg.student, stage_cfg, run.data)
     with stage.training():  # the optimizer moves what the stage's terms reach, of the student and the method
         fit_network(
