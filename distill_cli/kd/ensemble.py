@@ -64,7 +64,7 @@ def _refuse_feature_methods(cfg: KDConfig) -> None:
     if objective_of(cfg).reads_teacher_features:
         raise DistillError(
             f"loss={cfg.loss['name']}: teacher=ensemble hands the student averaged probabilities only, no "
-            f"teacher features; use a logit method ({logit_methods()})"
+            f"teacher features; use a logit method ({logit_methods(teacher_logits_only=True)})"
         )
 
 

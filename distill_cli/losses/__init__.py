@@ -30,9 +30,12 @@ def _register_all() -> None:
 LOSSES: Registry = Registry("loss", _register_all)
 
 
-def logit_methods() -> str:
-    """The names of the methods that read logits (`Method.reads_logits`), comma-separated, for messages."""
-    return ", ".join(name for name in LOSSES.names() if LOSSES.get(name).reads_logits)
+def logit_methods(teacher_logits_only: bool = False) -> str:
+    """The names of the methods that read logits (`Method.reads_logits`), comma-separated, for messages; with
+    `teacher_logits_only`, of those only the ones that read no teacher feature (what a teacher that hands over
+    its logits alone, an ensemble or a peer, can serve)."""
+    names = [name for name in LOSSES.names() if LOSSES.get(name).reads_logits]
+    return ", ".join(name for name in names if not (teacher_logits_only and LOSSES.get(name)().teacher_points))
 
 
 def method_catalogue() -> list[tuple[str, str, str]]:

@@ -13,7 +13,9 @@ Feature points are named per network (`models.features.feature_points`): `stem`,
 `pooled`, and `stages` (every stage). A method's parameters are trained with the student (same
 optimizer), and its parameters and buffers are saved in last.pt and restored on resume; best.pt holds
 the student alone. Epochs are counted from 1, as the peers count them. A method that trains something
-before distillation (FT's paraphraser, AB's connectors) returns a `Stage` from `stage()`.
+before distillation (FT's paraphraser, AB's connectors, SSKD's teacher head) returns a `Stage` from `stage()`.
+A method whose networks run on more images than the batch's (SSKD: each image's rotations too) says so in
+`step_images`.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def _check_method(objective: Objective, loss_name: str) -> None:
     if objective.reads_teacher_features:
         raise DistillError(
             f"loss={loss_name}: peers= (mutual learning) hands each network the others' predictions only, "
-            f"no features; use a logit method ({logit_methods()})"
+            f"no features; use a logit method ({logit_methods(teacher_logits_only=True)})"
         )
     if not objective.needs_teacher:
         raise DistillError("peers: with loss=kd alpha=0 the peers would not learn from each other; set alpha > 0")
