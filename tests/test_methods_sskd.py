@@ -17,6 +17,7 @@ from distill_cli.data import DatasetInfo, load_dataset
 from distill_cli.data.loader import Batch
 from distill_cli.kd.wiring import wire_kd
 from distill_cli.losses.base import ce_weight, kd_loss
+from distill_cli.losses.sskd import kept, kept_kl
 from distill_cli.models import build_model
 from distill_cli.models.features import Outputs
 from distill_cli.runs.kd import run_kd
@@ -107,6 +108,23 @@ def test_tf_and_ss_are_the_authors_terms_on_the_rows_their_ranking_keeps():
     assert ours["sskd_ss"].item() == pytest.approx(3.0 * ss.item(), rel=1e-5)
     torch.testing.assert_close(interleaved(student.logits.grad.double()), s_logits.grad, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(interleaved(student.features["pooled"].grad.double()), s_pooled.grad, rtol=1e-4, atol=1e-9)
+
+
+def scores_ranking_the_target(ranks: list[int]) -> torch.Tensor:
+    """(N, 5) scores whose row i ranks its target (column 0) below exactly ranks[i] other entries."""
+    return torch.tensor([[0.0] + [1.0] * rank + [-1.0] * (4 - rank) for rank in ranks])
+
+
+def test_the_rows_kept_are_the_right_ones_then_the_wrong_ones_with_the_target_ranked_highest():
+    """Of the wrong rows, floor(wrong * ratio) with the fewest entries above the target, the earlier on a tie; the floor
+    exact (the authors' float64 also gives 63 for 75 x 0.84, float32 62); a step keeping no row gives 0, not NaN."""
+    scores, targets = scores_ranking_the_target([0, 2, 1, 0, 1, 3]), torch.zeros(6, dtype=torch.long)
+    assert kept(scores, targets, 0.5).tolist() == [1, 0, 1, 1, 1, 0]
+    assert kept(scores, targets, 0.25).tolist() == [1, 0, 1, 1, 0, 0]
+    assert kept(scores, targets, 1.0).tolist() == [1] * 6
+    all_wrong, targets = scores_ranking_the_target([1] * 75), torch.zeros(75, dtype=torch.long)
+    assert kept(all_wrong, targets, 0.84).tolist() == [1] * 63 + [0] * 12
+    assert kept_kl(torch.randn(75, 5), all_wrong, 4.0, kept(all_wrong, targets, 0.0)).item() == 0.0
 
 
 def test_the_teacher_heads_stage_is_the_cross_entropy_of_its_similarities_to_the_own_image():

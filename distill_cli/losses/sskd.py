@@ -14,14 +14,18 @@ ss: its own image) below another entry; all right rows are kept, and of the wron
 alone (`init_epochs` at `init_lr`, x0.1 at half and three quarters of them) on the cross-entropy of the
 similarities (no temperature) against each rotated image's own image.
 
-Defaults as the authors' code (xuguodong03/SSKD `student.py`, `wrapper.py`, `cifar.py`; torchdistill's `SSKDLoss`
-is the same): CE 0.1 and KD 0.9 at T 4 (alpha 0.9), tf 2.7 at T 4 with ratio 1, ss 10 at T 0.5 with ratio
-0.75, the teacher's head 60 epochs at lr 0.05 (milestones 30, 45). Deliberate differences:
+Defaults as the authors' CIFAR-100 code (xuguodong03/SSKD `student.py`, `wrapper.py`, `cifar.py`; torchdistill's
+`SSKDLoss` computes the same terms): CE 0.1 and KD 0.9 at T 4 (alpha 0.9), tf 2.7 at T 4 with ratio 1, ss 10 at
+T 0.5 with ratio 0.75, the teacher's head 60 epochs at lr 0.05 (milestones 30, 45). torchdistill's ImageNet
+recipe weighs CE 1 (`loss.ce_weight=1`) and trains the head 30 epochs at lr 0.1. Deliberate differences:
 - The rotations are made in the step from the augmented batch (one crop for the four), where the authors'
   dataset rotates the image first and crops each rotation on its own; images must be square.
 - Rows are selected by a mask over a fixed shape (a stable order of the ranks, no host sync: CUDA-graph safe),
-  the target's rank counting the entries strictly above it; the authors' unstable sort picks among rows of equal
-  rank at the cut arbitrarily, and they leave ties to argsort. No kept row gives 0, not NaN.
+  the target's rank counting the entries strictly above it (the authors leave equal scores to argsort's order);
+  among rows of equal rank at the cut the earlier is kept, where the authors' unstable sort picks any. The
+  wrong rows kept are floor(wrong * ratio) in integers (the ratio as a fraction: exact on any device, float32
+  is not), theirs `int(wrong * ratio)` in float64, one fewer where the product rounds below a whole number
+  (90 x 0.7 -> 62, here 63; the published ratios 1 and 0.75 are exact in both). No kept row gives 0, not NaN.
 - The heads compute in fp32 with autocast off, and the rotated rows follow the batch in blocks by rotation
   (image i's at B + i, 2B + i, 3B + i) where the authors interleave each image's four: the same terms.
 """
