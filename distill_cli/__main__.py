@@ -1,5 +1,4 @@
-import sys
-
 from .cli.main import main
+from .core.processes import exit_process
 
-sys.exit(main())
+exit_process(main())

@@ -19,7 +19,7 @@ from ..core.commands import BY_NAME, command_lines
 from ..core.config import config_dir, experiment_presets, register_configs, validate_config
 from ..core.console import CONSOLE, log, share_terminal
 from ..core.errors import DistillError, Interrupted, StopSignals, did_you_mean, one_line
-from ..core.processes import available_cpus, jobs_at_once, threads_per_job, torchrun_world_size
+from ..core.processes import available_cpus, exit_process, jobs_at_once, threads_per_job, torchrun_world_size
 from ..core.run_folders import (
     failed_jobs,
     obtained,
@@ -410,5 +410,5 @@ def _run_command(command: str, rest: list[str]) -> int:
 
 
 def run() -> None:
-    """Console-script wrapper: exit with `main`'s status."""
-    sys.exit(main())
+    """Console-script wrapper: exit with `main`'s status (`exit_process`)."""
+    exit_process(main())

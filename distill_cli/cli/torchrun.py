@@ -160,7 +160,10 @@ def launch(command: str, plain_config: dict, run_dir: Path, processes: int) -> d
 
 # what each process `launch` starts runs (a program rather than `-m` of this module, which would load
 # this module twice: as __main__ and as distill_cli.cli.torchrun)
-_RANK_PROGRAM = "import sys; from distill_cli.cli.torchrun import main; sys.exit(main(sys.argv[1:]))"
+_RANK_PROGRAM = (
+    "import sys; from distill_cli.cli.torchrun import main; from distill_cli.core.processes import exit_process; "
+    "exit_process(main(sys.argv[1:]))"
+)
 
 
 def main(argv: list[str]) -> int:
