@@ -360,8 +360,8 @@ def test_ctrl_c_then_kill_9_then_resume_matches_the_uninterrupted_run(ddp):
 @pytest.mark.slow
 def test_ranks_exit_without_the_interpreters_finalization(ddp):
     """The fixture's completed 2-process run: its ranks exited without the interpreter's finalization
-    (`core.processes.exit_process`), where torch's distributed threads torn down have aborted a rank about one run in
-    30: the exit handler each rank registered never ran."""
+    (`core.processes.exit_process`), where torch's distributed threads torn down have aborted a rank (2 runs in about
+    40): the exit handler each rank registered never ran."""
     root, _ = ddp
     assert json.loads((root / "two" / "summary.json").read_text())["status"] == "completed"
     assert list((root / "exit_marks").iterdir()) == []

@@ -19,7 +19,7 @@ def exit_process(status: int) -> NoReturn:
     """Exit with `status`. A process torchrun started skips the interpreter's finalization (its logs and streams
     flushed first; its files were written and closed by then): torch's distributed threads, torn down there, have
     aborted a rank after its run completed (SIGABRT, "terminate called without an active exception", no Python
-    frame), about one 2-process run in 30 on this project's CPU machine, and torchrun then failed the run."""
+    frame), 2 of about 40 two-process runs on this project's CPU machine, and torchrun then failed the run."""
     if torchrun_world_size():
         logging.shutdown()
         sys.stdout.flush()
