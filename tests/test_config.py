@@ -76,7 +76,7 @@ STUDENT_ONLY = {
     "dataset.exclude_classes",
 }
 # the student trained alone (the baseline) ignores the teacher
-TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "teacher_lr", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "teacher_views", "loss"}
+TEACHER_ONLY = {"teacher.arch", "teacher.kwargs", "teacher_epochs", "teacher_lr", "teacher_label_smoothing", "T", "alpha", "baseline", "cache_teacher", "teacher_views_max_gb", "teacher_views_dtype", "teacher_views", "loss"}
 # an ensemble's members, the peers of mutual learning, born-again generations and teacher assistants pick
 # how kd trains; each network they add is cached (where it is) under a recipe of its own; a student that starts
 # trained (student.checkpoint, student.init=teacher) is never cached and has no cached baseline
@@ -105,7 +105,9 @@ def _other_values(value, hint) -> list:
         return [[0.5]] if typing.get_origin(kind) is list else [{int: 1, float: 0.5, bool: True, str: "other"}[kind]]
     if isinstance(value, bool):
         return [not value]
-    if isinstance(value, (int, float)):
+    if isinstance(value, float):  # inside every range a float key has ([0, 1) for the label smoothing)
+        return [value / 2 if value else 0.5]
+    if isinstance(value, int):
         return [value + 1]
     if isinstance(value, str):
         return [value + "_other"]

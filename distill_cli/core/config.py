@@ -352,6 +352,10 @@ class RunConfig:
     batch_size: int = 64
     eval_batch_size: int = 512
     seed: int = 0
+    # label smoothing of the cross-entropy (Szegedy et al. 2016): the target puts 1 - label_smoothing on the label
+    # and label_smoothing spread evenly over all classes. `distill train`: the teacher's; `distill kd`: the
+    # student's CE term and its baseline's (the teacher's is `teacher_label_smoothing`)
+    label_smoothing: float = 0.0
     # where trained teachers are kept, keyed by their recipe, for later kd runs to reuse
     teacher_cache: str = "outputs/teacher_cache"
     # print test accuracy per class (always on when dataset.exclude_classes is set)
@@ -365,6 +369,7 @@ class RunConfig:
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -395,6 +400,9 @@ class KDConfig(RunConfig):
     # the teacher's learning rate when kd trains it or looks it up in the cache (null: optimizer.lr, as the
     # student's); the tables train ShuffleNet/MobileNet students at 0.01 from teachers trained at 0.05
     teacher_lr: Optional[float] = None
+    # the teacher's label smoothing when kd trains it or looks it up in the cache (null: label_smoothing, as the
+    # student's); Müller et al. 2019 found teachers trained with it distil worse: teacher_label_smoothing=0.1
+    teacher_label_smoothing: Optional[float] = None
     # also train (once per recipe, cached) the same student alone and report what KD bought over it
     baseline: bool = True
     # compute the teacher's logits once and skip its forward pass in every step (methods that read only
@@ -435,6 +443,8 @@ class KDConfig(RunConfig):
         _check(isinstance(self.loss.get("name"), str), "loss.name", "name the KD method (loss=<method>; see distill list)")
         _check(self.teacher_epochs >= 1, "teacher_epochs", f"must be >= 1, got {self.teacher_epochs}")
         _check(self.teacher_lr is None or self.teacher_lr > 0, "teacher_lr", f"must be > 0 (or null: optimizer.lr), got {self.teacher_lr}")
+        smoothing = self.teacher_label_smoothing
+        _check(smoothing is None or 0 <= smoothing < 1, "teacher_label_smoothing", f"must be in [0, 1) (or null: label_smoothing), got {smoothing}")
         _check(self.generations >= 1, "generations", f"must be >= 1 (1: no born-again generations), got {self.generations}")
         _check(len(self.peers) != 1, "peers", f"deep mutual learning needs two or more networks, got one ({self.peers[0] if self.peers else ''})")
         for key in ("peers", "assistants"):

@@ -86,7 +86,7 @@ def check_fits(method: Method, name: str, context: MethodContext, compute: Compu
 def objective_of(cfg: KDConfig) -> Objective:
     """The objective `cfg` asks for, not yet set up on networks: what it reads (a teacher, its features)."""
     loss = dict(cfg.loss)
-    return Objective(build_method(loss), cfg.T, cfg.alpha, ce_weight(loss, cfg.alpha))
+    return Objective(build_method(loss), cfg.T, cfg.alpha, ce_weight(loss, cfg.alpha), cfg.label_smoothing)
 
 
 def needs_teacher(cfg: KDConfig) -> bool:

@@ -265,14 +265,15 @@ class Objective(nn.Module):
     + the method's terms, the first two on the batch's own images (`Method.step_images`). Every term is its
     weighted contribution, named `loss/<term>`, and "loss" is their exact sum. With the method's
     `logit_standardization`, the Hinton term and the method see both networks' logits z-scored (`standardized`);
-    the cross-entropy keeps the student's raw logits."""
+    the cross-entropy keeps the student's raw logits, and its targets are smoothed by `label_smoothing`."""
 
-    def __init__(self, method: Method, T: float, alpha: float, ce_weight: float | None = None):
+    def __init__(self, method: Method, T: float, alpha: float, ce_weight: float | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.method = method
         self.T = T
         self.alpha = alpha
         self.ce_weight = 1 - alpha if ce_weight is None else ce_weight
+        self.label_smoothing = label_smoothing
 
     @property
     def needs_teacher(self) -> bool:
@@ -286,7 +287,7 @@ class Objective(nn.Module):
         rows = len(batch.labels)  # the batch's own images, first among those the step showed (`Method.step_images`)
         terms: dict[str, Tensor] = {}
         if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits[:rows].float(), batch.labels)
+            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits[:rows].float(), batch.labels, label_smoothing=self.label_smoothing)
         if self.method.logit_standardization:
             student = replace(student, logits=standardized(student.logits))
             teacher = teacher if teacher is None else replace(teacher, logits=standardized(teacher.logits))

@@ -2,7 +2,7 @@
 
 Layout: `<cache>/<key>/teacher.pt` and `<cache>/<key>/recipe.json`, where key is a hash of the recipe
 (dataset and split, an image folder's location, architecture, optimizer with schedule, epochs, batch
-size, seed). A file lock per key makes parallel jobs wait for the one that trains it.
+size, seed, label smoothing). A file lock per key makes parallel jobs wait for the one that trains it.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def teacher_recipe(cfg: TrainConfig, processes: int = 1) -> dict:
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
+        # absent when 0, as in the recipes cached before the key existed
+        **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}),
         **({"processes": processes, "sync_batchnorm": cfg.device.sync_batchnorm} if processes > 1 else {}),
     }
 

@@ -30,12 +30,14 @@ from .train import run_train
 
 def teacher_training_config(cfg: KDConfig, teacher: ModelConfig | None = None) -> TrainConfig:
     """The `distill train` config that kd uses when it has to train its teacher (or `teacher`, a member
-    of teacher=ensemble): the run's recipe, with `teacher_epochs` and `teacher_lr`."""
+    of teacher=ensemble): the run's recipe, with `teacher_epochs`, `teacher_lr` and `teacher_label_smoothing`."""
     teacher = teacher or cfg.teacher
+    smoothing = cfg.teacher_label_smoothing
     return TrainConfig(
         optimizer=cfg.optimizer if cfg.teacher_lr is None else replace(cfg.optimizer, lr=cfg.teacher_lr),
         device=cfg.device,
         epochs=cfg.teacher_epochs,
+        label_smoothing=cfg.label_smoothing if smoothing is None else smoothing,
         batch_size=cfg.batch_size,
         eval_batch_size=cfg.eval_batch_size,
         seed=cfg.seed,
@@ -103,7 +105,13 @@ def baseline_training_config(cfg: KDConfig) -> TrainConfig:
 
     That is exactly `distill train teacher=<student>` (and `distill kd alpha=0`), so it shares their cache.
     """
-    return replace(teacher_training_config(cfg, cfg.student), epochs=cfg.epochs, dataset=cfg.dataset, optimizer=cfg.optimizer)
+    return replace(
+        teacher_training_config(cfg, cfg.student),
+        epochs=cfg.epochs,
+        dataset=cfg.dataset,
+        optimizer=cfg.optimizer,
+        label_smoothing=cfg.label_smoothing,
+    )
 
 
 def obtain_teacher(run: KDRun) -> tuple[nn.Module, dict]:

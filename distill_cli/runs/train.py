@@ -38,7 +38,7 @@ def run_train(cfg: TrainConfig, run_dir: Path, label: str = "teacher") -> dict:
         summary = run_header("train", cfg, compute, data, loaders, run_dir)
         seed_everything(cfg.seed)
         model = compute.place(build_model(cfg.teacher, data.info, "teacher"))
-        step = cross_entropy_step(compute.forward(model, trained=True))
+        step = cross_entropy_step(compute.forward(model, trained=True), cfg.label_smoothing)
         teacher = train_network(model, cfg.teacher, step, cfg, cfg.epochs, compute, data, loaders, run_dir, label, trackers)
         if teacher is None:  # not rank 0
             return None

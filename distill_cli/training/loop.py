@@ -538,12 +538,12 @@ def train_epoch(
     return stopping
 
 
-def cross_entropy_step(forward: Callable[[torch.Tensor], torch.Tensor]) -> Step:
-    """Plain supervised training (teachers, and the student trained alone)."""
+def cross_entropy_step(forward: Callable[[torch.Tensor], torch.Tensor], label_smoothing: float = 0.0) -> Step:
+    """Plain supervised training (teachers, and the student trained alone), with `label_smoothing`."""
 
     def step(batch: Batch, epoch: int):
         logits = forward(batch.images)
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels, label_smoothing=label_smoothing)
         return {"loss": loss}, logits
 
     return step
