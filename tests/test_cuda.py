@@ -167,6 +167,22 @@ def test_graphed_train_and_kd_steps_match_eager_ones(tmp_path, monkeypatch, prec
         _close_metrics(runs["true"][run], runs["false"][run])
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_clipped_steps_are_captured_and_match_eager_ones(tmp_path, monkeypatch, precision):
+    """optimizer.clip_grad_norm inside a captured step (with fp16 after the GradScaler unscales, before the fused step
+    takes the inf flag): captured once per epoch, and the metrics of the eager clipped steps within bf16 tolerance."""
+    runs = {}
+    for setting in ("false", "true"):
+        captured = _captures(monkeypatch)
+        cfg = small_train_config(tmp_path / setting, device=_cuda(precision, deterministic=True, graphs=setting), epochs=3)
+        run_train(replace(cfg, optimizer=replace(cfg.optimizer, clip_grad_norm=0.5)), tmp_path / setting / "train")
+        assert captured == ([] if setting == "false" else [1, 2, 3])
+        runs[setting] = metrics_without_timing(tmp_path / setting / "train")
+        _assert_trained_at(tmp_path / setting / "train", precision, epochs=3)
+        monkeypatch.undo()
+    _close_metrics(runs["true"], runs["false"])
+
+
 def test_graphed_steps_of_a_fused_group_match_eager_ones(tmp_path, monkeypatch):
     """A fused group's kd steps captured as one graph (the teacher run once for them, each student's step a branch on
     its own CUDA stream) train each job as its eager steps do, within bf16 tolerance."""

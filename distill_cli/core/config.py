@@ -237,10 +237,16 @@ class OptimizerConfig:
     # name=dot (DOT, Zhao et al. ICCV 2023): momentum - dot_delta for the task (cross-entropy) gradient,
     # momentum + dot_delta for the distillation terms' gradient
     dot_delta: float = 0.075
+    # clip the gradients' global L2 norm (every trained parameter: the network and a method's parts) to this before
+    # each step, after they are averaged over the processes; null = no clipping
+    clip_grad_norm: Optional[float] = None
 
     def __post_init__(self) -> None:
         _choice("optimizer.name", self.name, ("sgd", "adam", "adamw", "dot"))
+        norm = self.clip_grad_norm
+        _check(norm is None or (math.isfinite(norm) and norm > 0), "optimizer.clip_grad_norm", f"must be > 0 (or null: no clipping), got {norm}")
         if self.name == "dot":
+            _check(norm is None, "optimizer.clip_grad_norm", "not with name=dot (it steps on two gradients, the clip would see one)")
             _check(not self.nesterov, "optimizer.nesterov", "must be false with name=dot (DOT's two momenta are heavy-ball)")
             _check(
                 0 <= self.dot_delta <= self.momentum and self.momentum + self.dot_delta < 1, "optimizer.dot_delta",
@@ -453,6 +459,10 @@ class KDConfig(RunConfig):
         modes = [MODE_KEYS[mode] for mode in self.modes_asked()]
         _check(len(modes) <= 1, ", ".join(modes), "pick one training mode: peers (mutual learning), generations (born-again) or assistants")
         if self.peers:
+            _check(
+                self.optimizer.clip_grad_norm is None, "optimizer.clip_grad_norm",
+                "not with peers (they train under one optimizer: one norm over all of them would tie each peer's step to the others')",
+            )
             teacherless = self.teacher.arch != ENSEMBLE and self.teacher.checkpoint is None
             _check(teacherless, "peers", "mutual learning trains its peers from scratch with no teacher; leave teacher= as it is")
         if self.assistants:

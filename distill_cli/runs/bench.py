@@ -85,7 +85,7 @@ def _fast_runner(model: nn.Module, step, loader, cfg: BenchConfig, compute: Comp
     """distill's loop: `step` on the run's loader; `model` holds every trained weight (student and method); with
     `graphs`, each step replayed from a CUDA graph (`training.graphs`)."""
     optimizer = build_optimizer(model, cfg.optimizer, compute.device, graph_safe=graphs)
-    scaler = compute.grad_scaler()
+    scaler = compute.grad_scaler(cfg.optimizer.clip_grad_norm)
     graphed = graphed_steps([_Learner(model, nn.Module(), step, optimizer, scaler, compute)], cfg.device.cuda_graphs) if graphs else None
 
     def run(steps: int) -> int:
@@ -249,7 +249,7 @@ def _sweep_learners(
         job = replace(cfg, **sweep_job(k))
         wired = wire_kd(job, data, compute, teacher, shared=shared, seed=cfg.seed if k == 0 else None, stacked=stacked)
         optimizer = build_optimizer(wired.trained, cfg.optimizer, compute.device, graph_safe=graphs)
-        learners.append(_Learner(wired.trained, wired.objective, wired.step, optimizer, compute.grad_scaler(), compute))
+        learners.append(_Learner(wired.trained, wired.objective, wired.step, optimizer, compute.grad_scaler(cfg.optimizer.clip_grad_norm), compute))
     return learners
 
 

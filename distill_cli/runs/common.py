@@ -84,6 +84,7 @@ def fit_options(
         method=method,
         trackers=trackers,
         cuda_graphs=cfg.device.cuda_graphs if graphs else "false",
+        clip_grad_norm=cfg.optimizer.clip_grad_norm,
         **fit_options,
     )
 

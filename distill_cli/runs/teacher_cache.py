@@ -40,8 +40,9 @@ def teacher_recipe(cfg: TrainConfig, processes: int = 1) -> dict:
     dataset = dataset_recipe(cfg.dataset)
     optimizer = asdict(cfg.optimizer)
     optimizer.pop("impl")
-    if not optimizer["decay_all"]:  # the default, absent from the recipes cached before the key existed
-        optimizer.pop("decay_all")
+    for default_absent in ("decay_all", "clip_grad_norm"):  # off: absent, as in the recipes cached before the keys
+        if not optimizer[default_absent]:
+            optimizer.pop(default_absent)
     # a network trained alone under DOT trains as under SGD (it has no distillation term): the same recipe
     optimizer.pop("dot_delta")
     if optimizer["name"] == "dot":

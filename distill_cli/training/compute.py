@@ -109,9 +109,30 @@ class Compute:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision], cache_enabled=cache)
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling)."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+    def grad_scaler(self, clip_grad_norm: float | None = None) -> torch.amp.GradScaler:
+        """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling); with `clip_grad_norm`, its
+        step clips the gradients first (`ClippingGradScaler`)."""
+        enabled = self.precision == "fp16"
+        if clip_grad_norm is None:
+            return torch.amp.GradScaler(self.device.type, enabled=enabled)
+        return ClippingGradScaler(self.device.type, enabled=enabled, clip_grad_norm=clip_grad_norm)
+
+
+class ClippingGradScaler(torch.amp.GradScaler):
+    """A GradScaler whose `step` clips the global L2 norm of the optimizer's gradients to `clip_grad_norm` before the
+    optimizer steps, once they are unscaled (fp16) and averaged over the processes (the step comes after both).
+    No host sync: torch's `clip_grad_norm_` scales by min(1, max / norm) on the device, so a CUDA graph can hold it;
+    a non-finite norm is left to the GradScaler (fp16 skips the step) or to the epoch's divergence check."""
+
+    def __init__(self, device: str, enabled: bool, clip_grad_norm: float):
+        super().__init__(device, enabled=enabled)
+        self.clip_grad_norm = clip_grad_norm
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
+        self.unscale_(optimizer)  # a no-op where the scaler is disabled
+        gradients = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(gradients, self.clip_grad_norm, foreach=True)
+        return super().step(optimizer, *args, **kwargs)
 
 
 def _as_outputs(extracted: dict[str, torch.Tensor]) -> Outputs:

@@ -149,6 +149,7 @@ def fit(
     validate: Callable[[], dict] | None = None,
     save_best: Callable[[int, list[dict]], None] | None = None,
     cuda_graphs: str = "false",
+    clip_grad_norm: float | None = None,
 ) -> FitResult:
     """Train for `epochs`, writing metrics.jsonl, last.pt and best.pt (best val accuracy) into `run_dir`.
 
@@ -168,11 +169,13 @@ def fit(
 
     `cuda_graphs` ("auto" or "true": on, as `graphs.use_graphs` decided with the optimizer built graph-safe;
     "false": off) replays each step from a CUDA graph (`graphs.GraphedStep`); "true" refuses a step whose capture fails.
+    `clip_grad_norm`: each step clips the gradients' global norm to it first (`compute.ClippingGradScaler`).
     """
     training = Training(
         model, step, train_loader, val_loader, optimizer=optimizer, scheduler=scheduler, compute=compute, epochs=epochs,
         num_classes=num_classes, run_dir=run_dir, make_checkpoint=make_checkpoint, label=label, resume_from=resume_from,
         method=method, trackers=trackers, validate=validate, save_best=save_best, cuda_graphs=cuda_graphs,
+        clip_grad_norm=clip_grad_norm,
     )
     with training.progress as progress, StopSignals() as stop:
         for epoch in range(training.done + 1, epochs + 1):
@@ -196,7 +199,7 @@ class Training:
         self, model: nn.Module, step: Step, train_loader, val_loader, *, optimizer, scheduler, compute: Compute, epochs: int,
         num_classes: int, run_dir: Path, make_checkpoint: Callable[[dict], dict], label: str, resume_from: dict | None = None,
         method: nn.Module | None = None, trackers: Trackers | None = None, validate: Callable[[], dict] | None = None,
-        save_best: Callable[[int, list[dict]], None] | None = None, cuda_graphs: str = "false",
+        save_best: Callable[[int, list[dict]], None] | None = None, cuda_graphs: str = "false", clip_grad_norm: float | None = None,
     ):
         self.model, self.step, self.train_loader, self.val_loader = model, step, train_loader, val_loader
         self.optimizer, self.scheduler, self.compute, self.epochs = optimizer, scheduler, compute, epochs
@@ -207,7 +210,7 @@ class Training:
         self.progress = EpochProgress(label, epochs, len(train_loader))
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.scaler = compute.grad_scaler()
+        self.scaler = compute.grad_scaler(clip_grad_norm)
         self.best = FitResult(best_epoch=0, best_val_acc=None, selection="val" if val_loader is not None else "last")
         self.history: list[dict] = []
         self.done, self.partial, self.saved = 0, None, "no checkpoint was written"
