@@ -90,7 +90,7 @@ ls "$root"
 
 step_a() {
     echo "== a. tests/test_cuda.py ($(left) s left)"
-    timeout "$(within 170)" "$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider --durations=10 > "$out/test_cuda.log" 2>&1
+    timeout "$(within 200)" "$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider --durations=10 > "$out/test_cuda.log" 2>&1
     echo "pytest exit $?"; tail -n 15 "$out/test_cuda.log"
 }
 

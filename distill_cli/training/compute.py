@@ -130,8 +130,8 @@ class ClippingGradScaler(torch.amp.GradScaler):
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
         self.unscale_(optimizer)  # a no-op where the scaler is disabled
-        gradients = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(gradients, self.clip_grad_norm, foreach=True)
+        stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(stepped, self.clip_grad_norm, foreach=True)
         return super().step(optimizer, *args, **kwargs)
 
 
