@@ -40,7 +40,6 @@ from .compute import Compute
 
 log = logging.getLogger("distill")
 
-GRAPH_SETTINGS = ("auto", "true", "false")
 WARMUP_STEPS = 3  # eager steps on a side stream before the first capture (cuDNN's autotuning, lazy optimizer state)
 Results = TypeVar("Results")
 
