@@ -30,6 +30,8 @@ def _stepped(clip: float | None, gradients: list[torch.Tensor], scaler=None) -> 
         parameter.grad = scaler.scale(gradient.clone())
     optimizer = torch.optim.SGD(parameters, lr=1.0)
     scaler.step(optimizer)
+    if clip is not None:  # what the epoch's metrics average: the norm before the clip, whether it acted
+        assert {name: float(value) for name, value in scaler.report().items()} == pytest.approx({"grad_norm": 5.0, "grad_clipped": float(clip < 5)})
     return [-parameter.detach() for parameter in parameters]
 
 
@@ -55,13 +57,17 @@ def _losses(run_dir) -> list[float]:
 
 def test_train_kd_and_a_fused_group_clip_their_steps(tmp_path, quiet_results):
     """A norm of 1e-4 at lr 0.05 moves a network by at most 5e-6 a step: its loss stays where it started (within 1%: augmented views vary it)
-    where the same run unclipped falls (by 10-75% in 2 epochs); in `distill train`, kd's student and a fused group's job."""
+    where the same run unclipped falls (by 10-75% in 2 epochs); in `distill train`, kd's student and a fused group's job.
+    The metrics say every step was clipped (`grad_clipped`), and of what norm (`grad_norm`)."""
     tight = replace(PLAIN_SGD, clip_grad_norm=1e-4)
     for name, optimizer in (("plain", PLAIN_SGD), ("clipped", tight)):
         run_train(small_train_config(tmp_path / name, optimizer=optimizer), tmp_path / name / "train")
         student = ModelConfig(arch="mlp", kwargs={"hidden": [64]})
         run_kd(small_kd_config(tmp_path / name, optimizer=optimizer, student=student, baseline=False), tmp_path / name / "kd")
     for run in ("train", "kd"):
+        rows = read_jsonl(tmp_path / "clipped" / run / "metrics.jsonl")
+        assert all(row["grad_clipped"] == 1.0 and row["grad_norm"] > 1e-3 for row in rows), rows
+        assert "grad_norm" not in read_jsonl(tmp_path / "plain" / run / "metrics.jsonl")[0]
         plain, clipped = _losses(tmp_path / "plain" / run), _losses(tmp_path / "clipped" / run)
         assert clipped[-1] == pytest.approx(clipped[0], rel=0.01) and plain[-1] < plain[0] * 0.95, (run, plain, clipped)
     jobs = [replace(cfg, optimizer=tight if k == 0 else PLAIN_SGD) for k, cfg in enumerate(fused_group(tmp_path / "fused", ModelConfig(arch="mlp", kwargs={"hidden": [64]})))]

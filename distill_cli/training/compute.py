@@ -122,17 +122,24 @@ class ClippingGradScaler(torch.amp.GradScaler):
     """A GradScaler whose `step` clips the global L2 norm of the optimizer's gradients to `clip_grad_norm` before the
     optimizer steps, once they are unscaled (fp16) and averaged over the processes (the step comes after both).
     No host sync: torch's `clip_grad_norm_` scales by min(1, max / norm) on the device, so a CUDA graph can hold it;
-    a non-finite norm is left to the GradScaler (fp16 skips the step) or to the epoch's divergence check."""
+    a non-finite norm is left to the GradScaler (fp16 skips the step) or to the epoch's divergence check.
+    `report()`: the last step's norm before the clip and whether the clip acted, for the epoch's metrics."""
 
     def __init__(self, device: str, enabled: bool, clip_grad_norm: float):
         super().__init__(device, enabled=enabled)
         self.clip_grad_norm = clip_grad_norm
+        self.norm: torch.Tensor | None = None
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
         self.unscale_(optimizer)  # a no-op where the scaler is disabled
         stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(stepped, self.clip_grad_norm, foreach=True)
+        self.norm = torch.nn.utils.clip_grad_norm_(stepped, self.clip_grad_norm, foreach=True)
         return super().step(optimizer, *args, **kwargs)
+
+    def report(self) -> dict[str, torch.Tensor]:
+        """`grad_norm` (the gradients' global norm before the clip) and `grad_clipped` (1 where the clip acted) of the
+        last step, as device tensors: the epoch's metrics average them over its steps."""
+        return {"grad_norm": self.norm, "grad_clipped": (self.norm > self.clip_grad_norm).float()}
 
 
 def _as_outputs(extracted: dict[str, torch.Tensor]) -> Outputs:

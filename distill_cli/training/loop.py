@@ -27,7 +27,7 @@ from ..core.errors import DistillError, Interrupted, StopSignals
 from ..core.files import append_text, atomic_write
 from ..core.world import SINGLE, World
 from ..data.loader import Batch
-from .compute import Compute
+from .compute import ClippingGradScaler, Compute
 from .data_parallel import average_gradients
 from .graphs import Branches, GraphedStep
 from .metrics import evaluate
@@ -446,10 +446,13 @@ def _backward(losses: list[torch.Tensor | None]) -> None:
 
 
 def _update(method, parts: dict, logits: torch.Tensor, batch: Batch, optimizer, scaler, compute: Compute, totals: EpochTotals | None) -> None:
-    """The second half, once the loss has been backpropagated: the optimizer's step, added to `totals` (None: not)."""
+    """The second half, once the loss has been backpropagated: the optimizer's step, added to `totals` (None: not).
+    A clipping scaler's report (the norm before the clip, whether it acted) joins the step's `parts`."""
     average_gradients(method, compute.world)
     scaler.step(optimizer)
     scaler.update()
+    if isinstance(scaler, ClippingGradScaler):
+        parts.update(scaler.report())
     if totals is not None:
         totals.add(parts, logits, batch.labels)
 
