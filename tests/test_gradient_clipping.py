@@ -3,15 +3,26 @@ before the optimizer steps (`training.compute.ClippingGradScaler`), in `distill 
 refusals; the recipe. A captured step with it (bf16, fp16 after the GradScaler unscales) is in tests/test_cuda.py."""
 
 import math
+import os
+import signal
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import CPU_DEVICE, fused_group, read_jsonl, small_kd_config, small_train_config
+from conftest import (
+    CPU_DEVICE,
+    dropout_train_config,
+    fused_group,
+    metrics_without_timing,
+    on_training_step,
+    read_jsonl,
+    small_kd_config,
+    small_train_config,
+)
 from torch import nn
 
 from distill_cli.core.config import KDConfig, ModelConfig, OptimizerConfig, TrainConfig
-from distill_cli.core.errors import DistillError
+from distill_cli.core.errors import DistillError, Interrupted
 from distill_cli.runs.fused import run_kd_fused
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.teacher_cache import teacher_recipe
@@ -93,3 +104,23 @@ def test_a_bad_clip_is_refused_naming_the_key(config, message):
 def test_the_clip_is_part_of_the_recipe_and_off_keeps_the_cached_keys():
     assert "clip_grad_norm" not in teacher_recipe(TrainConfig())["optimizer"]
     assert teacher_recipe(TrainConfig(optimizer=OptimizerConfig(clip_grad_norm=1.0)))["optimizer"]["clip_grad_norm"] == 1.0
+
+
+def test_a_clipped_smoothed_run_stopped_mid_epoch_resumes_to_the_metrics_of_the_run_never_stopped(tmp_path, monkeypatch, quiet_results):
+    """The epoch's `grad_norm` and `grad_clipped` sums are saved with its partial totals: the resumed epoch's means
+    are the uninterrupted one's, exactly (as its losses, under label smoothing)."""
+    cfg = dropout_train_config(tmp_path, label_smoothing=0.1, optimizer=replace(PLAIN_SGD, clip_grad_norm=0.5))
+    run_train(cfg, tmp_path / "reference")
+
+    def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
+        os.kill(os.getpid(), signal.SIGINT)
+        return parts
+
+    on_training_step(monkeypatch, 25, interrupt)
+    with pytest.raises(Interrupted):
+        run_train(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    run_train(replace(cfg, resume=True), tmp_path / "run")
+    rows = metrics_without_timing(tmp_path / "run")
+    assert rows == metrics_without_timing(tmp_path / "reference")
+    assert all(0 < row["grad_clipped"] < 1 for row in rows), rows  # some steps clipped, not all: the means are read
