@@ -17,6 +17,7 @@ from PIL import Image
 from rich.console import Console
 
 from distill_cli.core.checkpoint import load_checkpoint
+from distill_cli.core.errors import Interrupted
 from distill_cli.core.config import (
     DeviceConfig,
     KDConfig,
@@ -309,6 +310,22 @@ def on_training_step(monkeypatch, call: int, action, factory: str = "cross_entro
         return counted
 
     monkeypatch.setattr(module, factory, patched)
+
+
+def train_stopped_mid_epoch(monkeypatch, cfg: TrainConfig, run_dir: Path, signum: int = signal.SIGINT) -> Interrupted:
+    """`run_train(cfg, run_dir)` sent `signum` (Ctrl-C's SIGINT, or SIGTERM) at its 25th step (a 20-step epoch:
+    epoch 2, step 5): the `Interrupted` it raised, once its last.pt is saved. The test's patches are undone after."""
+    from distill_cli.runs.train import run_train
+
+    def interrupt(parts):
+        os.kill(os.getpid(), signum)
+        return parts
+
+    on_training_step(monkeypatch, 25, interrupt)
+    with pytest.raises(Interrupted) as stopped:
+        run_train(cfg, run_dir)
+    monkeypatch.undo()
+    return stopped.value
 
 
 def comparable_results(summary: dict) -> dict:

@@ -1,13 +1,12 @@
 """The CUDA-only paths: fp16 autocast with a GradScaler, bf16 autocast, the CUDA RNG state in resume, and the
 training steps replayed from CUDA graphs (`device.cuda_graphs`) against eager ones.
 
-Skipped without a GPU (no GPU has run them yet); on a machine with one they run as part of the suite.
+Skipped without a GPU; on a machine with one they run as part of the suite (an H200 ran them on 2026-12-04, before
+the clipped-step test was added: docs/speed.md).
 """
 
 import copy
 import math
-import os
-import signal
 from dataclasses import replace
 
 import pytest
@@ -16,15 +15,14 @@ from conftest import (
     comparable_results,
     dropout_train_config,
     metrics_without_timing,
-    on_training_step,
     read_jsonl,
     small_kd_config,
     small_train_config,
+    train_stopped_mid_epoch,
 )
 
 from distill_cli.core.checkpoint import LAST, load_checkpoint
 from distill_cli.core.config import DeviceConfig, ModelConfig
-from distill_cli.core.errors import Interrupted
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.train import run_train
 from distill_cli.models import build_model
@@ -92,15 +90,7 @@ def test_interrupted_cuda_run_resumes_like_the_uninterrupted_one(tmp_path, monke
     that did not restore them (or the GradScaler) would train on different masks, views or scales."""
     cfg = dropout_train_config(tmp_path, device=_cuda(precision, deterministic=True))
     reference = run_train(cfg, tmp_path / "reference")
-
-    def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
-        os.kill(os.getpid(), signal.SIGINT)
-        return parts
-
-    on_training_step(monkeypatch, 25, interrupt)
-    with pytest.raises(Interrupted):
-        run_train(cfg, tmp_path / "run")
-    monkeypatch.undo()
+    train_stopped_mid_epoch(monkeypatch, cfg, tmp_path / "run")
     training = load_checkpoint(tmp_path / "run" / LAST)["training"]
     assert training["partial"]["steps"] == 5 and "cuda" in training["rng"]
     resumed = run_train(replace(cfg, resume=True), tmp_path / "run")

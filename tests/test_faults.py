@@ -34,6 +34,7 @@ from conftest import (
     read_jsonl,
     run_distill_in_process,
     start_distill,
+    train_stopped_mid_epoch,
     write_image_tree,
 )
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -306,21 +307,13 @@ def test_resumption_replays_the_overrides_into_the_same_folder(tmp_path):
 def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, signum):
     cfg = dropout_train_config(tmp_path)
     reference = run_train(cfg, tmp_path / "reference")
-
-    def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
-        os.kill(os.getpid(), signum)
-        return parts
-
-    on_training_step(monkeypatch, 25, interrupt)
-    with pytest.raises(Interrupted) as stopped:
-        run_train(cfg, tmp_path / "run")
-    assert stopped.value.signum == signum
-    assert stopped.value.where == "teacher epoch 2 step 5/20, saved to last.pt"
+    stopped = train_stopped_mid_epoch(monkeypatch, cfg, tmp_path / "run", signum)
+    assert stopped.signum == signum
+    assert stopped.where == "teacher epoch 2 step 5/20, saved to last.pt"
     last = load_checkpoint(tmp_path / "run" / LAST)
     assert last["epoch"] == 1 and last["training"]["partial"]["steps"] == 5
     assert [row["epoch"] for row in metrics_without_timing(tmp_path / "run")] == [1]
 
-    monkeypatch.undo()
     resumed = run_train(replace(cfg, resume=True), tmp_path / "run")
     assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "reference")
     assert comparable_results(resumed) == comparable_results(reference)

@@ -3,8 +3,6 @@ before the optimizer steps (`training.compute.ClippingGradScaler`), in `distill 
 refusals; the recipe. A captured step with it (bf16, fp16 after the GradScaler unscales) is in tests/test_cuda.py."""
 
 import math
-import os
-import signal
 from dataclasses import replace
 
 import pytest
@@ -14,15 +12,15 @@ from conftest import (
     dropout_train_config,
     fused_group,
     metrics_without_timing,
-    on_training_step,
     read_jsonl,
     small_kd_config,
     small_train_config,
+    train_stopped_mid_epoch,
 )
 from torch import nn
 
 from distill_cli.core.config import KDConfig, ModelConfig, OptimizerConfig, TrainConfig
-from distill_cli.core.errors import DistillError, Interrupted
+from distill_cli.core.errors import DistillError
 from distill_cli.runs.fused import run_kd_fused
 from distill_cli.runs.kd import run_kd
 from distill_cli.runs.teacher_cache import teacher_recipe
@@ -111,15 +109,7 @@ def test_a_clipped_smoothed_run_stopped_mid_epoch_resumes_to_the_metrics_of_the_
     are the uninterrupted one's, exactly (as its losses, under label smoothing)."""
     cfg = dropout_train_config(tmp_path, label_smoothing=0.1, optimizer=replace(PLAIN_SGD, clip_grad_norm=0.5))
     run_train(cfg, tmp_path / "reference")
-
-    def interrupt(parts):  # 20 steps per epoch: the 25th is epoch 2, step 5
-        os.kill(os.getpid(), signal.SIGINT)
-        return parts
-
-    on_training_step(monkeypatch, 25, interrupt)
-    with pytest.raises(Interrupted):
-        run_train(cfg, tmp_path / "run")
-    monkeypatch.undo()
+    train_stopped_mid_epoch(monkeypatch, cfg, tmp_path / "run")
     run_train(replace(cfg, resume=True), tmp_path / "run")
     rows = metrics_without_timing(tmp_path / "run")
     assert rows == metrics_without_timing(tmp_path / "reference")

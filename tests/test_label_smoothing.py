@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, small_kd_config, small_train_config
+from conftest import read_jsonl, small_kd_config
 
 from distill_cli.core.config import KDConfig, ModelConfig, TrainConfig
 from distill_cli.core.errors import DistillError
