@@ -84,9 +84,12 @@ def test_only_jobs_with_the_same_data_and_teacher_fuse(tmp_path):
     cfg = small_kd_config(tmp_path)
     same = [replace(cfg, T=8.0, alpha=0.1), replace(cfg, loss={**cfg.loss, "name": "kd"})]
     assert {group_key(other) for other in same} == {group_key(cfg)}
-    # the students' optimizers may differ where the teacher's recipe does not: its lr given apart, or its checkpoint
+    # the students' optimizers and label smoothing may differ where the teacher's recipe does not: its lr and
+    # smoothing given apart, or its checkpoint
     fixed_lr = replace(cfg, teacher_lr=0.05)
     assert group_key(replace(fixed_lr, optimizer=replace(cfg.optimizer, lr=1.0))) == group_key(fixed_lr)
+    fixed_smoothing = replace(cfg, teacher_label_smoothing=0.0)
+    assert group_key(replace(fixed_smoothing, label_smoothing=0.1)) == group_key(fixed_smoothing)
     given = replace(cfg, teacher=replace(cfg.teacher, checkpoint="teacher.pt"))
     assert group_key(replace(given, optimizer=replace(cfg.optimizer, lr=1.0, clip_grad_norm=1.0))) == group_key(given)
     apart = [
@@ -94,6 +97,7 @@ def test_only_jobs_with_the_same_data_and_teacher_fuse(tmp_path):
         # trained the other jobs' students against the first job's teacher's logits until 2026-12-04)
         replace(cfg, optimizer=replace(cfg.optimizer, lr=1.0)),
         replace(cfg, optimizer=replace(cfg.optimizer, clip_grad_norm=1.0)),
+        replace(cfg, label_smoothing=0.1),
         replace(cfg, seed=1),
         replace(cfg, epochs=3),
         replace(cfg, teacher=replace(cfg.teacher, kwargs={"width": 4})),

@@ -35,20 +35,20 @@ from .teacher_cache import teacher_recipe
 from .teachers import teacher_training_config
 
 # what a fused job may change: the objective's weights and the student's optimizer (and where it writes)
-FUSABLE_KEYS = ("T", "alpha", "loss", "optimizer", "resume")
+FUSABLE_KEYS = ("T", "alpha", "loss", "optimizer", "label_smoothing", "resume")
 
 
 def group_key(cfg: KDConfig) -> str | None:
     """What must be equal for kd jobs to fuse (their configs without `FUSABLE_KEYS`, the method's name: it picks
-    the teacher's feature points, and the optimizer a teacher kd trains is trained with: a group has one teacher),
-    or None for a job that runs alone (a training mode, an export, a method with a stage before distillation)."""
+    the teacher's feature points, and the recipe of the teacher kd trains: a group has one teacher), or None for a
+    job that runs alone (a training mode, an export, a method with a stage before distillation)."""
     if cfg.mode != "single" or cfg.export or cfg.device.processes > 1 or LOSSES.get(cfg.loss["name"]).pretrains:
         return None
     kept = {key: value for key, value in to_plain(cfg).items() if key not in FUSABLE_KEYS}
-    # the teacher's recipe takes the job's optimizer (with teacher_lr, if set): jobs whose optimizers train different
-    # teachers cannot share one teacher's outputs; a given teacher.checkpoint is in `kept`
-    trained_with = None if cfg.teacher.checkpoint is not None else teacher_recipe(teacher_training_config(cfg))["optimizer"]
-    return repr(sorted({**kept, "loss.name": cfg.loss["name"], "teacher.optimizer": trained_with}.items()))
+    # the teacher's recipe takes the job's optimizer and label smoothing (teacher_lr, teacher_label_smoothing where
+    # set): jobs that would train different teachers cannot share one teacher's outputs; a given checkpoint is in `kept`
+    teacher = None if cfg.teacher.checkpoint is not None else teacher_recipe(teacher_training_config(cfg))
+    return repr(sorted({**kept, "loss.name": cfg.loss["name"], "teacher.recipe": teacher}.items()))
 
 
 def run_kd_fused(cfgs: list[KDConfig], run_dirs: list[Path], batching: str = "sequential", memory_gb: float | None = None) -> list[dict]:
